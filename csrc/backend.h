@@ -1,0 +1,28 @@
+// Backend choice shared by the C++ implementations of the fastprune ops. "triton" runs the
+// Python-registered Triton launchers (fastprune::triton_*) through the dispatcher, so the
+// same op call reaches every backend; LibTorch users without Python get "cpu"/"cuda".
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <string>
+#include <vector>
+
+namespace fastprune {
+
+inline void check_backend(const std::string& backend) {
+  TORCH_CHECK(backend == "auto" || backend == "cpu" || backend == "triton" || backend == "cuda",
+              "fastprune: backend must be 'auto', 'cpu', 'triton' or 'cuda', got '", backend, "'");
+}
+
+// Calls the Triton op `name` with a boxed argument stack and returns its outputs.
+inline std::vector<c10::IValue> call_triton(const char* name, std::vector<c10::IValue> stack) {
+  auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  TORCH_CHECK(handle.has_value(), "fastprune: backend='triton' needs ", name,
+              ", which `import pi05_fastprune` registers when triton is installed");
+  handle->callBoxed(&stack);
+  return stack;
+}
+
+}  // namespace fastprune

@@ -1,0 +1,24 @@
+// The one schema block of torch.ops.fastprune. Implementations register per dispatch key
+// elsewhere: CPU in prune_cpu.cpp / select_soft_cpu.cpp, CUDA in *_cuda.cpp (built only with
+// CUDA torch), fakes and Triton launchers in Python (pi05_fastprune/).
+//
+// `backend` picks the implementation on a device: "auto", "cpu", "triton" or "cuda".
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastprune, m) {
+  // Row argmax of the LightVLA score: idx[b, i] = argmax_j score[b, i, j] (lowest j on a tie);
+  // with mask_voters, rows of invalid patches do not vote and get -1.
+  m.def(
+      "select(Tensor patches, Tensor task, Tensor? task_mask=None, Tensor? patch_mask=None, "
+      "bool mask_voters=False, str backend=\"auto\") -> Tensor");
+  // Eval pruning with gather-pad to K = max(1, max counts) rows (data-dependent K).
+  m.def(
+      "prune(Tensor patches, Tensor task, Tensor? task_mask=None, Tensor? patch_mask=None, "
+      "int? keep_tokens=None, bool mask_voters=False, str backend=\"auto\") "
+      "-> (Tensor pruned, Tensor kept_mask, Tensor kept_idx, Tensor counts)");
+  // Static-cap variant: exactly max_tokens rows, no host sync (CUDA graphs).
+  m.def(
+      "prune_padded(Tensor patches, Tensor task, Tensor? task_mask, Tensor? patch_mask, "
+      "int? keep_tokens, int max_tokens, bool mask_voters=False, str backend=\"auto\") "
+      "-> (Tensor pruned, Tensor kept_mask, Tensor kept_idx, Tensor counts)");
+}

@@ -1,0 +1,250 @@
+// Fused CPU implementation of fastprune::select / prune / prune_padded.
+//
+// Per sample, through the SPEC identity idx[i] = argmax_j sum_t A[i,t] S[j,t]:
+//   1. row tiles of patches (upcast to fp32 one tile at a time): S = rms(P) Tn^T over valid
+//      prompt tokens only, A = softmax(S / sqrt(D));                  -> [N, Tv] each
+//   2. row tiles of A against the allowed columns of S: a [tile, N] block, its row argmax;
+//   3. votes, implicit or budget keep, compaction, gather of the raw patch rows.
+// The largest buffers are N x Tv; nothing N x N lives beyond one row tile.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "backend.h"
+#include "prune_checks.h"
+
+namespace fastprune {
+namespace {
+
+constexpr double kEps = 1e-6;
+constexpr int64_t kRowTile = 64;
+
+at::Tensor rms_rows_f32(const at::Tensor& x) {
+  auto xf = x.to(at::kFloat);
+  return xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + kEps);
+}
+
+// Indices where a bool row is true; all indices when `fallback_all` and none is true, or
+// {0} when `fallback_all` is false and none is true.
+std::vector<int64_t> true_indices(const std::optional<at::Tensor>& mask, int64_t b, int64_t len,
+                                  bool fallback_all) {
+  std::vector<int64_t> out;
+  if (mask.has_value()) {
+    const bool* m = mask->data_ptr<bool>() + b * len;
+    for (int64_t i = 0; i < len; ++i)
+      if (m[i]) out.push_back(i);
+  }
+  if (out.empty()) {
+    if (mask.has_value() && !fallback_all) return {0};
+    out.resize(len);
+    std::iota(out.begin(), out.end(), 0);
+  }
+  return out;
+}
+
+// Row argmax idx [B, N] of the LightVLA score; -1 for non-voters when mask_voters.
+at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
+                       const std::optional<at::Tensor>& task_mask_in,
+                       const std::optional<at::Tensor>& patch_mask_in, bool mask_voters) {
+  const auto patches = patches_in.contiguous();
+  std::optional<at::Tensor> task_mask, patch_mask;
+  if (task_mask_in) task_mask = task_mask_in->contiguous();
+  if (patch_mask_in) patch_mask = patch_mask_in->contiguous();
+  const int64_t B = patches.size(0), N = patches.size(1), D = patches.size(2), T = task.size(1);
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(D));
+  const int64_t tiles = (N + kRowTile - 1) / kRowTile;
+
+  // Per sample: normalised valid prompt rows, allowed columns, S and A.
+  std::vector<at::Tensor> tn(B), S(B), A(B);
+  std::vector<std::vector<int64_t>> allowed(B);
+  for (int64_t b = 0; b < B; ++b) {
+    auto valid = true_indices(task_mask, b, T, /*fallback_all=*/true);
+    auto vt = at::from_blob(valid.data(), {(int64_t)valid.size()}, at::kLong).clone();
+    tn[b] = rms_rows_f32(task[b].index_select(0, vt));
+    S[b] = at::empty({N, (int64_t)valid.size()}, patches.options().dtype(at::kFloat));
+    A[b] = at::empty_like(S[b]);
+    allowed[b] = true_indices(patch_mask, b, N, /*fallback_all=*/false);
+  }
+
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
+      auto s = at::mm(rms_rows_f32(patches[b].slice(0, r0, r1)), tn[b].t());
+      S[b].slice(0, r0, r1).copy_(s);
+      A[b].slice(0, r0, r1).copy_(at::softmax(s * inv_sqrt_d, -1));
+    }
+  });
+
+  // Only the allowed columns of S take part; keeping them in index order makes the first
+  // maximum of a compacted row the lowest allowed j.
+  std::vector<at::Tensor> s_allowed(B);
+  for (int64_t b = 0; b < B; ++b) {
+    if ((int64_t)allowed[b].size() == N) {
+      s_allowed[b] = S[b];
+    } else {
+      auto cols = at::from_blob(allowed[b].data(), {(int64_t)allowed[b].size()}, at::kLong).clone();
+      s_allowed[b] = S[b].index_select(0, cols);
+    }
+  }
+
+  auto idx = at::empty({B, N}, patches.options().dtype(at::kLong));
+  int64_t* idx_ptr = idx.data_ptr<int64_t>();
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
+      auto c = at::mm(A[b].slice(0, r0, r1), s_allowed[b].t()).contiguous();
+      const float* cp = c.data_ptr<float>();
+      const int64_t na = c.size(1);
+      const auto& cols = allowed[b];
+      for (int64_t r = 0; r < r1 - r0; ++r) {
+        // NaN never compares greater, so it cannot win; an all-NaN row keeps the first column.
+        int64_t best = 0;
+        float best_v = -std::numeric_limits<float>::infinity();
+        for (int64_t k = 0; k < na; ++k) {
+          const float v = cp[r * na + k];
+          if (v > best_v) {
+            best_v = v;
+            best = k;
+          }
+        }
+        idx_ptr[b * N + r0 + r] = cols[best];
+      }
+    }
+  });
+
+  if (mask_voters && patch_mask.has_value()) idx.masked_fill_(patch_mask->logical_not(), -1);
+  return idx;
+}
+
+// The kept patch indices of one sample, increasing (implicit or budget rule, optional cap).
+std::vector<int64_t> kept_indices(const int64_t* idx_row, const bool* valid_row, int64_t N,
+                                  std::optional<int64_t> keep_tokens, std::optional<int64_t> cap) {
+  std::vector<int64_t> votes(N, 0);
+  for (int64_t i = 0; i < N; ++i)
+    if (idx_row[i] >= 0) ++votes[idx_row[i]];
+  std::vector<int64_t> eligible;
+  for (int64_t j = 0; j < N; ++j)
+    if ((valid_row == nullptr || valid_row[j]) && (keep_tokens.has_value() || votes[j] > 0))
+      eligible.push_back(j);
+  int64_t limit = keep_tokens.value_or(N);
+  if (cap.has_value()) limit = std::min(limit, *cap);
+  if ((int64_t)eligible.size() > limit) {
+    // Budget rule: most votes first, lower index on a tie.
+    std::nth_element(eligible.begin(), eligible.begin() + limit, eligible.end(),
+                     [&](int64_t a, int64_t b) {
+                       return votes[a] != votes[b] ? votes[a] > votes[b] : a < b;
+                     });
+    eligible.resize(limit);
+    std::sort(eligible.begin(), eligible.end());
+  }
+  return eligible;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_rows(
+    const at::Tensor& patches, const at::Tensor& task, const std::optional<at::Tensor>& task_mask,
+    const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
+    std::optional<int64_t> max_tokens, bool mask_voters) {
+  const int64_t B = patches.size(0), N = patches.size(1), D = patches.size(2);
+  auto idx = select_rows(patches, task, task_mask, patch_mask, mask_voters);
+  const int64_t* idx_ptr = idx.data_ptr<int64_t>();
+  std::optional<at::Tensor> valid;
+  if (patch_mask) valid = patch_mask->contiguous();
+
+  std::vector<std::vector<int64_t>> kept(B);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      kept[b] = kept_indices(idx_ptr + b * N, valid ? valid->data_ptr<bool>() + b * N : nullptr, N,
+                             keep_tokens, max_tokens);
+  });
+
+  int64_t K = 1;
+  for (const auto& k : kept) K = std::max<int64_t>(K, k.size());
+  if (max_tokens.has_value()) K = *max_tokens;
+
+  auto pruned = at::zeros({B, K, D}, patches.options());
+  auto kept_mask = at::zeros({B, K}, patches.options().dtype(at::kBool));
+  auto kept_idx = at::zeros({B, K}, patches.options().dtype(at::kLong));
+  auto counts = at::empty({B}, patches.options().dtype(at::kLong));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c = kept[b].size();
+      counts[b].fill_(c);
+      if (c == 0) continue;
+      auto rows = at::from_blob(kept[b].data(), {c}, at::kLong);
+      kept_idx[b].narrow(0, 0, c).copy_(rows);
+      kept_mask[b].narrow(0, 0, c).fill_(true);
+      pruned[b].narrow(0, 0, c).copy_(patches[b].index_select(0, rows));
+    }
+  });
+  return {pruned, kept_mask, kept_idx, counts};
+}
+
+template <typename Out>
+Out unpack4(const std::vector<c10::IValue>& s) {
+  return {s[0].toTensor(), s[1].toTensor(), s[2].toTensor(), s[3].toTensor()};
+}
+
+void check_cpu_backend(const std::string& backend) {
+  check_backend(backend);
+  TORCH_CHECK(backend != "cuda", "fastprune: backend='cuda' needs CUDA tensors, got CPU tensors");
+}
+
+at::Tensor select_cpu(const at::Tensor& patches, const at::Tensor& task,
+                      const std::optional<at::Tensor>& task_mask,
+                      const std::optional<at::Tensor>& patch_mask, bool mask_voters,
+                      c10::string_view backend_view) {
+  const std::string backend(backend_view);
+  check_cpu_backend(backend);
+  check_prune_inputs(patches, task, task_mask, patch_mask, std::nullopt, std::nullopt);
+  if (backend == "triton")
+    return call_triton("fastprune::triton_select",
+                       {patches, task, task_mask, patch_mask, mask_voters})[0]
+        .toTensor();
+  return select_rows(patches, task, task_mask, patch_mask, mask_voters);
+}
+
+using PruneOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+PruneOut prune_cpu(const at::Tensor& patches, const at::Tensor& task,
+                   const std::optional<at::Tensor>& task_mask,
+                   const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
+                   bool mask_voters, c10::string_view backend_view) {
+  const std::string backend(backend_view);
+  check_cpu_backend(backend);
+  check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt);
+  if (backend == "triton")
+    return unpack4<PruneOut>(call_triton(
+        "fastprune::triton_prune", {patches, task, task_mask, patch_mask, keep_tokens, mask_voters}));
+  return prune_rows(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt, mask_voters);
+}
+
+PruneOut prune_padded_cpu(const at::Tensor& patches, const at::Tensor& task,
+                          const std::optional<at::Tensor>& task_mask,
+                          const std::optional<at::Tensor>& patch_mask,
+                          std::optional<int64_t> keep_tokens, int64_t max_tokens, bool mask_voters,
+                          c10::string_view backend_view) {
+  const std::string backend(backend_view);
+  check_cpu_backend(backend);
+  check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens);
+  if (backend == "triton")
+    return unpack4<PruneOut>(call_triton("fastprune::triton_prune_padded",
+                                         {patches, task, task_mask, patch_mask, keep_tokens,
+                                          max_tokens, mask_voters}));
+  return prune_rows(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
+  m.impl("select", &select_cpu);
+  m.impl("prune", &prune_cpu);
+  m.impl("prune_padded", &prune_padded_cpu);
+}
+
+}  // namespace fastprune

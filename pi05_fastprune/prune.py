@@ -1,0 +1,168 @@
+"""The eval pruning ops: Python API, input checks and fake (meta) implementations.
+
+`torch.ops.fastprune.{select, prune, prune_padded}` are defined in C++ (csrc/fastprune.cpp);
+their CPU kernels live in csrc/prune_cpu.cpp, the Triton ones in kernels/prune_triton.py and
+the CUDA C++ ones in kernels/prune_cuda.cu. The fakes here give torch.compile their shapes:
+`prune` has a data-dependent row count K, `prune_padded` exactly `max_tokens` rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from pi05_fastprune import _C  # noqa: F401  (registers torch.ops.fastprune)
+from pi05_fastprune.reference import PruneResult
+
+__all__ = ["PruneResult", "prune_tokens", "select_tokens", "check_inputs", "resolve_backend"]
+
+BACKENDS = ("auto", "cpu", "triton", "cuda")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_inputs(
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    task_mask: Optional[torch.Tensor],
+    patch_mask: Optional[torch.Tensor],
+    keep_tokens: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+) -> None:
+    """Raises ValueError naming the argument and the shapes seen (SPEC "Bad input")."""
+    if patches.dim() != 3:
+        raise ValueError(f"patches must be [B, N, D], got shape {tuple(patches.shape)}")
+    if task.dim() != 3:
+        raise ValueError(f"task must be [B, T, D], got shape {tuple(task.shape)}")
+    B, N, D = patches.shape
+    T = task.shape[1]
+    if task.shape[0] != B or task.shape[2] != D:
+        raise ValueError(
+            f"task {tuple(task.shape)} does not match patches {tuple(patches.shape)} in batch or width"
+        )
+    if N < 1 or T < 1 or D < 1:
+        raise ValueError(f"patches {tuple(patches.shape)} and task {tuple(task.shape)} need N, T, D >= 1")
+    if patches.dtype not in _FLOATS:
+        raise ValueError(f"patches must be float32, float16 or bfloat16, got {patches.dtype}")
+    if task.dtype != patches.dtype:
+        raise ValueError(f"task dtype {task.dtype} differs from patches dtype {patches.dtype}")
+    if task.device != patches.device:
+        raise ValueError(f"task is on {task.device}, patches on {patches.device}")
+    for name, mask, length in (("task_mask", task_mask, T), ("patch_mask", patch_mask, N)):
+        if mask is None:
+            continue
+        if mask.dtype != torch.bool:
+            raise ValueError(f"{name} must be bool, got {mask.dtype}")
+        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] != length:
+            raise ValueError(f"{name} must be [{B}, {length}], got shape {tuple(mask.shape)}")
+        if mask.device != patches.device:
+            raise ValueError(f"{name} is on {mask.device}, patches on {patches.device}")
+    if keep_tokens is not None and not (1 <= keep_tokens <= N):
+        raise ValueError(f"keep_tokens must be in [1, {N}] for patches {tuple(patches.shape)}, got {keep_tokens}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "cpu" on CPU; on CUDA the environment variable FASTPRUNE_BACKEND, else the
+    backend the op benchmark measured fastest ("triton")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "cpu"
+    return os.environ.get("FASTPRUNE_BACKEND", "triton")
+
+
+def _keep_from_ratio(keep_tokens: Optional[int], keep_ratio: Optional[float], n: int) -> Optional[int]:
+    if keep_ratio is None:
+        return keep_tokens
+    if keep_tokens is not None:
+        raise ValueError(f"give keep_tokens or keep_ratio, not both (got {keep_tokens} and {keep_ratio})")
+    if not (0.0 < keep_ratio <= 1.0):
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return max(1, math.ceil(keep_ratio * n))
+
+
+def select_tokens(
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    *,
+    task_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    mask_voters: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Row argmax ``idx [B, N]`` int64 of the LightVLA score (lowest index on a tie).
+
+    With ``mask_voters`` the rows of invalid patches do not vote and hold -1.
+    """
+    check_inputs(patches, task, task_mask, patch_mask)
+    backend = resolve_backend(backend, patches.device)
+    return torch.ops.fastprune.select(patches, task, task_mask, patch_mask, mask_voters, backend)
+
+
+def prune_tokens(
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    *,
+    task_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    keep_tokens: Optional[int] = None,
+    keep_ratio: Optional[float] = None,
+    mask_voters: bool = False,
+    max_tokens: Optional[int] = None,
+    backend: str = "auto",
+) -> PruneResult:
+    """Keep the patches the prompt points to (SPEC "Selection" and "Output").
+
+    patches [B, N, D] and task [B, T, D] (float32/16/bf16); masks [B, N] / [B, T] bool, True
+    = valid. No budget: keep every patch some row voted for; ``keep_tokens=k`` (or
+    ``keep_ratio=r``, k = ceil(r N)): the k most-voted valid patches. ``max_tokens=M``: a
+    static ``[B, M]`` output with no host sync (a sample keeping more keeps its M most-voted).
+    Returns PruneResult(pruned [B, K, D], kept_mask [B, K], kept_idx [B, K], counts [B]).
+    """
+    keep_tokens = _keep_from_ratio(keep_tokens, keep_ratio, patches.shape[1] if patches.dim() == 3 else 0)
+    check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
+    backend = resolve_backend(backend, patches.device)
+    if max_tokens is None:
+        out = torch.ops.fastprune.prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters, backend)
+    else:
+        out = torch.ops.fastprune.prune_padded(
+            patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters, backend
+        )
+    return PruneResult(*out)
+
+
+def _prune_outputs(patches: torch.Tensor, K) -> tuple[torch.Tensor, ...]:
+    B, _, D = patches.shape
+    return (
+        patches.new_empty(B, K, D),
+        patches.new_empty(B, K, dtype=torch.bool),
+        patches.new_empty(B, K, dtype=torch.int64),
+        patches.new_empty(B, dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("fastprune::select")
+def _select_fake(patches, task, task_mask=None, patch_mask=None, mask_voters=False, backend="auto"):
+    check_inputs(patches, task, task_mask, patch_mask)
+    return patches.new_empty(patches.shape[:2], dtype=torch.int64)
+
+
+@torch.library.register_fake("fastprune::prune")
+def _prune_fake(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask_voters=False, backend="auto"):
+    check_inputs(patches, task, task_mask, patch_mask, keep_tokens)
+    K = torch.library.get_ctx().new_dynamic_size(min=1)
+    return _prune_outputs(patches, K)
+
+
+@torch.library.register_fake("fastprune::prune_padded")
+def _prune_padded_fake(
+    patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters=False, backend="auto"
+):
+    check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
+    return _prune_outputs(patches, max_tokens)

@@ -1,0 +1,228 @@
+"""Eager reference of the fastprune contract (SPEC), in plain PyTorch.
+
+This is the seed's LightVLA pruner written out step by step: it builds the full
+``[B, N, N]`` score like the seed does, so it is also the "seed-style eager" provider
+of the benchmarks. Every backend is tested against it and against :func:`truth_scores`,
+the float64 evaluation of the same formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-6
+
+
+class PruneResult(NamedTuple):
+    """Gather-pad output of the eval pruner.
+
+    pruned    [B, K, D]  kept patch embeddings in increasing original index, zero padding
+    kept_mask [B, K]     True on real rows
+    kept_idx  [B, K]     int64 original patch index of each row (0 on padding)
+    counts    [B]        int64 number of kept patches per sample
+    """
+
+    pruned: torch.Tensor
+    kept_mask: torch.Tensor
+    kept_idx: torch.Tensor
+    counts: torch.Tensor
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Weight-free RMSNorm over the last dim, in the dtype of ``x``."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+
+
+def _effective_task_mask(task: torch.Tensor, task_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``task_mask`` with samples that have no valid token treated as fully valid (SPEC)."""
+    B, T, _ = task.shape
+    if task_mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=task.device)
+    return task_mask | ~task_mask.any(-1, keepdim=True)
+
+
+def _allowed_columns(patches: torch.Tensor, patch_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Candidate columns: valid patches; column 0 alone for a sample with none (SPEC)."""
+    B, N, _ = patches.shape
+    if patch_mask is None:
+        return torch.ones(B, N, dtype=torch.bool, device=patches.device)
+    allowed = patch_mask.clone()
+    allowed[:, 0] |= ~patch_mask.any(-1)
+    return allowed
+
+
+def scores(
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    task_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The LightVLA score ``[B, N, N]`` in ``dtype``; disallowed columns are ``-inf``."""
+    D = patches.shape[-1]
+    p = rms(patches.to(dtype))
+    t = rms(task.to(dtype))
+    valid = _effective_task_mask(task, task_mask)
+    logits = (p @ t.transpose(-1, -2)) / math.sqrt(D)
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    queries = rms(torch.softmax(logits, dim=-1) @ t)
+    score = (queries @ p.transpose(-1, -2)) / math.sqrt(D)
+    allowed = _allowed_columns(patches, patch_mask)
+    return score.masked_fill(~allowed[:, None, :], float("-inf"))
+
+
+def truth_scores(patches, task, task_mask=None, patch_mask=None) -> torch.Tensor:
+    """The float64 truth of the SPEC's equivalence criterion."""
+    return scores(patches, task, task_mask, patch_mask, dtype=torch.float64)
+
+
+def select_ref(
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    task_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    mask_voters: bool = False,
+) -> torch.Tensor:
+    """Row argmax ``idx [B, N]`` (int64), lowest column on an exact tie.
+
+    ``mask_voters`` does not change a row's argmax; it only decides which rows vote.
+    """
+    del mask_voters
+    # torch.argmax returns the first maximal index on CPU and CUDA.
+    return scores(patches, task, task_mask, patch_mask).argmax(-1)
+
+
+def votes_from_idx(
+    idx: torch.Tensor, patch_mask: Optional[torch.Tensor] = None, mask_voters: bool = False
+) -> torch.Tensor:
+    """``v[b, j] = #{i voting : idx[b, i] = j}`` as int64 ``[B, N]``."""
+    B, N = idx.shape
+    weight = torch.ones(B, N, dtype=torch.int64, device=idx.device)
+    if mask_voters and patch_mask is not None:
+        weight = patch_mask.to(torch.int64)
+    return torch.zeros(B, N, dtype=torch.int64, device=idx.device).scatter_add_(1, idx, weight)
+
+
+def keep_mask_from_votes(
+    votes: torch.Tensor,
+    patch_mask: Optional[torch.Tensor],
+    keep_tokens: Optional[int],
+    max_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """Which patches are kept ``[B, N]`` bool (implicit or budget mode, optional cap)."""
+    B, N = votes.shape
+    valid = (
+        torch.ones_like(votes, dtype=torch.bool) if patch_mask is None else patch_mask.bool()
+    )
+    implicit = valid & (votes > 0)
+    cap = keep_tokens if keep_tokens is not None else N
+    if max_tokens is not None:
+        cap = min(cap, max_tokens)
+    if keep_tokens is None and cap >= N:
+        return implicit
+    # Budget rule: most votes first, then lower index. Keys are unique, so topk is exact.
+    rank_key = votes * (N + 1) + (N - 1 - torch.arange(N, device=votes.device))
+    eligible = valid if keep_tokens is not None else implicit
+    rank_key = rank_key.masked_fill(~eligible, -1)
+    top = rank_key.topk(min(cap, N), dim=-1).indices
+    keep = torch.zeros_like(eligible).scatter_(1, top, True)
+    return keep & eligible
+
+
+def gather_pad(patches: torch.Tensor, keep: torch.Tensor, width: Optional[int] = None) -> PruneResult:
+    """Compact the kept rows in increasing index, padded to ``width`` (default: max count)."""
+    B, N, D = patches.shape
+    counts = keep.sum(-1)
+    K = width if width is not None else max(1, int(counts.max()) if B else 1)
+    # Stable sort puts kept indices first, in increasing order.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :K]
+    if order.shape[1] < K:
+        order = F.pad(order, (0, K - order.shape[1]))
+    kept_mask = torch.arange(K, device=patches.device)[None, :] < counts[:, None]
+    kept_idx = torch.where(kept_mask, order, 0)
+    pruned = torch.gather(patches, 1, kept_idx[..., None].expand(B, K, D))
+    pruned = pruned * kept_mask[..., None].to(patches.dtype)
+    return PruneResult(pruned, kept_mask, kept_idx, counts)
+
+
+def prune_ref(
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    task_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    keep_tokens: Optional[int] = None,
+    mask_voters: bool = False,
+    max_tokens: Optional[int] = None,
+) -> PruneResult:
+    """Eval pruning: select, vote, keep (implicit or budget), gather-pad."""
+    idx = select_ref(patches, task, task_mask, patch_mask)
+    return prune_from_idx(patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
+
+
+def prune_from_idx(
+    patches: torch.Tensor,
+    idx: torch.Tensor,
+    patch_mask: Optional[torch.Tensor] = None,
+    keep_tokens: Optional[int] = None,
+    mask_voters: bool = False,
+    max_tokens: Optional[int] = None,
+) -> PruneResult:
+    """The part of :func:`prune_ref` after the row argmax, for checking any backend's
+    outputs against its own selection."""
+    votes = votes_from_idx(idx, patch_mask, mask_voters)
+    keep = keep_mask_from_votes(votes, patch_mask, keep_tokens, max_tokens)
+    return gather_pad(patches, keep, max_tokens)
+
+
+def select_soft_ref(
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    task_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    noise_scale: Optional[float] = None,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training straight-through selection, sequence length kept.
+
+    Returns ``(selected [B, N, D], idx [B, N])``: row ``i`` is ``patches[argmax_j score']``
+    in the forward, with the gradient of ``softmax(score') @ patches``. ``noise`` is an
+    explicit ``[B, N, N]`` U[0, 1) tensor; otherwise it is drawn from ``generator``.
+    """
+    score = scores(patches, task, task_mask, patch_mask)
+    if noise_scale:
+        if noise is None:
+            noise = torch.rand(score.shape, generator=generator, device=score.device)
+        score = score + noise.to(score.dtype) * noise_scale
+    idx = score.argmax(-1)
+    hard = F.one_hot(idx, score.shape[-1]).to(score.dtype)
+    soft = torch.softmax(score, dim=-1)
+    weights = hard + soft - soft.detach()
+    return (weights @ patches.to(score.dtype)).to(patches.dtype), idx
+
+
+def selection_errors(
+    idx: torch.Tensor,
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    task_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    rtol: float = 1e-3,
+) -> torch.Tensor:
+    """Rows whose choice misses the float64 maximum by more than the SPEC tolerance.
+
+    Returns a bool ``[B, N]``: True where ``truth[i, idx[i]] < max_j truth[i, j] -
+    rtol * (max_j - min_j)`` (min over allowed columns), or where ``idx[i]`` is a
+    disallowed column.
+    """
+    truth = truth_scores(patches, task, task_mask, patch_mask)
+    finite = torch.isfinite(truth)
+    best = truth.max(-1).values
+    worst = truth.masked_fill(~finite, float("inf")).min(-1).values
+    chosen = truth.gather(-1, idx[..., None])[..., 0]
+    return ~(chosen >= best - rtol * (best - worst))
