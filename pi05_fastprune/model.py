@@ -303,12 +303,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sincos_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0):
-    """openpi's ``create_sinusoidal_pos_embedding``: float64 math, cast to ``t``'s dtype."""
+    """openpi's ``create_sinusoidal_pos_embedding`` ``[B, dim]``, in float64."""
     fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
     period = min_period * (max_period / min_period) ** fraction
     scaling = 1.0 / period * 2 * math.pi
     angle = scaling[None, :] * t[:, None]
-    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1).to(t.dtype)
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
 
 
 def euler_timesteps(num_steps: int) -> tuple[float, list[float]]:
@@ -387,9 +387,14 @@ class SigLIP(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """To float32, or keep float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / rms(x)`` with the mean square in float32 (result float32)."""
-    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    """``x / rms(x)`` with the mean square in (at least) float32; the result is float32."""
+    return x * torch.rsqrt(_upcast(x).pow(2).mean(-1, keepdim=True) + eps)
 
 
 class RMSNorm(nn.Module):
@@ -401,7 +406,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None):
-        return (_rms(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype), None
+        return (_rms(x, self.eps) * (1.0 + _upcast(self.weight))).to(x.dtype), None
 
 
 class AdaRMSNorm(nn.Module):
@@ -420,7 +425,7 @@ class AdaRMSNorm(nn.Module):
         if x.dim() == 3:
             mod = mod[:, None, :]
         scale, shift, gate = mod.chunk(3, dim=-1)
-        y = _rms(x, self.eps) * (1 + scale.float()) + shift.float()
+        y = _rms(x, self.eps) * (1 + _upcast(scale)) + _upcast(shift)
         return y.to(x.dtype), gate.to(x.dtype)
 
 
@@ -688,8 +693,9 @@ class Pi05(nn.Module):
     # ------------------------------------------------------------------ suffix / sampling
 
     def embed_suffix(self, x_t: torch.Tensor, timestep: torch.Tensor):
-        """-> ``(action tokens [B,H,We], adaRMS condition [B,We])`` (both float32)."""
-        temb = sincos_time_embedding(timestep, self.action_in.out_features)
+        """-> ``(action tokens [B,H,We], adaRMS condition [B,We])`` in the projections' dtype
+        (float32; the sincos embedding is computed in float64 and rounded to it, as openpi)."""
+        temb = sincos_time_embedding(timestep, self.action_in.out_features).to(self.time_in.weight.dtype)
         cond = F.silu(self.time_out(F.silu(self.time_in(temb))))
         return self.action_in(x_t.to(self.action_in.weight.dtype)), cond
 
@@ -726,7 +732,7 @@ class Pi05(nn.Module):
             a = attention(q, torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2), mask)
             x = blk.finish(x, a, gate, cond)
         x, _ = self.expert.norm(x, cond)
-        v_t = self.action_out(x.float())
+        v_t = self.action_out(x.to(self.action_out.weight.dtype))
         if debug is not None:
             debug.setdefault("steps", []).append(
                 dict(x_t=x_t, timestep=timestep, v_t=v_t, adarms_cond=cond, suffix_embs=suffix)
@@ -744,25 +750,31 @@ class Pi05(nn.Module):
         num_steps: int = 10,
         debug: Optional[dict] = None,
     ) -> torch.Tensor:
-        """Flow-matching sampler: Euler from t=1 (noise) to t=0 -> actions ``[B,H,A]`` float32.
+        """Flow-matching sampler: Euler from t=1 (noise) to t=0 -> actions ``[B,H,A]`` (float32).
 
         ``noise [B,H,A]`` defaults to N(0,1) with ``H = config.action_horizon``. Pass a dict
         as ``debug`` to receive the prefix (``prefix``), the cache (``prefix_kv_cache``) and
         per step ``x_t, timestep, v_t, adarms_cond, suffix_embs`` (``steps``).
         """
-        B = lang_tokens.shape[0]
-        device = lang_tokens.device
+        prefix = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
+        return self.sample_actions_from_prefix(prefix, noise, num_steps, debug)
+
+    @torch.no_grad()
+    def sample_actions_from_prefix(
+        self, prefix: Prefix, noise: Optional[torch.Tensor] = None, num_steps: int = 10, debug: Optional[dict] = None
+    ) -> torch.Tensor:
+        """``sample_actions`` after ``embed_prefix``: cache the prefix, then the Euler loop."""
+        embs, pad, att, pos = prefix
+        B, device = embs.shape[0], embs.device
         if noise is None:
             shape = (B, self.config.action_horizon, self.config.action_dim)
             noise = torch.randn(shape, dtype=torch.float32, device=device)
-        prefix = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
-        embs, pad, att, pos = prefix
         cache = self.prefix_kv_cache(embs, pad, att, pos)
         if debug is not None:
             debug["prefix"] = prefix
             debug["prefix_kv_cache"] = cache
         dt, times = euler_timesteps(num_steps)
-        x_t = noise.to(torch.float32)
+        x_t = noise.to(self.action_in.weight.dtype)
         for t in times:
             timestep = torch.full((B,), t, dtype=torch.float32, device=device)
             v_t = self.denoise_step(cache, pad, pos, x_t, timestep, debug)
@@ -790,7 +802,7 @@ class Pi05(nn.Module):
     ) -> torch.Tensor:
         """Per-element flow-matching loss ``[B,H,A]``: ``x_t = t*noise + (1-t)*actions``,
         target ``u = noise - actions``, ``(u - v_t)^2``; prefix and suffix in one joint pass."""
-        actions = actions.to(torch.float32)
+        actions = actions.to(self.action_in.weight.dtype)
         B, H, _ = actions.shape
         if noise is None:
             noise = torch.randn_like(actions)
@@ -820,5 +832,5 @@ class Pi05(nn.Module):
                 xp = lb.finish(xp, a[:, :, :P], gp, None)
             xs = eb.finish(xs, a[:, :, P:], gs, cond)
         xs, _ = self.expert.norm(xs, cond)
-        v_t = self.action_out(xs[:, -H:].float())
+        v_t = self.action_out(xs[:, -H:].to(self.action_out.weight.dtype))
         return F.mse_loss(u_t, v_t, reduction="none")
