@@ -1,0 +1,467 @@
+"""Fused Triton kernels of the fastprune eval ops (SPEC "Scoring", "Selection", "Output").
+
+Three launches per call, through the SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
+
+1. ``_scores_kernel``   grid (row tiles, B): one pass over ``patches`` (row norms on the fly),
+   ``S = rms(P) rms(T)^T`` over the prompt tokens up to the last valid one (zeros at invalid
+   ones), written fp32 ``[B, N, T]``, and the row max ``m_i`` of ``S_i / sqrt(D)`` over valid
+   tokens. It also initialises this call's merge keys, vote counts and counters.
+2. ``_select_kernel``   grid (row tiles x column splits, B): ``C = A' S^T`` tile by tile with
+   ``A' = exp(S_i / sqrt(D) - m_i)`` (the softmax without its positive row scale, which does
+   not move an argmax) and an online row argmax over the split's column tiles, packed into one
+   int64 key per (row, best column) so that ``atomic_max`` merges the splits independently of
+   launch order (higher score first, then lower column; NaN below -inf). The last program of a
+   sample (a per-sample arrival counter) finishes the sample: decodes the row argmax, and for
+   ``select`` writes it; for ``prune`` counts votes, keeps (implicit or budget, optional cap,
+   deterministic ties), prefix-sums the keep mask into the output order and writes ``counts``.
+3. ``_gather_kernel``   grid (output row blocks, D blocks, B): copies the kept raw patch rows
+   in increasing index, zero padding, ``kept_mask`` and ``kept_idx``.
+
+``prune`` reads ``K = max(1, max counts)`` on the host between 2 and 3 (its only sync);
+``prune_padded`` (``K = max_tokens``) and ``select`` never sync. Nothing ``N x N`` or ``N x D``
+lives in global memory: the largest buffer is ``S`` (``N x T`` fp32). Every load is upcast to
+fp32 before arithmetic (16-bit inputs of ``S``'s ``tl.dot`` stay 16-bit on the GPU: their
+products are exact in the fp32 accumulator); offsets are int64.
+
+The launchers take a ``wrap`` callable (``torch.library.wrap_triton`` inside a
+``triton_op``, identity otherwise) so the same code serves eager, the interpreter and Inductor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+EPS = 1e-6
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# fp32 tl.dot precision ("ieee" = exact fp32 FMA; "tf32x3" is faster on tensor cores and
+# close to fp32). 16-bit inputs of the S product use the native tensor-core dot regardless.
+DOT_PREC = os.environ.get("FASTPRUNE_TRITON_DOT_PREC", "ieee")
+
+__all__ = ["select", "prune", "prune_padded", "INTERPRET"]
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _prompt_extent(TMASK, b, T, HAS_TMASK: tl.constexpr, BLOCK_TALL: tl.constexpr):
+    """(t_end, all_valid): one past the last valid prompt token of sample b, and whether the
+    sample has no valid token (then every token counts, SPEC)."""
+    if HAS_TMASK:
+        t = tl.arange(0, BLOCK_TALL)
+        mk = tl.load(TMASK + b * T + t, mask=t < T, other=0) != 0
+        n_valid = tl.sum(mk.to(tl.int32), 0)
+        all_valid = n_valid == 0
+        t_end = tl.where(all_valid, T, tl.max(tl.where(mk, t + 1, 0), 0))
+    else:
+        all_valid = True
+        t_end = T
+    return t_end, all_valid
+
+
+@triton.jit
+def _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK: tl.constexpr):
+    vt = tt < T
+    if HAS_TMASK:
+        mk = tl.load(TMASK + b * T + tt, mask=vt, other=0) != 0
+        vt = vt & (mk | all_valid)
+    return vt
+
+
+# --------------------------------------------------------------------------- kernel 1
+
+
+@triton.jit
+def _scores_kernel(
+    P, TK, TMASK, S, M, KEYS, VOTES, COUNTER, KMAX,
+    N, T, D, scale,
+    HAS_TMASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_TALL: tl.constexpr, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    p_base = P + b * N * D + rows64[:, None] * D
+    t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # One tile of prompt tokens covers pi0.5 (valid tokens are a prefix): one pass over patches.
+    for t0 in range(0, t_end, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)
+        vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
+        t_base = TK + b * T * D + tt.to(tl.int64)[:, None] * D
+        acc = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+        ssp = tl.zeros([BLOCK_M], tl.float32)
+        sst = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            km = kk < D
+            p = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            q = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0)
+            pf = p.to(tl.float32)
+            qf = q.to(tl.float32)
+            ssp += tl.sum(pf * pf, 1)
+            sst += tl.sum(qf * qf, 1)
+            if DOT_NATIVE:
+                acc = tl.dot(p, tl.trans(q), acc)
+            else:
+                acc = tl.dot(pf, tl.trans(qf), acc, input_precision=DOT_PREC)
+        rp = 1.0 / tl.sqrt(ssp / D + 1e-6)
+        rt = 1.0 / tl.sqrt(sst / D + 1e-6)
+        s = acc * rp[:, None] * rt[None, :]
+        s = tl.where(vt[None, :], s, 0.0)
+        tl.store(
+            S + b * N * T + rows64[:, None] * T + tt[None, :],
+            s,
+            mask=rmask[:, None] & (tt < T)[None, :],
+        )
+        m = tl.maximum(m, tl.max(tl.where(vt[None, :], s * scale, float("-inf")), 1))
+    tl.store(M + b * N + rows64, m, mask=rmask)
+
+    # This call's merge state: keys below every real score, zero votes and counters.
+    key_init = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
+    tl.store(KEYS + b * N + rows64, key_init, mask=rmask)
+    tl.store(VOTES + b * N + rows64, tl.zeros([BLOCK_M], tl.int32), mask=rmask)
+    if pid_m == 0:
+        tl.store(COUNTER + b, 0)
+        if b == 0:
+            tl.store(KMAX, 0)
+
+
+# --------------------------------------------------------------------------- kernel 2
+
+
+@triton.jit
+def _pack_keys(c, cols, allowed):
+    """int64 keys ordered like (score, -column): a larger key is a higher score, or the same
+    score at a lower column. -0.0 equals +0.0; NaN sorts below -inf; disallowed columns get
+    the minimum (never win)."""
+    c = tl.where(c == 0.0, 0.0, c)
+    bits = c.to(tl.int32, bitcast=True)
+    hi = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    hi = tl.where(c != c, -2147483648, hi)
+    # (hi << 32) | (2^32 - 1 - j), written without a 32-bit-unsigned literal.
+    key = ((hi.to(tl.int64) + 1) << 32) - 1 - cols.to(tl.int64)[None, :]
+    key_min = tl.full(key.shape, -2147483648, tl.int64) << 32
+    return tl.where(allowed[None, :], key, key_min)
+
+
+@triton.jit
+def _select_kernel(
+    S, M, TMASK, PMASK, KEYS, VOTES, COUNTER, KMAX, ORDER, COUNTS, IDX,
+    N, T, scale, limit, n_split, n_programs,
+    HAS_TMASK: tl.constexpr, HAS_PMASK: tl.constexpr, MASK_VOTERS: tl.constexpr,
+    SELECT_ONLY: tl.constexpr, BUDGET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_TALL: tl.constexpr, BLOCK_NALL: tl.constexpr, SEARCH_ITERS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    row_tile = pid // n_split
+    split = pid % n_split
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    s_base = S + b * N * T
+    t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
+
+    no_patch = False
+    if HAS_PMASK:
+        offs = tl.arange(0, BLOCK_NALL)
+        pm_all = tl.load(PMASK + b * N + offs, mask=offs < N, other=0) != 0
+        no_patch = tl.sum(pm_all.to(tl.int32), 0) == 0
+
+    m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
+    best = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    for ct in range(split, n_col_tiles, n_split):
+        cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        allowed = cmask
+        if HAS_PMASK:
+            pm = tl.load(PMASK + b * N + cols, mask=cmask, other=0) != 0
+            allowed = cmask & (pm | ((cols == 0) & no_patch))
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for t0 in range(0, t_end, BLOCK_T):
+            tt = t0 + tl.arange(0, BLOCK_T)
+            vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
+            tin = tt < T
+            si = tl.load(s_base + rows64[:, None] * T + tt[None, :],
+                         mask=rmask[:, None] & tin[None, :], other=0.0).to(tl.float32)
+            a = tl.exp(si * scale - m_row[:, None])
+            a = tl.where(vt[None, :] & rmask[:, None], a, 0.0)
+            sj = tl.load(s_base + cols.to(tl.int64)[:, None] * T + tt[None, :],
+                         mask=cmask[:, None] & tin[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
+        key = _pack_keys(acc, cols, allowed)
+        best = tl.maximum(best, tl.max(key, 1))
+    tl.atomic_max(KEYS + b * N + rows64, best, mask=rmask)
+
+    # Last program of this sample to arrive finishes it (every key of the sample is final).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(COUNTER + b, 1)
+    if arrived == n_programs - 1:
+        offs = tl.arange(0, BLOCK_NALL)
+        inb = offs < N
+        offs64 = offs.to(tl.int64)
+        kmin = tl.full([BLOCK_NALL], -2147483648, tl.int64) << 32
+        key = tl.atomic_max(KEYS + b * N + offs64, kmin, mask=inb)  # coherent read
+        low = key - ((key >> 32) << 32)
+        two32 = tl.full([BLOCK_NALL], 1, tl.int64) << 32
+        idx = tl.where(inb, two32 - 1 - low, 0)
+        voter = inb
+        valid = inb
+        if HAS_PMASK:
+            pm_all = tl.load(PMASK + b * N + offs64, mask=inb, other=0) != 0
+            valid = inb & pm_all
+            if MASK_VOTERS:
+                voter = valid
+        if SELECT_ONLY:
+            tl.store(IDX + b * N + offs64, tl.where(voter, idx, -1), mask=inb)
+        else:
+            tl.atomic_add(VOTES + b * N + idx, tl.full([BLOCK_NALL], 1, tl.int32), mask=voter)
+            tl.debug_barrier()
+            votes = tl.atomic_add(VOTES + b * N + offs64, tl.zeros([BLOCK_NALL], tl.int32), mask=inb)
+            votes = tl.where(inb, votes, 0)
+            if BUDGET:
+                elig = valid
+            else:
+                elig = valid & (votes > 0)
+            elig_i = elig.to(tl.int32)
+            n_elig = tl.sum(elig_i, 0)
+            keep = elig_i
+            if n_elig > limit:
+                # Largest vote threshold v with #{eligible, votes >= v} >= limit.
+                lo = tl.sum(tl.zeros([BLOCK_NALL], tl.int32), 0)
+                hi = lo + N
+                for _ in range(SEARCH_ITERS):
+                    mid = (lo + hi + 1) // 2
+                    c = tl.sum((elig & (votes >= mid)).to(tl.int32), 0)
+                    ok = c >= limit
+                    lo = tl.where(ok, mid, lo)
+                    hi = tl.where(ok, hi, mid - 1)
+                gt = elig & (votes > lo)
+                n_gt = tl.sum(gt.to(tl.int32), 0)
+                eq = (elig & (votes == lo)).to(tl.int32)
+                rank = tl.cumsum(eq, 0) - eq  # ties: lower index first
+                keep = (gt | ((eq != 0) & (rank < limit - n_gt))).to(tl.int32)
+            cnt = tl.sum(keep, 0)
+            pos = tl.cumsum(keep, 0) - 1
+            tl.store(ORDER + b * N + pos.to(tl.int64), offs, mask=keep != 0)
+            tl.store(COUNTS + b, cnt.to(tl.int64))
+            tl.atomic_max(KMAX, cnt)
+
+
+# --------------------------------------------------------------------------- kernel 3
+
+
+@triton.jit
+def _gather_kernel(
+    P, ORDER, COUNTS, OUT, KMASK, KIDX,
+    N, D, K,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pr = tl.program_id(0)
+    pd = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    r = pr * BLOCK_R + tl.arange(0, BLOCK_R)
+    rin = r < K
+    cnt = tl.load(COUNTS + b)
+    kept = rin & (r < cnt)
+    r64 = r.to(tl.int64)
+    j = tl.load(ORDER + b * N + r64, mask=kept, other=0).to(tl.int64)
+    j = tl.where(kept, j, 0)
+    d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < D
+    # A bit-exact row copy: no arithmetic touches the values.
+    x = tl.load(P + b * N * D + j[:, None] * D + d[None, :], mask=kept[:, None] & dm[None, :], other=0)
+    tl.store(OUT + b * K * D + r64[:, None] * D + d[None, :], x, mask=rin[:, None] & dm[None, :])
+    if pd == 0:
+        tl.store(KIDX + b * K + r64, j, mask=rin)
+        tl.store(KMASK + b * K + r64, kept, mask=rin)
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _identity(kernel):
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: a few column splits so the merge is exercised
+
+
+class _Cfg:
+    """Block sizes of one call."""
+
+    def __init__(self, patches: torch.Tensor, T: int):
+        B, N, D = patches.shape
+        on_gpu = patches.is_cuda and not INTERPRET
+        self.dot_native = on_gpu and patches.dtype in (torch.float16, torch.bfloat16)
+        self.block_tall = max(16, triton.next_power_of_2(T))
+        self.block_nall = max(16, triton.next_power_of_2(N))
+        self.search_iters = (N + 1).bit_length() + 1
+        if on_gpu:
+            self.bm1 = 16 if B * triton.cdiv(N, 16) <= 4 * _programs_wanted(patches.device) else 32
+            self.bt = min(64, max(16, triton.next_power_of_2(T)))
+            self.bk = 128 if patches.element_size() == 2 else 64
+            self.bm2, self.bn2 = 64, 64
+            self.warps1, self.warps2, self.stages1 = 4, 4, 3
+            self.br = 8
+            self.bd = min(512 if patches.element_size() == 2 else 256, triton.next_power_of_2(D))
+        else:
+            # Interpreter: small tiles so odd sizes cross tile edges in tiny tests.
+            self.bm1, self.bt, self.bk = 16, 16, 32
+            self.bm2, self.bn2 = 16, 16
+            self.warps1, self.warps2, self.stages1 = 4, 4, 1
+            self.br, self.bd = 8, 32
+        n_row_tiles = triton.cdiv(N, self.bm2)
+        n_col_tiles = triton.cdiv(N, self.bn2)
+        want = _programs_wanted(patches.device)
+        self.n_row_tiles = n_row_tiles
+        self.n_split = max(1, min(n_col_tiles, triton.cdiv(want, max(1, n_row_tiles * B))))
+
+
+def _run_select(
+    patches: torch.Tensor,
+    task: torch.Tensor,
+    task_mask: Optional[torch.Tensor],
+    patch_mask: Optional[torch.Tensor],
+    mask_voters: bool,
+    select_only: bool,
+    limit: int,
+    budget: bool,
+    wrap: Callable,
+):
+    """Kernels 1 and 2. Returns (idx or None, order, counts, kmax)."""
+    patches = patches.contiguous()
+    task = task.contiguous()
+    B, N, D = patches.shape
+    T = task.shape[1]
+    dev = patches.device
+    cfg = _Cfg(patches, T)
+    # Separate allocations (no views): Inductor's functionalisation of wrap_triton mutations
+    # is simplest on whole tensors. torch.empty launches nothing; kernel 1 initialises them.
+    votes = torch.empty(B * N, dtype=torch.int32, device=dev)
+    order = torch.empty(B * N, dtype=torch.int32, device=dev)
+    counter = torch.empty(B, dtype=torch.int32, device=dev)
+    kmax = torch.empty(1, dtype=torch.int32, device=dev)
+    keys = torch.empty(B * N, dtype=torch.int64, device=dev)
+    S = torch.empty(B * N * T, dtype=torch.float32, device=dev)
+    M = torch.empty(B * N, dtype=torch.float32, device=dev)
+    counts = torch.empty(B, dtype=torch.int64, device=dev)
+    idx = torch.empty(B, N, dtype=torch.int64, device=dev) if select_only else torch.empty(1, dtype=torch.int64, device=dev)
+    tmask = patches if task_mask is None else task_mask.contiguous()
+    pmask = patches if patch_mask is None else patch_mask.contiguous()
+    scale = 1.0 / math.sqrt(D)
+
+    wrap(_scores_kernel)[(triton.cdiv(N, cfg.bm1), B)](
+        patches, task, tmask, S, M, keys, votes, counter, kmax,
+        N, T, D, scale,
+        HAS_TMASK=task_mask is not None,
+        BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
+        DOT_NATIVE=cfg.dot_native, DOT_PREC=DOT_PREC,
+        num_warps=cfg.warps1, num_stages=cfg.stages1,
+    )
+    n_programs = cfg.n_row_tiles * cfg.n_split
+    wrap(_select_kernel)[(n_programs, B)](
+        S, M, tmask, pmask, keys, votes, counter, kmax, order, counts, idx,
+        N, T, scale, limit, cfg.n_split, n_programs,
+        HAS_TMASK=task_mask is not None, HAS_PMASK=patch_mask is not None,
+        MASK_VOTERS=bool(mask_voters), SELECT_ONLY=select_only, BUDGET=budget,
+        BLOCK_M=cfg.bm2, BLOCK_N=cfg.bn2, BLOCK_T=cfg.bt, BLOCK_TALL=cfg.block_tall,
+        BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, DOT_PREC=DOT_PREC,
+        num_warps=cfg.warps2,
+    )
+    return (idx if select_only else None), order, counts, kmax, cfg
+
+
+def _run_gather(patches, order, counts, K: int, cfg: _Cfg, wrap: Callable):
+    patches = patches.contiguous()
+    B, N, D = patches.shape
+    dev = patches.device
+    pruned = torch.empty(B, K, D, dtype=patches.dtype, device=dev)
+    kept_mask = torch.empty(B, K, dtype=torch.bool, device=dev)
+    kept_idx = torch.empty(B, K, dtype=torch.int64, device=dev)
+    src, dst = patches, pruned
+    if INTERPRET and patches.dtype == torch.bfloat16:
+        # The interpreter mishandles bf16 values; the gather only moves bits.
+        src, dst = patches.view(torch.int16), pruned.view(torch.int16)
+    wrap(_gather_kernel)[(triton.cdiv(K, cfg.br), triton.cdiv(D, cfg.bd), B)](
+        src, order, counts, dst, kept_mask, kept_idx,
+        N, D, K,
+        BLOCK_R=cfg.br, BLOCK_D=cfg.bd,
+        num_warps=4,
+    )
+    return pruned, kept_mask, kept_idx, counts
+
+
+def _empty_outputs(patches: torch.Tensor, K: int):
+    B, _, D = patches.shape
+    dev = patches.device
+    return (
+        torch.zeros(B, K, D, dtype=patches.dtype, device=dev),
+        torch.zeros(B, K, dtype=torch.bool, device=dev),
+        torch.zeros(B, K, dtype=torch.int64, device=dev),
+        torch.zeros(B, dtype=torch.int64, device=dev),
+    )
+
+
+def select(patches, task, task_mask=None, patch_mask=None, mask_voters=False, wrap=_identity):
+    """Row argmax ``idx [B, N]`` int64 (-1 for non-voters when mask_voters and patch_mask)."""
+    B, N, _ = patches.shape
+    if B == 0:
+        return torch.empty(0, N, dtype=torch.int64, device=patches.device)
+    idx, *_ = _run_select(patches, task, task_mask, patch_mask, mask_voters, True, N, False, wrap)
+    return idx
+
+
+def _limit(N: int, keep_tokens: Optional[int], max_tokens: Optional[int]) -> int:
+    limit = N if keep_tokens is None else keep_tokens
+    if max_tokens is not None:
+        limit = min(limit, max_tokens)
+    return limit
+
+
+def prune(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask_voters=False,
+          wrap=_identity):
+    """Gather-pad to ``K = max(1, max counts)`` rows; reads K on the host once."""
+    B, N, _ = patches.shape
+    if B == 0:
+        return _empty_outputs(patches, 1)
+    _, order, counts, kmax, cfg = _run_select(
+        patches, task, task_mask, patch_mask, mask_voters, False,
+        _limit(N, keep_tokens, None), keep_tokens is not None, wrap)
+    K = max(1, int(kmax.item()))  # the op's one host sync
+    return _run_gather(patches, order, counts, K, cfg, wrap)
+
+
+def prune_padded(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, max_tokens=1,
+                 mask_voters=False, wrap=_identity):
+    """Exactly ``max_tokens`` rows; no host sync (CUDA-graph capturable)."""
+    B, N, _ = patches.shape
+    if B == 0:
+        return _empty_outputs(patches, max_tokens)
+    _, order, counts, _, cfg = _run_select(
+        patches, task, task_mask, patch_mask, mask_voters, False,
+        _limit(N, keep_tokens, max_tokens), keep_tokens is not None, wrap)
+    return _run_gather(patches, order, counts, max_tokens, cfg, wrap)

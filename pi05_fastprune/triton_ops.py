@@ -1,0 +1,121 @@
+"""The Triton ops of fastprune: ``fastprune::triton_select``, ``triton_prune``,
+``triton_prune_padded`` (kernels in ``pi05_fastprune.kernels.prune_triton``).
+
+The C++ ``fastprune::{select, prune, prune_padded}`` reach them with ``backend="triton"``
+through the dispatcher, with these argument orders:
+
+    triton_select(patches, task, task_mask, patch_mask, mask_voters) -> idx
+    triton_prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
+        -> (pruned, kept_mask, kept_idx, counts)              # K = max(1, max counts)
+    triton_prune_padded(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters)
+        -> (pruned, kept_mask, kept_idx, counts)              # K = max_tokens, no host sync
+
+Registration:
+- real Triton (no ``TRITON_INTERPRET=1``): ``triton_select`` and ``triton_prune_padded`` are
+  ``torch.library.triton_op`` s whose kernels are launched through ``wrap_triton``, so
+  ``torch.compile``/Inductor sees (and can schedule) the kernels. ``triton_prune`` has a
+  data-dependent K that it reads on the host, which a traced body cannot do: it is a plain
+  ``custom_op`` (opaque to Inductor) whose fake returns an unbacked K, so one compiled graph
+  serves every kept count.
+- ``TRITON_INTERPRET=1`` (CPU tests): all three are plain ``custom_op`` s (``triton_op`` does
+  not trace under the interpreter).
+- triton not installed: nothing is registered (``HAVE_TRITON`` is False).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from pi05_fastprune.prune import _prune_outputs, check_inputs
+
+__all__ = ["HAVE_TRITON", "INTERPRET"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    from pi05_fastprune.kernels import prune_triton as _k
+except Exception:  # no triton (or one this code cannot import): register nothing
+    _k = None
+
+HAVE_TRITON = _k is not None
+
+
+def _register() -> None:
+    use_triton_op = not INTERPRET and hasattr(torch.library, "triton_op")
+    wrap = torch.library.wrap_triton if use_triton_op else _k._identity
+
+    def define(name, fn, traced: bool):
+        if traced:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        return torch.library.custom_op(name, fn, mutates_args=())
+
+    # ---- select
+    def triton_select(
+        patches: torch.Tensor,
+        task: torch.Tensor,
+        task_mask: Optional[torch.Tensor] = None,
+        patch_mask: Optional[torch.Tensor] = None,
+        mask_voters: bool = False,
+    ) -> torch.Tensor:
+        check_inputs(patches, task, task_mask, patch_mask)
+        return _k.select(patches, task, task_mask, patch_mask, mask_voters, wrap=wrap)
+
+    select_op = define("fastprune::triton_select", triton_select, use_triton_op)
+
+    # ---- prune (dynamic K: one host read, always opaque)
+    def triton_prune(
+        patches: torch.Tensor,
+        task: torch.Tensor,
+        task_mask: Optional[torch.Tensor] = None,
+        patch_mask: Optional[torch.Tensor] = None,
+        keep_tokens: Optional[int] = None,
+        mask_voters: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_inputs(patches, task, task_mask, patch_mask, keep_tokens)
+        return tuple(_k.prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters))
+
+    prune_op = define("fastprune::triton_prune", triton_prune, False)
+
+    # ---- prune_padded (static K = max_tokens, no host sync)
+    def triton_prune_padded(
+        patches: torch.Tensor,
+        task: torch.Tensor,
+        task_mask: Optional[torch.Tensor],
+        patch_mask: Optional[torch.Tensor],
+        keep_tokens: Optional[int],
+        max_tokens: int,
+        mask_voters: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
+        return tuple(
+            _k.prune_padded(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters, wrap=wrap)
+        )
+
+    padded_op = define("fastprune::triton_prune_padded", triton_prune_padded, use_triton_op)
+
+    # ---- fakes (a triton_op's fake is its own body traced with fake tensors; the opaque
+    # custom ops need one). Same checks and shapes as the fastprune:: fakes in prune.py.
+    if not use_triton_op:
+
+        @select_op.register_fake
+        def _(patches, task, task_mask=None, patch_mask=None, mask_voters=False):
+            check_inputs(patches, task, task_mask, patch_mask)
+            return patches.new_empty(patches.shape[:2], dtype=torch.int64)
+
+        @padded_op.register_fake
+        def _(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters=False):
+            check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
+            return _prune_outputs(patches, max_tokens)
+
+    @prune_op.register_fake
+    def _(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask_voters=False):
+        check_inputs(patches, task, task_mask, patch_mask, keep_tokens)
+        K = torch.library.get_ctx().new_dynamic_size(min=1)
+        return _prune_outputs(patches, K)
+
+
+if HAVE_TRITON and not hasattr(torch.ops.fastprune, "triton_select"):
+    _register()
