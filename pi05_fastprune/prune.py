@@ -17,7 +17,7 @@ import torch
 from pi05_fastprune import _C  # noqa: F401  (registers torch.ops.fastprune)
 from pi05_fastprune.reference import PruneResult
 
-__all__ = ["PruneResult", "prune_tokens", "select_tokens", "check_inputs", "resolve_backend"]
+__all__ = ["PruneResult", "prune_tokens", "select_tokens", "check_inputs", "resolve_backend", "resolve_keep_tokens"]
 
 BACKENDS = ("auto", "cpu", "triton", "cuda")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,7 +77,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return os.environ.get("FASTPRUNE_BACKEND", "triton")
 
 
-def _keep_from_ratio(keep_tokens: Optional[int], keep_ratio: Optional[float], n: int) -> Optional[int]:
+def resolve_keep_tokens(keep_tokens: Optional[int], keep_ratio: Optional[float], n: int) -> Optional[int]:
     if keep_ratio is None:
         return keep_tokens
     if keep_tokens is not None:
@@ -125,7 +125,7 @@ def prune_tokens(
     static ``[B, M]`` output with no host sync (a sample keeping more keeps its M most-voted).
     Returns PruneResult(pruned [B, K, D], kept_mask [B, K], kept_idx [B, K], counts [B]).
     """
-    keep_tokens = _keep_from_ratio(keep_tokens, keep_ratio, patches.shape[1] if patches.dim() == 3 else 0)
+    keep_tokens = resolve_keep_tokens(keep_tokens, keep_ratio, patches.shape[1] if patches.dim() == 3 else 0)
     check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
     backend = resolve_backend(backend, patches.device)
     if max_tokens is None:

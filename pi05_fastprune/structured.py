@@ -66,7 +66,8 @@ def structured_inputs(
     for b, cam in absent_cameras:
         patch_mask[b, cam * P : (cam + 1) * P] = False
         patches[b, cam * P : (cam + 1) * P] = 0.0
-    to = dict(device=device)
+    # Fresh tensors (copy=True), not views of the generator's work buffers.
+    to = dict(device=device, copy=True)
     return (
         patches.to(dtype=dtype, **to),
         task.to(dtype=dtype, **to),

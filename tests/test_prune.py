@@ -1,0 +1,282 @@
+"""The eval ops (select / prune / prune_padded) on the CPU backend against the SPEC.
+
+Every check compares with the eager reference and with the float64 truth: a row passes when
+its chosen column scores within 1e-3 of the row's score range of the float64 maximum, and
+the outputs must be the exact gather of the op's own selection.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pi05_fastprune as fp
+from pi05_fastprune import reference as R
+from pi05_fastprune.structured import structured_inputs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(B, N, T, D, dtype=torch.float32, masks="none", seed=0):
+    """Random inputs with one of the SPEC's mask situations."""
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.randn(B, N, D, generator=g).to(dtype)
+    task = torch.randn(B, T, D, generator=g).to(dtype)
+    task_mask = patch_mask = None
+    if masks in ("padded_prompt", "all"):
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        task_mask = torch.arange(T)[None] < lengths[:, None]
+    if masks == "invalid_prompt":
+        task_mask = torch.zeros(B, T, dtype=torch.bool)
+    if masks in ("absent_camera", "all"):
+        patch_mask = torch.ones(B, N, dtype=torch.bool)
+        patch_mask[-1, N // 3 : 2 * N // 3] = False  # the last sample misses its middle camera
+    if masks == "invalid_patches":
+        patch_mask = torch.ones(B, N, dtype=torch.bool)
+        patch_mask[0] = False
+    return patches, task, task_mask, patch_mask
+
+
+def assert_prune_consistent(out, patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens):
+    """The outputs are exactly what the reference builds from the op's own selection."""
+    expect = R.prune_from_idx(patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
+    for name, got, want in zip(out._fields, out, expect):
+        assert torch.equal(got, want), name
+
+
+def assert_selection_correct(idx, patches, task, task_mask, patch_mask):
+    bad = R.selection_errors(idx, patches, task, task_mask, patch_mask)
+    assert not bad.any(), f"{int(bad.sum())} rows miss the float64 maximum"
+
+
+SHAPES = [  # B, N, T, D
+    (1, 1, 1, 64),
+    (2, 7, 13, 96),
+    (5, 300, 13, 64),
+    (1, 768, 200, 96),
+    (2, 300, 200, 2048),
+    (1, 7, 1, 2048),
+]
+MASKS = ["none", "padded_prompt", "invalid_prompt", "absent_camera", "invalid_patches", "all"]
+
+
+@pytest.mark.parametrize("B,N,T,D", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_matches_truth(B, N, T, D, dtype):
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, "all", seed=N + T)
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    assert idx.dtype == torch.int64 and idx.shape == (B, N)
+    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
+
+
+@pytest.mark.parametrize("masks", MASKS)
+def test_select_identical_to_reference_when_separated(masks):
+    """fp32: wherever the float64 top-2 gap is clear, the op picks exactly the reference's."""
+    patches, task, task_mask, patch_mask = make_inputs(3, 300, 40, 96, torch.float32, masks, seed=1)
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    ref = R.select_ref(patches, task, task_mask, patch_mask)
+    truth = R.truth_scores(patches, task, task_mask, patch_mask)
+    top2 = truth.topk(2, dim=-1).values
+    separated = (top2[..., 0] - top2[..., 1]) > 1e-4
+    assert separated.float().mean() > 0.5
+    assert torch.equal(idx[separated], ref[separated])
+    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
+
+
+@pytest.mark.parametrize("masks", MASKS)
+@pytest.mark.parametrize("budget", [None, 1, "N", 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("mask_voters", [False, True])
+def test_prune_modes(masks, budget, mask_voters):
+    B, N, T, D = 3, 96, 17, 64
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, torch.float32, masks, seed=7)
+    kwargs = {}
+    keep_tokens = None
+    if budget == "N":
+        kwargs["keep_tokens"] = keep_tokens = N
+    elif isinstance(budget, int):
+        kwargs["keep_tokens"] = keep_tokens = budget
+    elif isinstance(budget, float):
+        kwargs["keep_ratio"] = budget
+        keep_tokens = math.ceil(budget * N)
+    out = fp.prune_tokens(
+        patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=mask_voters, **kwargs
+    )
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
+    assert_prune_consistent(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
+    ref = R.prune_ref(patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
+    assert torch.equal(out.counts, ref.counts)
+    valid = patch_mask if patch_mask is not None else torch.ones(B, N, dtype=torch.bool)
+    n_valid = valid.sum(-1)
+    if keep_tokens is not None:
+        assert torch.equal(out.counts, torch.clamp(n_valid, max=keep_tokens))
+    # Every kept patch is valid; a sample without valid patches keeps none.
+    kept_valid = valid.gather(1, out.kept_idx) | ~out.kept_mask
+    assert kept_valid.all()
+    assert (out.counts[n_valid == 0] == 0).all()
+    assert out.pruned.shape[1] == max(1, int(out.counts.max()))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 40, 200])
+@pytest.mark.parametrize("keep_tokens", [None, 3, 30])
+def test_prune_padded_cap(max_tokens, keep_tokens):
+    patches, task, task_mask, patch_mask = make_inputs(4, 150, 9, 64, torch.float32, "all", seed=3)
+    out = fp.prune_tokens(
+        patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=keep_tokens, max_tokens=max_tokens
+    )
+    assert out.pruned.shape == (4, max_tokens, 64)
+    assert (out.counts <= max_tokens).all()
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    assert_prune_consistent(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
+    uncapped = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=keep_tokens)
+    # Within the cap the capped op keeps exactly what the uncapped op keeps.
+    fits = uncapped.counts <= max_tokens
+    for b in torch.nonzero(fits).flatten().tolist():
+        c = int(uncapped.counts[b])
+        assert torch.equal(out.kept_idx[b, :c], uncapped.kept_idx[b, :c])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_structured_pi05_shape(dtype):
+    patches, task, task_mask, patch_mask = structured_inputs(batch=2, dtype=dtype, absent_cameras=((1, 2),))
+    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
+    assert_prune_consistent(out, patches, idx, patch_mask, None, False, None)
+    assert (out.counts > 20).all() and (out.counts < 200).all()
+    # The absent camera of sample 1 keeps nothing.
+    assert not ((out.kept_idx[1] >= 512) & out.kept_mask[1]).any()
+    if dtype == torch.float32:
+        ref = R.prune_ref(patches, task, task_mask, patch_mask)
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_mask_voters_absent_camera_adds_nothing():
+    patches, task, task_mask, patch_mask = structured_inputs(batch=1, absent_cameras=((0, 1),), seed=4)
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=True)
+    assert (idx[0, 256:512] == -1).all() and (idx[0, :256] >= 0).all()
+    voted = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=True)
+    every = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    assert int(voted.counts) <= int(every.counts)
+    ref = R.prune_ref(patches, task, task_mask, patch_mask, mask_voters=True)
+    assert all(torch.equal(a, b) for a, b in zip(voted, ref))
+
+
+def test_deterministic():
+    patches, task, task_mask, patch_mask = structured_inputs(batch=3, width=256, seed=9)
+    outs = [fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask) for _ in range(3)]
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
+
+
+def test_exact_ties_pick_lowest_index():
+    """Duplicated patches score exactly alike: the lowest index wins, budgets break vote ties low."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 8, 32, generator=g)
+    patches = torch.cat([base, base], dim=1)  # patch j and j + 8 are identical
+    task = torch.randn(1, 5, 32, generator=g)
+    idx = fp.select_tokens(patches, task)
+    assert (idx < 8).all()
+    out = fp.prune_tokens(patches, task, keep_tokens=16)
+    assert torch.equal(out.kept_idx[0], torch.arange(16))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_inputs_do_not_crash(value):
+    patches, task, task_mask, patch_mask = make_inputs(2, 40, 6, 32, torch.float32, "all", seed=5)
+    patches[0, 3, 1] = value
+    task[1, 0, 0] = value
+    for kwargs in ({}, {"keep_tokens": 5}, {"max_tokens": 7}):
+        out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **kwargs)
+        assert ((out.kept_idx >= 0) & (out.kept_idx < 40)).all()
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    assert ((idx >= 0) & (idx < 40)).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 3),
+    N=st.integers(1, 70),
+    T=st.integers(1, 20),
+    D=st.sampled_from([8, 33, 64]),
+    dtype=st.sampled_from(DTYPES),
+    masks=st.sampled_from(MASKS),
+    keep=st.one_of(st.none(), st.floats(0.01, 1.0)),
+    mask_voters=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_against_truth(B, N, T, D, dtype, masks, keep, mask_voters, seed):
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, masks, seed)
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
+    out = fp.prune_tokens(
+        patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_ratio=keep, mask_voters=mask_voters
+    )
+    keep_tokens = None if keep is None else max(1, math.ceil(keep * N))
+    assert_prune_consistent(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
+
+
+# --- the seed pruner's own outputs on openpi's tiny pi0.5 prefix -------------------------------
+
+
+@pytest.fixture(scope="module")
+def lightvla(data_dir):
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(data_dir / "io.safetensors")).items() if k.startswith("lightvla.")}
+
+
+def _seed_call(v, **kwargs):
+    return fp.prune_tokens(
+        v["lightvla.in.image_patches"],
+        v["lightvla.in.task_tokens"],
+        task_mask=v["lightvla.in.task_token_mask"],
+        patch_mask=v["lightvla.in.patch_token_mask"],
+        **kwargs,
+    )
+
+
+def test_seed_vectors_implicit(lightvla):
+    v = lightvla
+    idx = fp.select_tokens(
+        v["lightvla.in.image_patches"],
+        v["lightvla.in.task_tokens"],
+        task_mask=v["lightvla.in.task_token_mask"],
+        patch_mask=v["lightvla.in.patch_token_mask"],
+    )
+    assert torch.equal(idx, v["lightvla.implicit.score_argmax"])
+    out = _seed_call(v)
+    for name in ("kept_idx", "kept_mask", "counts"):
+        key = {"kept_idx": "kept_indices", "kept_mask": "kept_mask", "counts": "kept_counts"}[name]
+        assert torch.equal(getattr(out, name), v[f"lightvla.implicit.{key}"]), name
+    assert torch.equal(out.pruned, v["lightvla.implicit.pruned_patches"])
+
+
+def test_seed_vectors_keep12(lightvla):
+    v = lightvla
+    out = _seed_call(v, keep_tokens=12)
+    assert torch.equal(out.kept_idx, v["lightvla.keep12.kept_indices"])
+    assert torch.equal(out.counts, v["lightvla.keep12.kept_counts"])
+    assert torch.equal(out.pruned, v["lightvla.keep12.pruned_patches"])
+
+
+def test_seed_vectors_keep40_above_tie(lightvla):
+    """The seed's cut at 40 falls inside tied vote counts: above the tie both agree exactly,
+    the tied part agrees in size (we take the lowest indices, the seed takes topk's order)."""
+    v = lightvla
+    out = _seed_call(v, keep_tokens=40)
+    votes = v["lightvla.implicit.votes"]
+    assert torch.equal(out.counts, v["lightvla.keep40.kept_counts"])
+    for b in range(votes.shape[0]):
+        ours = set(out.kept_idx[b][out.kept_mask[b]].tolist())
+        seeds = set(v["lightvla.keep40.kept_indices"][b][v["lightvla.keep40.kept_mask"][b]].tolist())
+        kth = int(votes[b, sorted(seeds, key=lambda j: int(votes[b, j]))[0]])
+        above = {j for j in seeds if int(votes[b, j]) > kth}
+        assert above <= ours
+        assert len(ours) == len(seeds)
+        tied_ours = sorted(j for j in ours - above)
+        assert all(int(votes[b, j]) == kth for j in tied_ours)
+        pool = [j for j in range(votes.shape[1]) if int(votes[b, j]) == kth and v["lightvla.in.patch_token_mask"][b, j]]
+        assert tied_ours == sorted(pool)[: len(tied_ours)]

@@ -1,0 +1,88 @@
+"""Bad input (SPEC): a clear error naming the argument and the shapes, before any kernel.
+
+The Python API raises ValueError; the ops themselves (for LibTorch and direct callers) raise
+RuntimeError with the same wording from csrc/prune_checks.h.
+"""
+
+import pytest
+import torch
+
+import pi05_fastprune as fp
+
+B, N, T, D = 2, 10, 4, 8
+
+
+def good():
+    return dict(
+        patches=torch.randn(B, N, D),
+        task=torch.randn(B, T, D),
+        task_mask=torch.ones(B, T, dtype=torch.bool),
+        patch_mask=torch.ones(B, N, dtype=torch.bool),
+    )
+
+
+CASES = [  # (change, message fragment)
+    (dict(patches=torch.randn(N, D)), r"patches must be \[B, N, D\], got shape \(10, 8\)"),
+    (dict(task=torch.randn(B, T, D, 1)), r"task must be \[B, T, D\], got shape \(2, 4, 8, 1\)"),
+    (dict(task=torch.randn(B + 1, T, D)), r"task \(3, 4, 8\) does not match patches \(2, 10, 8\)"),
+    (dict(task=torch.randn(B, T, D + 1)), r"task \(2, 4, 9\) does not match patches \(2, 10, 8\)"),
+    (dict(task=torch.randn(B, T, D, dtype=torch.float64)), r"task dtype torch.float64 differs"),
+    (dict(patches=torch.randn(B, N, D).double(), task=torch.randn(B, T, D).double()), r"patches must be float32"),
+    (dict(patches=torch.randn(B, 0, D)), r"need N, T, D >= 1"),
+    (dict(task_mask=torch.ones(B, T)), r"task_mask must be bool, got torch.float32"),
+    (dict(task_mask=torch.ones(B, T + 1, dtype=torch.bool)), r"task_mask must be \[2, 4\], got shape \(2, 5\)"),
+    (dict(patch_mask=torch.ones(B, dtype=torch.bool)), r"patch_mask must be \[2, 10\], got shape \(2,\)"),
+    (dict(keep_tokens=0), r"keep_tokens must be in \[1, 10\]"),
+    (dict(keep_tokens=11), r"keep_tokens must be in \[1, 10\] for patches \(2, 10, 8\), got 11"),
+    (dict(keep_ratio=0.0), r"keep_ratio must be in \(0, 1\], got 0.0"),
+    (dict(keep_ratio=1.5), r"keep_ratio must be in \(0, 1\], got 1.5"),
+    (dict(keep_ratio=0.5, keep_tokens=3), r"give keep_tokens or keep_ratio, not both"),
+    (dict(max_tokens=0), r"max_tokens must be >= 1, got 0"),
+    (dict(backend="gpu"), r"backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("change,message", CASES)
+def test_api_rejects(change, message):
+    args = good()
+    args.update(change)
+    patches, task = args.pop("patches"), args.pop("task")
+    with pytest.raises(ValueError, match=message):
+        fp.prune_tokens(patches, task, **args)
+
+
+OP_CASES = [  # direct op calls: RuntimeError from the C++ checks
+    (dict(patches=torch.randn(N, D)), r"patches must be \[B, N, D\], got shape \[10, 8\]"),
+    (dict(task=torch.randn(B + 1, T, D)), r"task \[3, 4, 8\] does not match patches \[2, 10, 8\]"),
+    (dict(task=torch.randn(B, T, D).half()), r"task dtype Half differs from patches dtype Float"),
+    (dict(task_mask=torch.ones(B, T, dtype=torch.int64)), r"task_mask must be bool, got Long"),
+    (dict(patch_mask=torch.ones(B, N + 1, dtype=torch.bool)), r"patch_mask must be \[2, 10\], got shape \[2, 11\]"),
+    (dict(keep_tokens=N + 1), r"keep_tokens must be in \[1, 10\]"),
+    (dict(backend="tpu"), r"backend must be 'auto', 'cpu', 'triton' or 'cuda', got 'tpu'"),
+    (dict(backend="cuda"), r"backend='cuda' needs CUDA tensors"),
+]
+
+
+@pytest.mark.parametrize("change,message", OP_CASES)
+def test_op_rejects(change, message):
+    args = dict(good(), keep_tokens=None, mask_voters=False, backend="auto")
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastprune.prune(
+            args["patches"], args["task"], args["task_mask"], args["patch_mask"],
+            args["keep_tokens"], args["mask_voters"], args["backend"],
+        )
+
+
+def test_padded_op_rejects_bad_cap():
+    a = good()
+    with pytest.raises(RuntimeError, match=r"max_tokens must be >= 1, got 0"):
+        torch.ops.fastprune.prune_padded(a["patches"], a["task"], None, None, None, 0)
+
+
+def test_select_rejects_before_kernel():
+    a = good()
+    with pytest.raises(ValueError, match=r"patch_mask must be bool"):
+        fp.select_tokens(a["patches"], a["task"], patch_mask=torch.ones(B, N))
+    with pytest.raises(RuntimeError, match=r"task must be \[B, T, D\]"):
+        torch.ops.fastprune.select(a["patches"], a["task"][0])
