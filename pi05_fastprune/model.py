@@ -311,7 +311,8 @@ def sincos_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, m
     return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
 
 
-def euler_timesteps(num_steps: int) -> tuple[float, list[float]]:
+@torch.compiler.assume_constant_result  # host arithmetic: torch.compile sees constants
+def euler_timesteps(num_steps: int) -> tuple[float, tuple[float, ...]]:
     """``(dt, [t_0, t_1, ...])`` exactly as openpi's loop makes them: float32 ``dt = -1/n``,
     ``t`` from 1 accumulated in float32 while ``t >= -dt/2``. Host-side, no tensors."""
     if num_steps < 1:
@@ -322,7 +323,7 @@ def euler_timesteps(num_steps: int) -> tuple[float, list[float]]:
     while t >= -dt / np.float32(2):
         times.append(float(t))
         t = np.float32(t + dt)
-    return float(dt), times
+    return float(dt), tuple(times)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:

@@ -256,3 +256,15 @@ def test_dummy_config_and_validation():
         Pi05(Pi05Config.dummy(expert_head_dim=32), device="meta")
     with pytest.raises(ValueError, match="dtype"):
         Pi05(Pi05Config.dummy(dtype="float16"), device="meta")
+
+
+def test_sample_actions_is_one_graph(model32):
+    """No host sync or data-dependent Python branch in the hot path: with the static cap
+    (``token_prune_max_tokens``) the whole pruned ``sample_actions`` traces as one graph."""
+    inputs, noise = make_inputs()
+    for fields in (dict(token_pruning_enabled=False), dict(token_pruning_enabled=True, token_prune_max_tokens=48)):
+        configure(model32, **fields)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model32.sample_actions)(*inputs, noise=noise, num_steps=2)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
