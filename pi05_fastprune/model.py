@@ -703,7 +703,8 @@ class Pi05(nn.Module):
     @staticmethod
     def _suffix_positions(prefix_pos: torch.Tensor, length: int) -> torch.Tensor:
         """``sum(unpruned prefix pad) + arange(length)``. The prompt comes last in the prefix
-        and keeps its unpruned positions, so its last position + 1 is that sum."""
+        and keeps its unpruned positions, so its last position + 1 is that sum (this needs a
+        prompt block of length >= 1, which openpi's tokenizer always gives)."""
         return prefix_pos[:, -1:] + 1 + torch.arange(length, device=prefix_pos.device)
 
     def denoise_step(
