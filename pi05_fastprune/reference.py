@@ -55,6 +55,15 @@ def _allowed_columns(patches: torch.Tensor, patch_mask: Optional[torch.Tensor]) 
     return allowed
 
 
+def attend(p: torch.Tensor, t: torch.Tensor, task_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Masked prompt attention ``softmax(p t^T / sqrt(D)) t`` of normalised patches ``p``
+    over normalised prompt tokens ``t``: the queries before their RMSNorm."""
+    valid = _effective_task_mask(t, task_mask)
+    logits = (p @ t.transpose(-1, -2)) / math.sqrt(p.shape[-1])
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1) @ t
+
+
 def scores(
     patches: torch.Tensor,
     task: torch.Tensor,
@@ -64,14 +73,9 @@ def scores(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The LightVLA score ``[B, N, N]`` in ``dtype``; disallowed columns are ``-inf``."""
-    D = patches.shape[-1]
     p = rms(patches.to(dtype))
-    t = rms(task.to(dtype))
-    valid = _effective_task_mask(task, task_mask)
-    logits = (p @ t.transpose(-1, -2)) / math.sqrt(D)
-    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    queries = rms(torch.softmax(logits, dim=-1) @ t)
-    score = (queries @ p.transpose(-1, -2)) / math.sqrt(D)
+    queries = rms(attend(p, rms(task.to(dtype)), task_mask))
+    score = (queries @ p.transpose(-1, -2)) / math.sqrt(patches.shape[-1])
     allowed = _allowed_columns(patches, patch_mask)
     return score.masked_fill(~allowed[:, None, :], float("-inf"))
 
