@@ -1,0 +1,217 @@
+// CUDA implementation of fastprune::select / prune / prune_padded: the ATen side of the
+// kernels in kernels/prune_cuda.cu (checks, device guard, current stream, dtype, workspace and
+// outputs). Built only with CUDA torch (setup.py / CMakeLists.txt add *_cuda.cpp then).
+//
+// backend: "auto"/"cuda" run these kernels, "triton" the Python-registered Triton ops, "cpu"
+// is an error on CUDA tensors. `prune` reads the kept-count maximum on the host once (its only
+// sync, to size K); `prune_padded` never syncs (CUDA-graph capturable).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "backend.h"
+#include "prune_checks.h"
+#include "prune_cuda.h"
+
+namespace fastprune {
+namespace {
+
+using PruneOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_cuda_backend(const std::string& backend) {
+  check_backend(backend);
+  TORCH_CHECK(backend != "cpu",
+              "fastprune: backend='cpu' needs CPU tensors, got CUDA tensors (use backend='cuda', "
+              "'triton' or 'auto', or move the inputs to the CPU)");
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fastprune: CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
+    int n = 0;
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "device query");
+    cache[device] = n > 0 ? n : 1;
+  }
+  return cache[device];
+}
+
+fastprune_cuda::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return fastprune_cuda::DType::kFloat32;
+    case at::kHalf:
+      return fastprune_cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return fastprune_cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fastprune: unsupported dtype ", t);
+  }
+}
+
+// Inputs in the layout the kernels take (last dim contiguous, contiguous masks), the problem
+// description, the plan and its workspace. Tensors are held here so the pointers stay valid.
+struct Prepared {
+  at::Tensor patches, task, task_mask, patch_mask, workspace;
+  fastprune_cuda::Problem problem;
+  fastprune_cuda::Plan plan;
+};
+
+Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
+                 const std::optional<at::Tensor>& task_mask,
+                 const std::optional<at::Tensor>& patch_mask, bool mask_voters) {
+  TORCH_CHECK(patches.is_cuda(), "fastprune: the CUDA kernels need CUDA tensors, got patches on ",
+              patches.device());
+  Prepared r;
+  r.patches = patches.stride(2) == 1 ? patches : patches.contiguous();
+  r.task = task.stride(2) == 1 ? task : task.contiguous();
+  if (task_mask.has_value()) r.task_mask = task_mask->contiguous();
+  if (patch_mask.has_value()) r.patch_mask = patch_mask->contiguous();
+  const int64_t B = patches.size(0), N = patches.size(1), D = patches.size(2), T = task.size(1);
+  TORCH_CHECK(B <= 65535, "fastprune: the CUDA kernels take at most 65535 samples, got patches ",
+              patches.sizes());
+  TORCH_CHECK(N < INT_MAX && T < INT_MAX && (N + 63) / 64 <= 65535,
+              "fastprune: patches ", patches.sizes(), " and task ", task.sizes(),
+              " are too long for the CUDA kernels");
+  auto& p = r.problem;
+  p.B = B;
+  p.N = N;
+  p.T = T;
+  p.D = D;
+  p.dtype = to_dtype(patches.scalar_type());
+  p.patches = r.patches.data_ptr();
+  p.patches_sb = r.patches.stride(0);
+  p.patches_sr = r.patches.stride(1);
+  p.task = r.task.data_ptr();
+  p.task_sb = r.task.stride(0);
+  p.task_sr = r.task.stride(1);
+  p.task_mask = r.task_mask.defined() ? r.task_mask.data_ptr<bool>() : nullptr;
+  p.patch_mask = r.patch_mask.defined() ? r.patch_mask.data_ptr<bool>() : nullptr;
+  p.mask_voters = mask_voters;
+  r.plan = fastprune_cuda::make_plan(B, N, T, D, sm_count(patches.get_device()));
+  r.workspace = at::empty({static_cast<int64_t>(r.plan.workspace_bytes)},
+                          patches.options().dtype(at::kByte));
+  return r;
+}
+
+at::Tensor select_cuda(const at::Tensor& patches, const at::Tensor& task,
+                       const std::optional<at::Tensor>& task_mask,
+                       const std::optional<at::Tensor>& patch_mask, bool mask_voters,
+                       c10::string_view backend_view) {
+  const std::string backend(backend_view);
+  check_cuda_backend(backend);
+  check_prune_inputs(patches, task, task_mask, patch_mask, std::nullopt, std::nullopt);
+  if (backend == "triton")
+    return call_triton("fastprune::triton_select",
+                       {patches, task, task_mask, patch_mask, mask_voters})[0]
+        .toTensor();
+  const c10::cuda::CUDAGuard guard(patches.device());
+  auto idx = at::empty({patches.size(0), patches.size(1)}, patches.options().dtype(at::kLong));
+  if (patches.size(0) == 0) return idx;
+  Prepared r = prepare(patches, task, task_mask, patch_mask, mask_voters);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(fastprune_cuda::launch_select(r.problem, r.plan, r.workspace.data_ptr(),
+                                             idx.data_ptr<int64_t>(), stream),
+               "select kernel launch");
+  return idx;
+}
+
+// Kernels A and B (selection up to the kept lists), then the gather-pad to K rows.
+PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
+                   const std::optional<at::Tensor>& task_mask,
+                   const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
+                   std::optional<int64_t> max_tokens, bool mask_voters) {
+  const c10::cuda::CUDAGuard guard(patches.device());
+  const int64_t B = patches.size(0), D = patches.size(2);
+  const auto long_opts = patches.options().dtype(at::kLong);
+  auto counts = at::empty({B}, long_opts);
+  if (B == 0) {
+    const int64_t K = max_tokens.value_or(1);
+    return {at::empty({0, K, D}, patches.options()),
+            at::empty({0, K}, patches.options().dtype(at::kBool)), at::empty({0, K}, long_opts),
+            counts};
+  }
+  Prepared r = prepare(patches, task, task_mask, patch_mask, mask_voters);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(fastprune_cuda::launch_keep(r.problem, r.plan, r.workspace.data_ptr(),
+                                           keep_tokens.value_or(0), max_tokens.value_or(0),
+                                           counts.data_ptr<int64_t>(), stream),
+               "selection kernel launch");
+  int64_t K = 0;
+  if (max_tokens.has_value()) {
+    K = *max_tokens;  // static shape: no host sync
+  } else {
+    // The op's only host sync: the largest kept count sizes the output.
+    const int* mc = fastprune_cuda::max_count_ptr(r.plan, r.workspace.data_ptr());
+    const int64_t off =
+        reinterpret_cast<const char*>(mc) - static_cast<const char*>(r.workspace.data_ptr());
+    K = std::max<int64_t>(1, r.workspace.narrow(0, off, sizeof(int)).view(at::kInt).item<int>());
+  }
+  auto pruned = at::empty({B, K, D}, patches.options());
+  auto kept_mask = at::empty({B, K}, patches.options().dtype(at::kBool));
+  auto kept_idx = at::empty({B, K}, long_opts);
+  check_launch(fastprune_cuda::launch_gather(r.problem, r.plan, r.workspace.data_ptr(),
+                                             counts.data_ptr<int64_t>(), K, pruned.data_ptr(),
+                                             kept_mask.data_ptr<bool>(),
+                                             kept_idx.data_ptr<int64_t>(), stream),
+               "gather kernel launch");
+  return {pruned, kept_mask, kept_idx, counts};
+}
+
+template <typename Out>
+Out unpack4(const std::vector<c10::IValue>& s) {
+  return {s[0].toTensor(), s[1].toTensor(), s[2].toTensor(), s[3].toTensor()};
+}
+
+PruneOut prune_cuda(const at::Tensor& patches, const at::Tensor& task,
+                    const std::optional<at::Tensor>& task_mask,
+                    const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
+                    bool mask_voters, c10::string_view backend_view) {
+  const std::string backend(backend_view);
+  check_cuda_backend(backend);
+  check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt);
+  if (backend == "triton")
+    return unpack4<PruneOut>(call_triton(
+        "fastprune::triton_prune", {patches, task, task_mask, patch_mask, keep_tokens, mask_voters}));
+  return run_prune(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt, mask_voters);
+}
+
+PruneOut prune_padded_cuda(const at::Tensor& patches, const at::Tensor& task,
+                           const std::optional<at::Tensor>& task_mask,
+                           const std::optional<at::Tensor>& patch_mask,
+                           std::optional<int64_t> keep_tokens, int64_t max_tokens,
+                           bool mask_voters, c10::string_view backend_view) {
+  const std::string backend(backend_view);
+  check_cuda_backend(backend);
+  check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens);
+  if (backend == "triton")
+    return unpack4<PruneOut>(call_triton("fastprune::triton_prune_padded",
+                                         {patches, task, task_mask, patch_mask, keep_tokens,
+                                          max_tokens, mask_voters}));
+  return run_prune(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
+  m.impl("select", &select_cuda);
+  m.impl("prune", &prune_cuda);
+  m.impl("prune_padded", &prune_padded_cuda);
+}
+
+}  // namespace fastprune

@@ -1,0 +1,876 @@
+// CUDA C++ kernels of fastprune::select / prune / prune_padded (see prune_cuda.h for the
+// pipeline). Raw pointers and a cudaStream_t only: no ATen/c10/torch header, so this file
+// compiles with plain `nvcc -arch=sm_90` / `-arch=sm_80`.
+//
+// FASTPRUNE_CUDA_EMU (tests only): compiled as plain C++ against tests/cpp/cuda_emu.h, which
+// runs every CUDA thread of a block as a host thread, so the index, bound and synchronisation
+// logic of these kernels is exercised on the CPU.
+#include "prune_cuda.h"
+
+#ifndef FASTPRUNE_CUDA_EMU
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#ifndef FASTPRUNE_CUDA_EMU
+namespace fastprune_cuda {
+// kernel<<<grid, block, 0, stream>>>(args...); the emulator provides its own fp_launch.
+template <typename... Params, typename... Actual>
+void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Actual... args) {
+  kernel<<<grid, block, 0, stream>>>(args...);
+}
+}  // namespace fastprune_cuda
+#endif
+
+// Tensor-core MMA for S = P Tn^T on fp16/bf16 inputs (wmma, sm_80+); fp32 inputs and older
+// architectures use fp32 FMA.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(FASTPRUNE_EMU_MMA)
+#define FP_HAVE_MMA 1
+#else
+#define FP_HAVE_MMA 0
+#endif
+
+namespace fastprune_cuda {
+namespace {
+
+constexpr int kThreads = 256;  // every kernel; 8 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kBM = 64;   // rows (patches j or i) per tile, kernels A and B
+constexpr int kBT = 64;   // prompt tokens per tile, kernel A
+constexpr int kBU = 64;   // prompt tokens per shared-memory step, kernel B
+constexpr int kChunkAlign = 64;  // D slices of kernel A are multiples of this
+constexpr float kEps = 1e-6f;
+constexpr unsigned kFull = 0xffffffffu;
+
+// ------------------------------------------------------------------------------------------
+// Element types
+template <typename T>
+__device__ __forceinline__ float to_f32(T x);
+template <>
+__device__ __forceinline__ float to_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T zero_of();
+template <>
+__device__ __forceinline__ float zero_of<float>() { return 0.f; }
+template <>
+__device__ __forceinline__ __half zero_of<__half>() { return __float2half(0.f); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.f); }
+
+// ------------------------------------------------------------------------------------------
+// Arguments shared by kernels A and B (passed by value).
+struct Args {
+  int64_t B, N, T, D;
+  const void* patches;
+  int64_t p_sb, p_sr;
+  const void* task;
+  int64_t t_sb, t_sr;
+  const bool* task_mask;
+  const bool* patch_mask;
+  int mask_voters;
+  int64_t row_tiles, ts, kchunk;
+  int ksplit;
+  float inv_d, inv_sqrt_d;
+  // workspace
+  int* counters_a;
+  int* counters_b;
+  int* max_count;
+  float* part;
+  float* psq;
+  float* tsq;
+  float* invt;
+  float* S;
+  float* A;
+  unsigned long long* keys;
+  int* trange;
+  int* anyp;
+  int* votes;
+  int* hist;
+  int* list;
+  // outputs and options
+  int64_t* idx_out;     // select: [B, N] or nullptr
+  int64_t* counts_out;  // keep: [B] or nullptr
+  int want_keep;
+  int64_t keep_tokens;  // <= 0: implicit
+  int64_t max_tokens;   // <= 0: no cap
+};
+
+template <typename X>
+__device__ __forceinline__ X mn(X a, X b) { return a < b ? a : b; }
+template <typename X>
+__device__ __forceinline__ X mx(X a, X b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// Block-wide exclusive prefix sum of one int per thread (all kThreads threads must call it).
+// *total gets the block sum. s_warp: kWarps ints of shared memory, reusable after return.
+__device__ int block_excl_scan(int v, int* s_warp, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFull, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) s_warp[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kWarps ? s_warp[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFull, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < kWarps) s_warp[lane] = w;  // inclusive warp prefixes
+  }
+  __syncthreads();
+  const int before = warp > 0 ? s_warp[warp - 1] : 0;
+  *total = s_warp[kWarps - 1];
+  __syncthreads();  // s_warp is free again
+  return before + x - v;
+}
+
+// Packed argmax key: a higher score wins, then a lower index; NaN ranks below -inf, so it never
+// beats a number; -0 and +0 are one value. 0 is below every key (the initial value).
+__device__ __forceinline__ unsigned long long pack_key(float s, int64_t j) {
+  unsigned u = __float_as_uint(s);
+  unsigned hi;
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u) {
+    hi = 0u;  // NaN
+  } else {
+    if ((u & 0x7fffffffu) == 0u) u = 0u;
+    hi = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  return (static_cast<unsigned long long>(hi) << 32) |
+         static_cast<unsigned long long>(0xffffffffu - static_cast<unsigned>(j));
+}
+
+__device__ __forceinline__ unsigned long long max_u64(unsigned long long a, unsigned long long b) {
+  return a > b ? a : b;
+}
+
+// ------------------------------------------------------------------------------------------
+// Kernel A: partial S over a slice of D, then (last block per row tile) S and A.
+//
+// Tile: 64 patch rows (j) x 64 prompt tokens (u = t - t_lo) x kBK of D per step. Loads: thread
+// (warp w, lane l) holds rows k*8 + w (k < 8) at columns l + 32 h (h < kBK / 32), so each row's
+// partial sum of squares stays inside one warp.
+template <typename T>
+struct ATile {
+  static constexpr int kBK = sizeof(T) == 2 ? 64 : 32;
+  static constexpr int kH = kBK / 32;
+  static constexpr int kLds = sizeof(T) == 2 ? kBK + 8 : kBK + 1;  // wmma: ldm % 8 == 0
+};
+
+template <typename T>
+struct SmemA {
+  alignas(128) T ps[kBM][ATile<T>::kLds];
+  alignas(128) T ts[kBT][ATile<T>::kLds];
+  alignas(128) float cs[kBM][kBT + 4];
+  float invp[kBM];
+  int t_lo, t_hi, is_last;
+};
+
+// Accumulator of one 64 x 64 output tile: fp32 FMA (every type, every architecture).
+template <typename T, bool kMma>
+struct AccA {
+  float v[4][4];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[r][c] = 0.f;
+  }
+  // Thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 16 r, columns tx + 16 c.
+  __device__ __forceinline__ void step(SmemA<T>& sm, int /*u0*/, int /*tr*/) {
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll 8
+    for (int k = 0; k < ATile<T>::kBK; ++k) {
+      float a[4], b[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) a[r] = to_f32(sm.ps[ty + 16 * r][k]);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) b[c] = to_f32(sm.ts[tx + 16 * c][k]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) v[r][c] = fmaf(a[r], b[c], v[r][c]);
+    }
+  }
+  __device__ __forceinline__ void store(SmemA<T>& sm) {
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sm.cs[ty + 16 * r][tx + 16 * c] = v[r][c];
+  }
+};
+
+#if FP_HAVE_MMA
+// Tensor cores (fp16/bf16 in, fp32 accumulate): warp w owns rows 16 (w % 4) .. +16 and token
+// columns 32 (w / 4) .. +32 as two 16 x 16 accumulators. Column blocks at or past the valid
+// range are skipped (warp-uniform) and stay zero.
+template <typename T>
+struct AccA<T, true> {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+  __device__ __forceinline__ void zero() {
+    nvcuda::wmma::fill_fragment(acc[0], 0.f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.f);
+  }
+  __device__ __forceinline__ void step(SmemA<T>& sm, int u0, int tr) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5;
+    const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
+#pragma unroll
+    for (int kk = 0; kk < ATile<T>::kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, &sm.ps[ra][kk], ATile<T>::kLds);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        if (u0 + cb + 16 * c < tr) {
+          // B[k][n] = Tn[n][k]: the task tile read column-major.
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+          wmma::load_matrix_sync(fb, &sm.ts[cb + 16 * c][kk], ATile<T>::kLds);
+          wmma::mma_sync(acc[c], fa, fb, acc[c]);
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ void store(SmemA<T>& sm) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5;
+    const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
+    wmma::store_matrix_sync(&sm.cs[ra][cb], acc[0], kBT + 4, wmma::mem_row_major);
+    wmma::store_matrix_sync(&sm.cs[ra][cb + 16], acc[1], kBT + 4, wmma::mem_row_major);
+  }
+};
+template <typename T>
+struct UseMma {
+  static constexpr bool value = sizeof(T) == 2;
+};
+#else
+template <typename T>
+struct UseMma {
+  static constexpr bool value = false;
+};
+#endif
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
+  using Tile = ATile<T>;
+  constexpr int kBK = Tile::kBK, kH = Tile::kH;
+  __shared__ __align__(128) unsigned char smem_raw[sizeof(SmemA<T>)];
+  SmemA<T>& sm = *reinterpret_cast<SmemA<T>*>(smem_raw);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t rt = blockIdx.x, b = blockIdx.z;
+  const int ks = blockIdx.y;
+  const int64_t B = a.B, N = a.N, T_ = a.T, D = a.D, ts = a.ts;
+  const int64_t j0 = rt * kBM;
+  const T* P = static_cast<const T*>(a.patches) + b * a.p_sb;
+  const T* Q = static_cast<const T*>(a.task) + b * a.t_sb;
+  const bool* tm = a.task_mask != nullptr ? a.task_mask + b * T_ : nullptr;
+
+  // 1. The prompt range [t_lo, t_hi): first to last valid token, or all T when none is valid.
+  if (tid == 0) {
+    sm.t_lo = INT_MAX;
+    sm.t_hi = -1;
+  }
+  __syncthreads();
+  if (tm != nullptr) {
+    int lo = INT_MAX, hi = -1;
+    for (int64_t t = tid; t < T_; t += kThreads) {
+      if (tm[t]) {
+        lo = mn(lo, static_cast<int>(t));
+        hi = mx(hi, static_cast<int>(t));
+      }
+    }
+    if (hi >= 0) {
+      atomicMin(&sm.t_lo, lo);
+      atomicMax(&sm.t_hi, hi);
+    }
+  }
+  __syncthreads();
+  const bool all_t = sm.t_hi < 0;
+  const int t_lo = all_t ? 0 : sm.t_lo;
+  const int t_hi = all_t ? static_cast<int>(T_) : sm.t_hi + 1;
+  const int tr = t_hi - t_lo;
+
+  if (rt == 0 && ks == 0) {  // per-sample facts for kernel B (one writer)
+    if (tid == 0) {
+      a.trange[2 * b] = t_lo;
+      a.trange[2 * b + 1] = t_hi;
+    }
+    int any = 1;
+    if (a.patch_mask != nullptr) {
+      any = 0;
+      const bool* pm = a.patch_mask + b * N;
+      for (int64_t j = tid; j < N; j += kThreads) any |= pm[j] ? 1 : 0;
+    }
+    any = __syncthreads_or(any);
+    if (tid == 0) a.anyp[b] = any;
+  }
+
+  // 2. Partial S and sums of squares over d in [d0, d1).
+  const int64_t d0 = static_cast<int64_t>(ks) * a.kchunk;
+  const int64_t d1 = mn(D, d0 + a.kchunk);
+  float* part = a.part + (static_cast<int64_t>(ks) * B + b) * N * ts;
+  float* tsq_out = a.tsq + ((static_cast<int64_t>(ks) * B + b) * a.row_tiles + rt) * ts;
+  float psq[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) psq[k] = 0.f;
+
+  const int n_tt = (tr + kBT - 1) / kBT;
+  for (int tt = 0; tt < n_tt; ++tt) {
+    const int u0 = tt * kBT;
+    float tsq[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) tsq[k] = 0.f;
+    AccA<T, UseMma<T>::value> acc;
+    acc.zero();
+
+    // Register prefetch of the next D step while the current one is multiplied.
+    T rp[8][kH], rq[8][kH];
+    auto load = [&](int64_t d) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int r = k * 8 + warp;
+        const int64_t j = j0 + r;
+        const int64_t u = u0 + r;
+#pragma unroll
+        for (int h = 0; h < kH; ++h) {
+          const int64_t dd = d + lane + 32 * h;
+          rp[k][h] = (j < N && dd < d1) ? P[j * a.p_sr + dd] : zero_of<T>();
+          rq[k][h] = (u < tr && dd < d1) ? Q[(t_lo + u) * a.t_sr + dd] : zero_of<T>();
+        }
+      }
+    };
+    if (d0 < d1) load(d0);
+    for (int64_t d = d0; d < d1; d += kBK) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int r = k * 8 + warp;
+#pragma unroll
+        for (int h = 0; h < kH; ++h) {
+          sm.ps[r][lane + 32 * h] = rp[k][h];
+          sm.ts[r][lane + 32 * h] = rq[k][h];
+          const float x = to_f32(rp[k][h]), y = to_f32(rq[k][h]);
+          if (tt == 0) psq[k] = fmaf(x, x, psq[k]);
+          tsq[k] = fmaf(y, y, tsq[k]);
+        }
+      }
+      __syncthreads();
+      if (d + kBK < d1) load(d + kBK);
+      acc.step(sm, u0, tr);
+      __syncthreads();
+    }
+    acc.store(sm);
+    __syncthreads();
+    for (int e = tid; e < kBM * kBT; e += kThreads) {
+      const int r = e / kBT, c = e % kBT;
+      const int64_t j = j0 + r;
+      const int u = u0 + c;
+      if (j < N && u < tr) part[j * ts + u] = sm.cs[r][c];
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float v = warp_sum(tsq[k]);
+      const int u = u0 + k * 8 + warp;
+      if (lane == 0 && u < tr) tsq_out[u] = v;
+    }
+    __syncthreads();  // cs is rewritten by the next token tile
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float v = warp_sum(psq[k]);
+    const int64_t j = j0 + k * 8 + warp;
+    if (lane == 0 && j < N) a.psq[(static_cast<int64_t>(ks) * B + b) * N + j] = v;
+  }
+
+  // 3. The last of the ksplit blocks of (row tile, sample) to arrive finalises the tile.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const int prev = atomicAdd(&a.counters_a[b * a.row_tiles + rt], 1);
+    sm.is_last = prev == a.ksplit - 1;
+  }
+  __syncthreads();
+  if (!sm.is_last) return;
+  __threadfence();
+
+  float* invt = a.invt + (b * a.row_tiles + rt) * ts;
+  for (int u = tid; u < tr; u += kThreads) {
+    float s = 0.f;
+    for (int q = 0; q < a.ksplit; ++q)
+      s += __ldcg(&a.tsq[((static_cast<int64_t>(q) * B + b) * a.row_tiles + rt) * ts + u]);
+    invt[u] = rsqrtf(s * a.inv_d + kEps);
+  }
+  if (tid < kBM) {
+    const int64_t j = j0 + tid;
+    float s = 0.f;
+    if (j < N)
+      for (int q = 0; q < a.ksplit; ++q) s += __ldcg(&a.psq[(static_cast<int64_t>(q) * B + b) * N + j]);
+    sm.invp[tid] = rsqrtf(s * a.inv_d + kEps);
+  }
+  __syncthreads();
+
+  // One warp per row: S = raw * invp * invt (0 on invalid tokens), A = softmax(S / sqrt(D))
+  // over the valid tokens (0 elsewhere).
+  for (int r = warp; r < kBM; r += kWarps) {
+    const int64_t j = j0 + r;
+    if (j >= N) break;  // warp-uniform; rows only grow
+    const float ip = sm.invp[r];
+    float* srow = a.S + (b * N + j) * ts;
+    float* arow = a.A + (b * N + j) * ts;
+    float m = -INFINITY;
+    for (int u = lane; u < tr; u += 32) {
+      float raw = 0.f;
+      for (int q = 0; q < a.ksplit; ++q)
+        raw += __ldcg(&a.part[((static_cast<int64_t>(q) * B + b) * N + j) * ts + u]);
+      const bool ok = all_t || tm[t_lo + u];
+      const float s = ok ? raw * ip * __ldcg(&invt[u]) : 0.f;
+      srow[u] = s;
+      if (ok) m = fmaxf(m, s);
+    }
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int u = lane; u < tr; u += 32) {
+      const bool ok = all_t || tm[t_lo + u];
+      const float e = ok ? __expf((srow[u] - m) * a.inv_sqrt_d) : 0.f;
+      arow[u] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    const float inv = 1.f / sum;
+    for (int u = lane; u < tr; u += 32) arow[u] *= inv;
+    if (lane == 0) a.keys[b * N + j] = 0ull;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Kernel B tail (one block per sample, the last to arrive): idx, votes, keep rule, kept list.
+__device__ void keep_tail(const Args& a, int64_t b, int* s_warp, int* s_vstar, int* s_above) {
+  const int tid = threadIdx.x;
+  const int64_t N = a.N;
+  const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
+  const bool mask_rows = a.mask_voters && pm != nullptr;
+  int* votes = a.votes + b * (N + 1);
+  int* hist = a.hist + b * (N + 1);
+  const unsigned long long* keys = a.keys + b * N;
+
+  if (a.want_keep)
+    for (int64_t j = tid; j <= N; j += kThreads) {
+      votes[j] = 0;
+      hist[j] = 0;
+    }
+  __syncthreads();
+  for (int64_t i = tid; i < N; i += kThreads) {
+    const unsigned long long key = __ldcg(&keys[i]);
+    int64_t j = static_cast<int64_t>(0xffffffffu - static_cast<unsigned>(key & 0xffffffffull));
+    if (j >= N) j = 0;  // unreachable: every row has an allowed column
+    const bool voter = !mask_rows || pm[i];
+    if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter ? j : -1;
+    if (a.want_keep && voter) atomicAdd(&votes[j], 1);
+  }
+  if (!a.want_keep) return;
+  __syncthreads();
+
+  const bool budget = a.keep_tokens > 0;
+  int64_t limit = budget ? a.keep_tokens : N;
+  if (a.max_tokens > 0 && a.max_tokens < limit) limit = a.max_tokens;
+  auto eligible = [&](int64_t j, int v) { return (pm == nullptr || pm[j]) && (budget || v > 0); };
+
+  int cnt = 0;
+  for (int64_t j = tid; j < N; j += kThreads) cnt += eligible(j, __ldcg(&votes[j])) ? 1 : 0;
+  int n_elig = 0;
+  block_excl_scan(cnt, s_warp, &n_elig);
+  const bool thresh = n_elig > limit;  // block-uniform
+
+  // Budget: keep the `limit` eligible patches with most votes, lower index first. v* is the
+  // vote count at the cut: all with votes > v* (fewer than limit) and the lowest-index `need`
+  // of those with votes == v*.
+  int vstar = -1;
+  int64_t need = 0;
+  if (thresh) {
+    for (int64_t j = tid; j < N; j += kThreads) {
+      const int v = __ldcg(&votes[j]);
+      if (eligible(j, v)) atomicAdd(&hist[v], 1);
+    }
+    __syncthreads();
+    int64_t carry = 0;  // eligible patches with votes above the current chunk
+    for (int64_t p0 = 0; p0 <= N; p0 += kThreads) {
+      const int64_t p = p0 + tid, v = N - p;  // v from N down to 0
+      const int h = p <= N ? __ldcg(&hist[v]) : 0;
+      int tot = 0;
+      const int ex = block_excl_scan(h, s_warp, &tot);
+      const int64_t above = carry + ex;  // eligible with votes > v
+      if (p <= N && above < limit && above + h >= limit) {
+        *s_vstar = static_cast<int>(v);
+        *s_above = static_cast<int>(above);
+      }
+      carry += tot;
+    }
+    __syncthreads();
+    vstar = *s_vstar;
+    need = limit - *s_above;
+  }
+
+  int* list = a.list + b * N;
+  int64_t tie_carry = 0, pos = 0;
+  for (int64_t c0 = 0; c0 < N; c0 += kThreads) {
+    const int64_t j = c0 + tid;
+    const int v = j < N ? __ldcg(&votes[j]) : 0;
+    const bool e = j < N && eligible(j, v);
+    const bool tie = thresh && e && v == vstar;
+    int ttot = 0, ktot = 0;
+    const int tex = block_excl_scan(tie ? 1 : 0, s_warp, &ttot);
+    const bool keep = e && (!thresh || v > vstar || (tie && tie_carry + tex < need));
+    const int kex = block_excl_scan(keep ? 1 : 0, s_warp, &ktot);
+    if (keep) list[pos + kex] = static_cast<int>(j);
+    tie_carry += ttot;
+    pos += ktot;
+  }
+  if (tid == 0) {
+    a.counts_out[b] = pos;
+    atomicMax(a.max_count, static_cast<int>(pos));
+  }
+}
+
+// Kernel B: score' tiles = A[i, :] . S[j, :] over the prompt range, row argmax merged across
+// column tiles by atomicMax on packed keys; the sample's last block runs keep_tail.
+__global__ void __launch_bounds__(kThreads) select_kernel(Args a) {
+  __shared__ float as[kBM][kBU + 1];
+  __shared__ float ss[kBM][kBU + 1];
+  __shared__ int s_warp[kWarps];
+  __shared__ int s_last, s_vstar, s_above;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tx = tid & 15, ty = tid >> 4;
+  const int64_t b = blockIdx.z, N = a.N, ts = a.ts;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kBM;
+  const int tr = a.trange[2 * b + 1] - a.trange[2 * b];
+  const float* Ab = a.A + b * N * ts;
+  const float* Sb = a.S + b * N * ts;
+
+  float acc[4][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
+
+  for (int u0 = 0; u0 < tr; u0 += kBU) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int r = k * 8 + warp;
+      const int64_t i = i0 + r, j = c0 + r;
+#pragma unroll
+      for (int h = 0; h < kBU / 32; ++h) {
+        const int u = u0 + lane + 32 * h;
+        as[r][lane + 32 * h] = (i < N && u < tr) ? Ab[i * ts + u] : 0.f;
+        ss[r][lane + 32 * h] = (j < N && u < tr) ? Sb[j * ts + u] : 0.f;
+      }
+    }
+    __syncthreads();
+    const int ku = mn(kBU, tr - u0);
+#pragma unroll 4
+    for (int k = 0; k < ku; ++k) {
+      float av[4], sv[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) av[r] = as[ty + 16 * r][k];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sv[c] = ss[tx + 16 * c][k];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(av[r], sv[c], acc[r][c]);
+    }
+    __syncthreads();
+  }
+
+  // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
+  const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
+  const bool anyp = a.anyp[b] != 0;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    unsigned long long best = 0ull;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t j = c0 + tx + 16 * c;
+      if (j < N) {
+        const bool allowed = pm == nullptr || (anyp ? pm[j] : j == 0);
+        if (allowed) best = max_u64(best, pack_key(acc[r][c], j));
+      }
+    }
+    // The 16 threads of a row are lanes 0-15 or 16-31 of one warp.
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) best = max_u64(best, __shfl_xor_sync(kFull, best, o));
+    const int64_t i = i0 + ty + 16 * r;
+    if (tx == 0 && i < N && best != 0ull) atomicMax(&a.keys[b * N + i], best);
+  }
+
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const int prev = atomicAdd(&a.counters_b[b], 1);
+    s_last = prev == static_cast<int>(gridDim.x * gridDim.y) - 1;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  keep_tail(a, b, s_warp, &s_vstar, &s_above);
+}
+
+// ------------------------------------------------------------------------------------------
+// Kernel C: gather-pad. One block per output row (grid-stride).
+struct GArgs {
+  int64_t B, N, D, K;
+  const void* patches;
+  int64_t p_sb, p_sr;
+  const int* list;
+  const int64_t* counts;
+  void* pruned;
+  bool* kept_mask;
+  int64_t* kept_idx;
+};
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) gather_kernel(GArgs g) {
+  const int64_t rows = g.B * g.K;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t b = row / g.K, r = row % g.K;
+    const bool real = r < g.counts[b];
+    const int64_t j = real ? static_cast<int64_t>(g.list[b * g.N + r]) : 0;
+    if (threadIdx.x == 0) {
+      g.kept_mask[row] = real;
+      g.kept_idx[row] = j;
+    }
+    const T* src = static_cast<const T*>(g.patches) + b * g.p_sb + j * g.p_sr;
+    T* dst = static_cast<T*>(g.pruned) + row * g.D;
+    if (kVec) {
+      const int64_t n = g.D * static_cast<int64_t>(sizeof(T)) / 16;
+      const uint4* s4 = reinterpret_cast<const uint4*>(src);
+      uint4* d4 = reinterpret_cast<uint4*>(dst);
+      for (int64_t e = threadIdx.x; e < n; e += kThreads) d4[e] = real ? s4[e] : make_uint4(0u, 0u, 0u, 0u);
+    } else {
+      for (int64_t e = threadIdx.x; e < g.D; e += kThreads) dst[e] = real ? src[e] : zero_of<T>();
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+size_t align16(size_t x) { return (x + 15) & ~static_cast<size_t>(15); }
+
+template <typename P>
+P* ws_at(void* ws, size_t off) {
+  return reinterpret_cast<P*>(static_cast<unsigned char*>(ws) + off);
+}
+
+bool plan_fits(const Problem& p, const Plan& plan) {
+  return plan.B == p.B && plan.N == p.N && plan.T == p.T && plan.D == p.D && p.B >= 1 && p.N >= 1 &&
+         p.T >= 1 && p.D >= 1 && p.B <= 65535 && plan.row_tiles <= 65535 && p.N < INT_MAX &&
+         p.T < INT_MAX;
+}
+
+Args make_args(const Problem& p, const Plan& plan, void* ws) {
+  Args a{};
+  a.B = p.B;
+  a.N = p.N;
+  a.T = p.T;
+  a.D = p.D;
+  a.patches = p.patches;
+  a.p_sb = p.patches_sb;
+  a.p_sr = p.patches_sr;
+  a.task = p.task;
+  a.t_sb = p.task_sb;
+  a.t_sr = p.task_sr;
+  a.task_mask = p.task_mask;
+  a.patch_mask = p.patch_mask;
+  a.mask_voters = p.mask_voters ? 1 : 0;
+  a.row_tiles = plan.row_tiles;
+  a.ts = plan.ts;
+  a.kchunk = plan.kchunk;
+  a.ksplit = plan.ksplit;
+  a.inv_d = static_cast<float>(1.0 / static_cast<double>(p.D));
+  a.inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.D)));
+  int* zero = ws_at<int>(ws, plan.off_zero);
+  a.counters_a = zero;
+  a.counters_b = zero + p.B * plan.row_tiles;
+  a.max_count = a.counters_b + p.B;
+  a.part = ws_at<float>(ws, plan.off_part);
+  a.psq = ws_at<float>(ws, plan.off_psq);
+  a.tsq = ws_at<float>(ws, plan.off_tsq);
+  a.invt = ws_at<float>(ws, plan.off_invt);
+  a.S = ws_at<float>(ws, plan.off_s);
+  a.A = ws_at<float>(ws, plan.off_a);
+  a.keys = ws_at<unsigned long long>(ws, plan.off_keys);
+  a.trange = ws_at<int>(ws, plan.off_trange);
+  a.anyp = ws_at<int>(ws, plan.off_anyp);
+  a.votes = ws_at<int>(ws, plan.off_votes);
+  a.hist = ws_at<int>(ws, plan.off_hist);
+  a.list = ws_at<int>(ws, plan.off_list);
+  return a;
+}
+
+cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* ws, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(ws_at<unsigned char>(ws, plan.off_zero), 0, plan.zero_bytes, stream);
+  if (err != cudaSuccess) return err;
+  const dim3 grid_a(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.ksplit),
+                    static_cast<unsigned>(p.B));
+  switch (p.dtype) {
+    case DType::kFloat32:
+      fp_launch(scores_kernel<float>, grid_a, kThreads, stream, a);
+      break;
+    case DType::kFloat16:
+      fp_launch(scores_kernel<__half>, grid_a, kThreads, stream, a);
+      break;
+    case DType::kBFloat16:
+      fp_launch(scores_kernel<__nv_bfloat16>, grid_a, kThreads, stream, a);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const dim3 grid_b(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.row_tiles),
+                    static_cast<unsigned>(p.B));
+  fp_launch(select_kernel, grid_b, kThreads, stream, a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms) {
+  Plan plan;
+  plan.B = B;
+  plan.N = N;
+  plan.T = T;
+  plan.D = D;
+  plan.row_tiles = ceil_div(N, kBM);
+  plan.ts = ceil_div(T, 4) * 4;
+  // Kernel A has row_tiles * B blocks without a D split; split D to fill about one wave.
+  const int64_t base = plan.row_tiles * B;
+  int64_t want = ceil_div(num_sms > 0 ? num_sms : 1, base > 0 ? base : 1);
+  const int64_t most = ceil_div(D, kChunkAlign);
+  if (want > most) want = most;
+  if (want > 32) want = 32;
+  if (want < 1) want = 1;
+  plan.kchunk = ceil_div(ceil_div(D, want), kChunkAlign) * kChunkAlign;
+  plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
+
+  const size_t f = sizeof(float), i = sizeof(int);
+  const size_t Bz = static_cast<size_t>(B), Nz = static_cast<size_t>(N), ts = static_cast<size_t>(plan.ts);
+  const size_t rtz = static_cast<size_t>(plan.row_tiles), ksz = static_cast<size_t>(plan.ksplit);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off = align16(off + bytes);
+    return at;
+  };
+  plan.zero_bytes = align16((Bz * rtz + Bz + 1) * i);
+  plan.off_zero = take(plan.zero_bytes);
+  plan.off_part = take(ksz * Bz * Nz * ts * f);
+  plan.off_psq = take(ksz * Bz * Nz * f);
+  plan.off_tsq = take(ksz * Bz * rtz * ts * f);
+  plan.off_invt = take(Bz * rtz * ts * f);
+  plan.off_s = take(Bz * Nz * ts * f);
+  plan.off_a = take(Bz * Nz * ts * f);
+  plan.off_keys = take(Bz * Nz * sizeof(unsigned long long));
+  plan.off_trange = take(Bz * 2 * i);
+  plan.off_anyp = take(Bz * i);
+  plan.off_votes = take(Bz * (Nz + 1) * i);
+  plan.off_hist = take(Bz * (Nz + 1) * i);
+  plan.off_list = take(Bz * Nz * i);
+  plan.workspace_bytes = off;
+  return plan;
+}
+
+cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, int64_t* idx_out,
+                          cudaStream_t stream) {
+  if (!plan_fits(p, plan) || idx_out == nullptr) return cudaErrorInvalidValue;
+  Args a = make_args(p, plan, workspace);
+  a.idx_out = idx_out;
+  a.want_keep = 0;
+  return launch_ab(p, plan, a, workspace, stream);
+}
+
+cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
+                        int64_t max_tokens, int64_t* counts_out, cudaStream_t stream) {
+  if (!plan_fits(p, plan) || counts_out == nullptr) return cudaErrorInvalidValue;
+  Args a = make_args(p, plan, workspace);
+  a.counts_out = counts_out;
+  a.want_keep = 1;
+  a.keep_tokens = keep_tokens;
+  a.max_tokens = max_tokens;
+  return launch_ab(p, plan, a, workspace, stream);
+}
+
+const int* max_count_ptr(const Plan& plan, const void* workspace) {
+  return reinterpret_cast<const int*>(static_cast<const unsigned char*>(workspace) + plan.off_zero) +
+         plan.B * plan.row_tiles + plan.B;
+}
+
+cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* workspace,
+                          const int64_t* counts, int64_t K, void* pruned, bool* kept_mask,
+                          int64_t* kept_idx, cudaStream_t stream) {
+  if (!plan_fits(p, plan) || K < 1) return cudaErrorInvalidValue;
+  GArgs g{};
+  g.B = p.B;
+  g.N = p.N;
+  g.D = p.D;
+  g.K = K;
+  g.patches = p.patches;
+  g.p_sb = p.patches_sb;
+  g.p_sr = p.patches_sr;
+  g.list = reinterpret_cast<const int*>(static_cast<const unsigned char*>(workspace) + plan.off_list);
+  g.counts = counts;
+  g.pruned = pruned;
+  g.kept_mask = kept_mask;
+  g.kept_idx = kept_idx;
+  const int64_t rows = p.B * K;
+  const unsigned grid = static_cast<unsigned>(rows < (int64_t{1} << 20) ? rows : (int64_t{1} << 20));
+  const size_t es = p.dtype == DType::kFloat32 ? 4 : 2;
+  const bool vec = (p.D * es) % 16 == 0 && (p.patches_sb * es) % 16 == 0 && (p.patches_sr * es) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 && reinterpret_cast<uintptr_t>(pruned) % 16 == 0;
+  switch (p.dtype) {
+    case DType::kFloat32:
+      if (vec) fp_launch(gather_kernel<float, true>, grid, kThreads, stream, g);
+      else fp_launch(gather_kernel<float, false>, grid, kThreads, stream, g);
+      break;
+    case DType::kFloat16:
+      if (vec) fp_launch(gather_kernel<__half, true>, grid, kThreads, stream, g);
+      else fp_launch(gather_kernel<__half, false>, grid, kThreads, stream, g);
+      break;
+    case DType::kBFloat16:
+      if (vec) fp_launch(gather_kernel<__nv_bfloat16, true>, grid, kThreads, stream, g);
+      else fp_launch(gather_kernel<__nv_bfloat16, false>, grid, kThreads, stream, g);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace fastprune_cuda

@@ -1,0 +1,94 @@
+// Launch API of the CUDA C++ fastprune kernels (kernels/prune_cuda.cu), on raw pointers and a
+// cudaStream_t only: no ATen/c10/torch header, so the .cu compiles with plain nvcc. The ATen
+// binding (csrc/prune_cuda.cpp) checks inputs, allocates the outputs and the workspace and
+// calls these functions on the current stream.
+//
+// Pipeline (SPEC), 3 kernels + 1 memset of a few counters:
+//   memset   zero the per-tile arrival counters and the max-count cell of the workspace;
+//   kernel A grid (row tiles, D splits, B): partial S = P Tn^T (raw rows, tensor-core MMA on
+//            fp16/bf16) and partial row sums of squares over one slice of D; the last block of
+//            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
+//            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32), and zeroes its argmax
+//            keys;
+//   kernel B grid (row tiles, column tiles, B): score' = A S^T tiles in fp32, per-row argmax
+//            merged across column tiles by a packed 64-bit atomicMax (higher score, then lower
+//            index; NaN never wins); the last block of each sample decodes idx, counts votes,
+//            applies the implicit / budget / cap rule and writes the sorted kept list and counts;
+//   kernel C grid-stride over (B, K) rows: gather-pad of the kept rows (16-byte copies when
+//            aligned), kept_mask, kept_idx.
+// Nothing here synchronises with the host; the dynamic-K op reads max_count_ptr() once.
+#pragma once
+
+#ifndef FASTPRUNE_CUDA_EMU  // tests/cpp/cuda_emu.h stands in for the CUDA runtime in CPU tests
+#include <cuda_runtime.h>
+#endif
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fastprune_cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One call's inputs. Strides are in elements; the last dimension of patches and task must be
+// contiguous (stride 1). Masks are contiguous [B, N] / [B, T] bool arrays or nullptr.
+struct Problem {
+  int64_t B = 0, N = 0, T = 0, D = 0;
+  DType dtype = DType::kFloat32;
+  const void* patches = nullptr;
+  int64_t patches_sb = 0, patches_sr = 0;
+  const void* task = nullptr;
+  int64_t task_sb = 0, task_sr = 0;
+  const bool* task_mask = nullptr;
+  const bool* patch_mask = nullptr;
+  bool mask_voters = false;
+};
+
+// Grid shape and workspace layout for one problem size (depends on B, N, T, D and the SM count
+// only, so the same shape always gives the same reduction order: reproducible results).
+struct Plan {
+  int64_t B = 0, N = 0, T = 0, D = 0;
+  int64_t row_tiles = 0;  // ceil(N / 64)
+  int64_t ts = 0;         // row stride of the [N, T] fp32 arrays: T rounded up to 4
+  int ksplit = 1;         // slices of D in kernel A
+  int64_t kchunk = 0;     // width of one slice of D (a multiple of 32)
+  // Byte offsets into the workspace (all 16-byte aligned).
+  size_t off_zero = 0, zero_bytes = 0;  // counters_a [B*row_tiles] int, counters_b [B] int, max_count int
+  size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
+  size_t off_psq = 0;                   // [ksplit][B][N] fp32 partial sums of squares of patches
+  size_t off_tsq = 0;                   // [ksplit][B][ts] fp32 partial sums of squares of task rows
+  size_t off_invt = 0;                  // [B][row_tiles][ts] fp32 inverse RMS of task rows
+  size_t off_s = 0;                     // [B][N][ts] fp32 S (RMS-normalised)
+  size_t off_a = 0;                     // [B][N][ts] fp32 A
+  size_t off_keys = 0;                  // [B][N] u64 packed argmax keys
+  size_t off_trange = 0;                // [B][2] int: first valid prompt token, end of range
+  size_t off_anyp = 0;                  // [B] int: sample has a valid patch
+  size_t off_votes = 0;                 // [B][N+1] int
+  size_t off_hist = 0;                  // [B][N+1] int
+  size_t off_list = 0;                  // [B][N] int: kept indices, increasing
+  size_t workspace_bytes = 0;
+};
+
+// num_sms: multiprocessor count of the device (sizes the D split at small batch).
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms);
+
+// Row argmax idx [B, N] int64 (contiguous); -1 for non-voters when mask_voters and a
+// patch_mask is given. Memset + kernels A and B.
+cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, int64_t* idx_out,
+                          cudaStream_t stream);
+
+// Selection up to the kept lists: memset + kernels A and B. keep_tokens <= 0: implicit mode;
+// max_tokens <= 0: no cap. Writes counts_out [B] int64 and the max count (max_count_ptr).
+cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
+                        int64_t max_tokens, int64_t* counts_out, cudaStream_t stream);
+
+// Device pointer to the int max_b counts[b] written by launch_keep.
+const int* max_count_ptr(const Plan& plan, const void* workspace);
+
+// Gather-pad into K rows (kernel C): pruned [B, K, D] contiguous (input dtype), kept_mask [B, K]
+// bool, kept_idx [B, K] int64; counts from launch_keep (each <= K).
+cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* workspace,
+                          const int64_t* counts, int64_t K, void* pruned, bool* kept_mask,
+                          int64_t* kept_idx, cudaStream_t stream);
+
+}  // namespace fastprune_cuda

@@ -1,0 +1,54 @@
+// C entry point of the CUDA-emulated kernels (tests/test_cuda_build.py loads it with ctypes):
+// kernels/prune_cuda.cu compiled as host C++ against cuda_emu.h. The workspace is filled with
+// NaN bytes first and followed by a guard zone, so a kernel that reads memory it did not write
+// or writes past its workspace shows up in the results.
+#include "cuda_emu.h"
+
+#include "prune_cuda.cu"
+
+#include <cstdlib>
+#include <vector>
+
+extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, int64_t D, const void* patches,
+                          int64_t p_sb, int64_t p_sr, const void* task, int64_t t_sb, int64_t t_sr,
+                          const bool* task_mask, const bool* patch_mask, int mask_voters, int64_t keep_tokens,
+                          int64_t max_tokens, int num_sms, int64_t* idx_out, int64_t* counts_out, void* pruned,
+                          bool* kept_mask, int64_t* kept_idx, int64_t k_capacity, int64_t* k_out) {
+  using namespace fastprune_cuda;
+  Problem p;
+  p.B = B;
+  p.N = N;
+  p.T = T;
+  p.D = D;
+  p.dtype = static_cast<DType>(dtype);
+  p.patches = patches;
+  p.patches_sb = p_sb;
+  p.patches_sr = p_sr;
+  p.task = task;
+  p.task_sb = t_sb;
+  p.task_sr = t_sr;
+  p.task_mask = task_mask;
+  p.patch_mask = patch_mask;
+  p.mask_voters = mask_voters != 0;
+  const Plan plan = make_plan(B, N, T, D, num_sms);
+  constexpr size_t kGuard = 4096;
+  std::vector<unsigned char> ws(plan.workspace_bytes + kGuard, 0xff);
+  if (op == 0) {
+    if (launch_select(p, plan, ws.data(), idx_out, nullptr) != cudaSuccess) return -1;
+  } else {
+    if (launch_keep(p, plan, ws.data(), keep_tokens, op == 2 ? max_tokens : 0, counts_out, nullptr) != cudaSuccess)
+      return -1;
+    int64_t K = op == 2 ? max_tokens : *max_count_ptr(plan, ws.data());
+    if (K < 1) K = 1;
+    if (K > k_capacity) return -2;
+    *k_out = K;
+    if (launch_gather(p, plan, ws.data(), counts_out, K, pruned, kept_mask, kept_idx, nullptr) != cudaSuccess)
+      return -3;
+    // The row argmax behind this selection, decoded from the packed keys.
+    const auto* keys = reinterpret_cast<const unsigned long long*>(ws.data() + plan.off_keys);
+    for (int64_t i = 0; i < B * N; ++i) idx_out[i] = 0xffffffffll - static_cast<int64_t>(keys[i] & 0xffffffffull);
+  }
+  for (size_t i = 0; i < kGuard; ++i)
+    if (ws[plan.workspace_bytes + i] != 0xff) return -4;
+  return plan.ksplit;
+}
