@@ -1,0 +1,365 @@
+"""Benchmark harness shared by every benchmark of pi05_fastprune.
+
+What it measures per (provider, config):
+- device time: on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls;
+  median and 20/80 % quantiles), plus CUDA-graph replay of the call (one graph holding
+  ``graph_inner`` calls, timed with events, divided), which removes launch gaps and host
+  overhead; a provider that syncs or allocates data-dependently cannot be captured and gets
+  ``graph_us = None`` with the reason in ``graph_error``.
+- host latency per call: wall time of one call from a synced start until it returns (no sync
+  after; a call that syncs internally, e.g. a data-dependent output size, includes it).
+- on CPU: ``time.perf_counter`` medians and quantiles (so it runs, and is smoke-tested, here).
+
+Every call runs inside NVTX ranges ``<provider>`` / ``<phase>`` (the ``nvtx`` package; a
+no-op without it — ``torch.cuda.nvtx`` raises on CPU builds), so Nsight filters by provider:
+see bench/README.md for the exact ``nsys``/``ncu`` command lines (``--profile`` mode runs each
+config a few times between ``cudaProfilerStart``/``Stop`` instead of timing it).
+
+Results: ``results.json`` (environment: GPU name, torch/triton/python versions, git commit;
+one row per measurement), ``results.md`` (a Markdown table) and PNG plots (matplotlib if
+installed) in the output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+try:  # NVTX ranges: the `nvtx` package works on every build; a no-op without it.
+    import nvtx as _nvtx
+
+    def nvtx_range(name: str, color: str = "blue"):
+        return _nvtx.annotate(name, color=color)
+
+    HAVE_NVTX = True
+except Exception:  # pragma: no cover - depends on the machine
+    HAVE_NVTX = False
+
+    def nvtx_range(name: str, color: str = "blue"):  # noqa: ARG001
+        return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
+        "nvtx": HAVE_NVTX,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, gpu_sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1),
+                   gpu_cc=f"{p.major}.{p.minor}")
+    else:
+        env["gpu"] = None
+    env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
+    return env
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=10, method="inclusive")
+    return statistics.median(xs), q[1], q[7]  # median, p20, p80
+
+
+def time_cpu(fn: Callable[[], Any], reps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e6)
+    med, p20, p80 = _quantiles(ts)
+    return {"median_us": med, "p20_us": p20, "p80_us": p80, "reps": reps, "timer": "perf_counter"}
+
+
+def time_cuda(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> dict:
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"median_us": med * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3, "timer": "do_bench"}
+
+
+def time_cuda_graph(fn: Callable[[], Any], inner: int, replays: int) -> dict:
+    """Device time per call from replaying a CUDA graph of ``inner`` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        ts.append(start.elapsed_time(end) * 1e3 / inner)
+    del graph
+    med, p20, p80 = _quantiles(ts)
+    return {"graph_us": med, "graph_p20_us": p20, "graph_p80_us": p80}
+
+
+def host_latency(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e6)
+    _sync(device)
+    return statistics.median(ts)
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+class Harness:
+    """Collects measurements of one benchmark; ``save`` writes JSON, Markdown and plots."""
+
+    def __init__(self, name: str, device: torch.device | str, *, quick: bool = False, profile: bool = False,
+                 graph: bool = True, graph_inner: int = 10, warmup_ms: float = 25, rep_ms: float = 100,
+                 cpu_reps: int = 20, host_reps: int = 30):
+        self.name = name
+        self.device = torch.device(device)
+        self.quick, self.profile = quick, profile
+        self.graph = graph and self.device.type == "cuda"
+        self.graph_inner = graph_inner
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.cpu_reps = max(3, cpu_reps // 4) if quick else cpu_reps
+        self.host_reps = max(3, host_reps // 4) if quick else host_reps
+        self.rows: list[dict] = []
+        self.env = environment(self.device)
+
+    def measure(self, provider: str, config: dict, fn: Callable[[], Any], *,
+                work: Optional[dict] = None, graph: Optional[bool] = None) -> dict:
+        """Times ``fn`` (no arguments) for ``provider`` at ``config`` (a flat dict of labels).
+
+        ``work = {"flops": ..., "bytes": ...}`` adds the floor-relative columns (achieved
+        GFLOP/s and GB/s from the median). Errors are recorded, never raised.
+        """
+        row: dict = {"bench": self.name, "provider": provider, **config}
+        label = f"{provider}/" + ",".join(f"{k}={v}" for k, v in config.items())
+        try:
+            with nvtx_range(provider, color="green"):
+                with nvtx_range("warmup", color="gray"):
+                    fn()
+                    _sync(self.device)
+                if self.profile:
+                    # A few plain calls for nsys/ncu; nothing is timed.
+                    with nvtx_range("profile", color="red"):
+                        if self.device.type == "cuda":
+                            torch.cuda.cudart().cudaProfilerStart()
+                        for _ in range(3):
+                            fn()
+                        _sync(self.device)
+                        if self.device.type == "cuda":
+                            torch.cuda.cudart().cudaProfilerStop()
+                    row["profiled"] = True
+                    self.rows.append(row)
+                    return row
+                with nvtx_range("time", color="blue"):
+                    if self.device.type == "cuda":
+                        row.update(time_cuda(fn, self.warmup_ms, self.rep_ms))
+                    else:
+                        row.update(time_cpu(fn, self.cpu_reps, warmup=2 if self.quick else 3))
+                with nvtx_range("host", color="yellow"):
+                    row["host_us"] = host_latency(fn, self.device, self.host_reps)
+                if (self.graph if graph is None else graph) and self.device.type == "cuda":
+                    with nvtx_range("graph", color="purple"):
+                        try:
+                            row.update(time_cuda_graph(fn, self.graph_inner, replays=10 if self.quick else 30))
+                        except Exception as e:  # e.g. a host sync inside the call
+                            torch.cuda.synchronize()
+                            row["graph_us"] = None
+                            row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            row["traceback"] = traceback.format_exc()[-2000:]
+            with contextlib.suppress(Exception):
+                _sync(self.device)
+        if work and "median_us" in row:
+            sec = row["median_us"] * 1e-6
+            row["gflops"] = work.get("flops", 0) / sec / 1e9
+            row["gbps"] = work.get("bytes", 0) / sec / 1e9
+        print(f"[{self.name}] {label}: " + _summary(row), flush=True)
+        self.rows.append(row)
+        return row
+
+    # ------------------------------------------------------------------ output
+
+    def save(self, out_dir: str | os.PathLike, plot_by: Iterable[str] = (), x: str = "shape") -> pathlib.Path:
+        out = pathlib.Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"bench": self.name, "environment": self.env, "quick": self.quick, "profile": self.profile,
+                   "rows": self.rows}
+        (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+        (out / "results.md").write_text(self.markdown())
+        if not self.profile:
+            self.plot(out, list(plot_by), x)
+        print(f"[{self.name}] wrote {out}/results.json, results.md", flush=True)
+        return out
+
+    def markdown(self) -> str:
+        cols = ["provider"]
+        keys = []
+        for r in self.rows:
+            for k in r:
+                if k not in keys:
+                    keys.append(k)
+        skip = {"bench", "provider", "traceback", "reps", "timer", "profiled", "graph_p20_us", "graph_p80_us"}
+        labels = [k for k in keys if k not in skip and not k.endswith("_us") and k not in ("gflops", "gbps", "error", "graph_error")]
+        nums = [k for k in ("median_us", "p20_us", "p80_us", "graph_us", "host_us", "gflops", "gbps") if k in keys]
+        cols = labels + ["provider"] + nums + ["note"]
+        env = self.env
+        lines = [
+            f"# {self.name}",
+            "",
+            f"{env.get('gpu') or env.get('cpu')} · torch {env['torch']} · triton {env.get('triton')} · "
+            f"commit {env['git_commit'][:12]} · {env['date']}",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + "|".join("---" for _ in cols) + "|",
+        ]
+        for r in self.rows:
+            note = r.get("error") or r.get("graph_error") or ""
+            cells = []
+            for c in cols:
+                if c == "note":
+                    cells.append(str(note).replace("|", "/")[:80])
+                elif c in nums:
+                    v = r.get(c)
+                    cells.append("—" if v is None else (f"{v:.1f}" if v >= 10 else f"{v:.2f}"))
+                else:
+                    cells.append(str(r.get(c, "")))
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, out: pathlib.Path, group_by: list[str], x: str) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except Exception:
+            print(f"[{self.name}] matplotlib not installed: no plots", flush=True)
+            return
+        groups: dict[tuple, list[dict]] = {}
+        for r in self.rows:
+            if "median_us" in r:
+                groups.setdefault(tuple(r.get(k) for k in group_by), []).append(r)
+        for key, rows in groups.items():
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            xs = list(dict.fromkeys(str(r.get(x)) for r in rows))
+            for provider in dict.fromkeys(r["provider"] for r in rows):
+                pts = {str(r.get(x)): r for r in rows if r["provider"] == provider}
+                ys = [pts[s]["median_us"] if s in pts else math.nan for s in xs]
+                ax.plot(xs, ys, marker="o", label=provider)
+                gys = [pts[s].get("graph_us") if s in pts and pts[s].get("graph_us") else math.nan for s in xs]
+                if any(not math.isnan(v) for v in gys):
+                    ax.plot(xs, gys, marker="x", linestyle="--", label=f"{provider} (graph)")
+            ax.set_yscale("log")
+            ax.set_ylabel("time per call [us]")
+            ax.set_xlabel(x)
+            title = ", ".join(f"{k}={v}" for k, v in zip(group_by, key))
+            ax.set_title(f"{self.name} {title}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+            fig.tight_layout()
+            fname = "plot_" + ("_".join(f"{k}-{v}" for k, v in zip(group_by, key)) or "all") + ".png"
+            fig.savefig(out / fname.replace("/", "-").replace(" ", ""), dpi=110)
+            plt.close(fig)
+
+
+def _summary(row: dict) -> str:
+    if "error" in row:
+        return "ERROR " + row["error"].splitlines()[0][:200]
+    if row.get("profiled"):
+        return "profiled"
+    parts = [f"median {row['median_us']:.1f} us [{row['p20_us']:.1f}, {row['p80_us']:.1f}]"]
+    if row.get("graph_us") is not None:
+        parts.append(f"graph {row['graph_us']:.1f} us")
+    elif "graph_error" in row:
+        parts.append("graph n/a")
+    if "host_us" in row:
+        parts.append(f"host {row['host_us']:.1f} us")
+    return ", ".join(parts)
+
+
+def default_out_dir(name: str) -> pathlib.Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return ROOT / "bench" / "out" / f"{name}-{stamp}"
+
+
+def pick_device(arg: Optional[str]) -> torch.device:
+    if arg:
+        return torch.device(arg)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+if __name__ == "__main__":  # tiny self-test: python bench/harness.py
+    h = Harness("selftest", pick_device(None), quick=True)
+    x = torch.randn(256, 256, device=h.device)
+    h.measure("matmul", {"shape": "256x256"}, lambda: x @ x, work={"flops": 2 * 256**3, "bytes": 3 * 256 * 256 * 4})
+    print(h.markdown())
+    sys.exit(0)
