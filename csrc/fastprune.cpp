@@ -21,4 +21,14 @@ TORCH_LIBRARY(fastprune, m) {
       "prune_padded(Tensor patches, Tensor task, Tensor? task_mask, Tensor? patch_mask, "
       "int? keep_tokens, int max_tokens, bool mask_voters=False, str backend=\"auto\") "
       "-> (Tensor pruned, Tensor kept_mask, Tensor kept_idx, Tensor counts)");
+  // Training straight-through selection (SPEC "Training"): rows patches[idx], idx = argmax(score + noise_scale*U), row lse.
+  m.def(
+      "select_soft(Tensor patches, Tensor task, Tensor? task_mask=None, Tensor? patch_mask=None, "
+      "Tensor? noise_scale=None, Tensor? seed=None, Tensor? noise=None, str backend=\"auto\") "
+      "-> (Tensor selected, Tensor idx, Tensor lse)");
+  // Gradient of select_soft w.r.t. patches and task (softmax(score') @ patches through the scoring chain).
+  m.def(
+      "select_soft_backward(Tensor grad, Tensor patches, Tensor task, Tensor? task_mask, "
+      "Tensor? patch_mask, Tensor? noise_scale, Tensor? seed, Tensor? noise, Tensor idx, Tensor lse, "
+      "str backend=\"auto\") -> (Tensor grad_patches, Tensor grad_task)");
 }

@@ -1,0 +1,343 @@
+// CPU implementation of fastprune::select_soft / select_soft_backward (SPEC "Training").
+//
+// Per sample, in float32 (float64 for float64 inputs, which gradcheck uses):
+//   P = rms(patches), Tn = rms(valid prompt rows), S = P Tn^T [N, Tv], A = softmax(S / sqrt(D)),
+//   Qr = A Tn, c = rsqrt(mean(Qr^2) + eps), and the score through the rank-Tv identity
+//   score[i, j] = c_i / sqrt(D) * Z[i, j] with Z = A S^T  (no N x N x D product).
+//   score' = score + noise_scale * U (U: seeded Philox4x32-10, or an explicit tensor) on allowed
+//   columns, -inf elsewhere; idx = argmax (lowest j on a tie), lse = logsumexp.
+// The backward recomputes everything above row chunk by row chunk (the only N x N buffers are
+// [chunk, N]); its one N x N x D product is dSoft = G X^T. Everything else is N x N x Tv or
+// N x Tv x D: with dScore = soft * (dSoft - delta), delta = rowsum(soft * dSoft):
+//   dc = rowsum(dScore * Z) / sqrt(D),  dZ = dScore * c / sqrt(D),  dA = dZ S,  dS = dZ^T A,
+//   then back through rms(Qr), Qr = A Tn, the prompt softmax, S = P Tn^T and both RMSNorms;
+//   the straight-through direct term adds G[i] to the gradient of patches[idx[i]].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+#include "backend.h"
+#include "prune_checks.h"
+
+namespace fastprune {
+namespace {
+
+constexpr double kEps = 1e-6;
+constexpr int64_t kChunk = 128;  // rows of the [chunk, N] score block
+
+// Philox4x32-10 with key (seed lo, seed hi) and counter (i * N + j, b, offset lo, offset hi);
+// the first output word, as (x >> 8) * 2^-24 in [0, 1). Identical to the Triton kernel (tl.philox)
+// and to pi05_fastprune.select_soft.philox_uniform.
+inline float philox_uniform(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                            uint32_t k1) {
+  constexpr uint32_t kA = 0xD2511F53u, kB = 0xCD9E8D57u, kKA = 0x9E3779B9u, kKB = 0xBB67AE85u;
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = static_cast<uint64_t>(kA) * c0;
+    const uint64_t p2 = static_cast<uint64_t>(kB) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p2);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += kKA;
+    k1 += kKB;
+  }
+  return static_cast<float>(c0 >> 8) * (1.0f / 16777216.0f);
+}
+
+struct NoiseSpec {
+  double scale = 0.0;                // 0: no noise
+  std::optional<at::Tensor> noise;   // explicit [B, N, N], else seeded
+  uint64_t seed = 0, offset = 0;
+};
+
+NoiseSpec noise_spec(const at::Tensor& patches, const std::optional<at::Tensor>& noise_scale,
+                     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& noise) {
+  NoiseSpec ns;
+  const int64_t B = patches.size(0), N = patches.size(1);
+  if (noise_scale.has_value()) {
+    TORCH_CHECK(noise_scale->numel() == 1, "fastprune: noise_scale must be a one-element tensor, got shape ",
+                noise_scale->sizes());
+    ns.scale = noise_scale->item<double>();
+  }
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->dim() == 3 && noise->size(0) == B && noise->size(1) == N && noise->size(2) == N,
+                "fastprune: noise must be [", B, ", ", N, ", ", N, "], got shape ", noise->sizes());
+    TORCH_CHECK(noise->is_floating_point(), "fastprune: noise must be floating point, got ",
+                noise->scalar_type());
+    TORCH_CHECK(noise->device() == patches.device(), "fastprune: noise is on ", noise->device(),
+                ", patches on ", patches.device());
+    ns.noise = noise->contiguous();
+  } else if (ns.scale != 0.0) {
+    TORCH_CHECK(seed.has_value(), "fastprune: noise_scale without noise needs a seed tensor");
+  }
+  if (seed.has_value()) {
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 2,
+                "fastprune: seed must be an int64 tensor of 2 elements (seed, offset), got ",
+                seed->scalar_type(), " of shape ", seed->sizes());
+    auto s = seed->to(at::kCPU).contiguous();
+    ns.seed = static_cast<uint64_t>(s.data_ptr<int64_t>()[0]);
+    ns.offset = static_cast<uint64_t>(s.data_ptr<int64_t>()[1]);
+  }
+  return ns;
+}
+
+// U[b, r0:r1, :] as a float32 [r1 - r0, N] tensor.
+at::Tensor noise_rows(const NoiseSpec& ns, int64_t b, int64_t r0, int64_t r1, int64_t N,
+                      const at::TensorOptions& opt) {
+  if (ns.noise.has_value()) return (*ns.noise)[b].slice(0, r0, r1).to(opt.dtype());
+  auto u = at::empty({r1 - r0, N}, opt.dtype(at::kFloat));
+  float* up = u.data_ptr<float>();
+  const uint32_t k0 = static_cast<uint32_t>(ns.seed), k1 = static_cast<uint32_t>(ns.seed >> 32);
+  const uint32_t o0 = static_cast<uint32_t>(ns.offset), o1 = static_cast<uint32_t>(ns.offset >> 32);
+  at::parallel_for(0, r1 - r0, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint32_t base = static_cast<uint32_t>((r0 + r) * N);
+      for (int64_t j = 0; j < N; ++j)
+        up[r * N + j] = philox_uniform(base + static_cast<uint32_t>(j), static_cast<uint32_t>(b), o0, o1, k0, k1);
+    }
+  });
+  return u.to(opt.dtype());
+}
+
+std::vector<int64_t> valid_tokens(const std::optional<at::Tensor>& mask, int64_t b, int64_t T) {
+  std::vector<int64_t> out;
+  if (mask.has_value()) {
+    const bool* m = mask->data_ptr<bool>() + b * T;
+    for (int64_t t = 0; t < T; ++t)
+      if (m[t]) out.push_back(t);
+  }
+  if (out.empty()) {  // no mask, or a sample without a valid token: all tokens (SPEC)
+    out.resize(T);
+    std::iota(out.begin(), out.end(), 0);
+  }
+  return out;
+}
+
+// Allowed columns as a bool [N]: patch_mask[b], or column 0 alone when it has none (SPEC).
+at::Tensor allowed_columns(const std::optional<at::Tensor>& patch_mask, int64_t b, int64_t N,
+                           const at::Device& dev) {
+  if (!patch_mask.has_value()) return at::ones({N}, at::TensorOptions().dtype(at::kBool).device(dev));
+  auto a = (*patch_mask)[b].clone();
+  if (!a.any().item<bool>()) a[0] = true;
+  return a;
+}
+
+// The scoring chain of one sample, everything but N x N.
+struct Sample {
+  at::Tensor xp, rp, P;        // [N, D] raw (compute dtype), [N], normalised
+  at::Tensor vt, xt, rt, Tn;   // [Tv] token ids, [Tv, D] raw, [Tv], normalised
+  at::Tensor S, A, Qr, c;      // [N, Tv], [N, Tv], [N, D], [N]
+  at::Tensor allowed;          // [N] bool
+};
+
+Sample prepare(const at::Tensor& patches, const at::Tensor& task,
+               const std::optional<at::Tensor>& task_mask,
+               const std::optional<at::Tensor>& patch_mask, int64_t b, at::ScalarType acc) {
+  Sample s;
+  const int64_t N = patches.size(1), D = patches.size(2), T = task.size(1);
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(D));
+  s.xp = patches[b].to(acc);
+  s.rp = at::rsqrt(s.xp.pow(2).mean(-1) + kEps);
+  s.P = s.xp * s.rp.unsqueeze(1);
+  auto valid = valid_tokens(task_mask, b, T);
+  s.vt = at::from_blob(valid.data(), {(int64_t)valid.size()}, at::kLong).clone().to(patches.device());
+  s.xt = task[b].index_select(0, s.vt).to(acc);
+  s.rt = at::rsqrt(s.xt.pow(2).mean(-1) + kEps);
+  s.Tn = s.xt * s.rt.unsqueeze(1);
+  s.S = at::mm(s.P, s.Tn.t());
+  s.A = at::softmax(s.S * inv_sqrt_d, -1);
+  s.Qr = at::mm(s.A, s.Tn);
+  s.c = at::rsqrt(s.Qr.pow(2).mean(-1) + kEps);
+  s.allowed = allowed_columns(patch_mask, b, N, patches.device());
+  return s;
+}
+
+// score'[r0:r1, :] of one sample, -inf on disallowed columns; also returns Z.
+at::Tensor noisy_scores(const Sample& s, const NoiseSpec& ns, int64_t b, int64_t r0, int64_t r1,
+                        double inv_sqrt_d, at::Tensor* Z_out) {
+  const int64_t N = s.S.size(0);
+  auto Z = at::mm(s.A.slice(0, r0, r1), s.S.t());
+  auto score = Z * (s.c.slice(0, r0, r1) * inv_sqrt_d).unsqueeze(1);
+  if (ns.scale != 0.0) score.add_(noise_rows(ns, b, r0, r1, N, score.options()), ns.scale);
+  score.masked_fill_(s.allowed.logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
+  if (Z_out) *Z_out = Z;
+  return score;
+}
+
+at::ScalarType acc_type(const at::Tensor& patches) {
+  return patches.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_soft_inputs(const at::Tensor& patches, const at::Tensor& task,
+                       const std::optional<at::Tensor>& task_mask,
+                       const std::optional<at::Tensor>& patch_mask) {
+  // float64 is accepted here (gradcheck); the rest as the eval ops.
+  if (patches.scalar_type() == at::kDouble && task.scalar_type() == at::kDouble) {
+    check_prune_inputs(patches.to(at::kFloat), task.to(at::kFloat), task_mask, patch_mask,
+                       std::nullopt, std::nullopt);
+    return;
+  }
+  check_prune_inputs(patches, task, task_mask, patch_mask, std::nullopt, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_soft_rows(
+    const at::Tensor& patches_in, const at::Tensor& task_in,
+    const std::optional<at::Tensor>& task_mask_in, const std::optional<at::Tensor>& patch_mask_in,
+    const NoiseSpec& ns) {
+  const auto patches = patches_in.contiguous();
+  const auto task = task_in.contiguous();
+  std::optional<at::Tensor> task_mask, patch_mask;
+  if (task_mask_in) task_mask = task_mask_in->contiguous();
+  if (patch_mask_in) patch_mask = patch_mask_in->contiguous();
+  const int64_t B = patches.size(0), N = patches.size(1), D = patches.size(2);
+  const auto acc = acc_type(patches);
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(D));
+
+  auto selected = at::empty_like(patches);
+  auto idx = at::empty({B, N}, patches.options().dtype(at::kLong));
+  auto lse = at::empty({B, N}, patches.options().dtype(acc));
+  for (int64_t b = 0; b < B; ++b) {
+    const Sample s = prepare(patches, task, task_mask, patch_mask, b, acc);
+    for (int64_t r0 = 0; r0 < N; r0 += kChunk) {
+      const int64_t r1 = std::min(N, r0 + kChunk);
+      auto score = noisy_scores(s, ns, b, r0, r1, inv_sqrt_d, nullptr);
+      // torch.argmax: first maximal index (NaN counts as maximal; never out of range).
+      idx[b].slice(0, r0, r1).copy_(score.argmax(-1));
+      lse[b].slice(0, r0, r1).copy_(at::logsumexp(score, -1));
+    }
+    selected[b].copy_(patches[b].index_select(0, idx[b]));
+  }
+  return {selected, idx, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> select_soft_backward_rows(
+    const at::Tensor& grad_in, const at::Tensor& patches_in, const at::Tensor& task_in,
+    const std::optional<at::Tensor>& task_mask_in, const std::optional<at::Tensor>& patch_mask_in,
+    const NoiseSpec& ns, const at::Tensor& idx_in, const at::Tensor& lse_in) {
+  const auto patches = patches_in.contiguous();
+  const auto task = task_in.contiguous();
+  const auto grad = grad_in.contiguous();
+  const auto idx = idx_in.contiguous();
+  std::optional<at::Tensor> task_mask, patch_mask;
+  if (task_mask_in) task_mask = task_mask_in->contiguous();
+  if (patch_mask_in) patch_mask = patch_mask_in->contiguous();
+  const int64_t B = patches.size(0), N = patches.size(1), D = patches.size(2);
+  const auto acc = acc_type(patches);
+  const auto lse = lse_in.to(acc).contiguous();
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(D));
+
+  auto grad_patches = at::empty_like(patches);
+  auto grad_task = at::zeros_like(task);
+  for (int64_t b = 0; b < B; ++b) {
+    const Sample s = prepare(patches, task, task_mask, patch_mask, b, acc);
+    const int64_t Tv = s.vt.size(0);
+    auto g = grad[b].to(acc);
+    auto dA = at::empty({N, Tv}, s.A.options());
+    auto dS = at::zeros({N, Tv}, s.A.options());
+    auto dc = at::empty({N}, s.A.options());
+    for (int64_t r0 = 0; r0 < N; r0 += kChunk) {
+      const int64_t r1 = std::min(N, r0 + kChunk);
+      at::Tensor Z;
+      auto score = noisy_scores(s, ns, b, r0, r1, inv_sqrt_d, &Z);
+      auto soft = at::exp(score - lse[b].slice(0, r0, r1).unsqueeze(1));
+      auto dsoft = at::mm(g.slice(0, r0, r1), s.xp.t());  // the one N x N x D product
+      auto delta = (soft * dsoft).sum(-1, /*keepdim=*/true);
+      auto dscore = soft * (dsoft - delta);
+      dc.slice(0, r0, r1).copy_((dscore * Z).sum(-1) * inv_sqrt_d);
+      auto dZ = dscore * (s.c.slice(0, r0, r1) * inv_sqrt_d).unsqueeze(1);
+      dA.slice(0, r0, r1).copy_(at::mm(dZ, s.S));
+      dS.add_(at::mm(dZ.t(), s.A.slice(0, r0, r1)));
+    }
+    // c = rsqrt(mean(Qr^2) + eps):  dQr = -dc c^3 / D * Qr;  Qr = A Tn.
+    auto dQr = s.Qr * (-(dc * s.c.pow(3)) / static_cast<double>(D)).unsqueeze(1);
+    dA.add_(at::mm(dQr, s.Tn.t()));
+    auto dTn = at::mm(s.A.t(), dQr);
+    // A = softmax(S / sqrt(D)) over the valid tokens.
+    auto dL = s.A * (dA - (s.A * dA).sum(-1, /*keepdim=*/true));
+    dS.add_(dL, inv_sqrt_d);
+    // S = P Tn^T.
+    auto dP = at::mm(dS, s.Tn);
+    dTn.add_(at::mm(dS.t(), s.P));
+    // rms backward: dx = r dy - x r^3 (x . dy) / D; then the straight-through direct term.
+    auto dxp = dP * s.rp.unsqueeze(1) -
+               s.xp * (s.rp.pow(3) * (s.xp * dP).sum(-1) / static_cast<double>(D)).unsqueeze(1);
+    dxp.index_add_(0, idx[b], g);
+    auto dxt = dTn * s.rt.unsqueeze(1) -
+               s.xt * (s.rt.pow(3) * (s.xt * dTn).sum(-1) / static_cast<double>(D)).unsqueeze(1);
+    grad_patches[b].copy_(dxp);
+    grad_task[b].index_copy_(0, s.vt, dxt.to(task.scalar_type()));
+  }
+  return {grad_patches, grad_task};
+}
+
+void check_cpu_backend(const std::string& backend) {
+  check_backend(backend);
+  TORCH_CHECK(backend != "cuda", "fastprune: backend='cuda' needs CUDA tensors, got CPU tensors");
+}
+
+void check_saved(const at::Tensor& patches, const at::Tensor& t, const char* name,
+                 at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == patches.size(0) && t.size(1) == patches.size(1),
+              "fastprune: ", name, " must be [", patches.size(0), ", ", patches.size(1),
+              "], got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastprune: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_soft_cpu(
+    const at::Tensor& patches, const at::Tensor& task, const std::optional<at::Tensor>& task_mask,
+    const std::optional<at::Tensor>& patch_mask, const std::optional<at::Tensor>& noise_scale,
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& noise,
+    c10::string_view backend_view) {
+  const std::string backend(backend_view);
+  check_cpu_backend(backend);
+  check_soft_inputs(patches, task, task_mask, patch_mask);
+  const auto ns = noise_spec(patches, noise_scale, seed, noise);
+  if (backend == "triton") {
+    auto out = call_triton("fastprune::triton_select_soft",
+                           {patches, task, task_mask, patch_mask, noise_scale, seed, noise});
+    return {out[0].toTensor(), out[1].toTensor(), out[2].toTensor()};
+  }
+  return select_soft_rows(patches, task, task_mask, patch_mask, ns);
+}
+
+std::tuple<at::Tensor, at::Tensor> select_soft_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& patches, const at::Tensor& task,
+    const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask,
+    const std::optional<at::Tensor>& noise_scale, const std::optional<at::Tensor>& seed,
+    const std::optional<at::Tensor>& noise, const at::Tensor& idx, const at::Tensor& lse,
+    c10::string_view backend_view) {
+  const std::string backend(backend_view);
+  check_cpu_backend(backend);
+  check_soft_inputs(patches, task, task_mask, patch_mask);
+  TORCH_CHECK(grad.sizes() == patches.sizes() && grad.scalar_type() == patches.scalar_type(),
+              "fastprune: grad must match patches ", patches.sizes(), " ", patches.scalar_type(),
+              ", got ", grad.sizes(), " ", grad.scalar_type());
+  check_saved(patches, idx, "idx", at::kLong);
+  check_saved(patches, lse, "lse", acc_type(patches));
+  const auto ns = noise_spec(patches, noise_scale, seed, noise);
+  if (backend == "triton") {
+    auto out = call_triton("fastprune::triton_select_soft_backward",
+                           {grad, patches, task, task_mask, patch_mask, noise_scale, seed, noise, idx, lse});
+    return {out[0].toTensor(), out[1].toTensor()};
+  }
+  return select_soft_backward_rows(grad, patches, task, task_mask, patch_mask, ns, idx, lse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
+  m.impl("select_soft", &select_soft_cpu);
+  m.impl("select_soft_backward", &select_soft_backward_cpu);
+}
+
+}  // namespace fastprune
