@@ -314,7 +314,9 @@ class _Cfg:
     """Block sizes of one call."""
 
     def __init__(self, patches: torch.Tensor, T: int):
-        B, N, D = patches.shape
+        # Plain ints: block sizes are compile-time constants (a traced SymInt specialises here).
+        B, N, D = (int(x) for x in patches.shape)
+        T = int(T)
         on_gpu = patches.is_cuda and not INTERPRET
         self.dot_native = on_gpu and patches.dtype in (torch.float16, torch.bfloat16)
         self.block_tall = max(16, triton.next_power_of_2(T))
