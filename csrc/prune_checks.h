@@ -25,9 +25,11 @@ inline void check_prune_inputs(
   TORCH_CHECK(N >= 1 && T >= 1 && D >= 1, "fastprune: patches ", patches.sizes(), " and task ",
               task.sizes(), " need N, T and D >= 1");
   const auto dt = patches.scalar_type();
-  TORCH_CHECK(
-      dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-      "fastprune: patches must be float32, float16 or bfloat16, got ", dt);
+  // float64 (CPU only) serves exactness tests of float64 models; it is computed in float64.
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
+                  (dt == at::kDouble && patches.device().is_cpu()),
+              "fastprune: patches must be float32, float16 or bfloat16 (float64 on CPU), got ", dt,
+              " on ", patches.device());
   TORCH_CHECK(task.scalar_type() == dt, "fastprune: task dtype ", task.scalar_type(),
               " differs from patches dtype ", dt);
   TORCH_CHECK(task.device() == patches.device(), "fastprune: task is on ", task.device(),

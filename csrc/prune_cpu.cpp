@@ -25,9 +25,34 @@ namespace {
 constexpr double kEps = 1e-6;
 constexpr int64_t kRowTile = 64;
 
-at::Tensor rms_rows_f32(const at::Tensor& x) {
-  auto xf = x.to(at::kFloat);
+// float32 accumulation for float32/16/bf16 inputs; float64 inputs (CPU only) stay float64.
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor rms_rows(const at::Tensor& x) {
+  auto xf = x.to(acc_type(x));
   return xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + kEps);
+}
+
+// Row argmax over the allowed columns `cols` of a [R, cols.size()] block; NaN never compares
+// greater, so it cannot win, and an all-NaN row keeps the first column.
+template <typename scalar_t>
+void row_argmax(const at::Tensor& block, const std::vector<int64_t>& cols, int64_t* out) {
+  const scalar_t* cp = block.data_ptr<scalar_t>();
+  const int64_t rows = block.size(0), na = block.size(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t best = 0;
+    scalar_t best_v = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t k = 0; k < na; ++k) {
+      const scalar_t v = cp[r * na + k];
+      if (v > best_v) {
+        best_v = v;
+        best = k;
+      }
+    }
+    out[r] = cols[best];
+  }
 }
 
 // Indices where a bool row is true; all indices when `fallback_all` and none is true, or
@@ -66,8 +91,8 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   for (int64_t b = 0; b < B; ++b) {
     auto valid = true_indices(task_mask, b, T, /*fallback_all=*/true);
     auto vt = at::from_blob(valid.data(), {(int64_t)valid.size()}, at::kLong).clone();
-    tn[b] = rms_rows_f32(task[b].index_select(0, vt));
-    S[b] = at::empty({N, (int64_t)valid.size()}, patches.options().dtype(at::kFloat));
+    tn[b] = rms_rows(task[b].index_select(0, vt));
+    S[b] = at::empty({N, (int64_t)valid.size()}, patches.options().dtype(acc_type(patches)));
     A[b] = at::empty_like(S[b]);
     allowed[b] = true_indices(patch_mask, b, N, /*fallback_all=*/false);
   }
@@ -75,7 +100,7 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
-      auto s = at::mm(rms_rows_f32(patches[b].slice(0, r0, r1)), tn[b].t());
+      auto s = at::mm(rms_rows(patches[b].slice(0, r0, r1)), tn[b].t());
       S[b].slice(0, r0, r1).copy_(s);
       A[b].slice(0, r0, r1).copy_(at::softmax(s * inv_sqrt_d, -1));
     }
@@ -99,22 +124,10 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
       auto c = at::mm(A[b].slice(0, r0, r1), s_allowed[b].t()).contiguous();
-      const float* cp = c.data_ptr<float>();
-      const int64_t na = c.size(1);
-      const auto& cols = allowed[b];
-      for (int64_t r = 0; r < r1 - r0; ++r) {
-        // NaN never compares greater, so it cannot win; an all-NaN row keeps the first column.
-        int64_t best = 0;
-        float best_v = -std::numeric_limits<float>::infinity();
-        for (int64_t k = 0; k < na; ++k) {
-          const float v = cp[r * na + k];
-          if (v > best_v) {
-            best_v = v;
-            best = k;
-          }
-        }
-        idx_ptr[b * N + r0 + r] = cols[best];
-      }
+      if (c.scalar_type() == at::kDouble)
+        row_argmax<double>(c, allowed[b], idx_ptr + b * N + r0);
+      else
+        row_argmax<float>(c, allowed[b], idx_ptr + b * N + r0);
     }
   });
 

@@ -44,8 +44,11 @@ def check_inputs(
         )
     if N < 1 or T < 1 or D < 1:
         raise ValueError(f"patches {tuple(patches.shape)} and task {tuple(task.shape)} need N, T, D >= 1")
-    if patches.dtype not in _FLOATS:
-        raise ValueError(f"patches must be float32, float16 or bfloat16, got {patches.dtype}")
+    # float64 (CPU only) serves exactness tests of float64 models; it is computed in float64.
+    if patches.dtype not in _FLOATS and not (patches.dtype == torch.float64 and patches.device.type == "cpu"):
+        raise ValueError(
+            f"patches must be float32, float16 or bfloat16 (float64 on CPU), got {patches.dtype} on {patches.device}"
+        )
     if task.dtype != patches.dtype:
         raise ValueError(f"task dtype {task.dtype} differs from patches dtype {patches.dtype}")
     if task.device != patches.device:

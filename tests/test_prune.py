@@ -280,3 +280,13 @@ def test_seed_vectors_keep40_above_tie(lightvla):
         assert all(int(votes[b, j]) == kth for j in tied_ours)
         pool = [j for j in range(votes.shape[1]) if int(votes[b, j]) == kth and v["lightvla.in.patch_token_mask"][b, j]]
         assert tied_ours == sorted(pool)[: len(tied_ours)]
+
+
+def test_float64_on_cpu_is_the_truth():
+    """float64 inputs (float64 models' exactness tests) are computed in float64 on the CPU."""
+    patches, task, task_mask, patch_mask = make_inputs(2, 300, 13, 96, torch.float64, "all", seed=11)
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    assert torch.equal(idx, R.truth_scores(patches, task, task_mask, patch_mask).argmax(-1))
+    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=17)
+    assert out.pruned.dtype == torch.float64
+    assert_prune_consistent(out, patches, idx, patch_mask, 17, False, None)
