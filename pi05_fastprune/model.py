@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pi05_fastprune import reference as _reference
+from pi05_fastprune.pruner import TELEMETRY_KEYS, ImageTokenPruner
 
 __all__ = [
     "GemmaDims",
@@ -544,9 +544,10 @@ class Pi05(nn.Module):
             self.action_out = nn.Linear(expert.width, config.action_dim, dtype=torch.float32)
             self.time_in = nn.Linear(expert.width, expert.width, dtype=torch.float32)
             self.time_out = nn.Linear(expert.width, expert.width, dtype=torch.float32)
-        # Telemetry of the last pruning call (device tensors, never synced to the host):
-        # eval: the PruneResult (kept_idx, kept_mask, counts, ...); training: {"selected_idx"}.
-        self.last_prune: Optional[Any] = None
+        # The LightVLA pruner (parameter-free). The config is the source of truth for its
+        # settings; the seed's runtime setters below write the config.
+        self.token_pruner = ImageTokenPruner(llm.width)
+        self._token_pruner_user_noise_scale: Optional[float] = None
         if device.type != "meta":
             self.reset_parameters(seed)
 
@@ -655,24 +656,73 @@ class Pi05(nn.Module):
         Eval: hard selection, ``K`` = kept rows (padding rows: mask False). Training: the
         straight-through selection, ``K = N``, row i a copy of patch ``src[i]``.
         """
-        cfg = self.config
+        cfg, pruner = self.config, self.token_pruner
+        pruner.core.set_keep_tokens(cfg.keep_tokens(img_embs.shape[1]))
+        pruner.core.max_tokens = cfg.token_prune_max_tokens
+        pruner.core.mask_voters = cfg.token_prune_mask_voters
         if self.training:
-            selected, src = _reference.select_soft_ref(
-                img_embs, lang_embs, lang_masks, img_pad, noise_scale=cfg.token_prune_noise_scale
+            user = self._token_pruner_user_noise_scale
+            pruner.set_noise_scale(cfg.token_prune_noise_scale if user is None else user)
+        else:
+            pruner.set_noise_scale(None)
+        embs, mask = pruner.prune(img_embs, lang_embs, task_token_mask=lang_masks, patch_token_mask=img_pad)
+        core = pruner.core
+        src = core.last_selected_indices_train if self.training else core.last_kept_indices_padded
+        return embs, mask, src
+
+    # ------------------------------------------------------------------ pruning controls (seed API)
+
+    def set_token_pruner_noise_scale(self, noise_scale: Optional[float]) -> None:
+        """Override the training noise scale (None: back to ``config.token_prune_noise_scale``)."""
+        self._token_pruner_user_noise_scale = None if noise_scale is None else float(noise_scale)
+
+    def set_token_pruner_keep_tokens(self, keep_tokens: Optional[int]) -> None:
+        """Eval budget over all cameras (None: implicit selection unless a ratio is set)."""
+        if keep_tokens is not None and int(keep_tokens) < 1:
+            raise ValueError(f"keep_tokens must be >= 1, got {keep_tokens}")
+        self.config.token_prune_keep_tokens = None if keep_tokens is None else int(keep_tokens)
+        if keep_tokens is not None:
+            self.config.token_prune_keep_ratio = None
+
+    def set_token_pruner_keep_ratio(self, keep_ratio: Optional[float]) -> None:
+        """Eval budget as a ratio in (0, 1] of all cameras' patches."""
+        if keep_ratio is not None and not 0.0 < float(keep_ratio) <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        self.config.token_prune_keep_ratio = None if keep_ratio is None else float(keep_ratio)
+        if keep_ratio is not None:
+            self.config.token_prune_keep_tokens = None
+
+    def get_token_pruning_stats(self) -> dict:
+        """The seed's telemetry of the last pruning call, as Python numbers. Computed here,
+        when asked (it syncs with the device), never during the forward pass."""
+        if not self.config.token_pruning_enabled:
+            return {"enabled": False}
+        core = self.token_pruner.core
+        stats: dict = {
+            "enabled": True,
+            "noise_scale": core.noise_scale,
+            "keep_tokens": self.config.token_prune_keep_tokens,
+            "keep_ratio": self.config.token_prune_keep_ratio,
+        }
+        for key in ("last_kept_per_sample", "last_kept_per_sample_noisy") + TELEMETRY_KEYS:
+            value = getattr(core, key)
+            stats[key] = None if value is None else value.detach().cpu().tolist()
+        kept = stats["last_kept_per_sample"]
+        if kept:
+            before = self.config.num_image_tokens
+            mean = sum(kept) / len(kept)
+            stats.update(
+                last_kept_per_image_mean=[mean],
+                last_kept_per_image_min=[min(kept)],
+                last_kept_per_image_max=[max(kept)],
+                last_before_tokens_per_image=[before],
+                last_kept_ratio_per_image_mean=[mean / before],
+                last_kept_ratio_overall_mean=mean / before,
+                last_kept_overall_mean=float(mean),
+                last_kept_overall_min=int(min(kept)),
+                last_kept_overall_max=int(max(kept)),
             )
-            self.last_prune = {"selected_idx": src}
-            return selected, img_pad, src
-        res = _reference.prune_ref(
-            img_embs,
-            lang_embs,
-            lang_masks,
-            img_pad,
-            cfg.keep_tokens(img_embs.shape[1]),
-            cfg.token_prune_mask_voters,
-            cfg.token_prune_max_tokens,
-        )
-        self.last_prune = res
-        return res.pruned, res.kept_mask, res.kept_idx
+        return stats
 
     def prefix_kv_cache(self, embs: torch.Tensor, pad: torch.Tensor, att: torch.Tensor, pos: torch.Tensor) -> KVCache:
         """Run the prefix through the LLM once; per layer the post-RoPE ``(k, v) [B,KV,Lp,hd]``.

@@ -105,6 +105,8 @@ def select_tokens(
     """
     check_inputs(patches, task, task_mask, patch_mask)
     backend = resolve_backend(backend, patches.device)
+    if backend == "triton":
+        return _triton_op("triton_select")(patches, task, task_mask, patch_mask, mask_voters)
     return torch.ops.fastprune.select(patches, task, task_mask, patch_mask, mask_voters, backend)
 
 
@@ -131,13 +133,28 @@ def prune_tokens(
     keep_tokens = resolve_keep_tokens(keep_tokens, keep_ratio, patches.shape[1] if patches.dim() == 3 else 0)
     check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
     backend = resolve_backend(backend, patches.device)
-    if max_tokens is None:
+    if backend == "triton":
+        # The Triton ops directly (not via fastprune::prune's dispatch), so that Inductor
+        # sees their kernels under torch.compile.
+        if max_tokens is None:
+            out = _triton_op("triton_prune")(patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
+        else:
+            out = _triton_op("triton_prune_padded")(
+                patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters
+            )
+    elif max_tokens is None:
         out = torch.ops.fastprune.prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters, backend)
     else:
         out = torch.ops.fastprune.prune_padded(
             patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters, backend
         )
     return PruneResult(*out)
+
+
+def _triton_op(name: str):
+    if not hasattr(torch.ops.fastprune, name):
+        raise RuntimeError(f"backend='triton' needs triton installed (fastprune::{name} is not registered)")
+    return getattr(torch.ops.fastprune, name)
 
 
 def _prune_outputs(patches: torch.Tensor, K) -> tuple[torch.Tensor, ...]:

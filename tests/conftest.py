@@ -9,3 +9,13 @@ DATA = pathlib.Path(__file__).parent / "data" / "openpi"
 def data_dir() -> pathlib.Path:
     """openpi's checkpoint layout and conformance vectors (copied from openpi; see its README)."""
     return DATA
+
+
+def last_kept(model):
+    """What a model's pruner kept in its last eval call: counts, kept_idx, kept_mask."""
+    from types import SimpleNamespace
+
+    core = model.token_pruner.core
+    return SimpleNamespace(
+        counts=core.last_kept_per_sample, kept_idx=core.last_kept_indices_padded, kept_mask=core.last_kept_indices_mask
+    )

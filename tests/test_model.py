@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from conftest import last_kept
 from pi05_fastprune.model import Pi05, Pi05Config, euler_timesteps
 
 # Dummy LLM/expert, tiny SigLIP at 112 px: 64 tokens per camera, N = 192 image tokens.
@@ -80,7 +81,7 @@ def test_pruned_equals_masked_unpruned(model, budget):
     inputs, noise = _inputs_for(model)
     configure(model, token_pruning_enabled=True, token_prune_keep_tokens=budget)
     pruned = model.sample_actions(*inputs, noise=noise, num_steps=2)
-    kept = model.last_prune
+    kept = last_kept(model)
     assert kept.kept_idx.shape[1] < N
     if budget == 150:  # sample 1 lacks a camera: 128 valid patches, all kept
         assert kept.counts.tolist() == [150, 128]
@@ -94,7 +95,7 @@ def test_kept_counts_differ_within_batch(model32):
     configure(model32, token_pruning_enabled=True)
     with torch.no_grad():
         embs, pad, _, _ = model32.embed_prefix(*inputs)
-    kept = model32.last_prune
+    kept = last_kept(model32)
     counts = kept.counts.tolist()
     assert counts[0] != counts[1], counts
     K = max(counts)
@@ -121,7 +122,7 @@ def test_prune_positions_unchanged(model32):
         _, pad_u, _, pos_u = model32.embed_prefix(*inputs)
         configure(model32, token_pruning_enabled=True, token_prune_keep_tokens=30)
         _, pad, _, pos = model32.embed_prefix(*inputs)
-    kept = model32.last_prune
+    kept = last_kept(model32)
     assert torch.equal(pos_u, torch.cumsum(pad_u, 1) - 1)
     K = kept.kept_idx.shape[1]
     assert torch.equal(pos[:, :K][kept.kept_mask], torch.gather(pos_u[:, :N], 1, kept.kept_idx)[kept.kept_mask])
@@ -170,7 +171,7 @@ def test_absent_camera_never_kept(model32, budget):
     configure(model32, token_pruning_enabled=True, token_prune_keep_tokens=budget)
     with torch.no_grad():
         model32.embed_prefix(*inputs)
-    kept = model32.last_prune
+    kept = last_kept(model32)
     assert (kept.kept_idx[1][kept.kept_mask[1]] < 2 * P).all()
 
 
@@ -180,7 +181,7 @@ def test_all_cameras_absent(model32):
         configure(model32, token_pruning_enabled=pruning)
         out = model32.sample_actions(*inputs, noise=noise, num_steps=2)
         assert torch.isfinite(out).all()
-    assert model32.last_prune.counts.tolist() == [0, 0]
+    assert last_kept(model32).counts.tolist() == [0, 0]
 
 
 def test_static_cap_and_ratio(model32):
@@ -188,11 +189,11 @@ def test_static_cap_and_ratio(model32):
     configure(model32, token_pruning_enabled=True, token_prune_max_tokens=7)
     with torch.no_grad():
         embs, pad, _, _ = model32.embed_prefix(*inputs)
-    assert embs.shape[1] == 7 + 12 and model32.last_prune.counts.tolist() == [7, 7]
+    assert embs.shape[1] == 7 + 12 and last_kept(model32).counts.tolist() == [7, 7]
     configure(model32, token_pruning_enabled=True, token_prune_keep_ratio=0.25)
     with torch.no_grad():
         embs, _, _, _ = model32.embed_prefix(*inputs)
-    assert model32.last_prune.counts.tolist() == [math.ceil(0.25 * N)] * 2
+    assert last_kept(model32).counts.tolist() == [math.ceil(0.25 * N)] * 2
     configure(model32, token_pruning_enabled=True, token_prune_keep_ratio=0.25, token_prune_keep_tokens=3)
     with pytest.raises(ValueError, match="not both"):
         model32.embed_prefix(*inputs)
@@ -224,7 +225,7 @@ def test_training_embed_prefix_keeps_length_and_is_differentiable():
     inputs, noise = make_inputs()
     embs, pad, att, pos = model.embed_prefix(*inputs)
     assert embs.shape == (2, N + 12, CFG.llm.width) and pad.shape == pos.shape == (2, N + 12)
-    src = model.last_prune["selected_idx"]
+    src = model.token_pruner.core.last_selected_indices_train
     unpruned_pos = torch.cumsum(torch.cat([pad[:, :N], inputs[3]], 1), 1) - 1
     assert torch.equal(pos[:, :N], torch.gather(unpruned_pos[:, :N], 1, src))
     assert torch.equal(pos[:, N:], unpruned_pos[:, N:])
@@ -268,3 +269,36 @@ def test_sample_actions_is_one_graph(model32):
         explained = torch._dynamo.explain(model32.sample_actions)(*inputs, noise=noise, num_steps=2)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
+
+
+def test_seed_pruning_controls_and_stats():
+    """The seed's runtime setters and ``get_token_pruning_stats`` (telemetry keys)."""
+    model = Pi05(dataclasses.replace(CFG, token_pruning_enabled=True), seed=0).eval()
+    inputs, _ = make_inputs()
+    model.set_token_pruner_keep_tokens(9)
+    with torch.no_grad():
+        model.embed_prefix(*inputs)
+    stats = model.get_token_pruning_stats()
+    assert stats["enabled"] and stats["keep_tokens"] == 9 and stats["noise_scale"] is None
+    assert stats["last_kept_per_sample"] == [9, 9]
+    assert stats["last_kept_overall_max"] == 9 and stats["last_before_tokens_per_image"] == [N]
+    assert stats["last_kept_ratio_overall_mean"] == pytest.approx(9 / N)
+    model.set_token_pruner_keep_ratio(0.75)
+    assert model.config.token_prune_keep_tokens is None
+    with torch.no_grad():
+        model.embed_prefix(*inputs)
+    assert last_kept(model).counts.tolist() == [math.ceil(0.75 * N), 2 * P]  # sample 1 lacks a camera
+    model.set_token_pruner_keep_ratio(None)
+    model.train()
+    model.set_token_pruner_noise_scale(0.25)
+    model.embed_prefix(*inputs)
+    stats = model.get_token_pruning_stats()
+    assert stats["noise_scale"] == 0.25
+    for key in ("last_kept_per_sample_noisy", "last_argmax_union_noisy", "last_queries_after_norm_cosine_sim",
+                "last_score_top1_gap_mean_det", "last_task_valid_len"):
+        assert stats[key] is not None and len(stats[key]) == 2, key
+    assert stats["last_task_valid_len"] == [5, 11]
+    model.set_token_pruner_noise_scale(None)
+    model.embed_prefix(*inputs)
+    assert model.get_token_pruning_stats()["noise_scale"] == CFG.token_prune_noise_scale
+    assert Pi05(CFG, seed=0).get_token_pruning_stats() == {"enabled": False}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import last_kept
 from pi05_fastprune.model import IMAGE_KEYS, Pi05
 
 DATA = Path(__file__).parent / "data" / "openpi"
@@ -103,7 +104,7 @@ def test_pruning_hook_sees_the_seed_inputs(model, io, variant, keep):
             embs, pad, _, pos = model.embed_prefix(*_inputs(io))
     finally:
         cfg.token_pruning_enabled, cfg.token_prune_keep_tokens = old
-    kept = model.last_prune
+    kept = last_kept(model)
     assert torch.equal(kept.counts, io[f"lightvla.{variant}.kept_counts"])
     assert torch.equal(kept.kept_mask, io[f"lightvla.{variant}.kept_mask"])
     assert torch.equal(kept.kept_idx, io[f"lightvla.{variant}.kept_indices"])
