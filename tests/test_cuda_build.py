@@ -1,0 +1,542 @@
+"""The CUDA C++ backend (kernels/prune_cuda.cu, csrc/prune_cuda.cpp) and the LibTorch build.
+
+CPU part (no GPU needed; builds are cached per module):
+- every kernels/*.cu compiles with plain ``nvcc -arch=sm_90`` and ``-arch=sm_80``;
+- csrc/prune_cuda.cpp parses against the torch headers plus the CUDA runtime headers;
+- the CMake build of the op library succeeds, and a LibTorch C++ program (tests/cpp) loads it
+  and runs fastprune::prune on CPU tensors through the dispatcher;
+- the kernels run on the CPU under tests/cpp/cuda_emu.h (every CUDA thread a fiber, blocks in
+  turn, wmma as whole tiles), both with the tensor-core path and the FMA path, against the
+  float64 truth and the exact gather of their own selection.
+
+GPU part (skipped without CUDA): backend="cuda" through torch.ops.fastprune, the same checks
+as the CPU op tests, all dtypes, pi05 and odd shapes, masks, budgets, caps, CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pi05_fastprune import reference as R
+from pi05_fastprune.structured import structured_inputs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_prune import MASKS, SHAPES, make_inputs  # noqa: E402
+
+CU_FILES = sorted(glob.glob(str(ROOT / "kernels" / "*.cu")))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def find_nvcc():
+    for cand in (
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+        "/usr/local/cuda/bin/nvcc",
+    ):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+NVCC = find_nvcc()
+CXX = shutil.which("g++") or shutil.which("c++")
+CMAKE = shutil.which("cmake")
+
+
+def run(cmd, cwd=None, timeout=600):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# --- builds: all started at once in the background, each test waits for its own -----------------
+
+
+def cuda_include_dir():
+    """The CUDA toolkit's include dir (nvcc may be a wrapper script elsewhere)."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if NVCC:
+        cands.append(str(pathlib.Path(NVCC).resolve().parents[1]))
+    for c in cands:
+        if c and (pathlib.Path(c) / "include" / "cuda_runtime.h").exists():
+            return pathlib.Path(c) / "include"
+    return None
+
+
+class Builds:
+    """Named build commands run concurrently (2 cores: the CPU checks stay near a minute)."""
+
+    def __init__(self, root):
+        self.root = root
+        self.procs, self.results = {}, {}
+
+    def start(self, name, cmd):
+        log = open(self.root / f"{name}.log", "w+")
+        self.procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log)
+
+    def wait(self, name, timeout=900):
+        if name not in self.results:
+            proc, log = self.procs[name]
+            rc = proc.wait(timeout=timeout)
+            log.seek(0)
+            self.results[name] = (rc, log.read())
+            log.close()
+        return self.results[name]
+
+    def require(self, name):
+        rc, log = self.wait(name)
+        assert rc == 0, f"{name} failed:\n{log[-6000:]}"
+        return log
+
+    def stop(self):
+        for proc, log in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("builds")
+    b = Builds(root)
+    b.dirs = {"root": root}
+    if NVCC is not None:
+        for cu in CU_FILES:
+            for arch in ("sm_90", "sm_80"):
+                obj = root / f"{pathlib.Path(cu).stem}_{arch}.o"
+                b.start(f"nvcc:{pathlib.Path(cu).name}:{arch}",
+                        [NVCC, f"-arch={arch}", "-O3", "-std=c++17", "--use_fast_math", "-Werror", "all-warnings",
+                         "-I", str(ROOT / "kernels"), "-c", cu, "-o", str(obj)])
+    if CXX is not None:
+        for name, extra in (("mma", ["-DFASTPRUNE_EMU_MMA"]), ("fma", [])):
+            b.start(f"emu:{name}", [CXX, "-std=c++20", "-O2", "-shared", "-fPIC", "-DFASTPRUNE_CUDA_EMU", *extra,
+                                    f"-I{ROOT / 'tests' / 'cpp'}", f"-I{ROOT / 'kernels'}",
+                                    str(ROOT / "tests" / "cpp" / "emu_prune.cpp"), "-o", str(root / f"emu_{name}.so")])
+    if CMAKE is not None:
+        gen = "-G Ninja" if shutil.which("ninja") else ""
+        prefix = torch.utils.cmake_prefix_path
+        for name, src in (("cmake:lib", ROOT), ("cmake:prog", ROOT / "tests" / "cpp")):
+            build = root / name.replace(":", "_")
+            b.dirs[name] = build
+            b.start(name, ["sh", "-c", f'"{CMAKE}" -S "{src}" -B "{build}" {gen} -DCMAKE_PREFIX_PATH="{prefix}" '
+                                       f'&& "{CMAKE}" --build "{build}" -j 2'])
+    cuda_inc = cuda_include_dir()
+    if CXX is not None and cuda_inc is not None:
+        from torch.utils.cpp_extension import include_paths
+
+        stub = root / "stub" / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        cmd = [CXX, "-std=c++17", "-fsyntax-only", "-w", "-DFASTPRUNE_WITH_CUDA", f"-I{root / 'stub'}"]
+        cmd += [f"-I{p}" for p in include_paths()]
+        cmd += [f"-I{cuda_inc}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'kernels'}", str(ROOT / "csrc" / "prune_cuda.cpp")]
+        b.start("binding", cmd)
+    yield b
+    b.stop()
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("cu", CU_FILES, ids=[pathlib.Path(c).name for c in CU_FILES])
+def test_cu_compiles(builds, cu, arch):
+    if NVCC is None:
+        pytest.skip("nvcc not found (no CUDA toolkit): the .cu compile check needs it")
+    builds.require(f"nvcc:{pathlib.Path(cu).name}:{arch}")
+
+
+def test_kernels_use_no_torch_headers():
+    """The .cu kernels are raw CUDA: they must build with plain nvcc, without ATen/c10/torch."""
+    for path in CU_FILES + sorted(glob.glob(str(ROOT / "kernels" / "*.h"))):
+        text = pathlib.Path(path).read_text()
+        for bad in ("<ATen/", "<c10/", "<torch/"):
+            assert bad not in text, f"{path} includes {bad}"
+
+
+def test_binding_parses(builds):
+    """csrc/prune_cuda.cpp against the torch headers and the CUDA runtime headers (a stub stands
+    in for c10/cuda/impl/cuda_cmake_macros.h, which only CUDA wheels ship)."""
+    if "binding" not in builds.procs:
+        pytest.skip("needs the CUDA runtime headers and a C++ compiler")
+    builds.require("binding")
+
+
+# --- CMake / LibTorch --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cmake_library(builds):
+    if CMAKE is None:
+        pytest.skip("cmake not found")
+    builds.require("cmake:lib")
+    libs = glob.glob(str(builds.dirs["cmake:lib"] / "libfastprune.*"))
+    assert libs, f"no libfastprune in {builds.dirs['cmake:lib']}"
+    return pathlib.Path(libs[0])
+
+
+def test_cmake_library_builds(cmake_library):
+    assert cmake_library.stat().st_size > 0
+
+
+def test_libtorch_program_calls_prune(cmake_library, builds):
+    builds.require("cmake:prog")
+    proc = run([str(builds.dirs["cmake:prog"] / "libtorch_prune"), str(cmake_library)], timeout=120)
+    assert proc.stdout.startswith("OK implicit counts=["), proc.stdout
+    assert "keep_tokens=10 counts=[10, 10, 10]" in proc.stdout, proc.stdout
+
+
+# --- the kernels on the CPU emulator --------------------------------------------------------------
+
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class Emulated:
+    """kernels/prune_cuda.cu built as host C++ against tests/cpp/cuda_emu.h (ctypes)."""
+
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(str(path))
+        f = self.lib.fp_emu_run
+        f.restype = ctypes.c_int
+        I, P, C = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        f.argtypes = [C, C, I, I, I, I, P, I, I, P, I, I, P, P, C, I, I, C, P, P, P, P, P, I, P]
+
+    def __call__(self, op, patches, task, task_mask=None, patch_mask=None, *, mask_voters=False,
+                 keep_tokens=None, max_tokens=None, num_sms=132):
+        """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit)."""
+        assert patches.stride(2) == 1 and task.stride(2) == 1
+        B, N, D = patches.shape
+        T = task.shape[1]
+        tm = None if task_mask is None else task_mask.contiguous()
+        pm = None if patch_mask is None else patch_mask.contiguous()
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        cap = max(N, max_tokens or 0)
+        idx = torch.full((B, N), -7, dtype=torch.int64)
+        counts = torch.full((B,), -7, dtype=torch.int64)
+        # Poisoned outputs: every element must be written.
+        pruned = torch.full((B * cap * D,), 7.0, dtype=patches.dtype)
+        kmask = torch.ones(B * cap, dtype=torch.bool)
+        kidx = torch.full((B * cap,), -7, dtype=torch.int64)
+        k_out = torch.zeros(1, dtype=torch.int64)
+        code = {"select": 0, "prune": 1, "padded": 2}[op]
+        rc = self.lib.fp_emu_run(
+            code, _DT[patches.dtype], B, N, T, D, ptr(patches), patches.stride(0), patches.stride(1),
+            ptr(task), task.stride(0), task.stride(1), ptr(tm), ptr(pm), int(mask_voters), keep_tokens or 0,
+            max_tokens or 0, num_sms, ptr(idx), ptr(counts), ptr(pruned), ptr(kmask), ptr(kidx), cap, ptr(k_out),
+        )
+        assert rc >= 1, f"emulated launch failed with code {rc} (-4: wrote past the workspace)"
+        if op == "select":
+            return idx, rc
+        K = int(k_out)
+        out = R.PruneResult(pruned[: B * K * D].view(B, K, D), kmask[: B * K].view(B, K),
+                            kidx[: B * K].view(B, K), counts)
+        return out, idx, rc
+
+
+@pytest.fixture(scope="module")
+def emu(builds):
+    """{"mma": tensor-core path (sm_80+), "fma": FMA fallback}."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    libs = {}
+    for name in ("mma", "fma"):
+        builds.require(f"emu:{name}")
+        libs[name] = Emulated(builds.dirs["root"] / f"emu_{name}.so")
+    return libs
+
+
+def check_selection(idx, patches, task, task_mask, patch_mask):
+    assert idx.dtype == torch.int64 and idx.shape == patches.shape[:2]
+    bad = R.selection_errors(idx, patches, task, task_mask, patch_mask)
+    assert not bad.any(), f"{int(bad.sum())} rows miss the float64 maximum"
+
+
+def check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens):
+    expect = R.prune_from_idx(patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
+    for name, got, want in zip(out._fields, out, expect):
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        assert torch.equal(got, want), name
+
+
+EMU_SELECT = [  # B, N, T, D, num_sms (small num_sms: no D split; large: split D)
+    (1, 1, 1, 64, 132),
+    (2, 7, 13, 96, 132),
+    (3, 70, 20, 33, 132),    # D not a multiple of 8: unaligned rows, scalar gather
+    (2, 130, 150, 64, 132),  # 3 row tiles, prompt range > 64 tokens: 3 token tiles
+    (1, 65, 9, 256, 64),     # D split in 4, a 1-row last tile
+]
+
+
+@pytest.mark.parametrize("B,N,T,D,sms", EMU_SELECT)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_select_matches_truth(emu, B, N, T, D, sms, dtype):
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, "all", seed=N + T)
+    idx, _ = emu["mma"]("select", patches, task, task_mask, patch_mask, num_sms=sms)
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    if dtype == torch.float32:
+        truth = R.truth_scores(patches, task, task_mask, patch_mask)
+        top2 = truth.topk(min(2, N), dim=-1).values
+        if N > 1:  # where the float64 top-2 gap is clear, exactly the reference's choice
+            sep = (top2[..., 0] - top2[..., 1]) > 1e-4
+            assert torch.equal(idx[sep], R.select_ref(patches, task, task_mask, patch_mask)[sep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_fma_fallback(emu, dtype):
+    """fp16/bf16 on architectures without bf16 wmma take the FMA path."""
+    patches, task, task_mask, patch_mask = make_inputs(2, 70, 20, 256, dtype, "all", seed=4)
+    idx, ksplit = emu["fma"]("select", patches, task, task_mask, patch_mask, num_sms=8)
+    assert ksplit > 1
+    check_selection(idx, patches, task, task_mask, patch_mask)
+
+
+@pytest.mark.parametrize(
+    "masks,budget,mask_voters",
+    [(m, b, v) for i, m in enumerate(MASKS) for b, v in (([None, 1, "N", 0.1, 0.5, 1.0][i], i % 2 == 0),
+                                                         ([0.5, None, 1, 1.0, "N", 0.1][i], i % 2 == 1))],
+)
+def test_emulated_prune_modes(emu, masks, budget, mask_voters):
+    B, N, T, D = 3, 96, 17, 64
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, torch.float32, masks, seed=7)
+    keep_tokens = {None: None, "N": N}.get(budget, budget)
+    if isinstance(budget, float):
+        keep_tokens = max(1, math.ceil(budget * N))
+    out, idx, _ = emu["mma"]("prune", patches, task, task_mask, patch_mask, mask_voters=mask_voters,
+                             keep_tokens=keep_tokens, num_sms=16)
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
+    ref = R.prune_ref(patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
+    assert torch.equal(out.counts, ref.counts)
+    valid = patch_mask if patch_mask is not None else torch.ones(B, N, dtype=torch.bool)
+    assert (out.counts[valid.sum(-1) == 0] == 0).all()
+
+
+@pytest.mark.parametrize("max_tokens,keep_tokens", [(1, None), (5, 3), (40, None), (200, 30), (40, 30)])
+def test_emulated_prune_padded_cap(emu, max_tokens, keep_tokens):
+    patches, task, task_mask, patch_mask = make_inputs(4, 150, 9, 64, torch.bfloat16, "all", seed=3)
+    out, idx, _ = emu["mma"]("padded", patches, task, task_mask, patch_mask, keep_tokens=keep_tokens,
+                             max_tokens=max_tokens)
+    assert out.pruned.shape == (4, max_tokens, 64)
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
+
+
+def test_emulated_strided_inputs(emu):
+    """Row strides other than D (slices of wider tensors) and an expanded (stride 0) batch."""
+    g = torch.Generator().manual_seed(11)
+    wide = torch.randn(2, 50, 72, generator=g).to(torch.float16)
+    patches = wide[:, :, 4:68]
+    task = torch.randn(1, 10, 64, generator=g).to(torch.float16).expand(2, 10, 64)
+    out, idx, _ = emu["mma"]("prune", patches, task, keep_tokens=7)
+    check_selection(idx, patches, task, None, None)
+    check_prune(out, patches, idx, None, 7, False, None)
+
+
+def test_emulated_ties_pick_lowest_index(emu):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 8, 32, generator=g)
+    patches = torch.cat([base, base], dim=1)  # patch j and j + 8 are identical
+    task = torch.randn(1, 5, 32, generator=g)
+    idx, _ = emu["mma"]("select", patches, task)
+    assert (idx < 8).all()
+    out, _, _ = emu["mma"]("prune", patches, task, keep_tokens=16)
+    assert torch.equal(out.kept_idx[0], torch.arange(16))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_emulated_nonfinite_inputs(emu, value):
+    patches, task, task_mask, patch_mask = make_inputs(2, 40, 6, 32, torch.float32, "all", seed=5)
+    patches[0, 3, 1] = value
+    task[1, 0, 0] = value
+    for kwargs in ({}, {"keep_tokens": 5}, {"max_tokens": 7}):
+        out, idx, _ = emu["mma"]("padded" if "max_tokens" in kwargs else "prune", patches, task, task_mask,
+                                 patch_mask, **kwargs)
+        assert ((out.kept_idx >= 0) & (out.kept_idx < 40)).all()
+        assert ((idx >= 0) & (idx < 40)).all()
+
+
+def test_emulated_pi05_shape_bf16(emu):
+    """The pi0.5 shape (768 patches, 200 prompt slots with 48 valid, D=2048), tensor-core path,
+    D split over 11 slices as on an H100; a missing camera keeps nothing."""
+    patches, task, task_mask, patch_mask = structured_inputs(batch=1, dtype=torch.bfloat16, absent_cameras=((0, 2),))
+    out, idx, ksplit = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=256)
+    assert ksplit > 1
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, None, False, 256)
+    assert 20 < int(out.counts) < 200
+    assert not ((out.kept_idx[0] >= 512) & out.kept_mask[0]).any()
+
+
+# --- on the GPU: backend="cuda" ------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _has_cuda_kernels():
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastprune::prune", "CUDA")
+
+
+@gpu
+def test_cuda_kernels_registered():
+    assert _has_cuda_kernels(), "pi05_fastprune._C was built without the CUDA kernels (FASTPRUNE_WITH_CUDA)"
+
+
+@pytest.fixture
+def cuda_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not _has_cuda_kernels():
+        pytest.skip("pi05_fastprune._C built without CUDA kernels")
+    import pi05_fastprune as fp
+
+    return fp
+
+
+def to_cuda(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+@pytest.mark.parametrize("B,N,T,D", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_select_matches_truth(cuda_backend, B, N, T, D, dtype):
+    fp = cuda_backend
+    patches, task, task_mask, patch_mask = to_cuda(*make_inputs(B, N, T, D, dtype, "all", seed=N + T))
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
+    check_selection(idx, patches, task, task_mask, patch_mask)
+
+
+@pytest.mark.parametrize("masks", MASKS)
+@pytest.mark.parametrize("budget", [None, 1, "N", 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("mask_voters", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_prune_modes(cuda_backend, masks, budget, mask_voters, dtype):
+    fp = cuda_backend
+    B, N, T, D = 3, 96, 17, 64
+    patches, task, task_mask, patch_mask = to_cuda(*make_inputs(B, N, T, D, dtype, masks, seed=7))
+    keep_tokens = {None: None, "N": N}.get(budget, budget)
+    if isinstance(budget, float):
+        keep_tokens = max(1, math.ceil(budget * N))
+    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=mask_voters,
+                          keep_tokens=keep_tokens, backend="cuda")
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
+    assert out.pruned.shape[1] == max(1, int(out.counts.max()))
+    if mask_voters and patch_mask is not None:
+        voted = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=True,
+                                 backend="cuda")
+        assert torch.equal(voted, torch.where(patch_mask, idx, -1))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 40, 200])
+@pytest.mark.parametrize("keep_tokens", [None, 3, 30])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_prune_padded_cap(cuda_backend, max_tokens, keep_tokens, dtype):
+    fp = cuda_backend
+    patches, task, task_mask, patch_mask = to_cuda(*make_inputs(4, 150, 9, 64, dtype, "all", seed=3))
+    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=keep_tokens,
+                          max_tokens=max_tokens, backend="cuda")
+    assert out.pruned.shape == (4, max_tokens, 64)
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
+    check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_cuda_pi05_shape(cuda_backend, dtype, batch):
+    fp = cuda_backend
+    absent = ((batch - 1, 2),) if batch > 1 else ()
+    patches, task, task_mask, patch_mask = to_cuda(
+        *structured_inputs(batch=batch, dtype=dtype, absent_cameras=absent, seed=batch))
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
+    check_prune(out, patches, idx, patch_mask, None, False, None)
+    assert (out.counts > 20).all() and (out.counts < 200).all()
+    padded = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, max_tokens=256,
+                             backend="cuda")
+    check_prune(padded, patches, idx, patch_mask, None, False, 256)
+
+
+def test_cuda_strided_inputs(cuda_backend):
+    fp = cuda_backend
+    g = torch.Generator().manual_seed(11)
+    wide = torch.randn(2, 300, 2056, generator=g).to(torch.bfloat16).cuda()
+    patches = wide[:, :, 4:2052]  # row stride 2056, 8-byte aligned rows: scalar gather
+    task = torch.randn(1, 30, 2048, generator=g).to(torch.bfloat16).cuda().expand(2, 30, 2048)
+    out = fp.prune_tokens(patches, task, keep_tokens=40, backend="cuda")
+    idx = fp.select_tokens(patches, task, backend="cuda")
+    check_selection(idx, patches, task, None, None)
+    check_prune(out, patches, idx, None, 40, False, None)
+
+
+def test_cuda_ties_and_determinism(cuda_backend):
+    fp = cuda_backend
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 8, 32, generator=g)
+    patches = torch.cat([base, base], dim=1).cuda()
+    task = torch.randn(1, 5, 32, generator=g).cuda()
+    assert (fp.select_tokens(patches, task, backend="cuda") < 8).all()
+    out = fp.prune_tokens(patches, task, keep_tokens=16, backend="cuda")
+    assert torch.equal(out.kept_idx[0].cpu(), torch.arange(16))
+    p, t, tm, pm = to_cuda(*structured_inputs(batch=3, dtype=torch.bfloat16, seed=9))
+    outs = [fp.prune_tokens(p, t, task_mask=tm, patch_mask=pm, backend="cuda") for _ in range(5)]
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_cuda_nonfinite_inputs(cuda_backend, value):
+    fp = cuda_backend
+    patches, task, task_mask, patch_mask = make_inputs(2, 40, 6, 32, torch.float32, "all", seed=5)
+    patches[0, 3, 1] = value
+    task[1, 0, 0] = value
+    patches, task, task_mask, patch_mask = to_cuda(patches, task, task_mask, patch_mask)
+    for kwargs in ({}, {"keep_tokens": 5}, {"max_tokens": 7}):
+        out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda", **kwargs)
+        assert ((out.kept_idx >= 0) & (out.kept_idx < 40)).all()
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
+    assert ((idx >= 0) & (idx < 40)).all()
+    torch.cuda.synchronize()
+
+
+def test_cuda_backend_errors(cuda_backend):
+    patches, task, _, _ = to_cuda(*make_inputs(1, 8, 3, 16))
+    with pytest.raises(RuntimeError, match="backend='cpu' needs CPU tensors"):
+        torch.ops.fastprune.prune(patches, task, None, None, None, False, "cpu")
+    with pytest.raises(RuntimeError, match="keep_tokens"):
+        torch.ops.fastprune.prune(patches, task, None, None, 0, False, "cuda")
+
+
+def test_cuda_graph_capture_prune_padded(cuda_backend):
+    """prune_padded never syncs with the host: it captures into a CUDA graph and replays on new
+    inputs with the eager result."""
+    fp = cuda_backend
+    p, t, tm, pm = to_cuda(*structured_inputs(batch=2, dtype=torch.bfloat16, seed=1))
+    static = [x.clone() for x in (p, t, tm, pm)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up outside the capture
+            fp.prune_tokens(*static[:2], task_mask=static[2], patch_mask=static[3], max_tokens=192, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fp.prune_tokens(*static[:2], task_mask=static[2], patch_mask=static[3], max_tokens=192,
+                                   backend="cuda")
+    for seed in (2, 3):
+        q, u, qm, um = to_cuda(*structured_inputs(batch=2, dtype=torch.bfloat16, seed=seed))
+        for dst, src in zip(static, (q, u, qm, um)):
+            dst.copy_(src)
+        graph.replay()
+        eager = fp.prune_tokens(q, u, task_mask=qm, patch_mask=um, max_tokens=192, backend="cuda")
+        assert all(torch.equal(a, b) for a, b in zip(captured, eager))
