@@ -12,6 +12,8 @@
 //   dc = rowsum(dScore * Z) / sqrt(D),  dZ = dScore * c / sqrt(D),  dA = dZ S,  dS = dZ^T A,
 //   then back through rms(Qr), Qr = A Tn, the prompt softmax, S = P Tn^T and both RMSNorms;
 //   the straight-through direct term adds G[i] to the gradient of patches[idx[i]].
+// Samples run one per thread when B >= threads (see for_samples); per sample the temporaries
+// are a few N x D and [chunk, N] buffers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -131,13 +133,19 @@ at::Tensor allowed_columns(const std::optional<at::Tensor>& patch_mask, int64_t 
   return a;
 }
 
-// The scoring chain of one sample, everything but N x N.
+// The scoring chain of one sample, everything but N x N. Only xp is N x D: with
+// K = Tn Tn^T, |Qr_i|^2 = A_i K A_i^T, so Qr = A Tn is never formed.
 struct Sample {
-  at::Tensor xp, rp, P;        // [N, D] raw (compute dtype), [N], normalised
+  at::Tensor xp, rp;           // [N, D] raw patches (compute dtype), [N] rsqrt row norms
   at::Tensor vt, xt, rt, Tn;   // [Tv] token ids, [Tv, D] raw, [Tv], normalised
-  at::Tensor S, A, Qr, c;      // [N, Tv], [N, Tv], [N, D], [N]
+  at::Tensor S, A, AK, c;      // [N, Tv] = P Tn^T, softmax, A K; [N] = rsqrt(mean(Qr^2) + eps)
   at::Tensor allowed;          // [N] bool
 };
+
+at::Tensor rsqrt_mean_square(const at::Tensor& x) {
+  const double d = static_cast<double>(x.size(-1));
+  return at::rsqrt(at::linalg_vector_norm(x, 2, {-1}).square() / d + kEps);
+}
 
 Sample prepare(const at::Tensor& patches, const at::Tensor& task,
                const std::optional<at::Tensor>& task_mask,
@@ -146,17 +154,16 @@ Sample prepare(const at::Tensor& patches, const at::Tensor& task,
   const int64_t N = patches.size(1), D = patches.size(2), T = task.size(1);
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(D));
   s.xp = patches[b].to(acc);
-  s.rp = at::rsqrt(s.xp.pow(2).mean(-1) + kEps);
-  s.P = s.xp * s.rp.unsqueeze(1);
+  s.rp = rsqrt_mean_square(s.xp);
   auto valid = valid_tokens(task_mask, b, T);
   s.vt = at::from_blob(valid.data(), {(int64_t)valid.size()}, at::kLong).clone().to(patches.device());
   s.xt = task[b].index_select(0, s.vt).to(acc);
-  s.rt = at::rsqrt(s.xt.pow(2).mean(-1) + kEps);
+  s.rt = rsqrt_mean_square(s.xt);
   s.Tn = s.xt * s.rt.unsqueeze(1);
-  s.S = at::mm(s.P, s.Tn.t());
+  s.S = at::mm(s.xp, s.Tn.t()).mul_(s.rp.unsqueeze(1));
   s.A = at::softmax(s.S * inv_sqrt_d, -1);
-  s.Qr = at::mm(s.A, s.Tn);
-  s.c = at::rsqrt(s.Qr.pow(2).mean(-1) + kEps);
+  s.AK = at::mm(s.A, at::mm(s.Tn, s.Tn.t()));
+  s.c = at::rsqrt((s.AK * s.A).sum(-1) / static_cast<double>(D) + kEps);
   s.allowed = allowed_columns(patch_mask, b, N, patches.device());
   return s;
 }
@@ -171,6 +178,20 @@ at::Tensor noisy_scores(const Sample& s, const NoiseSpec& ns, int64_t b, int64_t
   score.masked_fill_(s.allowed.logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
   if (Z_out) *Z_out = Z;
   return score;
+}
+
+// Runs body(b) for every sample: one sample per thread when there are enough samples (ATen ops
+// inside then run single-threaded: one barrier per call, not one per op), else samples in turn
+// with intra-op parallel ATen ops. A sample is computed the same way in both cases.
+template <typename F>
+void for_samples(int64_t B, const F& body) {
+  if (B >= at::get_num_threads() && B > 1) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) body(b);
+    });
+  } else {
+    for (int64_t b = 0; b < B; ++b) body(b);
+  }
 }
 
 at::ScalarType acc_type(const at::Tensor& patches) {
@@ -205,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_soft_rows(
   auto selected = at::empty_like(patches);
   auto idx = at::empty({B, N}, patches.options().dtype(at::kLong));
   auto lse = at::empty({B, N}, patches.options().dtype(acc));
-  for (int64_t b = 0; b < B; ++b) {
+  for_samples(B, [&](int64_t b) {
     const Sample s = prepare(patches, task, task_mask, patch_mask, b, acc);
     for (int64_t r0 = 0; r0 < N; r0 += kChunk) {
       const int64_t r1 = std::min(N, r0 + kChunk);
@@ -215,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_soft_rows(
       lse[b].slice(0, r0, r1).copy_(at::logsumexp(score, -1));
     }
     selected[b].copy_(patches[b].index_select(0, idx[b]));
-  }
+  });
   return {selected, idx, lse};
 }
 
@@ -237,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> select_soft_backward_rows(
 
   auto grad_patches = at::empty_like(patches);
   auto grad_task = at::zeros_like(task);
-  for (int64_t b = 0; b < B; ++b) {
+  for_samples(B, [&](int64_t b) {
     const Sample s = prepare(patches, task, task_mask, patch_mask, b, acc);
     const int64_t Tv = s.vt.size(0);
     auto g = grad[b].to(acc);
@@ -248,34 +269,35 @@ std::tuple<at::Tensor, at::Tensor> select_soft_backward_rows(
       const int64_t r1 = std::min(N, r0 + kChunk);
       at::Tensor Z;
       auto score = noisy_scores(s, ns, b, r0, r1, inv_sqrt_d, &Z);
-      auto soft = at::exp(score - lse[b].slice(0, r0, r1).unsqueeze(1));
+      auto soft = score.sub_(lse[b].slice(0, r0, r1).unsqueeze(1)).exp_();
       auto dsoft = at::mm(g.slice(0, r0, r1), s.xp.t());  // the one N x N x D product
       auto delta = (soft * dsoft).sum(-1, /*keepdim=*/true);
-      auto dscore = soft * (dsoft - delta);
-      dc.slice(0, r0, r1).copy_((dscore * Z).sum(-1) * inv_sqrt_d);
-      auto dZ = dscore * (s.c.slice(0, r0, r1) * inv_sqrt_d).unsqueeze(1);
+      auto dscore = dsoft.sub_(delta).mul_(soft);
+      dc.slice(0, r0, r1).copy_((dscore * Z).sum(-1).mul_(inv_sqrt_d));
+      auto dZ = dscore.mul_((s.c.slice(0, r0, r1) * inv_sqrt_d).unsqueeze(1));
       dA.slice(0, r0, r1).copy_(at::mm(dZ, s.S));
-      dS.add_(at::mm(dZ.t(), s.A.slice(0, r0, r1)));
+      dS.addmm_(dZ.t(), s.A.slice(0, r0, r1));
     }
-    // c = rsqrt(mean(Qr^2) + eps):  dQr = -dc c^3 / D * Qr;  Qr = A Tn.
-    auto dQr = s.Qr * (-(dc * s.c.pow(3)) / static_cast<double>(D)).unsqueeze(1);
-    dA.add_(at::mm(dQr, s.Tn.t()));
-    auto dTn = at::mm(s.A.t(), dQr);
+    // c = rsqrt(|Qr|^2 / D + eps), Qr = A Tn:  dQr = -k Qr with k = dc c^3 / D, so
+    // dA += dQr Tn^T = -k (A K) and dTn = A^T dQr = -(A^T diag(k) A) Tn.
+    auto k = dc * s.c.pow(3) / static_cast<double>(D);
+    dA.sub_(s.AK * k.unsqueeze(1));
+    auto dTn = at::mm(at::mm(s.A.t(), s.A * k.unsqueeze(1)), s.Tn).neg_();
     // A = softmax(S / sqrt(D)) over the valid tokens.
     auto dL = s.A * (dA - (s.A * dA).sum(-1, /*keepdim=*/true));
     dS.add_(dL, inv_sqrt_d);
-    // S = P Tn^T.
-    auto dP = at::mm(dS, s.Tn);
-    dTn.add_(at::mm(dS.t(), s.P));
-    // rms backward: dx = r dy - x r^3 (x . dy) / D; then the straight-through direct term.
-    auto dxp = dP * s.rp.unsqueeze(1) -
-               s.xp * (s.rp.pow(3) * (s.xp * dP).sum(-1) / static_cast<double>(D)).unsqueeze(1);
-    dxp.index_add_(0, idx[b], g);
+    // S = P Tn^T with P = rp xp:  dTn += dS^T P;  dP = dS Tn and the rms backward
+    // dxp = rp dP - xp rp^3 (xp . dP) / D, where xp . dP = rowsum(dS * S) / rp.
+    auto dS_rp = dS * s.rp.unsqueeze(1);
+    dTn.addmm_(dS_rp.t(), s.xp);
+    auto coef = s.rp.square() * (dS * s.S).sum(-1) / static_cast<double>(D);
+    auto dxp = at::addmm(s.xp * coef.neg().unsqueeze(1), dS_rp, s.Tn);
+    dxp.index_add_(0, idx[b], g);  // straight-through direct term, in row order
     auto dxt = dTn * s.rt.unsqueeze(1) -
                s.xt * (s.rt.pow(3) * (s.xt * dTn).sum(-1) / static_cast<double>(D)).unsqueeze(1);
     grad_patches[b].copy_(dxp);
     grad_task[b].index_copy_(0, s.vt, dxt.to(task.scalar_type()));
-  }
+  });
   return {grad_patches, grad_task};
 }
 
