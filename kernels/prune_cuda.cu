@@ -275,10 +275,103 @@ struct UseMma {
 };
 #endif
 
+// Global -> registers -> shared loads of one 64 x kBK step of the patch and task tiles, with
+// the sums of squares of the rows on the way. Register prefetch: load(d + kBK) is issued before
+// the multiply of step d. Each thread owns kSlots rows (row(k)); a row's partial sums live in
+// the lanes that reduce() combines, and leader() holds the result.
+//
+// Scalar variant (any alignment): rows k * 8 + warp, columns lane + 32 h.
+template <typename T, bool kVec>
+struct Loader {
+  static constexpr int kH = ATile<T>::kH, kSlots = 8;
+  T p[8][kH], q[8][kH];
+  __device__ __forceinline__ static int row(int k) { return k * 8 + (threadIdx.x >> 5); }
+  __device__ __forceinline__ void load(const T* P, const T* Q, const Args& a, int64_t j0, int t_lo, int u0,
+                                       int tr, int64_t d, int64_t d1) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int r = row(k);
+      const int64_t j = j0 + r;
+      const int u = u0 + r;
+#pragma unroll
+      for (int h = 0; h < kH; ++h) {
+        const int64_t dd = d + lane + 32 * h;
+        p[k][h] = (j < a.N && dd < d1) ? P[j * a.p_sr + dd] : zero_of<T>();
+        q[k][h] = (u < tr && dd < d1) ? Q[(t_lo + u) * a.t_sr + dd] : zero_of<T>();
+      }
+    }
+  }
+  __device__ __forceinline__ void store(SmemA<T>& sm, float* psq, float* tsq, bool with_p) const {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int r = row(k);
+#pragma unroll
+      for (int h = 0; h < kH; ++h) {
+        sm.ps[r][lane + 32 * h] = p[k][h];
+        sm.ts[r][lane + 32 * h] = q[k][h];
+        const float x = to_f32(p[k][h]), y = to_f32(q[k][h]);
+        if (with_p) psq[k] = fmaf(x, x, psq[k]);
+        tsq[k] = fmaf(y, y, tsq[k]);
+      }
+    }
+  }
+  __device__ __forceinline__ static float reduce(float v) { return warp_sum(v); }
+  __device__ __forceinline__ static bool leader() { return (threadIdx.x & 31) == 0; }
+};
+
+// 16-byte variant (rows and bases 16-byte aligned, D a multiple of the vector): each row step is
+// 8 vectors of kVE elements; thread t owns rows k * 32 + t / 8 (k < 2), vector t % 8.
 template <typename T>
+struct Loader<T, true> {
+  static constexpr int kBK = ATile<T>::kBK, kSlots = 2, kVE = 16 / static_cast<int>(sizeof(T));
+  static_assert(kBK == 8 * kVE, "a row step is 8 vectors");
+  uint4 p[2], q[2];
+  __device__ __forceinline__ static int row(int k) { return k * 32 + (threadIdx.x >> 3); }
+  __device__ __forceinline__ static int col() { return (threadIdx.x & 7) * kVE; }
+  __device__ __forceinline__ void load(const T* P, const T* Q, const Args& a, int64_t j0, int t_lo, int u0,
+                                       int tr, int64_t d, int64_t d1) {
+    const int64_t dd = d + col();  // a vector lies wholly inside or wholly outside [d, d1)
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int r = row(k);
+      const int64_t j = j0 + r;
+      const int u = u0 + r;
+      p[k] = (j < a.N && dd < d1) ? *reinterpret_cast<const uint4*>(P + j * a.p_sr + dd) : make_uint4(0u, 0u, 0u, 0u);
+      q[k] = (u < tr && dd < d1) ? *reinterpret_cast<const uint4*>(Q + (t_lo + u) * a.t_sr + dd)
+                                 : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  __device__ __forceinline__ void store(SmemA<T>& sm, float* psq, float* tsq, bool with_p) const {
+    const int c = col();
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int r = row(k);
+      const T* pv = reinterpret_cast<const T*>(&p[k]);
+      const T* qv = reinterpret_cast<const T*>(&q[k]);
+#pragma unroll
+      for (int e = 0; e < kVE; ++e) {
+        sm.ps[r][c + e] = pv[e];
+        sm.ts[r][c + e] = qv[e];
+        const float x = to_f32(pv[e]), y = to_f32(qv[e]);
+        if (with_p) psq[k] = fmaf(x, x, psq[k]);
+        tsq[k] = fmaf(y, y, tsq[k]);
+      }
+    }
+  }
+  __device__ __forceinline__ static float reduce(float v) {  // over the 8 lanes of a row
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+    return v;
+  }
+  __device__ __forceinline__ static bool leader() { return (threadIdx.x & 7) == 0; }
+};
+
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
-  using Tile = ATile<T>;
-  constexpr int kBK = Tile::kBK, kH = Tile::kH;
+  using Ld = Loader<T, kVec>;
+  constexpr int kBK = ATile<T>::kBK, kSlots = Ld::kSlots;
   __shared__ __align__(128) unsigned char smem_raw[sizeof(SmemA<T>)];
   SmemA<T>& sm = *reinterpret_cast<SmemA<T>*>(smem_raw);
 
@@ -336,51 +429,24 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
   const int64_t d1 = mn(D, d0 + a.kchunk);
   float* part = a.part + (static_cast<int64_t>(ks) * B + b) * N * ts;
   float* tsq_out = a.tsq + ((static_cast<int64_t>(ks) * B + b) * a.row_tiles + rt) * ts;
-  float psq[8];
+  float psq[kSlots];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) psq[k] = 0.f;
+  for (int k = 0; k < kSlots; ++k) psq[k] = 0.f;
 
   const int n_tt = (tr + kBT - 1) / kBT;
   for (int tt = 0; tt < n_tt; ++tt) {
     const int u0 = tt * kBT;
-    float tsq[8];
+    float tsq[kSlots];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) tsq[k] = 0.f;
+    for (int k = 0; k < kSlots; ++k) tsq[k] = 0.f;
     AccA<T, UseMma<T>::value> acc;
     acc.zero();
-
-    // Register prefetch of the next D step while the current one is multiplied.
-    T rp[8][kH], rq[8][kH];
-    auto load = [&](int64_t d) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int r = k * 8 + warp;
-        const int64_t j = j0 + r;
-        const int64_t u = u0 + r;
-#pragma unroll
-        for (int h = 0; h < kH; ++h) {
-          const int64_t dd = d + lane + 32 * h;
-          rp[k][h] = (j < N && dd < d1) ? P[j * a.p_sr + dd] : zero_of<T>();
-          rq[k][h] = (u < tr && dd < d1) ? Q[(t_lo + u) * a.t_sr + dd] : zero_of<T>();
-        }
-      }
-    };
-    if (d0 < d1) load(d0);
+    Ld ld;
+    if (d0 < d1) ld.load(P, Q, a, j0, t_lo, u0, tr, d0, d1);
     for (int64_t d = d0; d < d1; d += kBK) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int r = k * 8 + warp;
-#pragma unroll
-        for (int h = 0; h < kH; ++h) {
-          sm.ps[r][lane + 32 * h] = rp[k][h];
-          sm.ts[r][lane + 32 * h] = rq[k][h];
-          const float x = to_f32(rp[k][h]), y = to_f32(rq[k][h]);
-          if (tt == 0) psq[k] = fmaf(x, x, psq[k]);
-          tsq[k] = fmaf(y, y, tsq[k]);
-        }
-      }
+      ld.store(sm, psq, tsq, tt == 0);
       __syncthreads();
-      if (d + kBK < d1) load(d + kBK);
+      if (d + kBK < d1) ld.load(P, Q, a, j0, t_lo, u0, tr, d + kBK, d1);
       acc.step(sm, u0, tr);
       __syncthreads();
     }
@@ -393,18 +459,18 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
       if (j < N && u < tr) part[j * ts + u] = sm.cs[r][c];
     }
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float v = warp_sum(tsq[k]);
-      const int u = u0 + k * 8 + warp;
-      if (lane == 0 && u < tr) tsq_out[u] = v;
+    for (int k = 0; k < kSlots; ++k) {
+      const float v = Ld::reduce(tsq[k]);
+      const int u = u0 + Ld::row(k);
+      if (Ld::leader() && u < tr) tsq_out[u] = v;
     }
     __syncthreads();  // cs is rewritten by the next token tile
   }
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const float v = warp_sum(psq[k]);
-    const int64_t j = j0 + k * 8 + warp;
-    if (lane == 0 && j < N) a.psq[(static_cast<int64_t>(ks) * B + b) * N + j] = v;
+  for (int k = 0; k < kSlots; ++k) {
+    const float v = Ld::reduce(psq[k]);
+    const int64_t j = j0 + Ld::row(k);
+    if (Ld::leader() && j < N) a.psq[(static_cast<int64_t>(ks) * B + b) * N + j] = v;
   }
 
   // 3. The last of the ksplit blocks of (row tile, sample) to arrive finalises the tile.
@@ -739,15 +805,23 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
   if (err != cudaSuccess) return err;
   const dim3 grid_a(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.ksplit),
                     static_cast<unsigned>(p.B));
+  // 16-byte loads in kernel A when every task/patch row start is 16-byte aligned.
+  const int64_t ve = p.dtype == DType::kFloat32 ? 4 : 8;
+  const bool vec = p.D % ve == 0 && p.patches_sb % ve == 0 && p.patches_sr % ve == 0 && p.task_sb % ve == 0 &&
+                   p.task_sr % ve == 0 && reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
   switch (p.dtype) {
     case DType::kFloat32:
-      fp_launch(scores_kernel<float>, grid_a, kThreads, stream, a);
+      if (vec) fp_launch(scores_kernel<float, true>, grid_a, kThreads, stream, a);
+      else fp_launch(scores_kernel<float, false>, grid_a, kThreads, stream, a);
       break;
     case DType::kFloat16:
-      fp_launch(scores_kernel<__half>, grid_a, kThreads, stream, a);
+      if (vec) fp_launch(scores_kernel<__half, true>, grid_a, kThreads, stream, a);
+      else fp_launch(scores_kernel<__half, false>, grid_a, kThreads, stream, a);
       break;
     case DType::kBFloat16:
-      fp_launch(scores_kernel<__nv_bfloat16>, grid_a, kThreads, stream, a);
+      if (vec) fp_launch(scores_kernel<__nv_bfloat16, true>, grid_a, kThreads, stream, a);
+      else fp_launch(scores_kernel<__nv_bfloat16, false>, grid_a, kThreads, stream, a);
       break;
     default:
       return cudaErrorInvalidValue;

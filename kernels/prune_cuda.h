@@ -5,8 +5,9 @@
 //
 // Pipeline (SPEC), 3 kernels + 1 memset of a few counters:
 //   memset   zero the per-tile arrival counters and the max-count cell of the workspace;
-//   kernel A grid (row tiles, D splits, B): partial S = P Tn^T (raw rows, tensor-core MMA on
-//            fp16/bf16) and partial row sums of squares over one slice of D; the last block of
+//   kernel A grid (row tiles, D splits, B): partial S = P Tn^T (raw rows, 16-byte loads when
+//            aligned, tensor-core wmma on fp16/bf16 at sm_80+, fp32 FMA otherwise) and partial
+//            row sums of squares over one slice of D; the last block of
 //            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
 //            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32), and zeroes its argmax
 //            keys;
