@@ -1,0 +1,272 @@
+"""The training loop (pi05_fastprune.train) on CPU with the dummy model: schedules, telemetry,
+checkpoint + resume, a fixed-batch overfit, the data source, and 2-process DDP (gloo)."""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pi05_fastprune import train as T
+from pi05_fastprune.model import Pi05
+
+# Tiny SigLIP at 56 px: 16 patches per camera, 48 image tokens; short prompts and horizon.
+MODEL = dict(vision_image_size=56, action_horizon=4, max_token_len=16)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small(tmp_path, **over):
+    base = dict(
+        model=dict(MODEL), checkpoint_base_dir=str(tmp_path), batch_size=2, num_train_steps=4, warmup_steps=2,
+        decay_steps=4, log_freq=1, save_interval=2, synthetic_prompt_len=(3, 10), tensorboard=False,
+    )
+    base.update(over)
+    return T.get_preset("debug", **base)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+SEED_KEYS = [
+    "prune/kept_ratio_overall_mean", "prune/kept_tokens_overall_mean", "prune/kept_tokens_overall_min",
+    "prune/kept_tokens_overall_max", "prune/kept_tokens_overall_mean_noisy", "prune/task_valid_len_mean",
+    "prune/task_attn_masked_len_mean", "prune/argmax_union_mean", "prune/argmax_union_mean_noisy",
+    "prune/argmax_top1_share_mean", "prune/argmax_top1_share_mean_noisy", "prune/patches_std_mean",
+    "prune/task_std_mean", "prune/queries_before_norm_std_mean", "prune/queries_after_norm_std_mean",
+    "prune/queries_before_norm_cosine_mean", "prune/queries_after_norm_cosine_mean",
+    "prune/score_abs_max_det_mean", "prune/score_top1_gap_det_mean",
+]
+
+
+# ------------------------------------------------------------------------------ schedules / config
+
+
+def test_lr_schedule_values():
+    cfg = T.TrainConfig(warmup_steps=100, peak_lr=1e-3, decay_steps=1100, decay_lr=1e-4)
+    assert T.lr_at(0, cfg) == pytest.approx(1e-3 / 101, rel=1e-12)
+    assert T.lr_at(50, cfg) == pytest.approx(1e-3 / 101 + (1e-3 - 1e-3 / 101) * 0.5, rel=1e-12)
+    assert T.lr_at(100, cfg) == pytest.approx(1e-3, rel=1e-12)
+    assert T.lr_at(600, cfg) == pytest.approx(0.5 * (1e-3 + 1e-4), rel=1e-12)  # cosine half way
+    assert T.lr_at(350, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12)
+    assert T.lr_at(1100, cfg) == pytest.approx(1e-4, rel=1e-12)
+    assert T.lr_at(5000, cfg) == pytest.approx(1e-4, rel=1e-12)  # constant after decay_steps
+    # pi05_libero: 10k warmup to 5e-5, then "cosine" from 5e-5 to 5e-5 (constant).
+    lib = T.get_preset("pi05_libero_lightvla")
+    assert T.lr_at(0, lib) == pytest.approx(5e-5 / 10_001, rel=1e-12)
+    assert T.lr_at(5_000, lib) == pytest.approx(5e-5 / 10_001 + (5e-5 - 5e-5 / 10_001) / 2, rel=1e-12)
+    assert [T.lr_at(s, lib) for s in (10_000, 20_000, 29_999)] == [pytest.approx(5e-5, rel=1e-12)] * 3
+
+
+def test_noise_schedule_values():
+    cfg = T.TrainConfig(num_train_steps=30_000)
+    assert [T.noise_scale_at(s, cfg) for s in (0, 7_500, 15_000, 30_000, 40_000)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    assert T.noise_scale_at(0, dataclasses.replace(cfg, prune_noise_schedule="config")) is None
+
+
+def test_presets_and_cli():
+    base, prune = T.get_preset("pi05_libero"), T.get_preset("pi05_libero_lightvla")
+    for cfg in (base, prune):
+        assert (cfg.batch_size, cfg.num_train_steps, cfg.warmup_steps, cfg.peak_lr, cfg.decay_steps,
+                cfg.decay_lr) == (256, 30_000, 10_000, 5e-5, 1_000_000, 5e-5)
+        assert (cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.clip_gradient_norm) == (0.9, 0.95, 1e-8, 1e-10, 1.0)
+        assert (cfg.model.action_horizon, cfg.model.action_dim, cfg.model.max_token_len) == (10, 32, 200)
+        assert cfg.model.paligemma_variant == "gemma_2b" and cfg.model.action_expert_variant == "gemma_300m"
+    assert not base.model.token_pruning_enabled and prune.model.token_pruning_enabled
+    cfg = T.parse_args(["--preset", "pi05_libero_lightvla", "--batch_size", "64", "--init_weights", "none",
+                        "--model.token_prune_keep_tokens", "24", "--model.dtype", "float32",
+                        "--synthetic_absent_cameras", "1,2", "--resume", "true"])
+    assert (cfg.name, cfg.batch_size, cfg.init_weights, cfg.resume) == ("pi05_libero_lightvla", 64, None, True)
+    assert cfg.model.token_prune_keep_tokens == 24 and cfg.model.dtype == "float32"
+    assert cfg.synthetic_absent_cameras == (1, 2) and cfg.model.token_pruning_enabled
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def test_sampler_shards_the_global_batch():
+    one = T.ShardedSampler(10, 4, rank=0, world_size=1, seed=3)
+    two = [T.ShardedSampler(10, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    seen = []
+    for step in range(5):  # two epochs
+        idx = one.indices(step)
+        assert two[0].indices(step) + two[1].indices(step) == idx
+        seen += idx
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert T.ShardedSampler(10, 4, 0, 1, seed=3).indices(3) == one.indices(3)  # deterministic
+    with pytest.raises(ValueError, match="divisible"):
+        T.ShardedSampler(10, 5, 0, 2, seed=0)
+
+
+def test_synthetic_batches_are_libero_shaped():
+    cfg = T.get_preset("debug", batch_size=4, synthetic_prompt_len=(5, 30))  # 224 px, 3 cameras
+    src = T.make_data_source(cfg)
+    batch = src.batch(0)
+    T.check_batch(batch, cfg.model, 4)
+    m = cfg.model
+    assert len(batch["images"]) == 3 and batch["images"][0].shape == (4, 3, 224, 224)
+    assert all(im.min() >= -1 and im.max() <= 1 for im in batch["images"])
+    assert batch["img_masks"][0].all() and batch["img_masks"][1].all() and not batch["img_masks"][2].any()
+    assert (batch["images"][2] == -1).all()  # absent right wrist camera: openpi's zero uint8 image
+    assert batch["lang_tokens"].shape == (4, m.max_token_len) and batch["lang_tokens"].dtype == torch.int64
+    lens = batch["lang_masks"].sum(1)
+    assert ((lens >= 5) & (lens <= 30)).all()
+    assert (batch["lang_tokens"][~batch["lang_masks"]] == 0).all()
+    assert batch["actions"].shape == (4, m.action_horizon, m.action_dim)
+    assert (batch["actions"][..., 7:] == 0).all() and batch["actions"][..., :7].abs().sum() > 0
+    again = T.make_data_source(cfg).batch(0)
+    assert torch.equal(again["actions"], batch["actions"]) and torch.equal(again["images"][0], batch["images"][0])
+    with pytest.raises(ValueError, match="actions"):
+        T.check_batch(dict(batch, actions=batch["actions"][:, :2]), m, 4)
+
+
+# ------------------------------------------------------------------------------ model setup
+
+
+def test_dead_parameters_are_exactly_the_unused_ones():
+    cfg = T.get_preset("debug", model=dict(MODEL))
+    model = Pi05(cfg.model, seed=0).train()
+    batch = T.make_data_source(dataclasses.replace(cfg, batch_size=2)).batch(0)
+    args, _ = T._step_batch(batch, cfg.model)
+    model(*args).mean().backward()
+    no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None)
+    assert no_grad == sorted(T.dead_parameter_names(model)) and no_grad
+    assert [n for n, _ in model.named_buffers()] == ["expert.lm_head"]  # not a parameter
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = T.get_preset("debug", model=dict(MODEL), batch_size=2)
+    batch = T.make_data_source(cfg).batch(0)
+    args, _ = T._step_batch(batch, cfg.model)
+    noise = torch.randn_like(batch["actions"])
+    time = torch.tensor([0.3, 0.7])
+    grads = []
+    for ckpt in (False, True):
+        model = Pi05(cfg.model, seed=0).train()
+        if ckpt:
+            T.enable_activation_checkpointing(model)
+        model.set_token_pruner_noise_scale(0.5)
+        torch.manual_seed(0)
+        model(*args, noise=noise, time=time).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+# ------------------------------------------------------------------------------ training runs
+
+
+def test_debug_run_telemetry_and_resume(tmp_path):
+    """4 steps (checkpoints at 2 and 4); then a run resumed from step 2 ends in the same state."""
+    cfg = small(tmp_path / "a")
+    out = T.train(cfg)
+    assert out["step"] == 4
+    rows = read_metrics(cfg.run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
+        assert r["learning_rate"] == pytest.approx(T.lr_at(r["step"], cfg), rel=1e-12)
+        assert r["prune/noise_scale"] == pytest.approx(1 - r["step"] / 4)  # the seed's schedule
+        missing = [k for k in SEED_KEYS if k not in r or not math.isfinite(r[k])]
+        assert not missing, missing
+        assert 0 < r["prune/kept_ratio_overall_mean"] <= 1
+        assert r["prune/kept_tokens_overall_min"] <= r["prune/kept_tokens_overall_mean"] <= \
+            r["prune/kept_tokens_overall_max"] <= 32  # the absent camera is never kept
+    assert T.latest_checkpoint_step(cfg.run_dir) == 4
+    ckpt = cfg.run_dir / "4"
+    loaded = Pi05.from_openpi(str(ckpt / "model.safetensors"))
+    assert loaded.config == cfg.model
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state["step"] == 4 and state["param_groups"][0]["betas"] == [0.9, 0.95]
+
+    # Resume: a second run directory holding only the step-2 checkpoint.
+    cfg_b = small(tmp_path / "b", resume=True)
+    cfg_b.run_dir.mkdir(parents=True)
+    shutil.copytree(cfg.run_dir / "2", cfg_b.run_dir / "2")
+    out = T.train(cfg_b)
+    assert out["step"] == 4
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(cfg.run_dir / "4" / name)), load_file(str(cfg_b.run_dir / "4" / name))
+        assert a.keys() == b.keys()
+        diff = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not diff, (name, diff[:5])
+    rows_b = read_metrics(cfg_b.run_dir)
+    assert [r["step"] for r in rows_b] == [2, 3]
+    assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows[2:]]
+
+    with pytest.raises(FileExistsError):  # neither --resume nor --overwrite
+        T.train(small(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError):
+        T.train(small(tmp_path / "c", resume=True))
+
+
+class FixedSource(T.DataSource):
+    """One batch, with fixed flow-matching noise and time, at every step."""
+
+    def __init__(self, cfg):
+        synth = T.make_data_source(dataclasses.replace(cfg, data="synthetic"))
+        self.fixed = synth.batch(0)
+        g = torch.Generator().manual_seed(0)
+        self.fixed["noise"] = torch.randn(self.fixed["actions"].shape, generator=g)
+        self.fixed["time"] = torch.rand(cfg.batch_size, generator=g) * 0.8 + 0.1
+
+    def batch(self, step):
+        return self.fixed
+
+
+def make_fixed_source(cfg, rank, world_size):
+    return FixedSource(cfg)
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    sys.modules.setdefault("test_train", sys.modules[__name__])
+    cfg = small(tmp_path, data="test_train:make_fixed_source", num_train_steps=6, warmup_steps=0,
+                peak_lr=2e-3, decay_lr=2e-3, save_interval=100, model=dict(MODEL, token_prune_noise_scale=0.0),
+                prune_noise_schedule="config")
+    T.train(cfg)
+    losses = [r["loss"] for r in read_metrics(cfg.run_dir)]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ------------------------------------------------------------------------------ DDP
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun, 2 processes (gloo), find_unused_parameters=False: finite loss, and the two
+    replicas' parameter digests identical at every logged step."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "pi05_fastprune.train", "--preset", "debug", "--checkpoint_base_dir", str(tmp_path),
+        "--batch_size", "4", "--num_train_steps", "3", "--log_freq", "1", "--save_interval", "3",
+        "--tensorboard", "false", "--synthetic_prompt_len", "3,10",
+        *[a for k, v in MODEL.items() for a in (f"--model.{k}", str(v))],
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "debug" / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss"])
+        d = r["replica_digests"]
+        assert len(d) == 2 and d[0] == d[1], d
+        assert "replica_mismatch" not in r
+    assert rows[0]["replica_digests"] != rows[-1]["replica_digests"]  # the parameters did move
+    assert T.latest_checkpoint_step(tmp_path / "debug" / "run") == 3
