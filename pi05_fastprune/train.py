@@ -107,6 +107,7 @@ class TrainConfig:
     data: str = "synthetic"
     batch_size: int = 256  # global, split evenly over ranks
     num_workers: int = 0  # DataLoader workers of a MapDataSource (0: in the training process)
+    grad_accum_steps: int = 1  # each rank's batch in this many micro-batches (DDP syncs on the last)
     num_train_steps: int = 30_000
 
     # openpi CosineDecaySchedule.
@@ -732,6 +733,38 @@ def _step_batch(batch: dict, model_cfg: Pi05Config):
     return args, dict(noise=batch.get("noise"), time=batch.get("time"))
 
 
+def _split_batch(batch: dict, n: int) -> list[dict]:
+    """``n`` equal micro-batches along the batch dimension."""
+    if n == 1:
+        return [batch]
+
+    def chunks(x):
+        if isinstance(x, (list, tuple)):
+            return list(zip(*[chunks(v) for v in x]))
+        return x.chunk(n, dim=0) if isinstance(x, torch.Tensor) else [x] * n
+
+    per_key = {k: chunks(v) for k, v in batch.items()}
+    return [{k: (list(v[i]) if isinstance(batch[k], (list, tuple)) else v[i]) for k, v in per_key.items()}
+            for i in range(n)]
+
+
+def _forward_backward(net: torch.nn.Module, batch: dict, accum: int, ddp: bool) -> torch.Tensor:
+    """Loss (mean over the rank's batch) and its gradient, in ``accum`` micro-batches; under
+    DDP the gradients are all-reduced once, in the last micro-batch's backward."""
+    import contextlib
+
+    micro = _split_batch(batch, accum)
+    total = None
+    for i, mb in enumerate(micro):
+        args, kwargs = _step_batch(mb, None)
+        sync = not ddp or i == len(micro) - 1
+        with contextlib.nullcontext() if sync else net.no_sync():
+            loss = net(*args, **kwargs).mean() / len(micro)
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
 def build(cfg: TrainConfig, device: torch.device):
     """Model (train mode, dead parameters frozen), the trainable names and AdamW."""
     model = Pi05(cfg.model, device=device, seed=cfg.seed)
@@ -772,6 +805,8 @@ def train(cfg: TrainConfig) -> dict:
     local_batch = cfg.batch_size // world_size
     if local_batch * world_size != cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} ranks")
+    if cfg.grad_accum_steps < 1 or local_batch % cfg.grad_accum_steps:
+        raise ValueError(f"the batch per rank ({local_batch}) is not divisible by grad_accum_steps {cfg.grad_accum_steps}")
 
     torch.manual_seed(cfg.seed)
     model, param_names, optimizer = build(cfg, device)
@@ -814,9 +849,7 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.model.token_pruning_enabled:
                 model.set_token_pruner_noise_scale(noise_scale_at(step, cfg))
 
-            args, kwargs = _step_batch(batch, cfg.model)
-            loss = net(*args, **kwargs).mean()
-            loss.backward()
+            loss = _forward_backward(net, batch, cfg.grad_accum_steps, world_size > 1)
             if step == start_step:
                 missing = [n for n, p in zip(param_names, params) if p.grad is None]
                 if missing:
@@ -861,9 +894,11 @@ def _log_step(cfg, step, net, model, loss_sum, gnorm_sum, n_acc, lr, t_last, wor
             gathered = [torch.zeros_like(mine) for _ in range(world_size)]
             dist.all_gather(gathered, mine)
             digests = [g.tolist() for g in gathered]
-    if writer is None:
-        return None
     loss, gnorm = (sums / n_acc).tolist()
+    if writer is None:
+        if not math.isfinite(loss):  # every rank stops, not only the one that logs
+            raise FloatingPointError(f"step {step}: loss is {loss}")
+        return None
     record: dict = dict(step=step, loss=loss, grad_norm=gnorm, learning_rate=lr,
                         time_per_step=(time.time() - t_last) / n_acc)
     if cfg.model.token_pruning_enabled:

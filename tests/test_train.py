@@ -128,11 +128,22 @@ def test_synthetic_batches_are_libero_shaped():
         T.check_batch(dict(batch, actions=batch["actions"][:, :2]), m, 4)
 
 
+def test_data_loader_workers_give_the_same_batches():
+    cfg = T.get_preset("debug", model=dict(MODEL), batch_size=4, num_workers=1)
+    src = T.make_data_source(cfg, rank=1, world_size=2)
+    it = src.iterate(5)
+    for step in (5, 6):
+        got, want = next(it), src.batch(step)
+        assert torch.equal(got["actions"], want["actions"]) and torch.equal(got["images"][1], want["images"][1])
+        assert got["actions"].shape[0] == 2
+
+
 # ------------------------------------------------------------------------------ model setup
 
 
-def test_dead_parameters_are_exactly_the_unused_ones():
-    cfg = T.get_preset("debug", model=dict(MODEL))
+@pytest.mark.parametrize("pruning", [True, False], ids=["pruned", "unpruned"])
+def test_dead_parameters_are_exactly_the_unused_ones(pruning):
+    cfg = T.get_preset("debug", model=dict(MODEL, token_pruning_enabled=pruning))
     model = Pi05(cfg.model, seed=0).train()
     batch = T.make_data_source(dataclasses.replace(cfg, batch_size=2)).batch(0)
     args, _ = T._step_batch(batch, cfg.model)
@@ -209,6 +220,36 @@ def test_debug_run_telemetry_and_resume(tmp_path):
         T.train(small(tmp_path / "c", resume=True))
 
 
+def test_checkpoint_keep_last_and_tensorboard(tmp_path, monkeypatch):
+    cfg = small(tmp_path)
+    model, names, opt = T.build(cfg, torch.device("cpu"))
+    for step in (1, 2, 3):
+        T.save_checkpoint(cfg.run_dir, step, model, opt, names, cfg, keep_last=2)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["2", "3"]
+    assert T.load_checkpoint(cfg.run_dir / "3", model, opt, names) == 3
+
+    scalars = []
+
+    class FakeWriter:  # torch.utils.tensorboard needs the tensorboard package; record the calls
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, value, step))
+
+        def close(self):
+            pass
+
+    fake = type(sys)("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    writer = T.MetricsWriter(cfg.run_dir, tensorboard=True)
+    writer.write({"step": 7, "loss": 0.5, "prune/kept_ratio_overall_mean": 0.1, "replica_digests": [[1.0]]})
+    writer.close()
+    assert scalars == [("loss", 0.5, 7), ("prune/kept_ratio_overall_mean", 0.1, 7)]
+    assert read_metrics(cfg.run_dir)[-1]["step"] == 7
+
+
 class FixedSource(T.DataSource):
     """One batch, with fixed flow-matching noise and time, at every step."""
 
@@ -238,6 +279,20 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    """One step on a batch of 4 in 2 micro-batches == one step on the whole batch."""
+    sys.modules.setdefault("test_train", sys.modules[__name__])
+    states = []
+    for accum in (1, 2):
+        cfg = small(tmp_path / str(accum), data="test_train:make_fixed_source", batch_size=4, num_train_steps=1,
+                    save_interval=1, grad_accum_steps=accum, prune_noise_schedule="config",
+                    model=dict(MODEL, token_prune_noise_scale=0.0))
+        T.train(cfg)
+        states.append(load_file(str(cfg.run_dir / "1" / "optimizer.safetensors")))
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-9, msg=k)
+
+
 # ------------------------------------------------------------------------------ DDP
 
 
@@ -248,15 +303,15 @@ def _free_port():
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    """torchrun, 2 processes (gloo), find_unused_parameters=False: finite loss, and the two
-    replicas' parameter digests identical at every logged step."""
+    """torchrun, 2 processes (gloo), find_unused_parameters=False, 2 micro-batches per rank
+    (no_sync): finite loss, and the two replicas' parameter digests identical at every step."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
         "-m", "pi05_fastprune.train", "--preset", "debug", "--checkpoint_base_dir", str(tmp_path),
         "--batch_size", "4", "--num_train_steps", "3", "--log_freq", "1", "--save_interval", "3",
-        "--tensorboard", "false", "--synthetic_prompt_len", "3,10",
+        "--tensorboard", "false", "--synthetic_prompt_len", "3,10", "--grad_accum_steps", "2",
         *[a for k, v in MODEL.items() for a in (f"--model.{k}", str(v))],
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
