@@ -24,6 +24,8 @@ uses it (sections 8-9 of its notes), written from scratch:
   TensorBoard when ``torch.utils.tensorboard`` imports): loss / grad norm averaged over the
   interval and over ranks, lr, noise scale, and with pruning the seed's ``prune/*`` telemetry
   (``Pi05.get_token_pruning_stats`` of rank 0's last batch);
+- optional gradient accumulation (``grad_accum_steps`` micro-batches per rank, one all-reduce)
+  and activation checkpointing (SigLIP blocks, Gemma layer halves; on in the LIBERO presets);
 - DDP under torchrun (NCCL on CUDA, gloo on CPU), ``find_unused_parameters=False``: the
   parameters that cannot reach the loss (see ``dead_parameter_names``) are frozen, the expert's
   ``lm_head`` is a buffer and buffers are not broadcast each step; the global batch is split
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -728,7 +731,8 @@ def _setup_distributed(cfg: TrainConfig):
     return rank, world_size, device
 
 
-def _step_batch(batch: dict, model_cfg: Pi05Config):
+def _step_batch(batch: dict):
+    """``Pi05.forward`` arguments of a batch."""
     args = (batch["images"], batch["img_masks"], batch["lang_tokens"], batch["lang_masks"], batch["actions"])
     return args, dict(noise=batch.get("noise"), time=batch.get("time"))
 
@@ -751,12 +755,10 @@ def _split_batch(batch: dict, n: int) -> list[dict]:
 def _forward_backward(net: torch.nn.Module, batch: dict, accum: int, ddp: bool) -> torch.Tensor:
     """Loss (mean over the rank's batch) and its gradient, in ``accum`` micro-batches; under
     DDP the gradients are all-reduced once, in the last micro-batch's backward."""
-    import contextlib
-
     micro = _split_batch(batch, accum)
     total = None
     for i, mb in enumerate(micro):
-        args, kwargs = _step_batch(mb, None)
+        args, kwargs = _step_batch(mb)
         sync = not ddp or i == len(micro) - 1
         with contextlib.nullcontext() if sync else net.no_sync():
             loss = net(*args, **kwargs).mean() / len(micro)
@@ -910,10 +912,12 @@ def _log_step(cfg, step, net, model, loss_sum, gnorm_sum, n_acc, lr, t_last, wor
             record["replica_mismatch"] = True
             log.warning("step %d: the DDP replicas' parameters differ: %s", step, digests)
     writer.write(record)
-    shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                     if k in ("loss", "grad_norm", "learning_rate", "prune/kept_ratio_overall_mean",
-                              "prune/kept_tokens_overall_mean", "prune/noise_scale"))
-    log.info("step=%d %s", step, shown)
+    # The seed's log line: step=1000 loss=0.1234 lr=5.00e-05 prune/kept_ratio_overall_mean=...
+    line = f"step={step} loss={loss:.4f} lr={lr:.2e} grad_norm={gnorm:.2f}"
+    for k in ("prune/kept_ratio_overall_mean", "prune/kept_tokens_overall_mean", "prune/noise_scale"):
+        if k in record:
+            line += f" {k}={record[k]:.4g}"
+    log.info(line)
     if not math.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss}")
     return record

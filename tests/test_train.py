@@ -146,7 +146,7 @@ def test_dead_parameters_are_exactly_the_unused_ones(pruning):
     cfg = T.get_preset("debug", model=dict(MODEL, token_pruning_enabled=pruning))
     model = Pi05(cfg.model, seed=0).train()
     batch = T.make_data_source(dataclasses.replace(cfg, batch_size=2)).batch(0)
-    args, _ = T._step_batch(batch, cfg.model)
+    args, _ = T._step_batch(batch)
     model(*args).mean().backward()
     no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None)
     assert no_grad == sorted(T.dead_parameter_names(model)) and no_grad
@@ -156,7 +156,7 @@ def test_dead_parameters_are_exactly_the_unused_ones(pruning):
 def test_activation_checkpointing_gives_the_same_gradients():
     cfg = T.get_preset("debug", model=dict(MODEL), batch_size=2)
     batch = T.make_data_source(cfg).batch(0)
-    args, _ = T._step_batch(batch, cfg.model)
+    args, _ = T._step_batch(batch)
     noise = torch.randn_like(batch["actions"])
     time = torch.tensor([0.3, 0.7])
     grads = []
