@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -107,6 +108,7 @@ class Pi05Config:
     action_horizon: int = 50
     max_token_len: int = 200
     dtype: str = "bfloat16"  # "bfloat16" | "float32"
+    pytorch_compile_mode: Optional[str] = "max-autotune"  # torch.compile mode of sample_actions; None: eager
 
     # LightVLA pruning (the seed's four fields, then ours).
     token_pruning_enabled: bool = False
@@ -548,6 +550,11 @@ class Pi05(nn.Module):
         # settings; the seed's runtime setters below write the config.
         self.token_pruner = ImageTokenPruner(llm.width)
         self._token_pruner_user_noise_scale: Optional[float] = None
+        # sample_actions compiles by default, pruning included (dynamic=True: one graph for
+        # every kept count); FASTPRUNE_TORCH_COMPILE=0 or pytorch_compile_mode=None turn it off.
+        self._sample_compiled = self._sample
+        if config.pytorch_compile_mode is not None and os.environ.get("FASTPRUNE_TORCH_COMPILE", "1") != "0":
+            self._sample_compiled = torch.compile(self._sample, mode=config.pytorch_compile_mode, dynamic=True)
         if device.type != "meta":
             self.reset_parameters(seed)
 
@@ -804,28 +811,46 @@ class Pi05(nn.Module):
     ) -> torch.Tensor:
         """Flow-matching sampler: Euler from t=1 (noise) to t=0 -> actions ``[B,H,A]`` (float32).
 
-        ``noise [B,H,A]`` defaults to N(0,1) with ``H = config.action_horizon``. Pass a dict
-        as ``debug`` to receive the prefix (``prefix``), the cache (``prefix_kv_cache``) and
-        per step ``x_t, timestep, v_t, adarms_cond, suffix_embs`` (``steps``).
+        ``noise [B,H,A]`` defaults to N(0,1) with ``H = config.action_horizon``. Runs under
+        torch.compile unless compilation is off (``config.pytorch_compile_mode=None`` or
+        ``FASTPRUNE_TORCH_COMPILE=0``). Pass a dict as ``debug`` (eager) to receive the prefix
+        (``prefix``), the cache (``prefix_kv_cache``) and per step ``x_t, timestep, v_t,
+        adarms_cond, suffix_embs`` (``steps``).
         """
+        noise = self._default_noise(lang_tokens.shape[0], lang_tokens.device, noise)
+        # The schedule is computed here, outside the compiled region: its float constants
+        # depend only on num_steps.
+        schedule = euler_timesteps(num_steps)
+        if debug is not None:
+            return self._sample(images, img_masks, lang_tokens, lang_masks, noise, schedule, debug)
+        return self._sample_compiled(images, img_masks, lang_tokens, lang_masks, noise, schedule)
+
+    def _sample(self, images, img_masks, lang_tokens, lang_masks, noise, schedule, debug=None):
         prefix = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
-        return self.sample_actions_from_prefix(prefix, noise, num_steps, debug)
+        return self._denoise(prefix, noise, schedule, debug)
 
     @torch.no_grad()
     def sample_actions_from_prefix(
         self, prefix: Prefix, noise: Optional[torch.Tensor] = None, num_steps: int = 10, debug: Optional[dict] = None
     ) -> torch.Tensor:
-        """``sample_actions`` after ``embed_prefix``: cache the prefix, then the Euler loop."""
+        """``sample_actions`` after ``embed_prefix`` (eager): cache the prefix, then the Euler loop."""
+        noise = self._default_noise(prefix[0].shape[0], prefix[0].device, noise)
+        return self._denoise(prefix, noise, euler_timesteps(num_steps), debug)
+
+    def _default_noise(self, batch: int, device: torch.device, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        if noise is not None:
+            return noise
+        shape = (batch, self.config.action_horizon, self.config.action_dim)
+        return torch.randn(shape, dtype=torch.float32, device=device)
+
+    def _denoise(self, prefix: Prefix, noise: torch.Tensor, schedule, debug: Optional[dict]) -> torch.Tensor:
         embs, pad, att, pos = prefix
         B, device = embs.shape[0], embs.device
-        if noise is None:
-            shape = (B, self.config.action_horizon, self.config.action_dim)
-            noise = torch.randn(shape, dtype=torch.float32, device=device)
         cache = self.prefix_kv_cache(embs, pad, att, pos)
         if debug is not None:
             debug["prefix"] = prefix
             debug["prefix_kv_cache"] = cache
-        dt, times = euler_timesteps(num_steps)
+        dt, times = schedule
         x_t = noise.to(self.action_in.weight.dtype)
         for t in times:
             timestep = torch.full((B,), t, dtype=torch.float32, device=device)

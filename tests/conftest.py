@@ -1,3 +1,5 @@
+import os
+os.environ.setdefault("FASTPRUNE_TORCH_COMPILE", "0")  # tests compile explicitly where they test compilation
 import pathlib
 
 import pytest

@@ -302,3 +302,36 @@ def test_seed_pruning_controls_and_stats():
     model.embed_prefix(*inputs)
     assert model.get_token_pruning_stats()["noise_scale"] == CFG.token_prune_noise_scale
     assert Pi05(CFG, seed=0).get_token_pruning_stats() == {"enabled": False}
+
+
+def test_compiled_sample_actions_one_graph_across_kept_counts():
+    """sample_actions with pruning on under torch.compile(fullgraph=True, dynamic=True): no
+    graph break from pruning, one compiled entry for every kept count and batch size 2/3.
+    (aot_eager keeps this CPU test fast; inductor lowers the same graph.)"""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model = Pi05(dataclasses.replace(CFG, token_pruning_enabled=True), seed=0).eval()
+    torch._dynamo.reset()
+    model._sample_compiled = torch.compile(model._sample, backend="aot_eager", fullgraph=True, dynamic=True)
+    kept = set()
+    for seed in range(5):
+        inputs, noise = make_inputs(batch=2 + seed % 2, seed=seed, lang_lens=(5, 11, 7))
+        out = model.sample_actions(*inputs, noise=noise, num_steps=2)
+        counts = last_kept(model).counts
+        kept.add(tuple(counts.tolist()))
+        eager = model.sample_actions(*inputs, noise=noise, num_steps=2, debug={})
+        torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert len(kept) == 5
+    assert len(_debug_get_cache_entry_list(model._sample.__func__.__code__)) == 1
+    torch._dynamo.reset()
+
+
+def test_compile_is_on_by_default(monkeypatch):
+    monkeypatch.setenv("FASTPRUNE_TORCH_COMPILE", "1")
+    compiled = Pi05(CFG, device="meta")
+    assert compiled._sample_compiled != compiled._sample  # the torch.compile wrapper
+    off = Pi05(dataclasses.replace(CFG, pytorch_compile_mode=None), device="meta")
+    assert off._sample_compiled == off._sample
+    monkeypatch.setenv("FASTPRUNE_TORCH_COMPILE", "0")
+    eager = Pi05(CFG, device="meta")
+    assert eager._sample_compiled == eager._sample
