@@ -285,15 +285,12 @@ class Pi05Policy:
         x = self._noise(len(observations), noise)
         self._last_kept = None
         start = time.monotonic()
-        with torch.no_grad():  # = model.sample_actions, with the prefix kept for the counts
-            prefix = self.model.embed_prefix(*inputs)
-            out = self.model.sample_actions_from_prefix(prefix, noise=x, num_steps=self.num_steps)
+        out = self.model.sample_actions(*inputs, noise=x, num_steps=self.num_steps)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         infer_ms = (time.monotonic() - start) * 1e3
         if self.model.config.token_pruning_enabled:
-            pad, num_lang = prefix[1], inputs[2].shape[1]
-            self._last_kept = pad[:, : pad.shape[1] - num_lang].sum(1).cpu().numpy()
+            self._last_kept = self.model.token_pruner.core.last_kept_per_sample.cpu().numpy()
         actions = out.detach().float().cpu().numpy()
         if "actions" in self.norm_stats:
             actions = unnormalize(actions, self.norm_stats["actions"], self.use_quantiles)
