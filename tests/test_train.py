@@ -316,12 +316,18 @@ def test_ddp_two_cpu_processes(tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert T.latest_checkpoint_step(tmp_path / "debug" / "run") == 3
+    # Both ranks resume from the step-3 checkpoint and train on to step 4.
+    cmd[cmd.index("--num_train_steps") + 1] = "4"
+    cmd[cmd.index(next(a for a in cmd if a.startswith("--master_port")))] = f"--master_port={_free_port()}"
+    proc = subprocess.run(cmd + ["--resume", "true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "debug" / "run")
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for r in rows:
         assert math.isfinite(r["loss"])
         d = r["replica_digests"]
         assert len(d) == 2 and d[0] == d[1], d
         assert "replica_mismatch" not in r
     assert rows[0]["replica_digests"] != rows[-1]["replica_digests"]  # the parameters did move
-    assert T.latest_checkpoint_step(tmp_path / "debug" / "run") == 3
+    assert T.latest_checkpoint_step(tmp_path / "debug" / "run") == 4
