@@ -1,75 +1,181 @@
-"""python -m pi05_fastprune demo: prune a pi0.5-shaped prefix and say what was kept and how fast."""
+"""python -m pi05_fastprune demo: what LightVLA pruning keeps in a pi0.5 prefix, and how fast.
+
+1. The op on pi0.5-shaped embeddings (3 cameras x 256 patches, a 200-token prompt with 48
+   valid, width 2048): kept patches per camera, prefix length before/after, and the latency
+   of the seed-style eager pruner against fastprune.
+2. The pi0.5 model (dummy size on the CPU by default, `--size pi05` full size): the prefix
+   and its KV cache with and without pruning, and `embed_prefix` / `sample_actions` latency.
+   With `--checkpoint PATH --tokenizer PATH` the model is a real openpi pi0.5 checkpoint run
+   as a policy on a synthetic observation.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
+import numpy as np
 import torch
 
-from pi05_fastprune import prune_tokens
-from pi05_fastprune.prune import resolve_keep_tokens
+from pi05_fastprune.model import IMAGE_KEYS, Pi05, Pi05Config
+from pi05_fastprune.prune import prune_tokens, resolve_keep_tokens
 from pi05_fastprune.reference import prune_ref
 from pi05_fastprune.structured import structured_inputs
 
-CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    def run():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
+    run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        run()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
-def demo_op(args) -> None:
+def camera_counts(kept_idx: torch.Tensor, kept_mask: torch.Tensor, per_camera: int) -> str:
+    cams = (kept_idx[kept_mask] // per_camera).tolist()
+    return ", ".join(f"{name}={cams.count(c)}" for c, name in enumerate(IMAGE_KEYS))
+
+
+def budget(args) -> dict:
+    return dict(keep_tokens=args.keep_tokens, keep_ratio=args.keep_ratio, max_tokens=args.max_tokens)
+
+
+def demo_op(args, device: torch.device) -> None:
     dtype = getattr(torch, args.dtype)
-    patches, task, task_mask, patch_mask = structured_inputs(
-        batch=args.batch, width=args.width, dtype=dtype, device=args.device, seed=args.seed
-    )
+    patches, task, task_mask, patch_mask = structured_inputs(batch=args.batch, dtype=dtype, device=device)
     B, N, D = patches.shape
     T = task.shape[1]
-    kwargs = dict(keep_tokens=args.keep_tokens, keep_ratio=args.keep_ratio, max_tokens=args.max_tokens)
-    out = prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **kwargs)
-    per_camera = N // len(CAMERAS)
-    print(f"pi0.5 prefix: {B} x ({len(CAMERAS)} cameras x {per_camera} patches + {T} prompt tokens, "
-          f"{int(task_mask[0].sum())} valid), width {D}, {args.dtype}, {args.device}")
+    out = prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **budget(args))
+    print(f"[op] pi0.5-shaped prefix: {B} x ({len(IMAGE_KEYS)} cameras x {N // 3} patches + {T} prompt "
+          f"tokens, {int(task_mask[0].sum())} valid), width {D}, {args.dtype}, {device}")
     for b in range(B):
-        kept = out.kept_idx[b][out.kept_mask[b]]
-        cams = ", ".join(f"{name}={int(((kept // per_camera) == c).sum())}" for c, name in enumerate(CAMERAS))
-        before = N + int(task_mask[b].sum())
-        after = int(out.counts[b]) + int(task_mask[b].sum())
-        print(f"sample {b}: kept {int(out.counts[b])}/{N} patches ({cams}); "
-              f"prefix {before} -> {after} tokens ({100 * (1 - after / before):.1f}% shorter)")
-    budget = {k: v for k, v in kwargs.items() if v is not None}
-    ref_ms = median_ms(lambda: prune_ref(patches, task, task_mask, patch_mask, resolve_keep_tokens(args.keep_tokens, args.keep_ratio, N), False,
-                                         args.max_tokens), args.repeats)
-    fast_ms = median_ms(lambda: prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **kwargs),
-                        args.repeats)
-    print(f"latency (median of {args.repeats}, mode {budget or 'implicit'}): "
-          f"eager reference {ref_ms:.2f} ms, fastprune {fast_ms:.2f} ms ({ref_ms / fast_ms:.1f}x)")
+        print(f"[op] sample {b}: kept {int(out.counts[b])}/{N} patches "
+              f"({camera_counts(out.kept_idx[b], out.kept_mask[b], N // 3)})")
+    print(f"[op] prefix length {N + T} -> {out.pruned.shape[1] + T} tokens")
+    keep_tokens = resolve_keep_tokens(args.keep_tokens, args.keep_ratio, N)
+    ref_ms = median_ms(lambda: prune_ref(patches, task, task_mask, patch_mask, keep_tokens, False, args.max_tokens),
+                       args.repeats, device)
+    fast_ms = median_ms(lambda: prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask,
+                                             **budget(args)), args.repeats, device)
+    print(f"[op] latency (median of {args.repeats}): seed-style eager {ref_ms:.2f} ms, "
+          f"fastprune {fast_ms:.2f} ms ({ref_ms / fast_ms:.1f}x faster)")
+
+
+def kv_cache_mib(model: Pi05, batch: int, length: int) -> float:
+    llm = model.config.llm
+    itemsize = torch.finfo(model.config.torch_dtype).bits // 8
+    return 2 * llm.depth * batch * llm.num_kv_heads * length * llm.head_dim * itemsize / 2**20
+
+
+def demo_model(args, device: torch.device) -> None:
+    config = Pi05Config.dummy() if args.size == "dummy" else Pi05Config()
+    compile_mode = "default" if args.compile else None
+    config = dataclasses.replace(config, pytorch_compile_mode=compile_mode, token_pruning_enabled=True,
+                                 token_prune_keep_tokens=args.keep_tokens, token_prune_keep_ratio=args.keep_ratio,
+                                 token_prune_max_tokens=args.max_tokens)
+    model = Pi05(config, device=device, seed=args.seed).eval()
+    B, S = args.batch, config.vision.image_size
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    images = [torch.rand(B, 3, S, S, generator=g, device=device) * 2 - 1 for _ in IMAGE_KEYS]
+    img_masks = [torch.ones(B, dtype=torch.bool, device=device) for _ in IMAGE_KEYS]
+    L, valid = config.max_token_len, 48
+    lang_masks = (torch.arange(L, device=device) < valid)[None].expand(B, L)
+    lang_tokens = torch.randint(1, config.vocab_size, (B, L), generator=g, device=device) * lang_masks
+    inputs = (images, img_masks, lang_tokens, lang_masks)
+    noise = torch.randn(B, config.action_horizon, config.action_dim, generator=g, device=device)
+    print(f"[model] pi0.5 {args.size} ({config.llm.width}-wide LLM, {config.llm.depth} layers), {config.dtype}, "
+          f"{device}, batch {B}, {len(IMAGE_KEYS)} cameras x {config.vision.num_patches} patches + {L} prompt "
+          f"tokens ({valid} valid), compile {'on' if args.compile else 'off'}")
+    rows = {}
+    for pruned in (False, True):
+        model.config.token_pruning_enabled = pruned
+        with torch.no_grad():
+            embs, _, _, _ = model.embed_prefix(*inputs)
+        length = embs.shape[1]
+        prefix_ms = median_ms(lambda: model.embed_prefix(*inputs), args.repeats, device)
+        sample_ms = median_ms(lambda: model.sample_actions(*inputs, noise=noise, num_steps=args.steps),
+                              args.repeats, device)
+        rows[pruned] = (length, kv_cache_mib(model, B, length), prefix_ms, sample_ms)
+        if pruned:
+            core = model.token_pruner.core
+            for b in range(B):
+                kept_idx, kept_mask = core.last_kept_indices_padded[b], core.last_kept_indices_mask[b]
+                print(f"[model] sample {b}: kept {int(core.last_kept_per_sample[b])}/{config.num_image_tokens} "
+                      f"image tokens ({camera_counts(kept_idx, kept_mask, config.vision.num_patches)})")
+    for pruned, (length, kv, prefix_ms, sample_ms) in rows.items():
+        print(f"[model] {'pruned  ' if pruned else 'unpruned'}: prefix {length} tokens, KV cache {kv:.2f} MiB, "
+              f"embed_prefix {prefix_ms:.1f} ms, sample_actions({args.steps} steps) {sample_ms:.1f} ms")
+    speedup = rows[False][3] / rows[True][3]
+    print(f"[model] sample_actions {speedup:.2f}x faster with pruning (median of {args.repeats})")
+
+
+def demo_checkpoint(args, device: torch.device) -> None:
+    from pi05_fastprune.policy import Pi05Policy
+
+    policy = Pi05Policy.from_paths(
+        args.checkpoint, args.tokenizer, norm_stats=args.norm_stats or ({} if args.no_norm_stats else None),
+        device=device, asset_id=args.asset_id, action_horizon=args.action_horizon, action_dims=args.action_dims,
+        seed=args.seed,
+    )
+    policy.set_pruning(enabled=True, keep_tokens=args.keep_tokens, keep_ratio=args.keep_ratio,
+                       max_tokens=args.max_tokens)
+    rng = np.random.default_rng(args.seed)
+    obs = {name: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for name in IMAGE_KEYS}
+    state_dim = policy.norm_stats["state"].dim if "state" in policy.norm_stats else policy.model.config.action_dim
+    obs.update(state=rng.standard_normal(state_dim).astype(np.float32), prompt=args.prompt)
+    for pruned in (False, True):
+        policy.enable_pruning(pruned)
+        out = policy.infer(obs)
+        out = policy.infer(obs)  # the second call shows the warm latency
+        print(f"[policy] {'pruned  ' if pruned else 'unpruned'}: actions {out['actions'].shape}, kept image tokens "
+              f"{out['kept_tokens']}, {out['policy_timing']['infer_ms']:.1f} ms")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pi05_fastprune")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    demo = sub.add_parser("demo", help="prune pi0.5-shaped embeddings and time it")
+    demo = sub.add_parser("demo", help="prune a pi0.5 prefix and time it")
+    demo.add_argument("--size", default="dummy", choices=["dummy", "pi05"], help="pi0.5 model size")
+    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--width", type=int, default=2048)
-    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                      help="dtype of the op demo's embeddings")
+    demo.add_argument("--keep-tokens", type=int, help="budget of kept patches over all cameras")
+    demo.add_argument("--keep-ratio", type=float, help="budget as a ratio of all patches")
+    demo.add_argument("--max-tokens", type=int, help="static cap on kept patches (CUDA-graph friendly)")
+    demo.add_argument("--steps", type=int, default=10, help="flow-matching Euler steps")
+    demo.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                      help="torch.compile sample_actions (default: on CUDA only)")
+    demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--keep-tokens", type=int)
-    demo.add_argument("--keep-ratio", type=float)
-    demo.add_argument("--max-tokens", type=int)
-    demo.add_argument("--repeats", type=int, default=10)
+    demo.add_argument("--checkpoint", help="openpi pi0.5 model.safetensors (or its directory)")
+    demo.add_argument("--tokenizer", help="PaliGemma sentencepiece model file")
+    demo.add_argument("--norm-stats", help="norm_stats.json (default: <checkpoint>/assets/<asset_id>/)")
+    demo.add_argument("--no-norm-stats", action="store_true", help="run without normalization")
+    demo.add_argument("--asset-id")
+    demo.add_argument("--action-horizon", type=int)
+    demo.add_argument("--action-dims", type=int)
+    demo.add_argument("--prompt", default="pick up the red block")
     args = parser.parse_args(argv)
-    if args.cmd == "demo":
-        demo_op(args)
+    device = torch.device(args.device)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if (args.checkpoint is None) != (args.tokenizer is None):
+        parser.error("--checkpoint and --tokenizer go together")
+    if args.checkpoint:
+        demo_checkpoint(args, device)
+        return
+    demo_op(args, device)
+    demo_model(args, device)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import os
 os.environ.setdefault("FASTPRUNE_TORCH_COMPILE", "0")  # tests compile explicitly where they test compilation
+import io
 import pathlib
 
 import pytest
@@ -21,3 +22,40 @@ def last_kept(model):
     return SimpleNamespace(
         counts=core.last_kept_per_sample, kept_idx=core.last_kept_indices_padded, kept_mask=core.last_kept_indices_mask
     )
+
+
+SENTENCES = [
+    "Task: pick up the red block, State: 12 128 255 0 7;\nAction: ",
+    "Task: close the microwave, State: -1 3 45 200;\nAction: ",
+    "put the bowl on the plate",
+    "open the top drawer and put the bowl inside",
+    "pick up the black bowl next to the ramekin and place it on the plate",
+]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A tiny sentencepiece model with PaligemmaTokenizer's special ids (pad 0, eos 1, bos 2,
+    unk 3), identity normalization, no dummy prefix and byte fallback, trained in-process."""
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 10),
+        model_writer=buf,
+        vocab_size=320,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"],
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("tok") / "tiny_paligemma.model"
+    path.write_bytes(buf.getvalue())
+    return path

@@ -5,7 +5,6 @@ No downloads: a tiny sentencepiece model is trained in-process with PaliGemma's 
 so that decoding gives back the exact prompt text.
 """
 
-import io
 import json
 import logging
 import math
@@ -38,40 +37,6 @@ from pi05_fastprune.preprocess import (
 from pi05_fastprune.tokenizer import PaligemmaTokenizer, clean_prompt, discretize_state, format_prompt
 
 spm = pytest.importorskip("sentencepiece")
-
-SENTENCES = [
-    "Task: pick up the red block, State: 12 128 255 0 7;\nAction: ",
-    "Task: close the microwave, State: -1 3 45 200;\nAction: ",
-    "put the bowl on the plate",
-    "open the top drawer and put the bowl inside",
-    "pick up the black bowl next to the ramekin and place it on the plate",
-]
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 10),
-        model_writer=buf,
-        vocab_size=320,
-        model_type="bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        user_defined_symbols=["\n"],
-        minloglevel=2,
-    )
-    path = tmp_path_factory.mktemp("tok") / "tiny_paligemma.model"
-    path.write_bytes(buf.getvalue())
-    return path
-
 
 @pytest.fixture(scope="module")
 def sp(sp_model):
