@@ -344,7 +344,14 @@ class MapDataSource(DataSource):
     """A map-style dataset (``len``, ``__getitem__`` -> sample dict) as a DataSource: how a
     LeRobot dataset plugs in (wrap it with a transform producing the sample dict: images
     resized to the model's resolution and scaled to [-1, 1], tokenized prompt, normalized and
-    padded actions of the model's horizon)."""
+    padded actions of the model's horizon). For example, with ``--data my_pkg.libero:make_source``::
+
+        def make_source(cfg, rank, world_size):
+            frames = LeRobotDataset("physical-intelligence/libero", delta_timestamps=...)
+            samples = ToPi05Samples(frames, tokenizer, norm_stats, cfg.model)  # -> sample dicts
+            sampler = ShardedSampler(len(samples), cfg.batch_size, rank, world_size, cfg.seed)
+            return MapDataSource(samples, sampler, num_workers=cfg.num_workers, pin_memory=True)
+    """
 
     def __init__(self, dataset, sampler: ShardedSampler, num_workers: int = 0, collate_fn=collate,
                  pin_memory: bool = False):
