@@ -130,10 +130,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="add compile-ref")
     ap.add_argument("--device", default=None)
     ap.add_argument("--cpu-reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = H.pick_device(args.device)
     dtype = DTYPES[args.dtype]
     providers = [p for p in args.providers.split(",") if p] + (["compile-ref"] if args.compile else [])

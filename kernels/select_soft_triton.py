@@ -472,11 +472,16 @@ class _Prep:
         self.B, self.N, self.T, self.D = B, N, T, D
         self.scale = 1.0 / math.sqrt(D)
         gpu_tiles = not INTERPRET
+        # Untuned GPU defaults (no GPU was available when this was written): 64-wide tiles, half
+        # the rows when the grid would not fill an H100 twice or the prompt tile is wide.
         self.BM = 64 if gpu_tiles else 16
         self.BN = 64 if gpu_tiles else 16
         self.BD = 64 if gpu_tiles else 16
-        if gpu_tiles and B * triton.cdiv(N, 64) < 264:
+        if gpu_tiles and (B * triton.cdiv(N, 64) < 264 or self.BT >= 128):
             self.BM = 32
+        if gpu_tiles and self.BT >= 256:
+            self.BM = 16
+        self.warps = 8 if gpu_tiles else 4
         self.upcast = INTERPRET or patches.dtype == torch.float32
 
 
@@ -490,7 +495,7 @@ def _prep(patches, task, pr: _Prep, wrap):
     RT = torch.empty(B, BT, **f32)
     wrap(_prep_kernel)[(triton.cdiv(N, pr.BM), B)](
         patches, task, pr.tok, pr.cnt, S, A, C, RP, RT, N, T, D, pr.scale,
-        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, UPCAST=pr.upcast, DOT_PREC=DOT_PREC,
+        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, UPCAST=pr.upcast, DOT_PREC=DOT_PREC, num_warps=pr.warps,
     )
     return S, A, C, RP, RT
 
@@ -528,7 +533,7 @@ def select_soft_fwd(patches, task, task_mask=None, patch_mask=None, noise_scale=
     wrap(_fwd_kernel)[(triton.cdiv(N, pr.BM), B)](
         patches, S, A, C, pr.allowed, NS, SEED, NZ, selected, idx, lse, N, D, pr.scale,
         HAS_NOISE=has_noise, EXPLICIT=explicit,
-        BLOCK_M=pr.BM, BLOCK_N=pr.BN, BLOCK_T=pr.BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC,
+        BLOCK_M=pr.BM, BLOCK_N=pr.BN, BLOCK_T=pr.BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps,
     )
     return selected, idx, lse
 
@@ -553,7 +558,7 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
     kc = torch.empty(B, N, **f32)
     dS = torch.empty(B, N, BT, **f32)
     common = dict(HAS_NOISE=has_noise, EXPLICIT=explicit, BLOCK_M=pr.BM, BLOCK_N=pr.BN, BLOCK_T=BT,
-                  BLOCK_D=pr.BD, UPCAST=pr.upcast, DOT_PREC=DOT_PREC)
+                  BLOCK_D=pr.BD, UPCAST=pr.upcast, DOT_PREC=DOT_PREC, num_warps=pr.warps)
     wrap(_bwd_row_kernel)[(triton.cdiv(N, pr.BM), B)](
         grad, patches, task, pr.tok, pr.cnt, S, A, C, RT, pr.allowed, NS, SEED, NZ, lse, delta, kc, dS,
         N, T, D, pr.scale, **common,
