@@ -204,6 +204,12 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         del inp
 
+    for baseline in ("eager-ref", "compile-ref"):
+        for r in h.ratios(baseline):
+            if r["provider"].startswith("fastprune"):
+                mem = f", peak memory {r['memory_ratio']:.3f}x" if "memory_ratio" in r else ""
+                print(f"[prune] {r['provider']} vs {baseline} at {r['shape']} {r['mode']}: "
+                      f"{r['speedup']:.1f}x faster{mem}", flush=True)
     out = pathlib.Path(args.out) if args.out else H.default_out_dir("prune")
     h.save(out, plot_by=("mode", "dtype"), x="shape")
     print(h.markdown())

@@ -159,6 +159,59 @@ def time_cuda_graph(fn: Callable[[], Any], inner: int, replays: int) -> dict:
     return {"graph_us": med, "graph_p20_us": p20, "graph_p80_us": p80}
 
 
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_heap() -> None:
+    """Hands glibc's free heap pages back to the OS (malloc_trim), so that a call's buffers
+    must fault in fresh pages and show in the resident-set high-water mark."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_extra_mib(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
+    """Memory one call needs beyond what exists before it, in MiB: on CUDA the caching
+    allocator's peak; on Linux CPUs the resident-set high-water mark (reset through
+    /proc/self/clear_refs, after returning free heap pages to the OS). None where neither
+    is available."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del out
+        return (peak - before) / 2**20
+    _release_free_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    out = fn()
+    peak = _rss_kib("VmHWM")
+    del out
+    return None if before is None or peak is None else max(0, peak - before) / 1024
+
+
 def host_latency(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
     ts = []
     for _ in range(reps):
@@ -188,6 +241,7 @@ class Harness:
         self.cpu_reps = max(3, cpu_reps // 4) if quick else cpu_reps
         self.host_reps = max(3, host_reps // 4) if quick else host_reps
         self.rows: list[dict] = []
+        self.summary: list[dict] = []  # ratios between providers (see ``ratios``)
         self.env = environment(self.device)
 
     def measure(self, provider: str, config: dict, fn: Callable[[], Any], *,
@@ -224,6 +278,8 @@ class Harness:
                         row.update(time_cpu(fn, self.cpu_reps, warmup=2 if self.quick else 3))
                 with nvtx_range("host", color="yellow"):
                     row["host_us"] = host_latency(fn, self.device, self.host_reps)
+                with nvtx_range("memory", color="orange"):
+                    row["peak_extra_mib"] = peak_extra_mib(fn, self.device)
                 if (self.graph if graph is None else graph) and self.device.type == "cuda":
                     with nvtx_range("graph", color="purple"):
                         try:
@@ -245,13 +301,35 @@ class Harness:
         self.rows.append(row)
         return row
 
+    def ratios(self, baseline: str, keys: Iterable[str] = ("shape", "mode", "dtype")) -> list[dict]:
+        """Every provider against ``baseline`` at the same ``keys``, measured in this run:
+        ``speedup`` = baseline median / provider median (device time; graph replay where both
+        have it: ``graph_speedup``), ``memory_ratio`` = provider / baseline peak extra memory.
+        Stored with the results (JSON and Markdown)."""
+        keys = tuple(keys)
+        base = {tuple(r.get(k) for k in keys): r for r in self.rows if r["provider"] == baseline and "median_us" in r}
+        out = []
+        for r in self.rows:
+            ref = base.get(tuple(r.get(k) for k in keys))
+            if r["provider"] == baseline or ref is None or "median_us" not in r:
+                continue
+            row = {k: r.get(k) for k in keys}
+            row.update(provider=r["provider"], baseline=baseline, speedup=ref["median_us"] / r["median_us"])
+            if r.get("graph_us") and ref.get("graph_us"):
+                row["graph_speedup"] = ref["graph_us"] / r["graph_us"]
+            if r.get("peak_extra_mib") is not None and ref.get("peak_extra_mib"):
+                row["memory_ratio"] = r["peak_extra_mib"] / ref["peak_extra_mib"]
+            out.append(row)
+        self.summary.extend(out)
+        return out
+
     # ------------------------------------------------------------------ output
 
     def save(self, out_dir: str | os.PathLike, plot_by: Iterable[str] = (), x: str = "shape") -> pathlib.Path:
         out = pathlib.Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         payload = {"bench": self.name, "environment": self.env, "quick": self.quick, "profile": self.profile,
-                   "rows": self.rows}
+                   "rows": self.rows, "summary": self.summary}
         (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
         (out / "results.md").write_text(self.markdown())
         if not self.profile:
@@ -267,8 +345,10 @@ class Harness:
                 if k not in keys:
                     keys.append(k)
         skip = {"bench", "provider", "traceback", "reps", "timer", "profiled", "graph_p20_us", "graph_p80_us"}
-        labels = [k for k in keys if k not in skip and not k.endswith("_us") and k not in ("gflops", "gbps", "error", "graph_error")]
-        nums = [k for k in ("median_us", "p20_us", "p80_us", "graph_us", "host_us", "gflops", "gbps") if k in keys]
+        labels = [k for k in keys if k not in skip and not k.endswith("_us")
+                  and k not in ("gflops", "gbps", "peak_extra_mib", "error", "graph_error")]
+        nums = [k for k in ("median_us", "p20_us", "p80_us", "graph_us", "host_us", "peak_extra_mib", "gflops", "gbps")
+                if k in keys]
         cols = labels + ["provider"] + nums + ["note"]
         env = self.env
         lines = [
@@ -292,6 +372,13 @@ class Harness:
                 else:
                     cells.append(str(r.get(c, "")))
             lines.append("| " + " | ".join(cells) + " |")
+        if self.summary:
+            cols = list(dict.fromkeys(k for r in self.summary for k in r))
+            lines += ["", "## Ratios (measured side by side in this run)", "",
+                      "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+            for r in self.summary:
+                lines.append("| " + " | ".join(
+                    f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")
         return "\n".join(lines) + "\n"
 
     def plot(self, out: pathlib.Path, group_by: list[str], x: str) -> None:
@@ -343,6 +430,8 @@ def _summary(row: dict) -> str:
         parts.append("graph n/a")
     if "host_us" in row:
         parts.append(f"host {row['host_us']:.1f} us")
+    if row.get("peak_extra_mib") is not None:
+        parts.append(f"peak +{row['peak_extra_mib']:.2f} MiB")
     return ", ".join(parts)
 
 

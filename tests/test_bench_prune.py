@@ -1,0 +1,32 @@
+"""CPU smoke test of the op benchmark and the shared harness (the GPU run is bench/gpu_check)."""
+
+import json
+import pathlib
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_prune  # noqa: E402
+import harness  # noqa: E402
+
+
+def test_bench_prune_quick(tmp_path):
+    assert bench_prune.main(["--quick", "--providers", "eager-ref,fastprune-cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["rows"]
+    assert {r["provider"] for r in rows} == {"eager-ref", "fastprune-cpu"}
+    assert not [r for r in rows if "error" in r]
+    assert all(r["median_us"] > 0 and r["peak_extra_mib"] is not None for r in rows)
+    assert result["environment"]["torch"] == torch.__version__
+    ratios = result["summary"]
+    assert {r["mode"] for r in ratios} == {"implicit", "budget", "padded"}
+    assert all(r["provider"] == "fastprune-cpu" and r["baseline"] == "eager-ref" for r in ratios)
+    assert "## Ratios" in (tmp_path / "results.md").read_text()
+
+
+def test_peak_memory_sees_a_buffer():
+    mib = harness.peak_extra_mib(lambda: torch.ones(1024, 1024), torch.device("cpu"))
+    assert mib is None or 3.5 <= mib <= 8, mib
