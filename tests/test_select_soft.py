@@ -407,3 +407,13 @@ def test_triton_gpu_compile():
         loss, idx = step(p, task, torch.tensor(ns, device="cuda"), seed)
         loss.backward()
         assert torch.isfinite(p.grad).all()
+
+
+@interp
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's NaN warnings in the interpreter
+def test_triton_nonfinite_inputs_interp():
+    patches, task, tm, pm = make(B=2, cams=2, per_cam=8, T=6, D=16, case="masks")
+    patches[0, 3, 0] = float("nan")
+    task[1, 0, 1] = float("inf")
+    sel, idx, gp, gt = run(ours, patches, task, task_mask=tm, patch_mask=pm, noise_scale=1.0, backend="triton")
+    assert idx.min() >= 0 and idx.max() < patches.shape[1]
