@@ -189,6 +189,26 @@ def test_cmake_library_builds(cmake_library):
     assert cmake_library.stat().st_size > 0
 
 
+def test_cmake_library_loads_in_python(cmake_library):
+    """torch.ops.load_library on the CMake build gives the same ops (a fresh process: the pip
+    build's _C registers the same library name)."""
+    code = f"""
+import importlib.util, torch
+torch.ops.load_library({str(cmake_library)!r})
+spec = importlib.util.spec_from_file_location("ref", {str(ROOT / "pi05_fastprune" / "reference.py")!r})
+R = importlib.util.module_from_spec(spec); spec.loader.exec_module(R)
+g = torch.Generator().manual_seed(0)
+p, t = torch.randn(2, 50, 32, generator=g), torch.randn(2, 7, 32, generator=g)
+pm = torch.ones(2, 50, dtype=torch.bool); pm[1, 25:] = False
+out = torch.ops.fastprune.prune(p, t, None, pm, 9, False, "cpu")
+ref = R.prune_ref(p, t, None, pm, keep_tokens=9)
+assert all(torch.equal(a, b) for a, b in zip(out, ref)), "differs from the reference"
+print("OK", out[3].tolist())
+"""
+    proc = run([sys.executable, "-c", code], timeout=120)
+    assert proc.stdout.strip() == "OK [9, 9]", proc.stdout + proc.stderr
+
+
 def test_libtorch_program_calls_prune(cmake_library, builds):
     builds.require("cmake:prog")
     proc = run([str(builds.dirs["cmake:prog"] / "libtorch_prune"), str(cmake_library)], timeout=120)
