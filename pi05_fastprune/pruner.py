@@ -173,17 +173,10 @@ def _mean_pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
     return total / max(1, n * (n - 1))
 
 
-class ImageTokenPruner(nn.Module):
-    """Prunes the concatenated camera patches against the prompt (seed API).
+class _SeedSettings(nn.Module):
+    """The seed's setters, forwarding to ``self.core`` (a PrunerCore)."""
 
-    eval(): `prune` returns `(pruned [B, K, D], kept_mask [B, K])`, physically shorter;
-    the kept original indices are in `core.last_kept_indices_padded`.
-    train(): sequence length unchanged, straight-through selection with `noise_scale`.
-    """
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.core = PrunerCore(hidden_size)
+    core: PrunerCore
 
     @property
     def noise_scale(self) -> Optional[float]:
@@ -197,6 +190,19 @@ class ImageTokenPruner(nn.Module):
 
     def set_keep_ratio(self, keep_ratio: Optional[float]) -> None:
         self.core.set_keep_ratio(keep_ratio)
+
+
+class ImageTokenPruner(_SeedSettings):
+    """Prunes the concatenated camera patches against the prompt (seed API).
+
+    eval(): `prune` returns `(pruned [B, K, D], kept_mask [B, K])`, physically shorter;
+    the kept original indices are in `core.last_kept_indices_padded`.
+    train(): sequence length unchanged, straight-through selection with `noise_scale`.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.core = PrunerCore(hidden_size)
 
     @torch.no_grad()
     def last_kept_per_sample(self) -> Optional[torch.Tensor]:
@@ -233,7 +239,7 @@ class ImageTokenPruner(nn.Module):
         return self.prune(image_patches, task_tokens)[0]
 
 
-class TokenPruner(nn.Module):
+class TokenPruner(_SeedSettings):
     """LightVLA's sequence-level pruner for `[cls, patches, task]` sequences (seed API).
 
     eval(): the patch block shrinks to the kept patches (padded to the batch maximum) and
@@ -247,19 +253,6 @@ class TokenPruner(nn.Module):
         super().__init__()
         self.num_patches = int(num_patches)
         self.core = PrunerCore(hidden_size)
-
-    @property
-    def noise_scale(self) -> Optional[float]:
-        return self.core.noise_scale
-
-    def set_noise_scale(self, noise_scale: Optional[float]) -> None:
-        self.core.set_noise_scale(noise_scale)
-
-    def set_keep_tokens(self, keep_tokens: Optional[int]) -> None:
-        self.core.set_keep_tokens(keep_tokens)
-
-    def set_keep_ratio(self, keep_ratio: Optional[float]) -> None:
-        self.core.set_keep_ratio(keep_ratio)
 
     def forward(
         self,
