@@ -16,8 +16,7 @@
 #include <numeric>
 #include <vector>
 
-#include "backend.h"
-#include "prune_checks.h"
+#include "eval_ops.h"
 
 namespace fastprune {
 namespace {
@@ -159,7 +158,7 @@ std::vector<int64_t> kept_indices(const int64_t* idx_row, const bool* valid_row,
   return eligible;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_rows(
+PruneOut prune_rows(
     const at::Tensor& patches, const at::Tensor& task, const std::optional<at::Tensor>& task_mask,
     const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
     std::optional<int64_t> max_tokens, bool mask_voters) {
@@ -198,66 +197,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_rows(
   return {pruned, kept_mask, kept_idx, counts};
 }
 
-template <typename Out>
-Out unpack4(const std::vector<c10::IValue>& s) {
-  return {s[0].toTensor(), s[1].toTensor(), s[2].toTensor(), s[3].toTensor()};
-}
-
-void check_cpu_backend(const std::string& backend) {
-  check_backend(backend);
-  TORCH_CHECK(backend != "cuda", "fastprune: backend='cuda' needs CUDA tensors, got CPU tensors");
-}
-
-at::Tensor select_cpu(const at::Tensor& patches, const at::Tensor& task,
-                      const std::optional<at::Tensor>& task_mask,
-                      const std::optional<at::Tensor>& patch_mask, bool mask_voters,
-                      c10::string_view backend_view) {
-  const std::string backend(backend_view);
-  check_cpu_backend(backend);
-  check_prune_inputs(patches, task, task_mask, patch_mask, std::nullopt, std::nullopt);
-  if (backend == "triton")
-    return call_triton("fastprune::triton_select",
-                       {patches, task, task_mask, patch_mask, mask_voters})[0]
-        .toTensor();
-  return select_rows(patches, task, task_mask, patch_mask, mask_voters);
-}
-
-using PruneOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-PruneOut prune_cpu(const at::Tensor& patches, const at::Tensor& task,
-                   const std::optional<at::Tensor>& task_mask,
-                   const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
-                   bool mask_voters, c10::string_view backend_view) {
-  const std::string backend(backend_view);
-  check_cpu_backend(backend);
-  check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt);
-  if (backend == "triton")
-    return unpack4<PruneOut>(call_triton(
-        "fastprune::triton_prune", {patches, task, task_mask, patch_mask, keep_tokens, mask_voters}));
-  return prune_rows(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt, mask_voters);
-}
-
-PruneOut prune_padded_cpu(const at::Tensor& patches, const at::Tensor& task,
-                          const std::optional<at::Tensor>& task_mask,
-                          const std::optional<at::Tensor>& patch_mask,
-                          std::optional<int64_t> keep_tokens, int64_t max_tokens, bool mask_voters,
-                          c10::string_view backend_view) {
-  const std::string backend(backend_view);
-  check_cpu_backend(backend);
-  check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens);
-  if (backend == "triton")
-    return unpack4<PruneOut>(call_triton("fastprune::triton_prune_padded",
-                                         {patches, task, task_mask, patch_mask, keep_tokens,
-                                          max_tokens, mask_voters}));
-  return prune_rows(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
-}
+struct CpuKernels {
+  static void check_device_backend(const std::string& backend) {
+    TORCH_CHECK(backend != "cuda", "fastprune: backend='cuda' needs CUDA tensors, got CPU tensors");
+  }
+  static at::Tensor select(const at::Tensor& patches, const at::Tensor& task,
+                           const std::optional<at::Tensor>& task_mask,
+                           const std::optional<at::Tensor>& patch_mask, bool mask_voters) {
+    return select_rows(patches, task, task_mask, patch_mask, mask_voters);
+  }
+  static PruneOut prune(const at::Tensor& patches, const at::Tensor& task,
+                        const std::optional<at::Tensor>& task_mask,
+                        const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
+                        std::optional<int64_t> max_tokens, bool mask_voters) {
+    return prune_rows(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
-  m.impl("select", &select_cpu);
-  m.impl("prune", &prune_cpu);
-  m.impl("prune_padded", &prune_padded_cpu);
+  m.impl("select", &EvalOps<CpuKernels>::select);
+  m.impl("prune", &EvalOps<CpuKernels>::prune);
+  m.impl("prune_padded", &EvalOps<CpuKernels>::prune_padded);
 }
 
 }  // namespace fastprune

@@ -18,21 +18,11 @@
 #include <tuple>
 #include <vector>
 
-#include "backend.h"
-#include "prune_checks.h"
+#include "eval_ops.h"
 #include "prune_cuda.h"
 
 namespace fastprune {
 namespace {
-
-using PruneOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-void check_cuda_backend(const std::string& backend) {
-  check_backend(backend);
-  TORCH_CHECK(backend != "cpu",
-              "fastprune: backend='cpu' needs CPU tensors, got CUDA tensors (use backend='cuda', "
-              "'triton' or 'auto', or move the inputs to the CPU)");
-}
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fastprune: CUDA ", what, " failed: ", cudaGetErrorString(err));
@@ -109,17 +99,9 @@ Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
   return r;
 }
 
-at::Tensor select_cuda(const at::Tensor& patches, const at::Tensor& task,
-                       const std::optional<at::Tensor>& task_mask,
-                       const std::optional<at::Tensor>& patch_mask, bool mask_voters,
-                       c10::string_view backend_view) {
-  const std::string backend(backend_view);
-  check_cuda_backend(backend);
-  check_prune_inputs(patches, task, task_mask, patch_mask, std::nullopt, std::nullopt);
-  if (backend == "triton")
-    return call_triton("fastprune::triton_select",
-                       {patches, task, task_mask, patch_mask, mask_voters})[0]
-        .toTensor();
+at::Tensor run_select(const at::Tensor& patches, const at::Tensor& task,
+                      const std::optional<at::Tensor>& task_mask,
+                      const std::optional<at::Tensor>& patch_mask, bool mask_voters) {
   const c10::cuda::CUDAGuard guard(patches.device());
   auto idx = at::empty({patches.size(0), patches.size(1)}, patches.options().dtype(at::kLong));
   if (patches.size(0) == 0) return idx;
@@ -173,45 +155,31 @@ PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
   return {pruned, kept_mask, kept_idx, counts};
 }
 
-template <typename Out>
-Out unpack4(const std::vector<c10::IValue>& s) {
-  return {s[0].toTensor(), s[1].toTensor(), s[2].toTensor(), s[3].toTensor()};
-}
-
-PruneOut prune_cuda(const at::Tensor& patches, const at::Tensor& task,
-                    const std::optional<at::Tensor>& task_mask,
-                    const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
-                    bool mask_voters, c10::string_view backend_view) {
-  const std::string backend(backend_view);
-  check_cuda_backend(backend);
-  check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt);
-  if (backend == "triton")
-    return unpack4<PruneOut>(call_triton(
-        "fastprune::triton_prune", {patches, task, task_mask, patch_mask, keep_tokens, mask_voters}));
-  return run_prune(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt, mask_voters);
-}
-
-PruneOut prune_padded_cuda(const at::Tensor& patches, const at::Tensor& task,
+struct CudaKernels {
+  static void check_device_backend(const std::string& backend) {
+    TORCH_CHECK(backend != "cpu",
+                "fastprune: backend='cpu' needs CPU tensors, got CUDA tensors (use backend='cuda', "
+                "'triton' or 'auto', or move the inputs to the CPU)");
+  }
+  static at::Tensor select(const at::Tensor& patches, const at::Tensor& task,
                            const std::optional<at::Tensor>& task_mask,
-                           const std::optional<at::Tensor>& patch_mask,
-                           std::optional<int64_t> keep_tokens, int64_t max_tokens,
-                           bool mask_voters, c10::string_view backend_view) {
-  const std::string backend(backend_view);
-  check_cuda_backend(backend);
-  check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens);
-  if (backend == "triton")
-    return unpack4<PruneOut>(call_triton("fastprune::triton_prune_padded",
-                                         {patches, task, task_mask, patch_mask, keep_tokens,
-                                          max_tokens, mask_voters}));
-  return run_prune(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
-}
+                           const std::optional<at::Tensor>& patch_mask, bool mask_voters) {
+    return run_select(patches, task, task_mask, patch_mask, mask_voters);
+  }
+  static PruneOut prune(const at::Tensor& patches, const at::Tensor& task,
+                        const std::optional<at::Tensor>& task_mask,
+                        const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
+                        std::optional<int64_t> max_tokens, bool mask_voters) {
+    return run_prune(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
-  m.impl("select", &select_cuda);
-  m.impl("prune", &prune_cuda);
-  m.impl("prune_padded", &prune_padded_cuda);
+  m.impl("select", &EvalOps<CudaKernels>::select);
+  m.impl("prune", &EvalOps<CudaKernels>::prune);
+  m.impl("prune_padded", &EvalOps<CudaKernels>::prune_padded);
 }
 
 }  // namespace fastprune

@@ -1,0 +1,70 @@
+// Entry points of fastprune::select / prune / prune_padded for one dispatch key: backend
+// choice, input checks (before any kernel), then the Triton ops or the device's own kernels.
+// Shared by the CPU and CUDA registrations so both behave the same on every bad input.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "backend.h"
+#include "prune_checks.h"
+
+namespace fastprune {
+
+using PruneOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// `Kernels` provides
+//   static void check_device_backend(const std::string&)  rejects backends of other devices
+//   static at::Tensor select(patches, task, task_mask, patch_mask, mask_voters)
+//   static PruneOut prune(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters)
+template <class Kernels>
+struct EvalOps {
+  using OptTensor = std::optional<at::Tensor>;
+
+  static at::Tensor select(const at::Tensor& patches, const at::Tensor& task, const OptTensor& task_mask,
+                           const OptTensor& patch_mask, bool mask_voters, c10::string_view backend) {
+    if (use_triton(backend, patches, task, task_mask, patch_mask, std::nullopt, std::nullopt))
+      return call_triton("fastprune::triton_select", {patches, task, task_mask, patch_mask, mask_voters})[0]
+          .toTensor();
+    return Kernels::select(patches, task, task_mask, patch_mask, mask_voters);
+  }
+
+  static PruneOut prune(const at::Tensor& patches, const at::Tensor& task, const OptTensor& task_mask,
+                        const OptTensor& patch_mask, std::optional<int64_t> keep_tokens, bool mask_voters,
+                        c10::string_view backend) {
+    if (use_triton(backend, patches, task, task_mask, patch_mask, keep_tokens, std::nullopt))
+      return unpack(call_triton("fastprune::triton_prune",
+                                {patches, task, task_mask, patch_mask, keep_tokens, mask_voters}));
+    return Kernels::prune(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt, mask_voters);
+  }
+
+  static PruneOut prune_padded(const at::Tensor& patches, const at::Tensor& task, const OptTensor& task_mask,
+                               const OptTensor& patch_mask, std::optional<int64_t> keep_tokens,
+                               int64_t max_tokens, bool mask_voters, c10::string_view backend) {
+    if (use_triton(backend, patches, task, task_mask, patch_mask, keep_tokens, max_tokens))
+      return unpack(call_triton("fastprune::triton_prune_padded",
+                                {patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters}));
+    return Kernels::prune(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
+  }
+
+ private:
+  // Checks the backend and the inputs; true when the call goes to the Triton ops.
+  static bool use_triton(c10::string_view backend_view, const at::Tensor& patches, const at::Tensor& task,
+                         const OptTensor& task_mask, const OptTensor& patch_mask,
+                         std::optional<int64_t> keep_tokens, std::optional<int64_t> max_tokens) {
+    const std::string backend(backend_view);
+    check_backend(backend);
+    Kernels::check_device_backend(backend);
+    check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens);
+    return backend == "triton";
+  }
+
+  static PruneOut unpack(const std::vector<c10::IValue>& s) {
+    return {s[0].toTensor(), s[1].toTensor(), s[2].toTensor(), s[3].toTensor()};
+  }
+};
+
+}  // namespace fastprune
