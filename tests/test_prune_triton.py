@@ -177,6 +177,21 @@ def test_prune_matches_reference_end_to_end():
 
 
 @interp
+def test_python_api_backend_triton():
+    """prune_tokens / select_tokens(backend="triton") reach the same kernels."""
+    import pi05_fastprune as fp
+
+    patches, task, task_mask, patch_mask = make_case("masks", seed=5)
+    kw = dict(task_mask=task_mask, patch_mask=patch_mask)
+    assert torch.equal(fp.select_tokens(patches, task, backend="triton", **kw),
+                       ops.triton_select(patches, task, task_mask, patch_mask, False))
+    assert_same(fp.prune_tokens(patches, task, keep_ratio=0.3, backend="triton", **kw),
+                ops.triton_prune(patches, task, task_mask, patch_mask, 7, False))
+    assert_same(fp.prune_tokens(patches, task, max_tokens=4, backend="triton", **kw),
+                ops.triton_prune_padded(patches, task, task_mask, patch_mask, None, 4, False))
+
+
+@interp
 def test_exact_ties_pick_lowest_column_and_budget_ties_lowest_index():
     g = torch.Generator().manual_seed(1)
     B, N, T, D = 2, 40, 5, 32
