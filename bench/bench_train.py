@@ -15,17 +15,18 @@ Each call: fresh leaf tensors of patches and task (requires_grad), the forward w
 ``noise_scale`` 1.0 (the first step of the seed's schedule; the noise is drawn inside), and
 ``selected.backward(G)`` for a fixed upstream gradient ``G``.
 
-Peak extra memory of one call (the gradients it returns included; inputs and ``G`` not): on
-CUDA ``max_memory_allocated`` minus what was allocated before; on CPU the peak of live tensor
-bytes from the profiler's allocator events (``profile_memory=True``) summed in time order. Results go through bench/harness.py
-(JSON + Markdown in ``--out``), with ``peak_extra_mib`` as an extra column.
+Peak extra memory of one call (the gradients it returns included; inputs and ``G`` not): the
+harness's ``peak_extra_mib`` (CUDA allocator peak; on CPU the resident-set high-water mark), and
+on CPU also ``peak_tensor_mib``, the peak of live tensor bytes from the profiler's allocator
+events (``profile_memory=True``) summed in time order. Speedups and memory ratios against
+``eager-ref`` come from ``Harness.ratios`` (results.md, "Ratios"). Results: bench/harness.py's
+JSON + Markdown in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pathlib
 import sys
 
@@ -90,7 +91,7 @@ def make_fn(provider: str, inp):
     return fn
 
 
-def peak_extra_cpu(fn) -> int:
+def peak_tensor_cpu(fn) -> int:
     """Peak of live CPU tensor bytes allocated during one call (profiler memory events: every
     allocation and free of the CPU allocator, summed in time order), outputs included."""
     acts = [torch.profiler.ProfilerActivity.CPU]
@@ -105,18 +106,6 @@ def peak_extra_cpu(fn) -> int:
     for _, n in events:
         live += n
         peak = max(peak, live)
-    del grads
-    return peak
-
-
-def peak_extra_cuda(fn, device) -> int:
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    grads = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
     del grads
     return peak
 
@@ -140,45 +129,33 @@ def main(argv=None) -> int:
     device = H.pick_device(args.device)
     dtype = DTYPES[args.dtype]
     providers = [p for p in args.providers.split(",") if p] + (["compile-ref"] if args.compile else [])
-    h = H.Harness("train", device, quick=args.quick, graph=False, cpu_reps=args.cpu_reps, host_reps=3,
+    h = H.Harness("train", device, quick=args.quick, graph=False, cpu_reps=args.cpu_reps, host_reps=1,
                   rep_ms=200, warmup_ms=50)
-    h.host_reps = 1
     print(f"[train] device {device}, dtype {dtype}, providers {providers}", flush=True)
     for s in shape_list(args):
         inp = make_inputs(s, dtype, device)
         config = {"shape": shape_label(s), "dtype": args.dtype}
         for provider in providers:
             fn = make_fn(provider, inp)
-            row = h.measure(provider, config, fn)
-            if args.no_memory or "error" in row:
+            row = h.measure(provider, config, fn)  # time, host latency, peak_extra_mib
+            if args.no_memory or "error" in row or device.type != "cpu":
                 continue
-            try:
-                if device.type == "cuda":
-                    row["peak_extra_mib"] = round(peak_extra_cuda(fn, device) / 2**20, 1)
-                else:
-                    row["peak_extra_mib"] = round(peak_extra_cpu(fn) / 2**20, 1)
-                print(f"[train] {provider} {config['shape']}: peak extra {row['peak_extra_mib']} MiB", flush=True)
+            try:  # CPU: also the allocator-level tensor peak (the RSS high-water mark is coarser)
+                row["peak_tensor_mib"] = round(peak_tensor_cpu(fn) / 2**20, 1)
+                print(f"[train] {provider} {config['shape']}: peak extra RSS {row.get('peak_extra_mib')} MiB, "
+                      f"tensors {row['peak_tensor_mib']} MiB", flush=True)
             except Exception as e:  # recorded, never raised
                 row["memory_error"] = f"{type(e).__name__}: {e}"[:300]
-        rows = {r["provider"]: r for r in h.rows if r.get("shape") == config["shape"] and "median_us" in r}
-        if "eager-ref" in rows and "fastprune" in rows:
-            ref, ours = rows["eager-ref"], rows["fastprune"]
-            ours["speedup_vs_eager"] = round(ref["median_us"] / ours["median_us"], 2)
-            if ref.get("peak_extra_mib") and ours.get("peak_extra_mib") is not None:
-                ours["mem_ratio_vs_eager"] = round(ours["peak_extra_mib"] / ref["peak_extra_mib"], 3)
-            print(f"[train] {config['shape']}: speedup {ours['speedup_vs_eager']}x, "
-                  f"memory ratio {ours.get('mem_ratio_vs_eager')}", flush=True)
+    for r in h.ratios("eager-ref", keys=("shape", "dtype")):
+        base = next(x for x in h.rows if x["provider"] == "eager-ref" and x["shape"] == r["shape"])
+        ours = next(x for x in h.rows if x["provider"] == r["provider"] and x["shape"] == r["shape"])
+        if base.get("peak_tensor_mib") and ours.get("peak_tensor_mib") is not None:
+            r["tensor_memory_ratio"] = ours["peak_tensor_mib"] / base["peak_tensor_mib"]
+        print(f"[train] {r['shape']} {r['provider']} vs eager-ref: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
     out = pathlib.Path(args.out) if args.out else H.default_out_dir("train")
     h.save(out)
-    extra = ["", "| shape | provider | median_us | peak_extra_mib | speedup_vs_eager | mem_ratio_vs_eager |",
-             "|---|---|---|---|---|---|"]
-    for r in h.rows:
-        if "median_us" in r:
-            extra.append(f"| {r['shape']} | {r['provider']} | {r['median_us']:.0f} | {r.get('peak_extra_mib', '—')} | "
-                         f"{r.get('speedup_vs_eager', '')} | {r.get('mem_ratio_vs_eager', '')} |")
-    with open(out / "results.md", "a") as f:
-        f.write("\n".join(extra) + "\n")
-    print("\n".join(extra))
+    print((out / "results.md").read_text())
     return 0
 
 

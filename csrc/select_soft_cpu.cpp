@@ -20,6 +20,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <numeric>
 #include <optional>
@@ -183,9 +185,14 @@ at::Tensor noisy_scores(const Sample& s, const NoiseSpec& ns, int64_t b, int64_t
 // Runs body(b) for every sample: one sample per thread when there are enough samples (ATen ops
 // inside then run single-threaded: one barrier per call, not one per op), else samples in turn
 // with intra-op parallel ATen ops. A sample is computed the same way in both cases.
+// FASTPRUNE_SAMPLE_PARALLEL=0 forces the second mode (for comparisons).
 template <typename F>
 void for_samples(int64_t B, const F& body) {
-  if (B >= at::get_num_threads() && B > 1) {
+  static const bool sample_parallel = [] {
+    const char* e = std::getenv("FASTPRUNE_SAMPLE_PARALLEL");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  if (sample_parallel && B >= at::get_num_threads() && B > 1) {
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) body(b);
     });
