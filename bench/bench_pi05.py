@@ -253,11 +253,10 @@ class Bench:
     def compile_label(self, mode: Optional[str]) -> str:
         if mode is None:
             return "eager"
-        label = f"backend={self.args.compile_backend}" if self.args.compile_backend else mode
-        return label + (",fullgraph" if self.args.fullgraph else "")
+        return f"backend={self.args.compile_backend}" if self.args.compile_backend else mode
 
     def compile(self, fn: Callable, mode: str) -> Callable:
-        kw = dict(dynamic=True, fullgraph=self.args.fullgraph)
+        kw = dict(dynamic=True, fullgraph=True)  # as Pi05 compiles sample_actions
         if self.args.compile_backend:  # a wiring check (e.g. aot_eager on the CPU): no mode then
             return torch.compile(fn, backend=self.args.compile_backend, **kw)
         return torch.compile(fn, mode=mode, **kw)
@@ -622,9 +621,6 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend instead of a mode (e.g. aot_eager: checks the compiled "
                          "wiring on the CPU in seconds; the timings then mean little)")
-    ap.add_argument("--fullgraph", action="store_true",
-                    help="torch.compile(fullgraph=True): no graph break at the dynamic-K prune op (the "
-                         "model compiles without it, so dynamo breaks the graph there)")
     ap.add_argument("--phase-compile", action=argparse.BooleanOptionalAction, default=None,
                     help="time the compiled providers' phases compiled (default on, off with --short)")
     ap.add_argument("--device", default=None)
