@@ -230,9 +230,12 @@ class Bench:
         t = time.perf_counter()
         self.model = Pi05(config, device=self.device, seed=a.seed).eval()
         H._sync(self.device)
+        build_s = time.perf_counter() - t
+        if a.from_checkpoint:
+            self.meta["checkpoint"] = self.reload_from_checkpoint(a.from_checkpoint)
         self.meta["model"] = {
             "size": a.size, "dtype": config.dtype, "params_b": round(params_b(self.model), 3),
-            "build_s": round(time.perf_counter() - t, 2), "llm": config.llm._asdict(),
+            "build_s": round(build_s, 2), "llm": config.llm._asdict(),
             "expert": config.expert._asdict(), "vision": config.vision._asdict(),
             "image_tokens": config.num_image_tokens, "prompt_len": config.max_token_len,
             "valid_prompt": VALID_PROMPT[a.size], "steps": a.steps, "action_horizon": config.action_horizon,
@@ -244,6 +247,25 @@ class Bench:
               f"built in {self.meta['model']['build_s']} s; compile {'on' if a.compile else 'off'} "
               f"(e2e {a.compile_mode!r}, static {a.static_compile_mode!r}, phases "
               f"{a.compile_mode if a.phase_compile and a.compile else 'eager'})", flush=True)
+
+    def reload_from_checkpoint(self, path: str) -> dict:
+        """Writes the model in openpi's layout (``save_openpi``), then benchmarks the model that
+        ``Pi05.from_openpi`` loads from it (memory-mapped, straight onto the device)."""
+        t = time.perf_counter()
+        self.model.save_openpi(path)
+        save_s = time.perf_counter() - t
+        config = self.model.config
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        t = time.perf_counter()
+        self.model = Pi05.from_openpi(path, config=config, device=self.device).eval()
+        H._sync(self.device)
+        info = {"path": path, "bytes": os.path.getsize(path), "save_s": round(save_s, 2),
+                "load_s": round(time.perf_counter() - t, 2)}
+        print(f"[pi05] checkpoint {info['bytes'] / 2**30:.2f} GiB: saved in {info['save_s']} s, "
+              f"loaded in {info['load_s']} s", flush=True)
+        return info
 
     def compile_mode(self, p: Provider) -> Optional[str]:
         if not (p.compiled and self.args.compile):
@@ -623,6 +645,9 @@ def main(argv=None) -> int:
                          "wiring on the CPU in seconds; the timings then mean little)")
     ap.add_argument("--phase-compile", action=argparse.BooleanOptionalAction, default=None,
                     help="time the compiled providers' phases compiled (default on, off with --short)")
+    ap.add_argument("--from-checkpoint", metavar="PATH", default=None,
+                    help="write the random model to PATH with save_openpi, time Pi05.from_openpi, "
+                         "and benchmark the loaded model")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default bench/out/pi05-<time>)")

@@ -51,3 +51,18 @@ def test_bench_pi05_quick(tmp_path):
         p = summ[name]
         assert 0 < p["prune_share"] and p["speedup_vs_unpruned"] > 0 and p["phase_sum_ms"] > 0
         assert p["target_speedup"].startswith("n/a") and p["target_prune_share"].startswith("n/a")
+
+
+def test_bench_pi05_from_checkpoint(tmp_path):
+    """--from-checkpoint: the benchmarked model is the one Pi05.from_openpi loads back."""
+    ckpt = tmp_path / "model.safetensors"
+    grad = torch.is_grad_enabled()
+    try:
+        rc = bench.main(["--quick", "--cases", "budget64", "--providers", "fastprune-dynamic", "--steps", "1",
+                         "--device", "cpu", "--from-checkpoint", str(ckpt), "--out", str(tmp_path / "out")])
+    finally:
+        torch.set_grad_enabled(grad)
+    assert rc == 0
+    meta = json.loads((tmp_path / "out" / "results.json").read_text())["meta"]
+    assert meta["checkpoint"]["bytes"] == ckpt.stat().st_size > 0
+    assert meta["checkpoint"]["load_s"] >= 0
