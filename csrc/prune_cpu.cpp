@@ -29,13 +29,9 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor rms_rows(const at::Tensor& x) {
-  auto xf = x.to(acc_type(x));
-  return xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + kEps);
-}
-
-// Row argmax over the allowed columns `cols` of a [R, cols.size()] block; NaN never compares
-// greater, so it cannot win, and an all-NaN row keeps the first column.
+// Row argmax over the allowed columns `cols` of a [R, cols.size()] block (a scalar loop
+// beats ATen's isnan + masked_fill + argmax here); NaN never compares greater, so it cannot
+// win, and an all-NaN row keeps the first column.
 template <typename scalar_t>
 void row_argmax(const at::Tensor& block, const std::vector<int64_t>& cols, int64_t* out) {
   const scalar_t* cp = block.data_ptr<scalar_t>();
@@ -52,6 +48,13 @@ void row_argmax(const at::Tensor& block, const std::vector<int64_t>& cols, int64
     }
     out[r] = cols[best];
   }
+}
+
+// 1 / rms of each row of `x` (already in the accumulation type), as a column [R, 1]. One
+// pass over the row (the norm), no normalised copy of it.
+at::Tensor inv_rms(const at::Tensor& x) {
+  const double d = static_cast<double>(x.size(-1));
+  return at::rsqrt(at::linalg_vector_norm(x, 2, {-1}, /*keepdim=*/true).square_().div_(d).add_(kEps));
 }
 
 // Indices where a bool row is true; all indices when `fallback_all` and none is true, or
@@ -90,7 +93,8 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   for (int64_t b = 0; b < B; ++b) {
     auto valid = true_indices(task_mask, b, T, /*fallback_all=*/true);
     auto vt = at::from_blob(valid.data(), {(int64_t)valid.size()}, at::kLong).clone();
-    tn[b] = rms_rows(task[b].index_select(0, vt));
+    auto t = task[b].index_select(0, vt).to(acc_type(patches));
+    tn[b] = t * inv_rms(t);
     S[b] = at::empty({N, (int64_t)valid.size()}, patches.options().dtype(acc_type(patches)));
     A[b] = at::empty_like(S[b]);
     allowed[b] = true_indices(patch_mask, b, N, /*fallback_all=*/false);
@@ -99,7 +103,9 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
-      auto s = at::mm(rms_rows(patches[b].slice(0, r0, r1)), tn[b].t());
+      // rms(P) Tn^T = diag(1/rms(P)) (P Tn^T): scale the product's rows, not the tile.
+      auto p = patches[b].slice(0, r0, r1).to(acc_type(patches));
+      auto s = at::mm(p, tn[b].t()).mul_(inv_rms(p));
       S[b].slice(0, r0, r1).copy_(s);
       A[b].slice(0, r0, r1).copy_(at::softmax(s * inv_sqrt_d, -1));
     }
@@ -123,10 +129,11 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
       auto c = at::mm(A[b].slice(0, r0, r1), s_allowed[b].t()).contiguous();
+      int64_t* out = idx_ptr + b * N + r0;
       if (c.scalar_type() == at::kDouble)
-        row_argmax<double>(c, allowed[b], idx_ptr + b * N + r0);
+        row_argmax<double>(c, allowed[b], out);
       else
-        row_argmax<float>(c, allowed[b], idx_ptr + b * N + r0);
+        row_argmax<float>(c, allowed[b], out);
     }
   });
 
