@@ -171,52 +171,27 @@ class Pi05Config:
         base.update(overrides)
         return cls(**base)
 
-    @staticmethod
-    def _gemma(variant: str, overrides: dict) -> GemmaDims:
+    def _resolve(self, base: NamedTuple, prefix: str) -> Any:
+        """``base`` with every ``<prefix>_<field>`` override that is not None applied."""
+        over = {f: getattr(self, f"{prefix}_{f}") for f in base._fields}
+        return base._replace(**{k: v for k, v in over.items() if v is not None})
+
+    def _gemma(self, variant: str, prefix: str) -> GemmaDims:
         if variant not in GEMMA_VARIANTS:
             raise ValueError(f"unknown Gemma variant {variant!r}; known: {sorted(GEMMA_VARIANTS)}")
-        base = GEMMA_VARIANTS[variant]
-        return base._replace(**{k: v for k, v in overrides.items() if v is not None})
+        return self._resolve(GEMMA_VARIANTS[variant], prefix)
 
     @property
     def llm(self) -> GemmaDims:
-        return self._gemma(
-            self.paligemma_variant,
-            dict(
-                width=self.llm_width,
-                depth=self.llm_depth,
-                mlp_dim=self.llm_mlp_dim,
-                num_heads=self.llm_num_heads,
-                num_kv_heads=self.llm_num_kv_heads,
-                head_dim=self.llm_head_dim,
-            ),
-        )
+        return self._gemma(self.paligemma_variant, "llm")
 
     @property
     def expert(self) -> GemmaDims:
-        return self._gemma(
-            self.action_expert_variant,
-            dict(
-                width=self.expert_width,
-                depth=self.expert_depth,
-                mlp_dim=self.expert_mlp_dim,
-                num_heads=self.expert_num_heads,
-                num_kv_heads=self.expert_num_kv_heads,
-                head_dim=self.expert_head_dim,
-            ),
-        )
+        return self._gemma(self.action_expert_variant, "expert")
 
     @property
     def vision(self) -> SiglipDims:
-        over = dict(
-            width=self.vision_width,
-            depth=self.vision_depth,
-            num_heads=self.vision_num_heads,
-            mlp_dim=self.vision_mlp_dim,
-            patch_size=self.vision_patch_size,
-            image_size=self.vision_image_size,
-        )
-        return SO400M._replace(**{k: v for k, v in over.items() if v is not None})
+        return self._resolve(SO400M, "vision")
 
     @property
     def torch_dtype(self) -> torch.dtype:
