@@ -92,24 +92,25 @@ def select_ref(
     patch_mask: Optional[torch.Tensor] = None,
     mask_voters: bool = False,
 ) -> torch.Tensor:
-    """Row argmax ``idx [B, N]`` (int64), lowest column on an exact tie.
-
-    ``mask_voters`` does not change a row's argmax; it only decides which rows vote.
-    """
-    del mask_voters
+    """Row argmax ``idx [B, N]`` (int64), lowest column on an exact tie; with ``mask_voters``
+    the rows of invalid patches do not vote and hold -1 (as the ``select`` op returns them)."""
     # torch.argmax returns the first maximal index on CPU and CUDA.
-    return scores(patches, task, task_mask, patch_mask).argmax(-1)
+    idx = scores(patches, task, task_mask, patch_mask).argmax(-1)
+    if mask_voters and patch_mask is not None:
+        idx = idx.masked_fill(~patch_mask, -1)
+    return idx
 
 
 def votes_from_idx(
     idx: torch.Tensor, patch_mask: Optional[torch.Tensor] = None, mask_voters: bool = False
 ) -> torch.Tensor:
-    """``v[b, j] = #{i voting : idx[b, i] = j}`` as int64 ``[B, N]``."""
-    B, N = idx.shape
-    weight = torch.ones(B, N, dtype=torch.int64, device=idx.device)
+    """``v[b, j] = #{i voting : idx[b, i] = j}`` as int64 ``[B, N]``; rows with ``idx = -1``
+    (non-voters from ``select``) and, with ``mask_voters``, rows of invalid patches do not vote."""
+    voting = idx >= 0
     if mask_voters and patch_mask is not None:
-        weight = patch_mask.to(torch.int64)
-    return torch.zeros(B, N, dtype=torch.int64, device=idx.device).scatter_add_(1, idx, weight)
+        voting = voting & patch_mask
+    votes = torch.zeros(idx.shape, dtype=torch.int64, device=idx.device)
+    return votes.scatter_add_(1, idx.clamp(min=0), voting.to(torch.int64))
 
 
 def keep_mask_from_votes(

@@ -157,6 +157,12 @@ def test_mask_voters_absent_camera_adds_nothing():
     patches, task, task_mask, patch_mask = structured_inputs(batch=1, absent_cameras=((0, 1),), seed=4)
     idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=True)
     assert (idx[0, 256:512] == -1).all() and (idx[0, :256] >= 0).all()
+    assert torch.equal(idx, R.select_ref(patches, task, task_mask, patch_mask, mask_voters=True))
+    # The op's own selection with its -1 rows determines its outputs.
+    assert_prune_consistent(
+        fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=True),
+        patches, idx, patch_mask, None, False, None,
+    )
     voted = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=True)
     every = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
     assert int(voted.counts) <= int(every.counts)
