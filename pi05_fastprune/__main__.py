@@ -126,6 +126,7 @@ def demo_checkpoint(args, device: torch.device) -> None:
         device=device, asset_id=args.asset_id, action_horizon=args.action_horizon, action_dims=args.action_dims,
         seed=args.seed,
     )
+    policy.model.set_compile_mode("default" if args.compile else None)
     policy.set_pruning(enabled=True, keep_tokens=args.keep_tokens, keep_ratio=args.keep_ratio,
                        max_tokens=args.max_tokens)
     rng = np.random.default_rng(args.seed)

@@ -525,17 +525,19 @@ class Pi05(nn.Module):
         # settings; the seed's runtime setters below write the config.
         self.token_pruner = ImageTokenPruner(llm.width)
         self._token_pruner_user_noise_scale: Optional[float] = None
-        # sample_actions compiles by default, pruning included, as one graph (fullgraph also
-        # lets dynamo capture the prune op's data-dependent K instead of breaking there;
-        # dynamic=True: one graph for every kept count). FASTPRUNE_TORCH_COMPILE=0 or
-        # pytorch_compile_mode=None turn it off.
-        self._sample_compiled = self._sample
-        if config.pytorch_compile_mode is not None and os.environ.get("FASTPRUNE_TORCH_COMPILE", "1") != "0":
-            self._sample_compiled = torch.compile(
-                self._sample, mode=config.pytorch_compile_mode, dynamic=True, fullgraph=True
-            )
+        self.set_compile_mode(config.pytorch_compile_mode)
         if device.type != "meta":
             self.reset_parameters(seed)
+
+    def set_compile_mode(self, mode: Optional[str]) -> None:
+        """torch.compile mode of ``sample_actions`` (None: eager). It compiles by default,
+        pruning included, as one graph (fullgraph also lets dynamo capture the prune op's
+        data-dependent K instead of breaking there; dynamic=True: one graph for every kept
+        count). The environment variable FASTPRUNE_TORCH_COMPILE=0 keeps it eager."""
+        self.config.pytorch_compile_mode = mode
+        self._sample_compiled = self._sample
+        if mode is not None and os.environ.get("FASTPRUNE_TORCH_COMPILE", "1") != "0":
+            self._sample_compiled = torch.compile(self._sample, mode=mode, dynamic=True, fullgraph=True)
 
     # ------------------------------------------------------------------ init / checkpoints
 

@@ -332,6 +332,10 @@ def test_compile_is_on_by_default(monkeypatch):
     assert compiled._sample_compiled != compiled._sample  # the torch.compile wrapper
     off = Pi05(dataclasses.replace(CFG, pytorch_compile_mode=None), device="meta")
     assert off._sample_compiled == off._sample
+    off.set_compile_mode("default")
+    assert off._sample_compiled != off._sample and off.config.pytorch_compile_mode == "default"
+    compiled.set_compile_mode(None)
+    assert compiled._sample_compiled == compiled._sample
     monkeypatch.setenv("FASTPRUNE_TORCH_COMPILE", "0")
     eager = Pi05(CFG, device="meta")
     assert eager._sample_compiled == eager._sample
