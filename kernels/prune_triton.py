@@ -209,8 +209,13 @@ def _select_kernel(
     tl.atomic_max(KEYS + b * N + rows64, best, mask=rmask)
 
     # Last program of this sample to arrive finishes it (every key of the sample is final).
+    # Memory order: the CTA barrier puts every thread's key merge before the arrival, which is
+    # one acq_rel gpu-scope atomic (release of this program's merges; in the last program, the
+    # acquire of everyone's). The finishing step reads keys and votes with atomics (L2, never a
+    # stale L1 line). Keys, votes and counters are reset by kernel 1 of the same call (stream
+    # order: no race, also under CUDA-graph replay).
     tl.debug_barrier()
-    arrived = tl.atomic_add(COUNTER + b, 1)
+    arrived = tl.atomic_add(COUNTER + b, 1, sem="acq_rel", scope="gpu")
     if arrived == n_programs - 1:
         offs = tl.arange(0, BLOCK_NALL)
         inb = offs < N
@@ -219,7 +224,9 @@ def _select_kernel(
         key = tl.atomic_max(KEYS + b * N + offs64, kmin, mask=inb)  # coherent read
         low = key - ((key >> 32) << 32)
         two32 = tl.full([BLOCK_NALL], 1, tl.int64) << 32
-        idx = tl.where(inb, two32 - 1 - low, 0)
+        # Clamped: every row has an allowed column (column 0 at worst), so the key is never the
+        # initial minimum; the clamp only guards the vote atomics below against a broken key.
+        idx = tl.where(inb, tl.minimum(two32 - 1 - low, N - 1), 0)
         voter = inb
         valid = inb
         if HAS_PMASK:
@@ -311,19 +318,25 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 class _Cfg:
-    """Block sizes of one call."""
+    """Block sizes of one call.
 
-    def __init__(self, patches: torch.Tensor, T: int):
+    ``gpu_sms``: build the GPU tiles for a GPU with this many SMs whatever the tensors' device
+    (the sm_90 ahead-of-time compile test records the launches of CPU tensors this way);
+    None: GPU tiles only for CUDA tensors outside the interpreter, SMs read from the device.
+    """
+
+    def __init__(self, patches: torch.Tensor, T: int, gpu_sms: Optional[int] = None):
         # Plain ints: block sizes are compile-time constants (a traced SymInt specialises here).
         B, N, D = (int(x) for x in patches.shape)
         T = int(T)
-        on_gpu = patches.is_cuda and not INTERPRET
+        on_gpu = (patches.is_cuda and not INTERPRET) or gpu_sms is not None
+        want = 2 * gpu_sms if gpu_sms is not None else _programs_wanted(patches.device)
         self.dot_native = on_gpu and patches.dtype in (torch.float16, torch.bfloat16)
         self.block_tall = max(16, triton.next_power_of_2(T))
         self.block_nall = max(16, triton.next_power_of_2(N))
         self.search_iters = (N + 1).bit_length() + 1
         if on_gpu:
-            self.bm1 = 16 if B * triton.cdiv(N, 16) <= 4 * _programs_wanted(patches.device) else 32
+            self.bm1 = 16 if B * triton.cdiv(N, 16) <= 4 * want else 32
             self.bt = min(64, max(16, triton.next_power_of_2(T)))
             self.bk = 128 if patches.element_size() == 2 else 64
             self.bm2, self.bn2 = 64, 64
@@ -338,7 +351,6 @@ class _Cfg:
             self.br, self.bd = 8, 32
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
-        want = _programs_wanted(patches.device)
         self.n_row_tiles = n_row_tiles
         self.n_split = max(1, min(n_col_tiles, triton.cdiv(want, max(1, n_row_tiles * B))))
 
