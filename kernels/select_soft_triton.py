@@ -28,7 +28,8 @@ Backward (``G`` = grad of the output), deterministic (no atomics), nothing ``N x
      (dSoft recomputed: the second N x N x D product) and dS_J += dZ^T A_R.
   4. ``_bwd_patch_kernel``: dP = dS Tn, RMSNorm backward, plus the straight-through direct term
      (sum of G over the rows that chose a patch, in increasing row order through a stable sort).
-  5. ``_bwd_task_kernel`` (D tiles): dTn = dS^T P - (A^T diag(k) A) Tn; ``_bwd_task_rms_kernel``:
+  5. ``_bwd_task_mm_kernel``: MM = A^T diag(k) A ([Tv, Tv] tiles, once per sample);
+     ``_bwd_task_kernel`` (D tiles x prompt tiles): dTn = dS^T P - MM Tn; ``_bwd_task_rms_kernel``:
      RMSNorm backward of the prompt rows.
 """
 
@@ -371,39 +372,64 @@ def _bwd_patch_kernel(
 
 
 @triton.jit
-def _bwd_task_kernel(
-    P, TK, TOK, CNT, DS, A, KC, RP, RT, DTN,
-    N, T, D,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+def _bwd_task_mm_kernel(
+    A, KC, MM,
+    N,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_TO: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dTn[:, D tile] = dS^T P - (A^T diag(kc) A) Tn."""
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    kk = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    km = kk < D
-    tt = tl.arange(0, BLOCK_T)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    mm = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
+    """MM[t, t'] = sum_i A[i, t] kc[i] A[i, t'] for one [BLOCK_TO, BLOCK_TO] tile (once per sample,
+    not per D tile; a whole [BLOCK_T, BLOCK_T] accumulator does not fit registers at BLOCK_T=256)."""
+    pid_t = tl.program_id(0)
+    pid_u = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ti = pid_t * BLOCK_TO + tl.arange(0, BLOCK_TO)
+    tj = pid_u * BLOCK_TO + tl.arange(0, BLOCK_TO)
+    mm = tl.zeros([BLOCK_TO, BLOCK_TO], tl.float32)
     for i0 in range(0, N, BLOCK_N):
         rows64 = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         rmask = rows64 < N
-        off = b * N * BLOCK_T + rows64[:, None] * BLOCK_T + tt[None, :]
-        dsr = tl.load(DS + off, mask=rmask[:, None], other=0.0)
-        a = tl.load(A + off, mask=rmask[:, None], other=0.0)
+        base = A + b * N * BLOCK_T + rows64[:, None] * BLOCK_T
+        ai = tl.load(base + ti[None, :], mask=rmask[:, None], other=0.0)
+        aj = tl.load(base + tj[None, :], mask=rmask[:, None], other=0.0)
         kc = tl.load(KC + b * N + rows64, mask=rmask, other=0.0)
+        mm = _dot_f32(tl.trans(ai * kc[:, None]), aj, mm, DOT_PREC)
+    tl.store(MM + b * BLOCK_T * BLOCK_T + ti[:, None] * BLOCK_T + tj[None, :], mm)
+
+
+@triton.jit
+def _bwd_task_kernel(
+    P, TK, TOK, CNT, DS, MM, RP, RT, DTN,
+    N, T, D,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_TO: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dTn[t tile, D tile] = dS^T P - MM Tn, MM = A^T diag(kc) A (``_bwd_task_mm_kernel``)."""
+    pid_d = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kk = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    km = kk < D
+    to = pid_t * BLOCK_TO + tl.arange(0, BLOCK_TO)
+    acc = tl.zeros([BLOCK_TO, BLOCK_D], tl.float32)
+    for i0 in range(0, N, BLOCK_N):
+        rows64 = (i0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rmask = rows64 < N
+        dsr = tl.load(DS + b * N * BLOCK_T + rows64[:, None] * BLOCK_T + to[None, :], mask=rmask[:, None], other=0.0)
         rp = tl.load(RP + b * N + rows64, mask=rmask, other=0.0)
         x = tl.load(P + b * N * D + rows64[:, None] * D + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
         pn = x.to(tl.float32) * rp[:, None]
         acc = _dot_f32(tl.trans(dsr), pn, acc, DOT_PREC)
-        mm = _dot_f32(tl.trans(a * kc[:, None]), a, mm, DOT_PREC)
     cnt = tl.load(CNT + b)
-    tv = tt < cnt
-    tok = tl.load(TOK + b * BLOCK_T + tt, mask=tv, other=0)
-    rt = tl.load(RT + b * BLOCK_T + tt)
-    q = tl.load(TK + b * T * D + tok[:, None] * D + kk[None, :], mask=tv[:, None] & km[None, :], other=0.0)
-    tn = q.to(tl.float32) * rt[:, None]
-    acc = acc - _dot_f32(mm, tn, tl.zeros([BLOCK_T, BLOCK_D], tl.float32), DOT_PREC)
-    tl.store(DTN + b * BLOCK_T * D + tt[:, None] * D + kk[None, :], acc, mask=km[None, :])
+    for t0 in range(0, BLOCK_T, BLOCK_TO):
+        tt = t0 + tl.arange(0, BLOCK_TO)
+        tv = tt < cnt
+        tok = tl.load(TOK + b * BLOCK_T + tt, mask=tv, other=0)
+        rt = tl.load(RT + b * BLOCK_T + tt)
+        q = tl.load(TK + b * T * D + tok[:, None] * D + kk[None, :], mask=tv[:, None] & km[None, :], other=0.0)
+        tn = q.to(tl.float32) * rt[:, None]
+        mmc = tl.load(MM + b * BLOCK_T * BLOCK_T + to[:, None] * BLOCK_T + tt[None, :])
+        acc = acc - _dot_f32(mmc, tn, tl.zeros([BLOCK_TO, BLOCK_D], tl.float32), DOT_PREC)
+    tl.store(DTN + b * BLOCK_T * D + to[:, None] * D + kk[None, :], acc, mask=km[None, :])
 
 
 @triton.jit
@@ -481,6 +507,8 @@ class _Prep:
             self.BM = 32
         if gpu_tiles and self.BT >= 256:
             self.BM = 16
+        # 8 warps on the GPU for every kernel with an fp32 (FMA) tl.dot: at 4 warps ptxas spills
+        # 13-20 KB per thread in the patch and task kernels (sm_90 AOT test, tests/test_triton_sm90.py).
         self.warps = 8 if gpu_tiles else 4
         self.upcast = INTERPRET or patches.dtype == torch.float32
 
@@ -572,12 +600,17 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
     start = (torch.cumsum(nsel, -1) - nsel).contiguous()
     wrap(_bwd_patch_kernel)[(triton.cdiv(N, pr.BM), B)](
         grad, patches, task, pr.tok, pr.cnt, dS, RP, RT, perm, start, nsel, grad_patches, N, T, D,
-        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC,
+        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps,
+    )
+    BTO = min(BT, 64)
+    mm = torch.empty(B, BT, BT, **f32)
+    wrap(_bwd_task_mm_kernel)[(BT // BTO, BT // BTO, B)](
+        A, kc, mm, N, BLOCK_N=pr.BN, BLOCK_T=BT, BLOCK_TO=BTO, DOT_PREC=DOT_PREC,
     )
     dtn = torch.empty(B, BT, D, **f32)
-    wrap(_bwd_task_kernel)[(triton.cdiv(D, pr.BD), B)](
-        patches, task, pr.tok, pr.cnt, dS, A, kc, RP, RT, dtn, N, T, D,
-        BLOCK_N=pr.BN, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC,
+    wrap(_bwd_task_kernel)[(triton.cdiv(D, pr.BD), BT // BTO, B)](
+        patches, task, pr.tok, pr.cnt, dS, mm, RP, RT, dtn, N, T, D,
+        BLOCK_N=pr.BN, BLOCK_T=BT, BLOCK_TO=BTO, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps,
     )
     BTT = min(BT, 16)
     wrap(_bwd_task_rms_kernel)[(triton.cdiv(BT, BTT), B)](
