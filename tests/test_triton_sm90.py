@@ -1,0 +1,280 @@
+"""Ahead-of-time compile of every Triton kernel for an H100 (sm_90) on a machine without a GPU.
+
+The launchers themselves run, on empty CPU tensors, with a recording ``wrap`` in place of the
+launch: every ``kernel[grid](*args, **kwargs)`` they would issue on a GPU is captured (the eval
+launcher is told to build its GPU tiles for a 132-SM H100; select_soft builds GPU tiles whenever
+the interpreter is off). Each distinct launch is specialised by triton's own binder (argument
+types, 16-byte alignment and divisibility, constexprs, exactly as ``JITFunction.run`` would) and
+compiled TTIR -> TTGIR -> LLIR -> PTX -> cubin for ``GPUTarget("cuda", 90, 32)`` with triton's
+bundled ptxas. So the signatures cannot drift from the code, and GPU-only compile errors (layouts,
+``tl.dot`` shapes, atomics, shared memory over the H100's 227 KB per block) show up here.
+
+Per kernel it prints shared memory (dynamic + static), registers, spill stores and stack frame
+and the compile time (``pytest -s`` shows the table); it fails on a compile error, on shared
+memory over 227 KB, or on a compile slower than ``MAX_COMPILE_S`` (a ptxas that runs for minutes
+on the GPU machine eats its time budget).
+
+Skipped when a GPU is present (the GPU runs the real kernels), under ``TRITON_INTERPRET=1``, and
+when this triton lacks the compiler API used here (``ASTSource``, ``GPUTarget``, the JIT binder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import re
+import tempfile
+import time
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAVE_CUDA = torch.cuda.is_available()
+
+try:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as tcompile
+    from triton.runtime.jit import create_function_from_signature
+
+    API = None
+except Exception as e:  # pragma: no cover
+    API = f"triton compiler API not available: {e!r}"
+
+pytestmark = [
+    pytest.mark.skipif(INTERPRET, reason="compiles for the GPU, not the interpreter"),
+    pytest.mark.skipif(HAVE_CUDA, reason="a GPU is present: the GPU tests run the real kernels"),
+    pytest.mark.skipif(API is not None, reason=str(API)),
+]
+
+H100_SMS = 132
+SMEM_LIMIT = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 (232448 bytes)
+MAX_COMPILE_S = 30.0
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+class Recorder:
+    """A ``wrap`` for the launchers: ``wrap(kernel)[grid](*args, **kw)`` records, launches nothing."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        rec = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    rec.launches.append((kernel, grid, args, kwargs))
+
+                return launch
+
+        return _Grid()
+
+
+@functools.lru_cache(maxsize=None)
+def _target_backend():
+    target = GPUTarget("cuda", 90, 32)
+    return target, make_backend(target)
+
+
+def specialise(kernel, args, kwargs):
+    """(signature, constexprs, attrs) as triton's JIT would build them for these arguments."""
+    _, backend = _target_backend()
+    try:
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        _, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    except (AttributeError, TypeError) as e:  # pragma: no cover (another triton's internals)
+        pytest.skip(f"triton's JIT binder differs in this version: {e!r}")
+    return signature, constexprs, attrs
+
+
+def launch_key(kernel, args, kwargs):
+    signature, constexprs, attrs = specialise(kernel, args, kwargs)
+    opts = tuple(sorted((k, kwargs[k]) for k in ("num_warps", "num_stages") if k in kwargs))
+    return (kernel.fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())), opts)
+
+
+def distinct(launches):
+    """One launch per distinct compiled kernel (in first-seen order)."""
+    seen = {}
+    for kernel, grid, args, kwargs in launches:
+        for i, g in enumerate(grid):  # CUDA grid limits: x < 2^31, y and z <= 65535
+            assert 1 <= g <= (2**31 - 1 if i == 0 else 65535), ("grid", kernel.fn.__name__, grid)
+        seen.setdefault(launch_key(kernel, args, kwargs), (kernel, args, kwargs))
+    return list(seen.values())
+
+
+def _ptxas_int(pattern, log):
+    m = re.search(pattern, log)
+    return int(m.group(1)) if m else None
+
+
+def compile_sm90(kernel, args, kwargs, label):
+    """Compile one launch to a cubin; returns its resource report."""
+    target, _ = _target_backend()
+    signature, constexprs, attrs = specialise(kernel, args, kwargs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    # A fresh cache: ptxas runs (and reports) every time, nothing stale is reused.
+    with tempfile.TemporaryDirectory() as cache, knobs.cache.scope(), knobs.nvidia.scope():
+        knobs.cache.dir = cache
+        knobs.nvidia.dump_ptxas_log = True
+        try:
+            with contextlib.redirect_stdout(log):
+                compiled = tcompile(src, target=target, options=opts)
+        except RuntimeError as e:
+            if "ptxas" in str(e) and "not found" in str(e):  # pragma: no cover
+                pytest.skip("no ptxas")
+            raise
+    seconds = time.perf_counter() - t0
+    assert compiled.asm.get("cubin"), kernel.fn.__name__
+    text = log.getvalue()
+    static = _ptxas_int(r"(\d+) bytes smem", text) or 0
+    return dict(
+        kernel=kernel.fn.__name__,
+        label=label,
+        warps=compiled.metadata.num_warps,
+        stages=compiled.metadata.num_stages,
+        shared=compiled.metadata.shared + static,
+        regs=_ptxas_int(r"Used (\d+) registers", text),
+        spill_stores=_ptxas_int(r"(\d+) bytes spill stores", text),
+        stack=_ptxas_int(r"(\d+) bytes stack frame", text),
+        seconds=round(seconds, 2),
+        constexprs={k: v for k, v in kwargs.items() if k.isupper() and k != "DOT_PREC"},
+    )
+
+
+def check_and_report(reports):
+    print()
+    print(f"{'kernel':22s} {'variant':34s} warps smem_KB regs spill_B stack_B  sec  constexprs")
+    for r in reports:
+        print(f"{r['kernel']:22s} {r['label']:34s} {r['warps']:5d} {r['shared'] / 1024:7.1f} {r['regs']!s:>4s} "
+              f"{r['spill_stores']!s:>7s} {r['stack']!s:>7s} {r['seconds']:4.1f}  {r['constexprs']}")
+    too_big = [r for r in reports if r["shared"] > SMEM_LIMIT]
+    assert not too_big, f"shared memory over {SMEM_LIMIT} bytes (H100 per block): {too_big}"
+    slow = [r for r in reports if r["seconds"] > MAX_COMPILE_S]
+    assert not slow, f"compiles slower than {MAX_COMPILE_S} s (the GPU machine pays this at first launch): {slow}"
+    assert all(r["regs"] is None or r["regs"] <= 255 for r in reports)
+
+
+# ----------------------------------------------------------------------------- eval ops
+
+
+# (B, N, T, D): pi0.5 at B=1 and the largest benchmark shape (B=64, N=1536: 16-row vs 32-row
+# score tiles, BLOCK_NALL 1024 vs 2048).
+EVAL_SHAPES = [(1, 768, 200, 2048), (64, 1536, 200, 2048)]
+
+
+def eval_launches(dtype):
+    from pi05_fastprune.kernels import prune_triton as K
+
+    rec = Recorder()
+    labels = []
+    real_cfg = K._Cfg
+    K._Cfg = functools.partial(real_cfg, gpu_sms=H100_SMS)
+    try:
+        for B, N, T, D in EVAL_SHAPES:
+            # Empty (untouched) CPU tensors: only shapes, dtypes and alignment matter here.
+            p = torch.empty(B, N, D, dtype=dtype)
+            t = torch.empty(B, T, D, dtype=dtype)
+            tm = torch.ones(B, T, dtype=torch.bool)
+            pm = torch.ones(B, N, dtype=torch.bool)
+            for masks in (False, True):
+                m = (tm, pm) if masks else (None, None)
+                tag = f"B{B} N{N} {'masks' if masks else 'no masks'}"
+                for what, call in [
+                    ("select", lambda: K.select(p, t, *m, mask_voters=masks, wrap=rec)),
+                    ("implicit", lambda: K.prune_padded(p, t, *m, None, 128, masks, wrap=rec)),
+                    ("budget", lambda: K.prune_padded(p, t, *m, 64, 128, False, wrap=rec)),
+                ]:
+                    n0 = len(rec.launches)
+                    call()
+                    labels += [f"{tag} {what}"] * (len(rec.launches) - n0)
+    finally:
+        K._Cfg = real_cfg
+    return rec.launches, labels
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_eval_kernels_compile_for_sm90(dtype):
+    """The three eval kernels (scores, select + finishing step, gather) for every variant the
+    launchers issue: this dtype, with and without masks, select / implicit / budget modes."""
+    launches, labels = eval_launches(DTYPES[dtype])
+    names = {k.fn.__name__ for k, *_ in launches}
+    assert names == {"_scores_kernel", "_select_kernel", "_gather_kernel"}, names
+    seen, reports = set(), []
+    for (kernel, grid, args, kwargs), label in zip(launches, labels):
+        key = launch_key(kernel, args, kwargs)
+        if key not in seen:
+            seen.add(key)
+            reports.append(compile_sm90(kernel, args, kwargs, f"{dtype} {label}"))
+    assert len(distinct(launches)) == len(reports)
+    check_and_report(reports)
+
+
+# ----------------------------------------------------------------------------- select_soft
+
+
+# (B, N, T, D, valid prompt tokens, noise variants). BT = next pow2 of the valid count: 64 at
+# the training shape (48 of 200), 16 for a short prompt, 256 for a long one (the GPU test's
+# masks reach 165). B*N/64 row tiles >= 264 switches to 64-row tiles (bench_train B=32).
+SS_CASES = {
+    "B8_Tv48": (8, 768, 200, 2048, 48, ("none", "seed", "explicit")),
+    "B32_Tv48": (32, 768, 200, 2048, 48, ("seed",)),
+    "B2_Tv12": (2, 768, 200, 2048, 12, ("seed",)),
+    "B2_Tv165": (2, 768, 200, 2048, 165, ("none", "seed")),
+}
+
+
+def select_soft_launches(dtype, case):
+    from pi05_fastprune.kernels import select_soft_triton as SK
+
+    B, N, T, D, tv, noises = SS_CASES[case]
+    p = torch.empty(B, N, D, dtype=dtype)
+    t = torch.empty(B, T, D, dtype=dtype)
+    tm = (torch.arange(T)[None, :] < tv).expand(B, T).contiguous()
+    pm = torch.ones(B, N, dtype=torch.bool)
+    rec = Recorder()
+    labels = []
+    for noise in noises:
+        kw = {}
+        if noise == "seed":
+            kw = dict(noise_scale=torch.tensor(1.0), seed=torch.tensor([1, 2], dtype=torch.int64))
+        elif noise == "explicit":
+            kw = dict(noise_scale=torch.tensor(1.0), noise=torch.empty(B, N, N))
+        n0 = len(rec.launches)
+        SK.select_soft_fwd(p, t, tm, pm, wrap=rec, **kw)
+        SK.select_soft_bwd(torch.empty_like(p), p, t, tm, pm, idx=torch.zeros(B, N, dtype=torch.int64),
+                           lse=torch.zeros(B, N), wrap=rec, **kw)
+        labels += [f"{case} noise={noise}"] * (len(rec.launches) - n0)
+    return rec.launches, labels
+
+
+@pytest.mark.parametrize("case", list(SS_CASES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_select_soft_kernels_compile_for_sm90(dtype, case):
+    """Every select_soft forward and backward kernel the launchers issue for this dtype and shape."""
+    launches, labels = select_soft_launches(DTYPES[dtype], case)
+    names = {k.fn.__name__ for k, *_ in launches}
+    assert {"_prep_kernel", "_fwd_kernel", "_bwd_row_kernel", "_bwd_col_kernel", "_bwd_patch_kernel",
+            "_bwd_task_kernel", "_bwd_task_rms_kernel"} <= names, names
+    seen, reports = set(), []
+    for (kernel, grid, args, kwargs), label in zip(launches, labels):
+        key = launch_key(kernel, args, kwargs)
+        if key not in seen:
+            seen.add(key)
+            reports.append(compile_sm90(kernel, args, kwargs, f"{dtype} {label}"))
+    assert len(distinct(launches)) == len(reports)
+    check_and_report(reports)
