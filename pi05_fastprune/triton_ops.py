@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from pi05_fastprune.prune import _prune_outputs, check_inputs
+from pi05_fastprune.prune import _prune_fake, _prune_padded_fake, _select_fake, check_inputs
 
 __all__ = ["HAVE_TRITON", "INTERPRET"]
 
@@ -97,25 +97,12 @@ def _register() -> None:
     padded_op = define("fastprune::triton_prune_padded", triton_prune_padded, use_triton_op)
 
     # ---- fakes (a triton_op's fake is its own body traced with fake tensors; the opaque
-    # custom ops need one). Same checks and shapes as the fastprune:: fakes in prune.py.
+    # custom ops need one): the fastprune:: fakes of prune.py, whose arguments come in the same
+    # order (their trailing `backend` keeps its default).
     if not use_triton_op:
-
-        @select_op.register_fake
-        def _(patches, task, task_mask=None, patch_mask=None, mask_voters=False):
-            check_inputs(patches, task, task_mask, patch_mask)
-            return patches.new_empty(patches.shape[:2], dtype=torch.int64)
-
-        @padded_op.register_fake
-        def _(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters=False):
-            check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
-            return _prune_outputs(patches, max_tokens)
-
-    @prune_op.register_fake
-    def _(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask_voters=False):
-        check_inputs(patches, task, task_mask, patch_mask, keep_tokens)
-        K = torch.library.get_ctx().new_dynamic_size(min=1)
-        return _prune_outputs(patches, K)
-
+        select_op.register_fake(_select_fake)
+        padded_op.register_fake(_prune_padded_fake)
+    prune_op.register_fake(_prune_fake)
 
 if HAVE_TRITON and not hasattr(torch.ops.fastprune, "triton_select"):
     _register()

@@ -156,6 +156,18 @@ def compile_sm90(kernel, args, kwargs, label):
     )
 
 
+def compile_distinct(launches, labels, dtype):
+    """Compiles each distinct launch once for sm_90, then checks and reports them all."""
+    seen, reports = set(), []
+    for (kernel, grid, args, kwargs), label in zip(launches, labels):
+        key = launch_key(kernel, args, kwargs)
+        if key not in seen:
+            seen.add(key)
+            reports.append(compile_sm90(kernel, args, kwargs, f"{dtype} {label}"))
+    assert len(distinct(launches)) == len(reports)
+    check_and_report(reports)
+
+
 def check_and_report(reports):
     print()
     print(f"{'kernel':22s} {'variant':34s} warps smem_KB regs spill_B stack_B  sec  constexprs")
@@ -214,14 +226,7 @@ def test_eval_kernels_compile_for_sm90(dtype):
     launches, labels = eval_launches(DTYPES[dtype])
     names = {k.fn.__name__ for k, *_ in launches}
     assert names == {"_scores_kernel", "_select_kernel", "_gather_kernel"}, names
-    seen, reports = set(), []
-    for (kernel, grid, args, kwargs), label in zip(launches, labels):
-        key = launch_key(kernel, args, kwargs)
-        if key not in seen:
-            seen.add(key)
-            reports.append(compile_sm90(kernel, args, kwargs, f"{dtype} {label}"))
-    assert len(distinct(launches)) == len(reports)
-    check_and_report(reports)
+    compile_distinct(launches, labels, dtype)
 
 
 # ----------------------------------------------------------------------------- select_soft
@@ -270,11 +275,4 @@ def test_select_soft_kernels_compile_for_sm90(dtype, case):
     names = {k.fn.__name__ for k, *_ in launches}
     assert {"_prep_kernel", "_fwd_kernel", "_bwd_row_kernel", "_bwd_col_kernel", "_bwd_patch_kernel",
             "_bwd_task_kernel", "_bwd_task_rms_kernel"} <= names, names
-    seen, reports = set(), []
-    for (kernel, grid, args, kwargs), label in zip(launches, labels):
-        key = launch_key(kernel, args, kwargs)
-        if key not in seen:
-            seen.add(key)
-            reports.append(compile_sm90(kernel, args, kwargs, f"{dtype} {label}"))
-    assert len(distinct(launches)) == len(reports)
-    check_and_report(reports)
+    compile_distinct(launches, labels, dtype)
