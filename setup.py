@@ -45,7 +45,8 @@ setup(
     packages=["pi05_fastprune", "pi05_fastprune.kernels"],
     package_dir={"pi05_fastprune.kernels": "kernels"},
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)},
+    # ninja compiles the sources in parallel (MAX_JOBS) where it is installed.
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=cpp_extension.is_ninja_available())},
     python_requires=">=3.10",
     install_requires=["numpy"],
 )

@@ -3,7 +3,7 @@
 fastprune backends, at the pi0.5 shape and a B x N grid, implicit / budget / static-cap modes.
 
     python bench/bench_prune.py                 # full grid on the GPU (B in 1,8,64 x N in 256,768,1536)
-    python bench/bench_prune.py --short         # pi0.5 shape + a few neighbours (bench/gpu_check)
+    python bench/bench_prune.py --short         # pi0.5 shape at B=1/8/64 and N=1536 (bench/gpu_check)
     python bench/bench_prune.py --quick         # tiny CPU smoke run (seconds)
     python bench/bench_prune.py --profile ...   # for nsys/ncu, see bench/README.md
 
@@ -57,7 +57,7 @@ def shape_list(args) -> list[dict]:
     if args.shapes == "pi05":
         return [pi05]
     if args.shapes == "short":
-        return [pi05, dict(pi05, B=8), dict(pi05, cams=6)]
+        return [pi05, dict(pi05, B=8), dict(pi05, B=64), dict(pi05, cams=6)]
     return [dict(pi05, B=B, cams=N // 256) for B in (1, 8, 64) for N in (256, 768, 1536)]
 
 

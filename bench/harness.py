@@ -58,13 +58,17 @@ except Exception:  # pragma: no cover - depends on the machine
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty for uncommitted changes); FASTPRUNE_COMMIT names it where the tree was
+    copied without its .git (the GPU machine)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except Exception:
-        return "unknown"
+        pass
+    return os.environ.get("FASTPRUNE_COMMIT", "unknown")
 
 
 def environment(device: torch.device) -> dict:

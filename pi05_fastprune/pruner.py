@@ -13,7 +13,6 @@ attribute is read (`core.last_argmax_union_det`, ...), i.e. only when telemetry 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

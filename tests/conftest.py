@@ -8,6 +8,10 @@ import pytest
 DATA = pathlib.Path(__file__).parent / "data" / "openpi"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (bench/gpu_check runs pytest -m gpu)")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     """openpi's checkpoint layout and conformance vectors (copied from openpi; see its README)."""

@@ -9,8 +9,7 @@ CPU part (no GPU needed; builds are cached per module):
   turn, wmma as whole tiles), both with the tensor-core path and the FMA path, against the
   float64 truth and the exact gather of their own selection.
 
-GPU part (skipped without CUDA): backend="cuda" through torch.ops.fastprune, the same checks
-as the CPU op tests, all dtypes, pi05 and odd shapes, masks, budgets, caps, CUDA graphs.
+The GPU tests of backend="cuda" are tests/test_gpu.py, shared with backend="triton".
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from pi05_fastprune.structured import structured_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_prune import MASKS, SHAPES, make_inputs  # noqa: E402
+from test_prune import MASKS, make_inputs  # noqa: E402
 
 CU_FILES = sorted(glob.glob(str(ROOT / "kernels" / "*.cu")))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -399,167 +398,4 @@ def test_emulated_pi05_shape_bf16(emu):
     assert not ((out.kept_idx[0] >= 512) & out.kept_mask[0]).any()
 
 
-# --- on the GPU: backend="cuda" ------------------------------------------------------------------
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _has_cuda_kernels():
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastprune::prune", "CUDA")
-
-
-@gpu
-def test_cuda_kernels_registered():
-    assert _has_cuda_kernels(), "pi05_fastprune._C was built without the CUDA kernels (FASTPRUNE_WITH_CUDA)"
-
-
-@pytest.fixture
-def cuda_backend():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if not _has_cuda_kernels():
-        pytest.skip("pi05_fastprune._C built without CUDA kernels")
-    import pi05_fastprune as fp
-
-    return fp
-
-
-def to_cuda(*ts):
-    return [None if t is None else t.cuda() for t in ts]
-
-
-@pytest.mark.parametrize("B,N,T,D", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_select_matches_truth(cuda_backend, B, N, T, D, dtype):
-    fp = cuda_backend
-    patches, task, task_mask, patch_mask = to_cuda(*make_inputs(B, N, T, D, dtype, "all", seed=N + T))
-    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
-    check_selection(idx, patches, task, task_mask, patch_mask)
-
-
-@pytest.mark.parametrize("masks", MASKS)
-@pytest.mark.parametrize("budget", [None, 1, "N", 0.1, 0.5, 1.0])
-@pytest.mark.parametrize("mask_voters", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_prune_modes(cuda_backend, masks, budget, mask_voters, dtype):
-    fp = cuda_backend
-    B, N, T, D = 3, 96, 17, 64
-    patches, task, task_mask, patch_mask = to_cuda(*make_inputs(B, N, T, D, dtype, masks, seed=7))
-    keep_tokens = {None: None, "N": N}.get(budget, budget)
-    if isinstance(budget, float):
-        keep_tokens = max(1, math.ceil(budget * N))
-    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=mask_voters,
-                          keep_tokens=keep_tokens, backend="cuda")
-    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
-    check_selection(idx, patches, task, task_mask, patch_mask)
-    check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
-    assert out.pruned.shape[1] == max(1, int(out.counts.max()))
-    if mask_voters and patch_mask is not None:
-        voted = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=True,
-                                 backend="cuda")
-        assert torch.equal(voted, torch.where(patch_mask, idx, -1))
-
-
-@pytest.mark.parametrize("max_tokens", [1, 5, 40, 200])
-@pytest.mark.parametrize("keep_tokens", [None, 3, 30])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_prune_padded_cap(cuda_backend, max_tokens, keep_tokens, dtype):
-    fp = cuda_backend
-    patches, task, task_mask, patch_mask = to_cuda(*make_inputs(4, 150, 9, 64, dtype, "all", seed=3))
-    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=keep_tokens,
-                          max_tokens=max_tokens, backend="cuda")
-    assert out.pruned.shape == (4, max_tokens, 64)
-    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
-    check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [1, 8, 64])
-def test_cuda_pi05_shape(cuda_backend, dtype, batch):
-    fp = cuda_backend
-    absent = ((batch - 1, 2),) if batch > 1 else ()
-    patches, task, task_mask, patch_mask = to_cuda(
-        *structured_inputs(batch=batch, dtype=dtype, absent_cameras=absent, seed=batch))
-    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
-    check_selection(idx, patches, task, task_mask, patch_mask)
-    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
-    check_prune(out, patches, idx, patch_mask, None, False, None)
-    assert (out.counts > 20).all() and (out.counts < 200).all()
-    padded = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, max_tokens=256,
-                             backend="cuda")
-    check_prune(padded, patches, idx, patch_mask, None, False, 256)
-
-
-def test_cuda_strided_inputs(cuda_backend):
-    fp = cuda_backend
-    g = torch.Generator().manual_seed(11)
-    wide = torch.randn(2, 300, 2056, generator=g).to(torch.bfloat16).cuda()
-    patches = wide[:, :, 4:2052]  # row stride 2056, 8-byte aligned rows: scalar gather
-    task = torch.randn(1, 30, 2048, generator=g).to(torch.bfloat16).cuda().expand(2, 30, 2048)
-    out = fp.prune_tokens(patches, task, keep_tokens=40, backend="cuda")
-    idx = fp.select_tokens(patches, task, backend="cuda")
-    check_selection(idx, patches, task, None, None)
-    check_prune(out, patches, idx, None, 40, False, None)
-
-
-def test_cuda_ties_and_determinism(cuda_backend):
-    fp = cuda_backend
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(1, 8, 32, generator=g)
-    patches = torch.cat([base, base], dim=1).cuda()
-    task = torch.randn(1, 5, 32, generator=g).cuda()
-    assert (fp.select_tokens(patches, task, backend="cuda") < 8).all()
-    out = fp.prune_tokens(patches, task, keep_tokens=16, backend="cuda")
-    assert torch.equal(out.kept_idx[0].cpu(), torch.arange(16))
-    p, t, tm, pm = to_cuda(*structured_inputs(batch=3, dtype=torch.bfloat16, seed=9))
-    outs = [fp.prune_tokens(p, t, task_mask=tm, patch_mask=pm, backend="cuda") for _ in range(5)]
-    for o in outs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_cuda_nonfinite_inputs(cuda_backend, value):
-    fp = cuda_backend
-    patches, task, task_mask, patch_mask = make_inputs(2, 40, 6, 32, torch.float32, "all", seed=5)
-    patches[0, 3, 1] = value
-    task[1, 0, 0] = value
-    patches, task, task_mask, patch_mask = to_cuda(patches, task, task_mask, patch_mask)
-    for kwargs in ({}, {"keep_tokens": 5}, {"max_tokens": 7}):
-        out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda", **kwargs)
-        assert ((out.kept_idx >= 0) & (out.kept_idx < 40)).all()
-    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="cuda")
-    assert ((idx >= 0) & (idx < 40)).all()
-    torch.cuda.synchronize()
-
-
-def test_cuda_backend_errors(cuda_backend):
-    patches, task, _, _ = to_cuda(*make_inputs(1, 8, 3, 16))
-    with pytest.raises(RuntimeError, match="backend='cpu' needs CPU tensors"):
-        torch.ops.fastprune.prune(patches, task, None, None, None, False, "cpu")
-    with pytest.raises(RuntimeError, match="keep_tokens"):
-        torch.ops.fastprune.prune(patches, task, None, None, 0, False, "cuda")
-
-
-def test_cuda_graph_capture_prune_padded(cuda_backend):
-    """prune_padded never syncs with the host: it captures into a CUDA graph and replays on new
-    inputs with the eager result."""
-    fp = cuda_backend
-    p, t, tm, pm = to_cuda(*structured_inputs(batch=2, dtype=torch.bfloat16, seed=1))
-    static = [x.clone() for x in (p, t, tm, pm)]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up outside the capture
-            fp.prune_tokens(*static[:2], task_mask=static[2], patch_mask=static[3], max_tokens=192, backend="cuda")
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fp.prune_tokens(*static[:2], task_mask=static[2], patch_mask=static[3], max_tokens=192,
-                                   backend="cuda")
-    for seed in (2, 3):
-        q, u, qm, um = to_cuda(*structured_inputs(batch=2, dtype=torch.bfloat16, seed=seed))
-        for dst, src in zip(static, (q, u, qm, um)):
-            dst.copy_(src)
-        graph.replay()
-        eager = fp.prune_tokens(q, u, task_mask=qm, patch_mask=um, max_tokens=192, backend="cuda")
-        assert all(torch.equal(a, b) for a, b in zip(captured, eager))
+# The GPU tests of backend="cuda" (beside backend="triton") are tests/test_gpu.py.

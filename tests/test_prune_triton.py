@@ -9,9 +9,8 @@ Two groups:
   ``pytest tests/test_prune_triton.py`` in a subprocess with ``TRITON_INTERPRET=1`` and fails
   with its output when that fails. Running this file directly under ``TRITON_INTERPRET=1``
   runs them in-process instead (and the wrapper skips).
-- GPU tests (skipped without CUDA, and in the interpreter process): every dtype incl. bf16,
-  the pi05 shape and odd shapes, int64 offsets, torch.compile with one compile across kept
-  counts, the static-cap op in a CUDA graph.
+
+The GPU tests of backend="triton" are tests/test_gpu.py, shared with backend="cuda".
 """
 
 from __future__ import annotations
@@ -41,10 +40,7 @@ from pi05_fastprune import reference as R  # noqa: E402
 if HAVE_TRITON:
     import pi05_fastprune.triton_ops  # noqa: F401,E402  (registers fastprune::triton_*)
 
-HAVE_CUDA = torch.cuda.is_available()
-
 interp = pytest.mark.skipif(not (INTERPRET and HAVE_TRITON), reason="runs in the TRITON_INTERPRET=1 subprocess")
-gpu = pytest.mark.skipif(INTERPRET or not HAVE_CUDA or not HAVE_TRITON, reason="needs CUDA and triton")
 
 ops = torch.ops.fastprune
 
@@ -59,7 +55,7 @@ def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_ENV: "1"})
     env.pop("PYTEST_ADDOPTS", None)
     cmd = [sys.executable, "-m", "pytest", str(pathlib.Path(__file__)), "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "not test_interpreter_suite and not gpu_ and not sm90"]
+           "-k", "not test_interpreter_suite and not sm90"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout[-6000:] + proc.stderr[-3000:]
     print(out)
@@ -312,105 +308,4 @@ if HAVE_HYPOTHESIS:
 # memory, registers and spills) is tests/test_triton_sm90.py.
 
 
-# ----------------------------------------------------------------------------- GPU
-
-
-def gpu_inputs(kind, dtype, seed=0):
-    from pi05_fastprune.structured import structured_inputs
-
-    if kind == "pi05":
-        return structured_inputs(batch=1, dtype=dtype, device="cuda", seed=seed)
-    if kind == "pi05_b4_absent":
-        return structured_inputs(batch=4, dtype=dtype, device="cuda", seed=seed, absent_cameras=((1, 2), (3, 0)))
-    g = torch.Generator().manual_seed(seed)
-    B, N, T, D = 3, 203, 37, 1000  # nothing a block multiple
-    patches = torch.randn(B, N, D, generator=g).to(dtype)
-    task = torch.randn(B, T, D, generator=g).to(dtype)
-    task_mask = torch.rand(B, T, generator=g) > 0.6
-    task_mask[1] = False
-    patch_mask = torch.rand(B, N, generator=g) > 0.2
-    patch_mask[2] = False
-    return patches.cuda(), task.cuda(), task_mask.cuda(), patch_mask.cuda()
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["pi05", "pi05_b4_absent", "odd"])
-def test_gpu_select_and_prune(kind, dtype):
-    patches, task, task_mask, patch_mask = gpu_inputs(kind, dtype)
-    idx = ops.triton_select(patches, task, task_mask, patch_mask, False)
-    err = R.selection_errors(idx, patches, task, task_mask, patch_mask)
-    assert int(err.sum()) == 0, f"{int(err.sum())} of {err.numel()} rows miss"
-    assert torch.equal(idx, ops.triton_select(patches, task, task_mask, patch_mask, False))  # reproducible
-    for keep_tokens, mask_voters in [(None, False), (64, True), (None, True)]:
-        out = ops.triton_prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
-        assert_same(out, R.prune_from_idx(patches, idx, patch_mask, keep_tokens, mask_voters))
-    out = ops.triton_prune_padded(patches, task, task_mask, patch_mask, None, 96, False)
-    assert_same(out, R.prune_from_idx(patches, idx, patch_mask, None, False, 96))
-
-
-@gpu
-def test_gpu_int64_offsets():
-    """B*N*D > 2^31: the last sample must match the same sample run alone."""
-    free, _ = torch.cuda.mem_get_info()
-    B, N, T, D = 1100, 768, 16, 2560  # 2.16e9 elements, 4.3 GB bf16
-    if free < 12 * 2**30:
-        pytest.skip("not enough GPU memory")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    patches = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    task = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    out = ops.triton_prune_padded(patches, task, None, None, 32, 32, False)
-    last = ops.triton_prune_padded(patches[-1:].clone(), task[-1:].clone(), None, None, 32, 32, False)
-    for a, b in zip(out, last):
-        assert torch.equal(a[-1:], b)
-    del patches, task, out
-
-
-@gpu
-def test_gpu_compile_once_across_kept_counts():
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    cnt = CompileCounterWithBackend("inductor")
-
-    @torch.compile(backend=cnt, fullgraph=True, dynamic=True)
-    def f(p, t, tm, pm):
-        out = ops.triton_prune(p, t, tm, pm, None, False)
-        padded = ops.triton_prune_padded(p, t, tm, pm, None, 128, False)
-        return out[0].float().sum(1), out[3], padded[0].float().sum(1), padded[2]
-
-    counts = set()
-    for seed in range(4):
-        p, t, tm, pm = gpu_inputs("pi05", torch.bfloat16, seed=seed)
-        s, c, ps, pidx = f(p, t, tm, pm)
-        eager = ops.triton_prune(p, t, tm, pm, None, False)
-        eager_p = ops.triton_prune_padded(p, t, tm, pm, None, 128, False)
-        assert torch.equal(c, eager[3])
-        torch.testing.assert_close(s, eager[0].float().sum(1))
-        torch.testing.assert_close(ps, eager_p[0].float().sum(1))
-        assert torch.equal(pidx, eager_p[2])
-        counts.add(int(eager[3].max()))
-    assert cnt.frame_count == 1, cnt.frame_count
-    assert len(counts) > 1, counts
-
-
-@gpu
-def test_gpu_cuda_graph_static_cap():
-    p, t, tm, pm = gpu_inputs("pi05_b4_absent", torch.bfloat16, seed=0)
-    static = [x.clone() for x in (p, t, tm, pm)]
-    run = lambda: ops.triton_prune_padded(*static, 24, 128, True)  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()  # warm-up compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    for seed in (1, 2):
-        new = gpu_inputs("pi05_b4_absent", torch.bfloat16, seed=seed)
-        for dst, src in zip(static, new):
-            dst.copy_(src)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_same(out, ops.triton_prune_padded(*new, 24, 128, True))
+# The GPU tests of backend="triton" (beside backend="cuda") are tests/test_gpu.py.

@@ -34,7 +34,11 @@ HAVE_CUDA = torch.cuda.is_available()
 
 interp = pytest.mark.skipif(not (INTERPRET and SS.HAVE_TRITON), reason="runs in the TRITON_INTERPRET=1 subprocess")
 not_interp = pytest.mark.skipif(INTERPRET, reason="CPU-op tests run in the main process")
-gpu = pytest.mark.skipif(INTERPRET or not HAVE_CUDA or not SS.HAVE_TRITON, reason="needs CUDA and triton")
+skip_gpu = pytest.mark.skipif(INTERPRET or not HAVE_CUDA or not SS.HAVE_TRITON, reason="needs CUDA and triton")
+
+
+def gpu(fn):
+    return pytest.mark.gpu(skip_gpu(fn))
 
 ops = torch.ops.fastprune
 

@@ -35,7 +35,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAVE_CUDA = torch.cuda.is_available()
 
 try:
-    import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
