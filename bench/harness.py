@@ -58,17 +58,17 @@ except Exception:  # pragma: no cover - depends on the machine
 
 
 def git_commit() -> str:
-    """HEAD (with -dirty for uncommitted changes); FASTPRUNE_COMMIT names it where the tree was
-    copied without its .git (the GPU machine)."""
+    """FASTPRUNE_COMMIT where the caller names the commit (bench/gpu_check on a copied tree),
+    else HEAD, with -dirty for uncommitted changes."""
+    if os.environ.get("FASTPRUNE_COMMIT"):
+        return os.environ["FASTPRUNE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
     except Exception:
-        pass
-    return os.environ.get("FASTPRUNE_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment(device: torch.device) -> dict:
