@@ -125,7 +125,8 @@ def _scores_kernel(
             s,
             mask=rmask[:, None] & (tt < T)[None, :],
         )
-        m = tl.maximum(m, tl.max(tl.where(vt[None, :], s * scale, float("-inf")), 1))
+        # Inductor passes a Python float to a user kernel as fp64: cast back so m stays fp32.
+        m = tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1))
     tl.store(M + b * N + rows64, m, mask=rmask)
 
     # This call's merge state: keys below every real score, zero votes and counters.
@@ -199,7 +200,7 @@ def _select_kernel(
             tin = tt < T
             si = tl.load(s_base + rows64[:, None] * T + tt[None, :],
                          mask=rmask[:, None] & tin[None, :], other=0.0).to(tl.float32)
-            a = tl.exp(si * scale - m_row[:, None])
+            a = tl.exp((si * scale).to(tl.float32) - m_row[:, None])  # fp32 under Inductor too
             a = tl.where(vt[None, :] & rmask[:, None], a, 0.0)
             sj = tl.load(s_base + cols.to(tl.int64)[:, None] * T + tt[None, :],
                          mask=cmask[:, None] & tin[None, :], other=0.0).to(tl.float32)
