@@ -13,7 +13,7 @@ Providers (``--providers`` picks):
 - ``fastprune-triton`` torch.ops.fastprune.triton_prune / triton_prune_padded (CUDA; on CPU only
                         under TRITON_INTERPRET=1, as a smoke test)
 - ``fastprune-cpu``    the fused C++ CPU op (CPU only)
-- ``fastprune-cuda``   hook for the CUDA C++ op: listed when ``backend="cuda"`` runs on this machine
+- ``fastprune-cuda``   the CUDA C++ op (``backend="cuda"``), listed where _C was built with it
 Modes: ``implicit`` (no budget), ``budget`` (keep_tokens = N/8), ``padded`` (implicit with a
 static cap max_tokens = N/3: no host sync, so it is also timed as a CUDA-graph replay).
 """
@@ -132,7 +132,7 @@ def provider_fns(device: torch.device, args) -> dict[str, Callable]:
     if device.type == "cpu":
         out["fastprune-cpu"] = op_backend("cpu")
     else:
-        # Hook: the CUDA C++ op, once it is built into _C for this machine.
+        # The CUDA C++ op, where _C was built with it (CUDA torch and nvcc).
         try:
             p = torch.zeros(1, 4, 16, device=device)
             torch.ops.fastprune.select(p, p[:, :2], None, None, False, "cuda")

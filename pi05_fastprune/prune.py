@@ -8,6 +8,7 @@ the CUDA C++ ones in kernels/prune_cuda.cu. The fakes here give torch.compile th
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -68,16 +69,29 @@ def check_inputs(
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_built() -> bool:
+    """Whether pi05_fastprune._C holds the CUDA C++ kernels (built with CUDA torch and nvcc)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastprune::prune", "CUDA")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "cpu" on CPU; on CUDA the environment variable FASTPRUNE_BACKEND, else the
-    backend the op benchmark measured fastest ("triton")."""
+    """"auto" -> "cpu" on CPU; on CUDA the environment variable FASTPRUNE_BACKEND, else "cuda"
+    where the CUDA C++ kernels are built and "triton" otherwise. The CUDA C++ kernels measured
+    faster than the Triton ones at every shape and mode of the op benchmark on an H200
+    (2.0-4.7x by device median, 1.3-2.8x in CUDA-graph replay; bench/results/h200-2026-11-26)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     if device.type != "cuda":
         return "cpu"
-    return os.environ.get("FASTPRUNE_BACKEND", "triton")
+    env = os.environ.get("FASTPRUNE_BACKEND")
+    if env:
+        if env not in ("triton", "cuda"):
+            raise ValueError(f"FASTPRUNE_BACKEND must be 'triton' or 'cuda', got {env!r}")
+        return env
+    return "cuda" if cuda_kernels_built() else "triton"
 
 
 def resolve_keep_tokens(keep_tokens: Optional[int], keep_ratio: Optional[float], n: int) -> Optional[int]:

@@ -87,3 +87,20 @@ def test_select_rejects_before_kernel():
         fp.select_tokens(a["patches"], a["task"], patch_mask=torch.ones(B, N))
     with pytest.raises(RuntimeError, match=r"task must be \[B, T, D\]"):
         torch.ops.fastprune.select(a["patches"], a["task"][0])
+
+
+def test_auto_backend_choice(monkeypatch):
+    """"auto" on CUDA tensors: FASTPRUNE_BACKEND, else the CUDA C++ kernels where built (the
+    faster backend measured), else Triton. Decided without touching a GPU."""
+    from pi05_fastprune.prune import cuda_kernels_built, resolve_backend
+
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("FASTPRUNE_BACKEND", raising=False)
+    assert resolve_backend("auto", cuda) == ("cuda" if cuda_kernels_built() else "triton")
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("FASTPRUNE_BACKEND", "triton")
+    assert resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("cuda", cuda) == "cuda"
+    monkeypatch.setenv("FASTPRUNE_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="FASTPRUNE_BACKEND must be 'triton' or 'cuda', got 'tpu'"):
+        resolve_backend("auto", cuda)
