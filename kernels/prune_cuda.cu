@@ -88,7 +88,6 @@ struct Args {
   float* part;
   float* psq;
   float* tsq;
-  float* invt;
   float* S;
   float* A;
   unsigned long long* keys;
@@ -187,7 +186,9 @@ struct SmemA {
   alignas(128) T ps[kBM][ATile<T>::kLds];
   alignas(128) T ts[kBT][ATile<T>::kLds];
   alignas(128) float cs[kBM][kBT + 4];
-  float invp[kBM];
+  float invp[kBM], rowm[kBM], rowinv[kBM];
+  float invt[kBT];
+  int tok[kBT];
   int t_lo, t_hi, is_last;
 };
 
@@ -484,52 +485,127 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
   if (!sm.is_last) return;
   __threadfence();
 
-  float* invt = a.invt + (b * a.row_tiles + rt) * ts;
-  for (int u = tid; u < tr; u += kThreads) {
-    float s = 0.f;
-    for (int q = 0; q < a.ksplit; ++q)
-      s += __ldcg(&a.tsq[((static_cast<int64_t>(q) * B + b) * a.row_tiles + rt) * ts + u]);
-    invt[u] = rsqrtf(s * a.inv_d + kEps);
-  }
+  // 4. S and A of the tile from the ksplit partials, one 64 x 64 token tile at a time. Every
+  // thread sums kPer elements whose loads are independent of each other, so the partials stream
+  // in together; a warp walking its rows one by one waited on each load in turn (ncu on an
+  // H200: 41 us for this kernel at the pi05 shape, most of it here).
   if (tid < kBM) {
     const int64_t j = j0 + tid;
     float s = 0.f;
-    if (j < N)
+    if (j < N) {
+#pragma unroll 4
       for (int q = 0; q < a.ksplit; ++q) s += __ldcg(&a.psq[(static_cast<int64_t>(q) * B + b) * N + j]);
+      a.keys[b * N + j] = 0ull;
+    }
     sm.invp[tid] = rsqrtf(s * a.inv_d + kEps);
   }
+  constexpr int kPer = kBM * kBT / kThreads;  // elements per thread and tile
+  constexpr int kOwn = kBM / kWarps;          // rows per warp: warp + kWarps * i
+  const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
+  const int n_tiles = (tr + kBT - 1) / kBT;
+  float* Sb = a.S + (b * N + j0) * ts;
+  float* Ab = a.A + (b * N + j0) * ts;
+  // Token flags of the tile at u0: sm.tok[c] = 1 on valid tokens of the range, sm.invt[c] their
+  // inverse RMS. The caller synchronises before use.
+  auto token_tile = [&](int u0, bool with_rms) {
+    if (tid < kBT) {
+      const int u = u0 + tid;
+      const bool ok = u < tr && (all_t || tm[t_lo + u]);
+      sm.tok[tid] = ok ? 1 : 0;
+      if (with_rms) {
+        float s = 0.f;
+        if (u < tr) {
+#pragma unroll 4
+          for (int q = 0; q < a.ksplit; ++q)
+            s += __ldcg(&a.tsq[((static_cast<int64_t>(q) * B + b) * a.row_tiles + rt) * ts + u]);
+        }
+        sm.invt[tid] = rsqrtf(s * a.inv_d + kEps);
+      }
+    }
+  };
+  auto in_range = [&](int r, int u) { return r < rows_here && u < tr; };
+
+  // Pass 1: S = raw * invp * invt on valid tokens (0 elsewhere), and each row's maximum.
+  float m_run[kOwn];
+#pragma unroll
+  for (int i = 0; i < kOwn; ++i) m_run[i] = -INFINITY;
+  for (int u0 = 0; u0 < tr; u0 += kBT) {
+    token_tile(u0, true);
+    float raw[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) raw[k] = 0.f;
+    for (int q = 0; q < a.ksplit; ++q) {
+      const float* pq = a.part + ((static_cast<int64_t>(q) * B + b) * N + j0) * ts + u0;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int e = tid + k * kThreads, r = e / kBT, c = e % kBT;
+        if (in_range(r, u0 + c)) raw[k] += __ldcg(&pq[static_cast<int64_t>(r) * ts + c]);
+      }
+    }
+    __syncthreads();  // tok, invt, invp
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int e = tid + k * kThreads, r = e / kBT, c = e % kBT;
+      const float s = sm.tok[c] ? raw[k] * sm.invp[r] * sm.invt[c] : 0.f;
+      sm.cs[r][c] = s;
+      if (in_range(r, u0 + c)) Sb[static_cast<int64_t>(r) * ts + u0 + c] = s;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kOwn; ++i) {
+      const int r = warp + kWarps * i;
+      float m = -INFINITY;
+      for (int c = lane; c < kBT; c += 32)
+        if (sm.tok[c]) m = fmaxf(m, sm.cs[r][c]);
+      m_run[i] = fmaxf(m_run[i], warp_max(m));
+    }
+    __syncthreads();  // cs and the token flags are rewritten next
+  }
+
+  // Pass 2: A = exp((S - max) / sqrt(D)) on valid tokens, and each row's sum. With one token tile
+  // (pi0.5: 48 valid tokens) S is still in shared memory; with more it is read back.
+  float sum_run[kOwn];
+#pragma unroll
+  for (int i = 0; i < kOwn; ++i) {
+    sum_run[i] = 0.f;
+    if (lane == 0) sm.rowm[warp + kWarps * i] = m_run[i];
+  }
+  for (int u0 = 0; u0 < tr; u0 += kBT) {
+    if (n_tiles > 1) {
+      token_tile(u0, false);
+      for (int e = tid; e < kBM * kBT; e += kThreads) {
+        const int r = e / kBT, c = e % kBT;
+        sm.cs[r][c] = in_range(r, u0 + c) ? Sb[static_cast<int64_t>(r) * ts + u0 + c] : 0.f;
+      }
+    }
+    __syncthreads();  // rowm; the reloaded tile
+    for (int e = tid; e < kBM * kBT; e += kThreads) {
+      const int r = e / kBT, c = e % kBT;
+      const float x = sm.tok[c] ? __expf((sm.cs[r][c] - sm.rowm[r]) * a.inv_sqrt_d) : 0.f;
+      sm.cs[r][c] = x;
+      if (n_tiles > 1 && in_range(r, u0 + c)) Ab[static_cast<int64_t>(r) * ts + u0 + c] = x;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kOwn; ++i) {
+      const int r = warp + kWarps * i;
+      float x = 0.f;
+      for (int c = lane; c < kBT; c += 32) x += sm.cs[r][c];
+      sum_run[i] += warp_sum(x);
+    }
+    if (n_tiles > 1) __syncthreads();  // cs is rewritten by the next tile
+  }
+#pragma unroll
+  for (int i = 0; i < kOwn; ++i)
+    if (lane == 0) sm.rowinv[warp + kWarps * i] = 1.f / sum_run[i];
   __syncthreads();
 
-  // One warp per row: S = raw * invp * invt (0 on invalid tokens), A = softmax(S / sqrt(D))
-  // over the valid tokens (0 elsewhere).
-  for (int r = warp; r < kBM; r += kWarps) {
-    const int64_t j = j0 + r;
-    if (j >= N) break;  // warp-uniform; rows only grow
-    const float ip = sm.invp[r];
-    float* srow = a.S + (b * N + j) * ts;
-    float* arow = a.A + (b * N + j) * ts;
-    float m = -INFINITY;
-    for (int u = lane; u < tr; u += 32) {
-      float raw = 0.f;
-      for (int q = 0; q < a.ksplit; ++q)
-        raw += __ldcg(&a.part[((static_cast<int64_t>(q) * B + b) * N + j) * ts + u]);
-      const bool ok = all_t || tm[t_lo + u];
-      const float s = ok ? raw * ip * __ldcg(&invt[u]) : 0.f;
-      srow[u] = s;
-      if (ok) m = fmaxf(m, s);
-    }
-    m = warp_max(m);
-    float sum = 0.f;
-    for (int u = lane; u < tr; u += 32) {
-      const bool ok = all_t || tm[t_lo + u];
-      const float e = ok ? __expf((srow[u] - m) * a.inv_sqrt_d) : 0.f;
-      arow[u] = e;
-      sum += e;
-    }
-    sum = warp_sum(sum);
-    const float inv = 1.f / sum;
-    for (int u = lane; u < tr; u += 32) arow[u] *= inv;
-    if (lane == 0) a.keys[b * N + j] = 0ull;
+  // Pass 3: normalise; with one tile straight from shared memory.
+  for (int64_t e = tid; e < static_cast<int64_t>(kBM) * tr; e += kThreads) {
+    const int r = static_cast<int>(e / tr), u = static_cast<int>(e % tr);
+    if (r >= rows_here) break;  // rows only grow with e
+    float* at = &Ab[static_cast<int64_t>(r) * ts + u];
+    *at = (n_tiles > 1 ? *at : sm.cs[r][u]) * sm.rowinv[r];
   }
 }
 
@@ -788,7 +864,6 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
   a.part = ws_at<float>(ws, plan.off_part);
   a.psq = ws_at<float>(ws, plan.off_psq);
   a.tsq = ws_at<float>(ws, plan.off_tsq);
-  a.invt = ws_at<float>(ws, plan.off_invt);
   a.S = ws_at<float>(ws, plan.off_s);
   a.A = ws_at<float>(ws, plan.off_a);
   a.keys = ws_at<unsigned long long>(ws, plan.off_keys);
@@ -868,7 +943,6 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms) {
   plan.off_part = take(ksz * Bz * Nz * ts * f);
   plan.off_psq = take(ksz * Bz * Nz * f);
   plan.off_tsq = take(ksz * Bz * rtz * ts * f);
-  plan.off_invt = take(Bz * rtz * ts * f);
   plan.off_s = take(Bz * Nz * ts * f);
   plan.off_a = take(Bz * Nz * ts * f);
   plan.off_keys = take(Bz * Nz * sizeof(unsigned long long));

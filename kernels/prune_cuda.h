@@ -58,7 +58,6 @@ struct Plan {
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
   size_t off_psq = 0;                   // [ksplit][B][N] fp32 partial sums of squares of patches
   size_t off_tsq = 0;                   // [ksplit][B][ts] fp32 partial sums of squares of task rows
-  size_t off_invt = 0;                  // [B][row_tiles][ts] fp32 inverse RMS of task rows
   size_t off_s = 0;                     // [B][N][ts] fp32 S (RMS-normalised)
   size_t off_a = 0;                     // [B][N][ts] fp32 A
   size_t off_keys = 0;                  // [B][N] u64 packed argmax keys
