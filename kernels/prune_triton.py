@@ -315,7 +315,7 @@ def _sm_count(index: int) -> int:
 def _programs_wanted(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: a few column splits so the merge is exercised
+    return 8  # interpreter: a few column splits so the merge is exercised
 
 
 class _Cfg:
@@ -341,19 +341,25 @@ class _Cfg:
             self.bt = min(64, max(16, triton.next_power_of_2(T)))
             self.bk = 128 if patches.element_size() == 2 else 64
             self.bm2, self.bn2 = 64, 64
-            self.warps1, self.warps2, self.stages1 = 4, 4, 3
+            # The select kernel at 4 warps and 3 stages used 255 registers and spilled ~390 B per
+            # thread on sm_90; at 8 warps and 1 stage it needs ~175-195 and spills nothing
+            # (tests/test_triton_sm90.py). One such program fills an SM's register file.
+            self.warps1, self.warps2, self.stages1, self.stages2 = 4, 8, 3, 1
             self.br = 8
             self.bd = min(512 if patches.element_size() == 2 else 256, triton.next_power_of_2(D))
         else:
             # Interpreter: small tiles so odd sizes cross tile edges in tiny tests.
             self.bm1, self.bt, self.bk = 16, 16, 32
             self.bm2, self.bn2 = 16, 16
-            self.warps1, self.warps2, self.stages1 = 4, 4, 1
+            self.warps1, self.warps2, self.stages1, self.stages2 = 4, 4, 1, 1
             self.br, self.bd = 8, 32
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
-        self.n_split = max(1, min(n_col_tiles, triton.cdiv(want, max(1, n_row_tiles * B))))
+        # Column splits so that the select programs fill the GPU in one wave: one program per SM
+        # (8 warps, see above); in the interpreter a few splits, so the merge is exercised.
+        select_programs = want // 2 if on_gpu else want
+        self.n_split = max(1, min(n_col_tiles, select_programs // max(1, n_row_tiles * B)))
 
 
 def _run_select(
@@ -405,7 +411,7 @@ def _run_select(
         MASK_VOTERS=bool(mask_voters), SELECT_ONLY=select_only, BUDGET=budget,
         BLOCK_M=cfg.bm2, BLOCK_N=cfg.bn2, BLOCK_T=cfg.bt, BLOCK_TALL=cfg.block_tall,
         BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, DOT_PREC=DOT_PREC,
-        num_warps=cfg.warps2,
+        num_warps=cfg.warps2, num_stages=cfg.stages2,
     )
     return (idx if select_only else None), order, counts, kmax, cfg
 
