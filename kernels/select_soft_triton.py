@@ -599,7 +599,9 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
     start = (torch.cumsum(nsel, -1) - nsel).contiguous()
     wrap(_bwd_patch_kernel)[(triton.cdiv(N, pr.BM), B)](
         grad, patches, task, pr.tok, pr.cnt, dS, RP, RT, perm, start, nsel, grad_patches, N, T, D,
-        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps,
+        # 1 stage: software pipelining of this loop cost 255 registers and ~220 B of spills per
+        # thread on sm_90 (62 registers, no spills without it; tests/test_triton_sm90.py).
+        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps, num_stages=1,
     )
     BTO = min(BT, 64)
     mm = torch.empty(B, BT, BT, **f32)
@@ -609,7 +611,9 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
     dtn = torch.empty(B, BT, D, **f32)
     wrap(_bwd_task_kernel)[(triton.cdiv(D, pr.BD), BT // BTO, B)](
         patches, task, pr.tok, pr.cnt, dS, mm, RP, RT, dtn, N, T, D,
+        # 1 stage, as the patch kernel: 80 registers and no spills instead of 255 and ~280 B.
         BLOCK_N=pr.BN, BLOCK_T=BT, BLOCK_TO=BTO, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps,
+        num_stages=1,
     )
     BTT = min(BT, 16)
     wrap(_bwd_task_rms_kernel)[(triton.cdiv(BT, BTT), B)](
