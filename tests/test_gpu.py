@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import pi05_fastprune as fp
-from pi05_fastprune import reference as R
 from pi05_fastprune.structured import structured_inputs
 
+from test_cuda_build import check_prune
+from test_cuda_build import check_selection as check_selection_truth
 from test_prune import MASKS, SHAPES, make_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -55,16 +56,8 @@ def cuda(*ts):
 
 
 def check_selection(idx, patches, task, task_mask, patch_mask):
-    assert idx.dtype == torch.int64 and idx.shape == patches.shape[:2] and idx.is_cuda
-    bad = R.selection_errors(idx, patches, task, task_mask, patch_mask)
-    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} rows miss the float64 maximum"
-
-
-def check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens):
-    expect = R.prune_from_idx(patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
-    for name, got, want in zip(out._fields, out, expect):
-        assert got.shape == want.shape, (name, got.shape, want.shape)
-        assert torch.equal(got, want), name
+    assert idx.is_cuda
+    check_selection_truth(idx, patches, task, task_mask, patch_mask)
 
 
 def test_backends_built():
