@@ -49,3 +49,14 @@ def test_budget_skips_late_steps(tmp_path):
     statuses = {s["step"]: s["status"] for s in summary["steps"]}
     assert statuses["env"] == "ok"
     assert statuses["bench_pi05"] == "skipped"
+
+
+def test_torch_check_probe(tmp_path):
+    """The probe gpu_check runs when a bad-input check crashes: on a sound build both of its
+    failing checks raise, and it says so."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "torch_check_probe"), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "mode 1: raised: probe: literal message" in proc.stdout
+    assert "mode 2: raised: probe: formatted message, mode=2, shape [2, 3]" in proc.stdout
