@@ -29,6 +29,7 @@ The launchers take a ``wrap`` callable (``torch.library.wrap_triton`` inside a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -318,48 +319,85 @@ def _programs_wanted(device: torch.device) -> int:
     return 8  # interpreter: a few column splits so the merge is exercised
 
 
+# Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
+TUNABLE = ("bm1", "bk", "warps1", "stages1", "bm2", "bn2", "warps2", "stages2", "n_split", "br", "bd", "warps3")
+_tuning: tuple = ()  # (name, value) pairs over the defaults of _Cfg, set by tuning()
+
+
+@contextlib.contextmanager
+def tuning(**overrides: int):
+    """Launch parameters (``TUNABLE``) of every call inside, over the defaults of ``_Cfg``, for
+    the GPU sweep of bench/tune_triton.py. Any value gives the same result (the tests run several)."""
+    global _tuning
+    unknown = sorted(set(overrides) - set(TUNABLE))
+    if unknown:
+        raise ValueError(f"tuning: unknown launch parameter(s) {unknown}; tunable: {TUNABLE}")
+    bad = {k: v for k, v in overrides.items() if not (isinstance(v, int) and v >= 1)}
+    if bad:
+        raise ValueError(f"tuning: launch parameters must be positive ints, got {bad}")
+    saved = _tuning
+    _tuning = tuple(sorted({**dict(saved), **overrides}.items()))
+    try:
+        yield
+    finally:
+        _tuning = saved
+
+
 class _Cfg:
-    """Block sizes of one call.
+    """Launch parameters of one call (block sizes, warps, stages, column split), from plain ints:
+    ``on_gpu`` builds GPU tiles, ``want`` is the number of programs that fills the GPU."""
 
-    ``gpu_sms``: build the GPU tiles for a GPU with this many SMs whatever the tensors' device
-    (the sm_90 ahead-of-time compile test records the launches of CPU tensors this way);
-    None: GPU tiles only for CUDA tensors outside the interpreter, SMs read from the device.
-    """
-
-    def __init__(self, patches: torch.Tensor, T: int, gpu_sms: Optional[int] = None):
-        # Plain ints: block sizes are compile-time constants (a traced SymInt specialises here).
-        B, N, D = (int(x) for x in patches.shape)
-        T = int(T)
-        on_gpu = (patches.is_cuda and not INTERPRET) or gpu_sms is not None
-        want = 2 * gpu_sms if gpu_sms is not None else _programs_wanted(patches.device)
-        self.dot_native = on_gpu and patches.dtype in (torch.float16, torch.bfloat16)
+    def __init__(self, B: int, N: int, D: int, T: int, elem_size: int, on_gpu: bool, want: int, tuned: tuple):
+        self.dot_native = on_gpu and elem_size == 2
         self.block_tall = max(16, triton.next_power_of_2(T))
         self.block_nall = max(16, triton.next_power_of_2(N))
         self.search_iters = (N + 1).bit_length() + 1
         if on_gpu:
             self.bm1 = 16 if B * triton.cdiv(N, 16) <= 4 * want else 32
             self.bt = min(64, max(16, triton.next_power_of_2(T)))
-            self.bk = 128 if patches.element_size() == 2 else 64
+            self.bk = 128 if elem_size == 2 else 64
             self.bm2, self.bn2 = 64, 64
             # The select kernel at 4 warps and 3 stages used 255 registers and spilled ~390 B per
             # thread on sm_90; at 8 warps and 1 stage it needs ~175-195 and spills nothing
             # (tests/test_triton_sm90.py). One such program fills an SM's register file.
             self.warps1, self.warps2, self.stages1, self.stages2 = 4, 8, 3, 1
             self.br = 8
-            self.bd = min(512 if patches.element_size() == 2 else 256, triton.next_power_of_2(D))
+            self.bd = min(512 if elem_size == 2 else 256, triton.next_power_of_2(D))
         else:
             # Interpreter: small tiles so odd sizes cross tile edges in tiny tests.
             self.bm1, self.bt, self.bk = 16, 16, 32
             self.bm2, self.bn2 = 16, 16
             self.warps1, self.warps2, self.stages1, self.stages2 = 4, 4, 1, 1
             self.br, self.bd = 8, 32
+        self.warps3 = 4
+        for name, value in tuned:
+            setattr(self, name, value)
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
-        # Column splits so that the select programs fill the GPU in one wave: one program per SM
-        # (8 warps, see above); in the interpreter a few splits, so the merge is exercised.
-        select_programs = want // 2 if on_gpu else want
-        self.n_split = max(1, min(n_col_tiles, select_programs // max(1, n_row_tiles * B)))
+        if "n_split" not in dict(tuned):
+            # Column splits so that the select programs fill the GPU in one wave: one program per
+            # SM (8 warps, see above); in the interpreter a few splits, so the merge is exercised.
+            select_programs = want // 2 if on_gpu else want
+            self.n_split = max(1, min(n_col_tiles, select_programs // max(1, n_row_tiles * B)))
+        self.n_split = min(self.n_split, n_col_tiles)
+
+
+_cfg_cached = functools.lru_cache(maxsize=256)(_Cfg)
+
+
+def _config(patches: torch.Tensor, T, gpu_sms: Optional[int] = None) -> _Cfg:
+    """The call's _Cfg, cached per shape and device kind (building one costs ~10 µs of host time).
+
+    ``gpu_sms``: GPU tiles for a GPU with this many SMs whatever the tensors' device (the sm_90
+    ahead-of-time compile test records the launches of CPU tensors this way); None: GPU tiles
+    only for CUDA tensors outside the interpreter, SMs read from the device.
+    """
+    # Plain ints: block sizes are compile-time constants (a traced SymInt specialises here).
+    B, N, D = (int(x) for x in patches.shape)
+    on_gpu = (patches.is_cuda and not INTERPRET) or gpu_sms is not None
+    want = 2 * gpu_sms if gpu_sms is not None else _programs_wanted(patches.device)
+    return _cfg_cached(B, N, D, int(T), patches.element_size(), on_gpu, want, _tuning)
 
 
 def _run_select(
@@ -379,7 +417,7 @@ def _run_select(
     B, N, D = patches.shape
     T = task.shape[1]
     dev = patches.device
-    cfg = _Cfg(patches, T)
+    cfg = _config(patches, T)
     # Separate allocations (no views): Inductor's functionalisation of wrap_triton mutations
     # is simplest on whole tensors. torch.empty launches nothing; kernel 1 initialises them.
     votes = torch.empty(B * N, dtype=torch.int32, device=dev)
@@ -431,7 +469,7 @@ def _run_gather(patches, order, counts, K: int, cfg: _Cfg, wrap: Callable):
         src, order, counts, dst, kept_mask, kept_idx,
         N, D, K,
         BLOCK_R=cfg.br, BLOCK_D=cfg.bd,
-        num_warps=4,
+        num_warps=cfg.warps3,
     )
     return pruned, kept_mask, kept_idx, counts
 

@@ -229,6 +229,29 @@ def test_deterministic_and_batch_independent():
 
 
 @interp
+def test_launch_parameters_do_not_change_results():
+    """Every launch parameter the GPU sweep (bench/tune_triton.py) varies leaves the outputs
+    bit-identical: tile sizes, column splits (1 = no merge across programs), warps, stages."""
+    from pi05_fastprune.kernels import prune_triton as K
+
+    patches, task, task_mask, patch_mask = make_case("masks", seed=4)
+    args = (patches, task, task_mask, patch_mask)
+    want_idx = ops.triton_select(*args, True)
+    want = ops.triton_prune_padded(*args, 5, 9, False)
+    for tuned in (dict(bm1=32, bk=64, n_split=1), dict(bm2=32, bn2=16, n_split=3, warps2=2),
+                  dict(br=4, bd=64, warps3=1, stages1=2)):
+        with K.tuning(**tuned):
+            assert torch.equal(ops.triton_select(*args, True), want_idx), tuned
+            assert_same(ops.triton_prune_padded(*args, 5, 9, False), want)
+    with pytest.raises(ValueError, match="unknown launch parameter"):
+        with K.tuning(block=8):
+            pass
+    with pytest.raises(ValueError, match="positive ints"):
+        with K.tuning(bm1=0):
+            pass
+
+
+@interp
 def test_bad_input_raises_before_kernels():
     patches, task, task_mask, patch_mask = make_case("masks")
     with pytest.raises((ValueError, RuntimeError), match="patches"):

@@ -193,8 +193,8 @@ def eval_launches(dtype):
 
     rec = Recorder()
     labels = []
-    real_cfg = K._Cfg
-    K._Cfg = functools.partial(real_cfg, gpu_sms=H100_SMS)
+    real_config = K._config
+    K._config = functools.partial(real_config, gpu_sms=H100_SMS)
     try:
         for B, N, T, D in EVAL_SHAPES:
             # Empty (untouched) CPU tensors: only shapes, dtypes and alignment matter here.
@@ -214,7 +214,7 @@ def eval_launches(dtype):
                     call()
                     labels += [f"{tag} {what}"] * (len(rec.launches) - n0)
     finally:
-        K._Cfg = real_cfg
+        K._config = real_config
     return rec.launches, labels
 
 

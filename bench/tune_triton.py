@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Launch-parameter sweep of the Triton eval kernels (prune_padded, the CUDA-graph serving mode).
+
+For each shape it runs the call with the defaults of ``_Cfg``, then once per variant of one
+kernel's launch parameters (``prune_triton.tuning``), the others at their defaults. Per variant:
+- the outputs must equal the default's bit for bit (``same``);
+- on a GPU, each kernel's device time (CUPTI, through torch.profiler), and the whole call's
+  time in a CUDA-graph replay.
+
+    python bench/tune_triton.py --out DIR              # GPU: pi05 at B=1/8/64 and N=1536, bf16
+    TRITON_INTERPRET=1 python bench/tune_triton.py --quick --out DIR   # CPU: tiny shapes, outputs only
+
+Writes DIR/tune.json (every row, environment) and DIR/tune.md (per shape and kernel: default,
+best variant, every variant), after each shape, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness as H  # noqa: E402
+from bench_prune import DTYPES, shape_label, shape_list  # noqa: E402
+
+from pi05_fastprune.kernels import prune_triton as K  # noqa: E402
+from pi05_fastprune.structured import structured_inputs  # noqa: E402
+
+KERNELS = ("_scores_kernel", "_select_kernel", "_gather_kernel")
+
+# One kernel's parameters at a time, the others at their defaults. "n_split" is relative to the
+# default split (x0.5, x2): one wave of programs per SM is the default's guess.
+GPU_VARIANTS = {
+    "_scores_kernel": [dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
+                       dict(warps1=8), dict(stages1=1), dict(stages1=2), dict(stages1=4)],
+    "_select_kernel": [dict(bm2=32), dict(bn2=32), dict(bm2=32, bn2=32), dict(bm2=128, bn2=32), dict(warps2=4),
+                       dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2")],
+    "_gather_kernel": [dict(br=4), dict(br=16), dict(br=32), dict(bd=256), dict(bd=1024), dict(bd=2048),
+                       dict(warps3=2), dict(warps3=8)],
+}
+# The interpreter: tiles its tiny shapes cross (and 1 split, no merge across programs).
+CPU_VARIANTS = {
+    "_scores_kernel": [dict(bm1=32), dict(bk=64)],
+    "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1)],
+    "_gather_kernel": [dict(br=4, bd=64)],
+}
+
+
+def resolve(variant: dict, default: K._Cfg) -> dict:
+    out = {}
+    for k, v in variant.items():
+        if isinstance(v, str):  # "x<factor>" of the default
+            v = max(1, int(getattr(default, k) * float(v[1:])))
+        out[k] = v
+    return out
+
+
+def kernel_times(fn, reps: int) -> dict:
+    """Mean device µs per launch of each kernel over ``reps`` calls (CUPTI)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        for k in KERNELS:
+            if k in e.key and e.count:
+                total = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                times[k] = total / e.count
+    return times
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def markdown(rows: list[dict]) -> str:
+    md = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        md += [f"\n## {shape}\n", "| kernel | variant | kernel µs | vs default | call graph µs | same output |",
+               "|---|---|---|---|---|---|"]
+        base = next(r for r in rows if r["shape"] == shape and r["variant"] == {})
+        for kern in KERNELS:
+            mine = [r for r in rows if r["shape"] == shape and (r["variant"] == {} or r["kernel"] == kern)]
+            for r in mine:
+                t, t0 = r.get("kernel_us", {}).get(kern), base.get("kernel_us", {}).get(kern)
+                ratio = f"{t0 / t:.2f}x" if t and t0 else "—"
+                var = "default" if not r["variant"] else ", ".join(f"{k}={v}" for k, v in r["variant"].items())
+                if "error" in r:
+                    md.append(f"| {kern} | {var} | error: {r['error'][:80]} | | | |")
+                    continue
+                graph = f"{r['graph_us']:.1f}" if r.get("graph_us") else "—"
+                md.append(f"| {kern} | {var} | {t:.1f} | {ratio} | {graph} | {r['same']} |" if t else
+                          f"| {kern} | {var} | — | — | {graph} | {r['same']} |")
+            timed = [r for r in mine if r.get("same") and r.get("kernel_us", {}).get(kern)]
+            if timed:
+                best = min(timed, key=lambda r: r["kernel_us"][kern])
+                md.append(f"| **{kern} best** | {best['variant'] or 'default'} | **{best['kernel_us'][kern]:.1f}** | | | |")
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter smoke test)")
+    ap.add_argument("--shapes", choices=("pi05", "short"), default="short")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="bf16 on GPU, fp32 on CPU by default")
+    ap.add_argument("--reps", type=int, default=30, help="profiled calls per variant")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no variant past this many seconds")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = H.pick_device(args.device)
+    gpu = device.type == "cuda"
+    if not gpu and not K.INTERPRET:
+        ap.error("on the CPU the Triton kernels run only with TRITON_INTERPRET=1")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    variants = GPU_VARIANTS if gpu else CPU_VARIANTS
+    out = pathlib.Path(args.out) if args.out else H.default_out_dir("tune")
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    rows: list[dict] = []
+    env = H.environment(device)
+
+    def save():
+        (out / "tune.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        (out / "tune.md").write_text(f"# Triton launch-parameter sweep ({env.get('gpu', device.type)}, "
+                                     f"{str(dtype).replace('torch.', '')}, prune_padded)\n" + markdown(rows))
+
+    for s in shape_list(argparse.Namespace(quick=args.quick, shapes=args.shapes)):
+        N = s["cams"] * s["ppc"]
+        inp = structured_inputs(batch=s["B"], n_cameras=s["cams"], patches_per_camera=s["ppc"], prompt_len=s["T"],
+                                valid_prompt=s["Tv"], width=s["D"], dtype=dtype, device=device, seed=0)
+        cap = max(1, N // 3)
+
+        def fn():
+            return K.prune_padded(*inp, None, cap, False)
+
+        default = K._config(inp[0], s["T"])
+        ref = fn()
+        todo = [(None, {})] + [(kern, v) for kern, vs in variants.items() for v in vs]
+        seen = set()
+        for kern, v in todo:
+            if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+                print(f"[tune] budget of {args.budget_s:.0f} s spent: stopping", flush=True)
+                save()
+                return 0
+            v = resolve(v, default)
+            if kern is not None and all(getattr(default, k) == x for k, x in v.items()):
+                continue  # the default itself
+            key = (kern, tuple(sorted(v.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            row = {"shape": shape_label(s), "kernel": kern, "variant": v}
+            try:
+                with K.tuning(**v):
+                    got = fn()
+                    row["same"] = same(got, ref)
+                    if gpu:
+                        fn()  # compiled and warm
+                        row["kernel_us"] = kernel_times(fn, args.reps)
+                        row.update(H.time_cuda_graph(fn, inner=20, replays=10))
+                    else:
+                        row.update(H.time_cpu(fn, reps=2, warmup=0))
+            except Exception as e:  # a variant that does not compile (shared memory, registers)
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            ktxt = " ".join(f"{k[1:-7]} {t:.1f}" for k, t in row.get("kernel_us", {}).items())
+            print(f"[tune] {row['shape']} {kern or 'default'} {v}: same={row.get('same')} {ktxt} "
+                  f"graph={row.get('graph_us', float('nan')):.1f} {row.get('error', '')}", flush=True)
+        save()
+        del inp
+    print(markdown(rows))
+    bad = [r for r in rows if r.get("same") is False]
+    for r in bad:
+        print(f"[tune] OUTPUT DIFFERS: {r['shape']} {r['variant']}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""bench/tune_triton.py, the GPU sweep of the Triton kernels' launch parameters: its CPU run
+under the interpreter (every variant's outputs equal the default's) and its report."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+pytest.importorskip("triton")
+
+
+def test_quick_sweep_under_the_interpreter(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tune_triton.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {None, "_scores_kernel", "_select_kernel", "_gather_kernel"}
+    assert all(r["same"] is True for r in rows), [r for r in rows if not r.get("same")]
+    assert "| _select_kernel | bm2=32, bn2=16 |" in (tmp_path / "tune.md").read_text()
+
+
+def test_report_names_the_fastest_variant_with_equal_outputs():
+    import tune_triton as T
+
+    def row(kernel, variant, scores, same=True):
+        return {"shape": "s", "kernel": kernel, "variant": variant, "same": same, "graph_us": 30.0,
+                "kernel_us": {"_scores_kernel": scores, "_select_kernel": 20.0, "_gather_kernel": 3.0}}
+
+    md = T.markdown([row(None, {}, 20.0), row("_scores_kernel", {"bk": 256}, 8.0),
+                     row("_scores_kernel", {"bm1": 64}, 5.0, same=False)])
+    assert "| _scores_kernel | bk=256 | 8.0 | 2.50x | 30.0 | True |" in md
+    assert "| **_scores_kernel best** | {'bk': 256} | **8.0** |" in md  # the faster one differs
+    assert "| **_select_kernel best** | default | **20.0** |" in md
