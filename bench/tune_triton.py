@@ -33,10 +33,11 @@ from pi05_fastprune.structured import structured_inputs  # noqa: E402
 
 KERNELS = ("_scores_kernel", "_select_kernel", "_gather_kernel")
 
-# One kernel's parameters at a time, the others at their defaults. "n_split" is relative to the
-# default split (x0.5, x2): one wave of programs per SM is the default's guess.
+# One kernel's parameters at a time, the others at their defaults. "x<f>" is relative to the
+# default (n_split, ksplit: both are sized for one wave of programs, a guess to check).
 GPU_VARIANTS = {
-    "_scores_kernel": [dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
+    "_scores_kernel": [dict(ksplit=1), dict(ksplit="x2"), dict(ksplit="x4"), dict(bk=64, ksplit="x2"),
+                       dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
                        dict(warps1=8), dict(stages1=1), dict(stages1=2), dict(stages1=4)],
     "_select_kernel": [dict(bm2=32), dict(bn2=32), dict(bm2=32, bn2=32), dict(bm2=128, bn2=32), dict(warps2=4),
                        dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2")],
@@ -45,7 +46,7 @@ GPU_VARIANTS = {
 }
 # The interpreter: tiles its tiny shapes cross (and 1 split, no merge across programs).
 CPU_VARIANTS = {
-    "_scores_kernel": [dict(bm1=32), dict(bk=64)],
+    "_scores_kernel": [dict(bm1=32), dict(bk=64), dict(ksplit=1)],
     "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1)],
     "_gather_kernel": [dict(br=4, bd=64)],
 }

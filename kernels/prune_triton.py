@@ -2,10 +2,14 @@
 
 Three launches per call, through the SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
 
-1. ``_scores_kernel``   grid (row tiles, B): one pass over ``patches`` (row norms on the fly),
-   ``S = rms(P) rms(T)^T`` over the prompt tokens up to the last valid one (zeros at invalid
+1. ``_scores_kernel``   grid (row tiles, D slices, B): one pass over ``patches`` (row norms on the
+   fly), ``S = rms(P) rms(T)^T`` over the prompt tokens up to the last valid one (zeros at invalid
    ones), written fp32 ``[B, N, T]``, and the row max ``m_i`` of ``S_i / sqrt(D)`` over valid
-   tokens. It also initialises this call's merge keys, vote counts and counters.
+   tokens. At B=1 the serial loop over D bounds this kernel, so D is split into ``ksplit``
+   slices: each program writes its slice's partial dot products and sums of squares, and the
+   last slice of a row tile to arrive (an arrival counter, zeroed per call) adds them in slice
+   order, so S does not depend on the order of arrival. It also initialises this call's merge
+   keys, vote counts and counters.
 2. ``_select_kernel``   grid (row tiles x column splits, B): ``C = A' S^T`` tile by tile with
    ``A' = exp(S_i / sqrt(D) - m_i)`` (the softmax without its positive row scale, which does
    not move an argmax) and an online row argmax over the split's column tiles, packed into one
@@ -19,7 +23,8 @@ Three launches per call, through the SPEC identity ``idx[i] = argmax_j sum_t A[i
 
 ``prune`` reads ``K = max(1, max counts)`` on the host between 2 and 3 (its only sync);
 ``prune_padded`` (``K = max_tokens``) and ``select`` never sync. Nothing ``N x N`` or ``N x D``
-lives in global memory: the largest buffer is ``S`` (``N x T`` fp32). Every load is upcast to
+lives in global memory: the largest buffers are ``S`` (``N x T`` fp32) and its partials
+(``ksplit x N x T``). Every load is upcast to
 fp32 before arithmetic (16-bit inputs of ``S``'s ``tl.dot`` stay 16-bit on the GPU: their
 products are exact in the fp32 accumulator); offsets are int64.
 
@@ -80,19 +85,36 @@ def _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK: tl.constexpr):
 
 
 @triton.jit
+def _s_rows(acc, ssp, sst, vt, D, scale, m):
+    """S of a tile from its dot products and sums of squares (0 at invalid tokens), and the row
+    max ``m`` updated with it."""
+    rp = 1.0 / tl.sqrt(ssp / D + 1e-6)
+    rt = 1.0 / tl.sqrt(sst / D + 1e-6)
+    s = tl.where(vt[None, :], acc * rp[:, None] * rt[None, :], 0.0)
+    # Inductor passes a Python float to a user kernel as fp64: cast back so m stays fp32.
+    m = tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1))
+    return s, m
+
+
+@triton.jit
 def _scores_kernel(
-    P, TK, TMASK, S, M, KEYS, VOTES, COUNTER, KMAX,
-    N, T, D, scale,
-    HAS_TMASK: tl.constexpr,
+    P, TK, TMASK, S, M, SP, SSP, SST, ARRIVED, KEYS, VOTES, COUNTER, KMAX,
+    B, N, T, D, kchunk, scale,
+    KSPLIT: tl.constexpr, HAS_TMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_TALL: tl.constexpr, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    ks = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_tiles = tl.num_programs(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     p_base = P + b * N * D + rows64[:, None] * D
+    d_lo = ks * kchunk
+    d_hi = tl.minimum(d_lo + kchunk, D)
+    part = ks.to(tl.int64) * B + b  # this program's slice of sample b
     t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -100,13 +122,14 @@ def _scores_kernel(
     for t0 in range(0, t_end, BLOCK_T):
         tt = t0 + tl.arange(0, BLOCK_T)
         vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
+        tin = tt < T
         t_base = TK + b * T * D + tt.to(tl.int64)[:, None] * D
         acc = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
         ssp = tl.zeros([BLOCK_M], tl.float32)
         sst = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
+        for k0 in range(d_lo, d_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < D
+            km = kk < d_hi
             p = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
             q = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0)
             pf = p.to(tl.float32)
@@ -117,27 +140,50 @@ def _scores_kernel(
                 acc = tl.dot(p, tl.trans(q), acc)
             else:
                 acc = tl.dot(pf, tl.trans(qf), acc, input_precision=DOT_PREC)
-        rp = 1.0 / tl.sqrt(ssp / D + 1e-6)
-        rt = 1.0 / tl.sqrt(sst / D + 1e-6)
-        s = acc * rp[:, None] * rt[None, :]
-        s = tl.where(vt[None, :], s, 0.0)
-        tl.store(
-            S + b * N * T + rows64[:, None] * T + tt[None, :],
-            s,
-            mask=rmask[:, None] & (tt < T)[None, :],
-        )
-        # Inductor passes a Python float to a user kernel as fp64: cast back so m stays fp32.
-        m = tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1))
-    tl.store(M + b * N + rows64, m, mask=rmask)
+        if KSPLIT == 1:
+            s, m = _s_rows(acc, ssp, sst, vt, D, scale, m)
+            tl.store(S + b * N * T + rows64[:, None] * T + tt[None, :], s, mask=rmask[:, None] & tin[None, :])
+        else:
+            tl.store(SP + part * N * T + rows64[:, None] * T + tt[None, :], acc, mask=rmask[:, None] & tin[None, :])
+            tl.store(SST + (part * n_tiles + pid_m) * T + tt, sst, mask=tin)
+            if t0 == 0:
+                tl.store(SSP + part * N + rows64, ssp, mask=rmask)
+    if KSPLIT == 1:
+        tl.store(M + b * N + rows64, m, mask=rmask)
+    else:
+        # The last slice of this row tile to arrive adds the slices in order (the same memory
+        # order as the select kernel's finishing step: CTA barrier, one acq_rel gpu-scope
+        # arrival; the partials are then read from L2, never a stale L1 line).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(ARRIVED + b * n_tiles + pid_m, 1, sem="acq_rel", scope="gpu")
+        if arrived == KSPLIT - 1:
+            ssp = tl.zeros([BLOCK_M], tl.float32)
+            for k in tl.static_range(KSPLIT):
+                ssp += tl.load(SSP + (k * B + b) * N + rows64, mask=rmask, other=0.0, cache_modifier=".cg")
+            for t0 in range(0, t_end, BLOCK_T):
+                tt = t0 + tl.arange(0, BLOCK_T)
+                vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
+                tin = tt < T
+                acc = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+                sst = tl.zeros([BLOCK_T], tl.float32)
+                for k in tl.static_range(KSPLIT):
+                    kp = k * B + b
+                    acc += tl.load(SP + kp * N * T + rows64[:, None] * T + tt[None, :],
+                                   mask=rmask[:, None] & tin[None, :], other=0.0, cache_modifier=".cg")
+                    sst += tl.load(SST + (kp * n_tiles + pid_m) * T + tt, mask=tin, other=0.0, cache_modifier=".cg")
+                s, m = _s_rows(acc, ssp, sst, vt, D, scale, m)
+                tl.store(S + b * N * T + rows64[:, None] * T + tt[None, :], s, mask=rmask[:, None] & tin[None, :])
+            tl.store(M + b * N + rows64, m, mask=rmask)
 
     # This call's merge state: keys below every real score, zero votes and counters.
-    key_init = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
-    tl.store(KEYS + b * N + rows64, key_init, mask=rmask)
-    tl.store(VOTES + b * N + rows64, tl.zeros([BLOCK_M], tl.int32), mask=rmask)
-    if pid_m == 0:
-        tl.store(COUNTER + b, 0)
-        if b == 0:
-            tl.store(KMAX, 0)
+    if ks == 0:
+        key_init = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
+        tl.store(KEYS + b * N + rows64, key_init, mask=rmask)
+        tl.store(VOTES + b * N + rows64, tl.zeros([BLOCK_M], tl.int32), mask=rmask)
+        if pid_m == 0:
+            tl.store(COUNTER + b, 0)
+            if b == 0:
+                tl.store(KMAX, 0)
 
 
 # --------------------------------------------------------------------------- kernel 2
@@ -320,14 +366,15 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
-TUNABLE = ("bm1", "bk", "warps1", "stages1", "bm2", "bn2", "warps2", "stages2", "n_split", "br", "bd", "warps3")
+TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "bm2", "bn2", "warps2", "stages2", "n_split", "br", "bd", "warps3")
 _tuning: tuple = ()  # (name, value) pairs over the defaults of _Cfg, set by tuning()
 
 
 @contextlib.contextmanager
 def tuning(**overrides: int):
     """Launch parameters (``TUNABLE``) of every call inside, over the defaults of ``_Cfg``, for
-    the GPU sweep of bench/tune_triton.py. Any value gives the same result (the tests run several)."""
+    the GPU sweep of bench/tune_triton.py. None changes a formula; ``bk`` and ``ksplit`` change
+    the order in which D is summed, so the float rounding of S."""
     global _tuning
     unknown = sorted(set(overrides) - set(TUNABLE))
     if unknown:
@@ -370,8 +417,18 @@ class _Cfg:
             self.warps1, self.warps2, self.stages1, self.stages2 = 4, 4, 1, 1
             self.br, self.bd = 8, 32
         self.warps3 = 4
+        if on_gpu:
+            # Split D so that the score programs fill about one wave: their serial loop over D is
+            # what bounds them at B=1. Each keeps 2+ BLOCK_K steps.
+            row_programs = B * triton.cdiv(N, self.bm1)
+            self.ksplit = max(1, min(triton.cdiv(want // 2, row_programs), D // (2 * self.bk)))
+        else:
+            self.ksplit = 2  # interpreter: the slices' partials are added in every test
         for name, value in tuned:
             setattr(self, name, value)
+        # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
+        self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
+        self.ksplit = triton.cdiv(D, self.kchunk)
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
@@ -427,16 +484,25 @@ def _run_select(
     keys = torch.empty(B * N, dtype=torch.int64, device=dev)
     S = torch.empty(B * N * T, dtype=torch.float32, device=dev)
     M = torch.empty(B * N, dtype=torch.float32, device=dev)
+    n_tiles = triton.cdiv(N, cfg.bm1)
+    if cfg.ksplit > 1:  # the D slices' partials and the row tiles' arrival counters
+        sp = torch.empty(cfg.ksplit * B * N * T, dtype=torch.float32, device=dev)
+        ssp = torch.empty(cfg.ksplit * B * N, dtype=torch.float32, device=dev)
+        sst = torch.empty(cfg.ksplit * B * n_tiles * T, dtype=torch.float32, device=dev)
+        arrived = torch.zeros(B * n_tiles, dtype=torch.int32, device=dev)
+    else:  # unused
+        sp = ssp = sst = S
+        arrived = counter
     counts = torch.empty(B, dtype=torch.int64, device=dev)
     idx = torch.empty(B, N, dtype=torch.int64, device=dev) if select_only else torch.empty(1, dtype=torch.int64, device=dev)
     tmask = patches if task_mask is None else task_mask.contiguous()
     pmask = patches if patch_mask is None else patch_mask.contiguous()
     scale = 1.0 / math.sqrt(D)
 
-    wrap(_scores_kernel)[(triton.cdiv(N, cfg.bm1), B)](
-        patches, task, tmask, S, M, keys, votes, counter, kmax,
-        N, T, D, scale,
-        HAS_TMASK=task_mask is not None,
+    wrap(_scores_kernel)[(n_tiles, cfg.ksplit, B)](
+        patches, task, tmask, S, M, sp, ssp, sst, arrived, keys, votes, counter, kmax,
+        B, N, T, D, cfg.kchunk, scale,
+        KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
         DOT_NATIVE=cfg.dot_native, DOT_PREC=DOT_PREC,
         num_warps=cfg.warps1, num_stages=cfg.stages1,
