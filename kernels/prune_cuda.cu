@@ -611,13 +611,35 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
 
 // ------------------------------------------------------------------------------------------
 // Kernel B tail (one block per sample, the last to arrive): idx, votes, keep rule, kept list.
-__device__ void keep_tail(const Args& a, int64_t b, int* s_warp, int* s_vstar, int* s_above) {
+//
+// Shared memory of kernel B: the A and S tiles of the main phase, then (the tiles are dead by
+// then) the tail's vote counts and vote histogram when N + 1 <= kTailSmemInts / 2. The tail's
+// passes over votes are then shared-memory reads and atomics instead of L2 round trips; larger N
+// keeps both in the workspace (read with __ldcg: other blocks' lines never sit in our L1).
+union SelectSmem {
+  struct {
+    float as[kBM][kBU + 1];
+    float ss[kBM][kBU + 1];
+  } tile;
+  int tail[2 * kBM * (kBU + 1)];
+};
+constexpr int kTailSmemInts = 2 * kBM * (kBU + 1);
+constexpr int64_t kTailSmemMaxN = 2048;  // covers pi0.5's 768 patches and 6 cameras' 1536
+static_assert(2 * (kTailSmemMaxN + 1) <= kTailSmemInts, "votes and hist of N + 1 ints each fit");
+
+template <bool kSmem>
+__device__ __forceinline__ int vload(const int* p) {
+  if constexpr (kSmem) return *p;
+  else return __ldcg(p);
+}
+
+template <bool kSmem>
+__device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* s_warp, int* s_vstar,
+                          int* s_above) {
   const int tid = threadIdx.x;
   const int64_t N = a.N;
   const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
   const bool mask_rows = a.mask_voters && pm != nullptr;
-  int* votes = a.votes + b * (N + 1);
-  int* hist = a.hist + b * (N + 1);
   const unsigned long long* keys = a.keys + b * N;
 
   if (a.want_keep)
@@ -643,7 +665,7 @@ __device__ void keep_tail(const Args& a, int64_t b, int* s_warp, int* s_vstar, i
   auto eligible = [&](int64_t j, int v) { return (pm == nullptr || pm[j]) && (budget || v > 0); };
 
   int cnt = 0;
-  for (int64_t j = tid; j < N; j += kThreads) cnt += eligible(j, __ldcg(&votes[j])) ? 1 : 0;
+  for (int64_t j = tid; j < N; j += kThreads) cnt += eligible(j, vload<kSmem>(&votes[j])) ? 1 : 0;
   int n_elig = 0;
   block_excl_scan(cnt, s_warp, &n_elig);
   const bool thresh = n_elig > limit;  // block-uniform
@@ -655,14 +677,14 @@ __device__ void keep_tail(const Args& a, int64_t b, int* s_warp, int* s_vstar, i
   int64_t need = 0;
   if (thresh) {
     for (int64_t j = tid; j < N; j += kThreads) {
-      const int v = __ldcg(&votes[j]);
+      const int v = vload<kSmem>(&votes[j]);
       if (eligible(j, v)) atomicAdd(&hist[v], 1);
     }
     __syncthreads();
     int64_t carry = 0;  // eligible patches with votes above the current chunk
     for (int64_t p0 = 0; p0 <= N; p0 += kThreads) {
       const int64_t p = p0 + tid, v = N - p;  // v from N down to 0
-      const int h = p <= N ? __ldcg(&hist[v]) : 0;
+      const int h = p <= N ? vload<kSmem>(&hist[v]) : 0;
       int tot = 0;
       const int ex = block_excl_scan(h, s_warp, &tot);
       const int64_t above = carry + ex;  // eligible with votes > v
@@ -681,7 +703,7 @@ __device__ void keep_tail(const Args& a, int64_t b, int* s_warp, int* s_vstar, i
   int64_t tie_carry = 0, pos = 0;
   for (int64_t c0 = 0; c0 < N; c0 += kThreads) {
     const int64_t j = c0 + tid;
-    const int v = j < N ? __ldcg(&votes[j]) : 0;
+    const int v = j < N ? vload<kSmem>(&votes[j]) : 0;
     const bool e = j < N && eligible(j, v);
     const bool tie = thresh && e && v == vstar;
     int ttot = 0, ktot = 0;
@@ -701,8 +723,9 @@ __device__ void keep_tail(const Args& a, int64_t b, int* s_warp, int* s_vstar, i
 // Kernel B: score' tiles = A[i, :] . S[j, :] over the prompt range, row argmax merged across
 // column tiles by atomicMax on packed keys; the sample's last block runs keep_tail.
 __global__ void __launch_bounds__(kThreads) select_kernel(Args a) {
-  __shared__ float as[kBM][kBU + 1];
-  __shared__ float ss[kBM][kBU + 1];
+  __shared__ SelectSmem sm;
+  auto& as = sm.tile.as;
+  auto& ss = sm.tile.ss;
   __shared__ int s_warp[kWarps];
   __shared__ int s_last, s_vstar, s_above;
 
@@ -780,7 +803,11 @@ __global__ void __launch_bounds__(kThreads) select_kernel(Args a) {
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  keep_tail(a, b, s_warp, &s_vstar, &s_above);
+  if (N <= kTailSmemMaxN) {
+    keep_tail<true>(a, b, sm.tail, sm.tail + N + 1, s_warp, &s_vstar, &s_above);
+  } else {
+    keep_tail<false>(a, b, a.votes + b * (N + 1), a.hist + b * (N + 1), s_warp, &s_vstar, &s_above);
+  }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -352,6 +352,17 @@ def test_emulated_prune_padded_cap(emu, max_tokens, keep_tokens):
     check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
 
 
+@pytest.mark.parametrize("keep_tokens,max_tokens", [(300, 0), (None, 100)])
+def test_emulated_prune_past_the_shared_memory_tail(emu, keep_tokens, max_tokens):
+    """N > 2048: kernel B's tail keeps votes and histogram in the workspace, not shared memory."""
+    patches, task, task_mask, patch_mask = make_inputs(1, 2100, 5, 16, torch.float32, "all", seed=9)
+    mode = "padded" if max_tokens else "prune"
+    out, idx, _ = emu["mma"](mode, patches, task, task_mask, patch_mask, keep_tokens=keep_tokens,
+                             max_tokens=max_tokens or None)
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens or None)
+
+
 def test_emulated_strided_inputs(emu):
     """Row strides other than D (slices of wider tensors) and an expanded (stride 0) batch."""
     g = torch.Generator().manual_seed(11)
