@@ -1,6 +1,7 @@
 """Fused Triton kernels of the fastprune eval ops (SPEC "Scoring", "Selection", "Output").
 
-Three launches per call, through the SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
+Three kernels per call (with a D split, after a fill that zeroes the arrival counters), through
+the SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
 
 1. ``_scores_kernel``   grid (row tiles, D slices, B): one pass over ``patches`` (row norms on the
    fly), ``S = rms(P) rms(T)^T`` over the prompt tokens up to the last valid one (zeros at invalid
