@@ -199,7 +199,8 @@ def main(argv=None) -> int:
                     continue
                 config = {"shape": shape_label(s), "mode": mode, "dtype": str(dtype).replace("torch.", "")}
                 h.measure(name, config, fn, work=work(s, dtype, kept_rows or 0),
-                          graph=cap is not None)  # a host sync cannot be captured
+                          graph=cap is not None,  # a host sync cannot be captured
+                          kernels=name.startswith("fastprune"))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         del inp

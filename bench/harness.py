@@ -29,6 +29,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -163,6 +164,31 @@ def time_cuda_graph(fn: Callable[[], Any], inner: int, replays: int) -> dict:
     return {"graph_us": med, "graph_p20_us": p20, "graph_p80_us": p80}
 
 
+def kernel_label(name: str) -> str:
+    """A kernel's name without namespaces, template and call arguments:
+    ``void ns::(anonymous namespace)::scores_kernel<__half, true>(Args)`` -> ``scores_kernel``."""
+    head = name.replace("(anonymous namespace)", "").split("(")[0]
+    while "<" in head:  # nested template arguments, innermost first
+        head = re.sub(r"<[^<>]*>", "", head)
+    return head.split("::")[-1].split()[-1] if head.strip() else name
+
+
+def kernel_times(fn: Callable[[], Any], reps: int) -> dict[str, float]:
+    """Device µs per call of each kernel ``fn`` launches (CUPTI through torch.profiler: kernel
+    durations only, no launch gaps), summed over launches of the same kernel in one call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        total = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if total:
+            label = kernel_label(e.key)
+            times[label] = times.get(label, 0.0) + total / reps
+    return times
+
+
 def _rss_kib(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
@@ -249,11 +275,12 @@ class Harness:
         self.env = environment(self.device)
 
     def measure(self, provider: str, config: dict, fn: Callable[[], Any], *,
-                work: Optional[dict] = None, graph: Optional[bool] = None) -> dict:
+                work: Optional[dict] = None, graph: Optional[bool] = None, kernels: bool = False) -> dict:
         """Times ``fn`` (no arguments) for ``provider`` at ``config`` (a flat dict of labels).
 
         ``work = {"flops": ..., "bytes": ...}`` adds the floor-relative columns (achieved
-        GFLOP/s and GB/s from the median). Errors are recorded, never raised.
+        GFLOP/s and GB/s from the median). ``kernels``: on a GPU, also each kernel's device time
+        per call (``kernels_us``). Errors are recorded, never raised.
         """
         row: dict = {"bench": self.name, "provider": provider, **config}
         label = f"{provider}/" + ",".join(f"{k}={v}" for k, v in config.items())
@@ -284,6 +311,12 @@ class Harness:
                     row["host_us"] = host_latency(fn, self.device, self.host_reps)
                 with nvtx_range("memory", color="orange"):
                     row["peak_extra_mib"] = peak_extra_mib(fn, self.device)
+                if kernels and self.device.type == "cuda":
+                    with nvtx_range("kernels", color="cyan"):
+                        try:
+                            row["kernels_us"] = kernel_times(fn, reps=5 if self.quick else 20)
+                        except Exception as e:  # no CUPTI here: the timings above still stand
+                            row["kernels_error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 if (self.graph if graph is None else graph) and self.device.type == "cuda":
                     with nvtx_range("graph", color="purple"):
                         try:
@@ -348,7 +381,8 @@ class Harness:
             for k in r:
                 if k not in keys:
                     keys.append(k)
-        skip = {"bench", "provider", "traceback", "reps", "timer", "profiled", "graph_p20_us", "graph_p80_us"}
+        skip = {"bench", "provider", "traceback", "reps", "timer", "profiled", "graph_p20_us", "graph_p80_us",
+                "kernels_us", "kernels_error"}
         labels = [k for k in keys if k not in skip and not k.endswith("_us")
                   and k not in ("gflops", "gbps", "peak_extra_mib", "error", "graph_error")]
         nums = [k for k in ("median_us", "p20_us", "p80_us", "graph_us", "host_us", "peak_extra_mib", "gflops", "gbps")
@@ -376,6 +410,15 @@ class Harness:
                 else:
                     cells.append(str(r.get(c, "")))
             lines.append("| " + " | ".join(cells) + " |")
+        per_kernel = [r for r in self.rows if r.get("kernels_us")]
+        if per_kernel:
+            lines += ["", "## Device time per kernel (µs per call, CUPTI: no launch gaps)", "",
+                      "| " + " | ".join(labels) + " | provider | kernels | sum |",
+                      "|" + "|".join("---" for _ in labels) + "|---|---|---|"]
+            for r in per_kernel:
+                ks = r["kernels_us"]
+                lines.append("| " + " | ".join(str(r.get(c, "")) for c in labels) + f" | {r['provider']} | "
+                             + ", ".join(f"{k} {v:.1f}" for k, v in ks.items()) + f" | {sum(ks.values()):.1f} |")
         if self.summary:
             cols = list(dict.fromkeys(k for r in self.summary for k in r))
             lines += ["", "## Ratios (measured side by side in this run)", "",

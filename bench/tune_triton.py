@@ -61,21 +61,6 @@ def resolve(variant: dict, default: K._Cfg) -> dict:
     return out
 
 
-def kernel_times(fn, reps: int) -> dict:
-    """Mean device µs per launch of each kernel over ``reps`` calls (CUPTI)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    times = {}
-    for e in prof.key_averages():
-        for k in KERNELS:
-            if k in e.key and e.count:
-                total = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-                times[k] = total / e.count
-    return times
-
-
 def same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -164,14 +149,14 @@ def main(argv=None) -> int:
                     row["same"] = same(got, ref)
                     if gpu:
                         fn()  # compiled and warm
-                        row["kernel_us"] = kernel_times(fn, args.reps)
+                        row["kernel_us"] = H.kernel_times(fn, args.reps)  # with the fill of a D split
                         row.update(H.time_cuda_graph(fn, inner=20, replays=10))
                     else:
                         row.update(H.time_cpu(fn, reps=2, warmup=0))
             except Exception as e:  # a variant that does not compile (shared memory, registers)
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
-            ktxt = " ".join(f"{k[1:-7]} {t:.1f}" for k, t in row.get("kernel_us", {}).items())
+            ktxt = " ".join(f"{k.strip('_').removesuffix('_kernel')} {t:.1f}" for k, t in row.get("kernel_us", {}).items())
             print(f"[tune] {row['shape']} {kern or 'default'} {v}: same={row.get('same')} {ktxt} "
                   f"graph={row.get('graph_us', float('nan')):.1f} {row.get('error', '')}", flush=True)
         save()

@@ -30,3 +30,22 @@ def test_bench_prune_quick(tmp_path):
 def test_peak_memory_sees_a_buffer():
     mib = harness.peak_extra_mib(lambda: torch.ones(1024, 1024), torch.device("cpu"))
     assert mib is None or 3.5 <= mib <= 8, mib
+
+
+def test_kernel_labels():
+    label = harness.kernel_label
+    assert label("void fastprune_cuda::(anonymous namespace)::scores_kernel<__nv_bfloat16, true>("
+                 "fastprune_cuda::(anonymous namespace)::Args)") == "scores_kernel"
+    assert label("_select_kernel") == "_select_kernel"
+    assert label("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>, "
+                 "std::array<char*, 1ul> >(int, at::native::FillFunctor<int>, std::array<char*, 1ul>)") == \
+        "vectorized_elementwise_kernel"
+
+
+def test_markdown_lists_device_time_per_kernel():
+    h = harness.Harness("prune", "cpu", quick=True)
+    h.rows.append({"bench": "prune", "provider": "fastprune-cuda", "shape": "B1", "mode": "padded", "median_us": 60.0,
+                   "kernels_us": {"scores_kernel": 11.5, "select_kernel": 14.25, "gather_kernel": 3.0}})
+    md = h.markdown()
+    assert "## Device time per kernel" in md
+    assert "| B1 | padded | fastprune-cuda | scores_kernel 11.5, select_kernel 14.2, gather_kernel 3.0 | 28.8 |" in md
