@@ -60,3 +60,5 @@ def test_torch_check_probe(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mode 1: raised: probe: literal message" in proc.stdout
     assert "mode 2: raised: probe: formatted message, mode=2, shape [2, 3]" in proc.stdout
+    assert "mode 3: raised: probe: std::string message, mode=3" in proc.stdout
+    assert "mode 4: raised: probe: snprintf message, mode=4, dim 2" in proc.stdout
