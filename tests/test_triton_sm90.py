@@ -16,6 +16,10 @@ on the GPU machine eats its time budget).
 
 Skipped when a GPU is present (the GPU runs the real kernels), under ``TRITON_INTERPRET=1``, and
 when this triton lacks the compiler API used here (``ASTSource``, ``GPUTarget``, the JIT binder).
+
+The lent GPU machines ship an older triton (``GPU_TRITON``, with their torch 2.11) than the one
+torch 2.13 pins here, so ``test_compiles_with_the_gpu_machines_triton`` repeats the bf16 compiles
+in a subprocess with that triton installed beside the tests (skipped where it cannot be installed).
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import contextlib
 import functools
 import io
 import os
+import pathlib
 import re
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -51,6 +58,9 @@ pytestmark = [
     pytest.mark.skipif(API is not None, reason=str(API)),
 ]
 
+GPU_TRITON = "3.6.0"  # bench/results/h200-2026-11-26: torch 2.11.0+cu130, triton 3.6.0
+CHILD_ENV = "FASTPRUNE_SM90_TRITON_CHILD"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 H100_SMS = 132
 SMEM_LIMIT = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 (232448 bytes)
 MAX_COMPILE_S = 30.0
@@ -275,3 +285,27 @@ def test_select_soft_kernels_compile_for_sm90(dtype, case):
     assert {"_prep_kernel", "_fwd_kernel", "_bwd_row_kernel", "_bwd_col_kernel", "_bwd_patch_kernel",
             "_bwd_task_kernel", "_bwd_task_rms_kernel"} <= names, names
     compile_distinct(launches, labels, dtype)
+
+
+# ----------------------------------------------------------------------------- the GPU's triton
+
+
+@pytest.mark.skipif(os.environ.get(CHILD_ENV) == "1", reason="no recursion")
+def test_compiles_with_the_gpu_machines_triton(tmp_path):
+    import triton
+
+    if triton.__version__ == GPU_TRITON:
+        pytest.skip(f"the tests above already ran with triton {GPU_TRITON}")
+    target = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                          f"triton=={GPU_TRITON}"], capture_output=True, text=True, timeout=300)
+    if pip.returncode != 0:
+        pytest.skip(f"triton {GPU_TRITON} cannot be installed here: {pip.stderr.strip()[-300:]}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]), **{CHILD_ENV: "1"})
+    env.pop("PYTEST_ADDOPTS", None)
+    code = (f"import triton, sys; assert triton.__version__ == {GPU_TRITON!r}, triton.__version__; "
+            f"import pytest; sys.exit(pytest.main([{__file__!r}, '-q', '-x', '-p', 'no:cacheprovider', '-k', 'bf16']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
