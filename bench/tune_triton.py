@@ -40,14 +40,14 @@ GPU_VARIANTS = {
                        dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
                        dict(warps1=8), dict(stages1=1), dict(stages1=2), dict(stages1=4)],
     "_select_kernel": [dict(bm2=32), dict(bn2=32), dict(bm2=32, bn2=32), dict(bm2=128, bn2=32), dict(warps2=4),
-                       dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2")],
+                       dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"), dict(dot_prec="tf32x3")],
     "_gather_kernel": [dict(br=4), dict(br=16), dict(br=32), dict(bd=256), dict(bd=1024), dict(bd=2048),
                        dict(warps3=2), dict(warps3=8)],
 }
 # The interpreter: tiles its tiny shapes cross (and 1 split, no merge across programs).
 CPU_VARIANTS = {
     "_scores_kernel": [dict(bm1=32), dict(bk=64), dict(ksplit=1)],
-    "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1)],
+    "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1), dict(dot_prec="tf32x3")],
     "_gather_kernel": [dict(br=4, bd=64)],
 }
 
@@ -55,7 +55,7 @@ CPU_VARIANTS = {
 def resolve(variant: dict, default: K._Cfg) -> dict:
     out = {}
     for k, v in variant.items():
-        if isinstance(v, str):  # "x<factor>" of the default
+        if isinstance(v, str) and v.startswith("x"):  # "x<factor>" of the default
             v = max(1, int(getattr(default, k) * float(v[1:])))
         out[k] = v
     return out
