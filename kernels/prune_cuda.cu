@@ -613,9 +613,9 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
 // Kernel B tail (one block per sample, the last to arrive): idx, votes, keep rule, kept list.
 //
 // Shared memory of kernel B: the A and S tiles of the main phase, then (the tiles are dead by
-// then) the tail's vote counts and vote histogram when N + 1 <= kTailSmemInts / 2. The tail's
-// passes over votes are then shared-memory reads and atomics instead of L2 round trips; larger N
-// keeps both in the workspace (read with __ldcg: other blocks' lines never sit in our L1).
+// then) the tail's vote counts and vote histogram when N <= kTailSmemMaxN. The tail's passes
+// over votes are then shared-memory reads and atomics instead of L2 round trips; larger N keeps
+// both in the workspace (read with __ldcg: other blocks' lines never sit in our L1).
 union SelectSmem {
   struct {
     float as[kBM][kBU + 1];

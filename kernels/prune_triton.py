@@ -497,9 +497,8 @@ def _run_select(
         ssp = torch.empty(cfg.ksplit * B * N, dtype=torch.float32, device=dev)
         sst = torch.empty(cfg.ksplit * B * n_tiles * T, dtype=torch.float32, device=dev)
         arrived = torch.zeros(B * n_tiles, dtype=torch.int32, device=dev)
-    else:  # unused
-        sp = ssp = sst = S
-        arrived = counter
+    else:  # unused by the kernel: the read-only input stands in, as for absent masks
+        sp = ssp = sst = arrived = patches
     counts = torch.empty(B, dtype=torch.int64, device=dev)
     idx = torch.empty(B, N, dtype=torch.int64, device=dev) if select_only else torch.empty(1, dtype=torch.int64, device=dev)
     tmask = patches if task_mask is None else task_mask.contiguous()
