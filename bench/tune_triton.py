@@ -117,7 +117,10 @@ def main(argv=None) -> int:
         (out / "tune.md").write_text(f"# Triton launch-parameter sweep ({env.get('gpu', device.type)}, "
                                      f"{str(dtype).replace('torch.', '')}, prune_padded)\n" + markdown(rows))
 
+    out_of_time = False
     for s in shape_list(argparse.Namespace(quick=args.quick, shapes=args.shapes)):
+        if out_of_time:
+            break
         N = s["cams"] * s["ppc"]
         inp = structured_inputs(batch=s["B"], n_cameras=s["cams"], patches_per_camera=s["ppc"], prompt_len=s["T"],
                                 valid_prompt=s["Tv"], width=s["D"], dtype=dtype, device=device, seed=0)
@@ -133,8 +136,8 @@ def main(argv=None) -> int:
         for kern, v in todo:
             if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
                 print(f"[tune] budget of {args.budget_s:.0f} s spent: stopping", flush=True)
-                save()
-                return 0
+                out_of_time = True
+                break
             v = resolve(v, default)
             if kern is not None and all(getattr(default, k) == x for k, x in v.items()):
                 continue  # the default itself
