@@ -206,6 +206,26 @@ def _pack_keys(c, cols, allowed):
 
 
 @triton.jit
+def _a_tile(s_base, rows64, rmask, tt, vt, T, scale, m_row):
+    """A' = exp(S_i / sqrt(D) - m_i) of rows ``rows64`` at tokens ``tt`` (0 at invalid ones)."""
+    si = tl.load(s_base + rows64[:, None] * T + tt[None, :],
+                 mask=rmask[:, None] & (tt < T)[None, :], other=0.0).to(tl.float32)
+    a = tl.exp((si * scale).to(tl.float32) - m_row[:, None])  # fp32 under Inductor too
+    return tl.where(vt[None, :] & rmask[:, None], a, 0.0)
+
+
+@triton.jit
+def _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK: tl.constexpr):
+    """The rows' best key so far, with this column tile's scores ``acc`` (allowed columns only:
+    all; or the valid patches; or column 0 alone when none is valid)."""
+    allowed = cmask
+    if HAS_PMASK:
+        pm = tl.load(PMASK + b * N + cols, mask=cmask, other=0) != 0
+        allowed = cmask & (pm | ((cols == 0) & no_patch))
+    return tl.maximum(best, tl.max(_pack_keys(acc, cols, allowed), 1))
+
+
+@triton.jit
 def _select_kernel(
     S, M, TMASK, PMASK, KEYS, VOTES, COUNTER, KMAX, ORDER, COUNTS, IDX,
     N, T, scale, limit, n_split, n_programs,
@@ -234,27 +254,33 @@ def _select_kernel(
     m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
     best = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
     n_col_tiles = tl.cdiv(N, BLOCK_N)
-    for ct in range(split, n_col_tiles, n_split):
-        cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        allowed = cmask
-        if HAS_PMASK:
-            pm = tl.load(PMASK + b * N + cols, mask=cmask, other=0) != 0
-            allowed = cmask & (pm | ((cols == 0) & no_patch))
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for t0 in range(0, t_end, BLOCK_T):
-            tt = t0 + tl.arange(0, BLOCK_T)
-            vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-            tin = tt < T
-            si = tl.load(s_base + rows64[:, None] * T + tt[None, :],
-                         mask=rmask[:, None] & tin[None, :], other=0.0).to(tl.float32)
-            a = tl.exp((si * scale).to(tl.float32) - m_row[:, None])  # fp32 under Inductor too
-            a = tl.where(vt[None, :] & rmask[:, None], a, 0.0)
+    if HAS_TMASK and t_end <= BLOCK_T:
+        # One token tile (pi0.5: 48 valid tokens): A' once, for every column tile of the split.
+        # (Only with a prompt mask: without one, the compiler's register budget for this branch
+        # made the unmasked kernel spill, and pi0.5 always passes a mask.)
+        tt = tl.arange(0, BLOCK_T)
+        vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
+        a = _a_tile(s_base, rows64, rmask, tt, vt, T, scale, m_row)
+        for ct in range(split, n_col_tiles, n_split):
+            cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = cols < N
             sj = tl.load(s_base + cols.to(tl.int64)[:, None] * T + tt[None, :],
-                         mask=cmask[:, None] & tin[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
-        key = _pack_keys(acc, cols, allowed)
-        best = tl.maximum(best, tl.max(key, 1))
+                         mask=cmask[:, None] & (tt < T)[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(a, tl.trans(sj), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), input_precision=DOT_PREC)
+            best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
+    else:
+        for ct in range(split, n_col_tiles, n_split):
+            cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for t0 in range(0, t_end, BLOCK_T):
+                tt = t0 + tl.arange(0, BLOCK_T)
+                vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
+                a = _a_tile(s_base, rows64, rmask, tt, vt, T, scale, m_row)
+                sj = tl.load(s_base + cols.to(tl.int64)[:, None] * T + tt[None, :],
+                             mask=cmask[:, None] & (tt < T)[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
+            best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
     tl.atomic_max(KEYS + b * N + rows64, best, mask=rmask)
 
     # Last program of this sample to arrive finishes it (every key of the sample is final).

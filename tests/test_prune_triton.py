@@ -162,6 +162,21 @@ def test_prune_is_exact_gather_of_own_selection(case, dtype):
 
 
 @interp
+def test_masked_prompt_over_several_token_tiles():
+    """A prompt mask whose valid tokens reach past the first token tile (16 in the interpreter):
+    the select kernel's general path, not the one-tile shortcut; sample 1 stays within one tile."""
+    g = torch.Generator().manual_seed(6)
+    patches, task = torch.randn(2, 30, 24, generator=g), torch.randn(2, 40, 24, generator=g)
+    task_mask = torch.zeros(2, 40, dtype=torch.bool)
+    task_mask[0, :5] = task_mask[0, 20:35] = True
+    task_mask[1, 3:9] = True
+    idx = ops.triton_select(patches, task, task_mask, None, False)
+    check_selection(idx, patches, task, task_mask, None)
+    assert_same(ops.triton_prune(patches, task, task_mask, None, 7, False),
+                R.prune_from_idx(patches, idx, None, 7, False))
+
+
+@interp
 def test_prune_matches_reference_end_to_end():
     patches, task, task_mask, patch_mask = make_case("masks", seed=3)
     for keep_tokens in (None, 4):
