@@ -86,15 +86,15 @@ def _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK: tl.constexpr):
 
 
 @triton.jit
-def _s_rows(acc, ssp, sst, vt, D, scale, m):
-    """S of a tile from its dot products and sums of squares (0 at invalid tokens), and the row
-    max ``m`` updated with it."""
+def _store_s(S, b, N, T, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m):
+    """Writes a tile of S from its dot products and sums of squares (0 at invalid tokens);
+    returns the row max ``m`` updated with it."""
     rp = 1.0 / tl.sqrt(ssp / D + 1e-6)
     rt = 1.0 / tl.sqrt(sst / D + 1e-6)
     s = tl.where(vt[None, :], acc * rp[:, None] * rt[None, :], 0.0)
+    tl.store(S + b * N * T + rows64[:, None] * T + tt[None, :], s, mask=rmask[:, None] & (tt < T)[None, :])
     # Inductor passes a Python float to a user kernel as fp64: cast back so m stays fp32.
-    m = tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1))
-    return s, m
+    return tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1))
 
 
 @triton.jit
@@ -142,8 +142,7 @@ def _scores_kernel(
             else:
                 acc = tl.dot(pf, tl.trans(qf), acc, input_precision=DOT_PREC)
         if KSPLIT == 1:
-            s, m = _s_rows(acc, ssp, sst, vt, D, scale, m)
-            tl.store(S + b * N * T + rows64[:, None] * T + tt[None, :], s, mask=rmask[:, None] & tin[None, :])
+            m = _store_s(S, b, N, T, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
         else:
             tl.store(SP + part * N * T + rows64[:, None] * T + tt[None, :], acc, mask=rmask[:, None] & tin[None, :])
             tl.store(SST + (part * n_tiles + pid_m) * T + tt, sst, mask=tin)
@@ -172,8 +171,7 @@ def _scores_kernel(
                     acc += tl.load(SP + kp * N * T + rows64[:, None] * T + tt[None, :],
                                    mask=rmask[:, None] & tin[None, :], other=0.0, cache_modifier=".cg")
                     sst += tl.load(SST + (kp * n_tiles + pid_m) * T + tt, mask=tin, other=0.0, cache_modifier=".cg")
-                s, m = _s_rows(acc, ssp, sst, vt, D, scale, m)
-                tl.store(S + b * N * T + rows64[:, None] * T + tt[None, :], s, mask=rmask[:, None] & tin[None, :])
+                m = _store_s(S, b, N, T, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
             tl.store(M + b * N + rows64, m, mask=rmask)
 
     # This call's merge state: keys below every real score, zero votes and counters.
@@ -206,10 +204,16 @@ def _pack_keys(c, cols, allowed):
 
 
 @triton.jit
+def _load_s(s_base, idx, imask, tt, T):
+    """Rows ``idx`` of the sample's S at tokens ``tt``, fp32 (0 outside)."""
+    return tl.load(s_base + idx.to(tl.int64)[:, None] * T + tt[None, :],
+                   mask=imask[:, None] & (tt < T)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _a_tile(s_base, rows64, rmask, tt, vt, T, scale, m_row):
     """A' = exp(S_i / sqrt(D) - m_i) of rows ``rows64`` at tokens ``tt`` (0 at invalid ones)."""
-    si = tl.load(s_base + rows64[:, None] * T + tt[None, :],
-                 mask=rmask[:, None] & (tt < T)[None, :], other=0.0).to(tl.float32)
+    si = _load_s(s_base, rows64, rmask, tt, T)
     a = tl.exp((si * scale).to(tl.float32) - m_row[:, None])  # fp32 under Inductor too
     return tl.where(vt[None, :] & rmask[:, None], a, 0.0)
 
@@ -264,8 +268,7 @@ def _select_kernel(
         for ct in range(split, n_col_tiles, n_split):
             cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
             cmask = cols < N
-            sj = tl.load(s_base + cols.to(tl.int64)[:, None] * T + tt[None, :],
-                         mask=cmask[:, None] & (tt < T)[None, :], other=0.0).to(tl.float32)
+            sj = _load_s(s_base, cols, cmask, tt, T)
             acc = tl.dot(a, tl.trans(sj), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), input_precision=DOT_PREC)
             best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
     else:
@@ -277,8 +280,7 @@ def _select_kernel(
                 tt = t0 + tl.arange(0, BLOCK_T)
                 vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
                 a = _a_tile(s_base, rows64, rmask, tt, vt, T, scale, m_row)
-                sj = tl.load(s_base + cols.to(tl.int64)[:, None] * T + tt[None, :],
-                             mask=cmask[:, None] & (tt < T)[None, :], other=0.0).to(tl.float32)
+                sj = _load_s(s_base, cols, cmask, tt, T)
                 acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
             best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
     tl.atomic_max(KEYS + b * N + rows64, best, mask=rmask)
@@ -462,6 +464,7 @@ class _Cfg:
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
+        self.n_score_tiles = triton.cdiv(N, self.bm1)
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
@@ -517,7 +520,7 @@ def _run_select(
     keys = torch.empty(B * N, dtype=torch.int64, device=dev)
     S = torch.empty(B * N * T, dtype=torch.float32, device=dev)
     M = torch.empty(B * N, dtype=torch.float32, device=dev)
-    n_tiles = triton.cdiv(N, cfg.bm1)
+    n_tiles = cfg.n_score_tiles
     if cfg.ksplit > 1:  # the D slices' partials and the row tiles' arrival counters
         sp = torch.empty(cfg.ksplit * B * N * T, dtype=torch.float32, device=dev)
         ssp = torch.empty(cfg.ksplit * B * N, dtype=torch.float32, device=dev)
