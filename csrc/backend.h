@@ -6,21 +6,25 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include "check.h"
+
 #include <string>
 #include <vector>
 
 namespace fastprune {
 
 inline void check_backend(const std::string& backend) {
-  TORCH_CHECK(backend == "auto" || backend == "cpu" || backend == "triton" || backend == "cuda",
-              "fastprune: backend must be 'auto', 'cpu', 'triton' or 'cuda', got '", backend, "'");
+  FASTPRUNE_CHECK(backend == "auto" || backend == "cpu" || backend == "triton" || backend == "cuda",
+                  "fastprune: backend must be 'auto', 'cpu', 'triton' or 'cuda', got '%s'", backend.c_str());
 }
 
 // Calls the Triton op `name` with a boxed argument stack and returns its outputs.
 inline std::vector<c10::IValue> call_triton(const char* name, std::vector<c10::IValue> stack) {
   auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
-  TORCH_CHECK(handle.has_value(), "fastprune: backend='triton' needs ", name,
-              ", which `import pi05_fastprune` registers when triton is installed");
+  FASTPRUNE_CHECK(handle.has_value(),
+                  "fastprune: backend='triton' needs %s, which `import pi05_fastprune` registers when triton "
+                  "is installed",
+                  name);
   handle->callBoxed(&stack);
   return stack;
 }

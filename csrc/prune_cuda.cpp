@@ -25,7 +25,7 @@ namespace fastprune {
 namespace {
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "fastprune: CUDA ", what, " failed: ", cudaGetErrorString(err));
+  FASTPRUNE_CHECK(err == cudaSuccess, "fastprune: CUDA %s failed: %s", what, cudaGetErrorString(err));
 }
 
 int sm_count(int device) {
@@ -50,7 +50,7 @@ fastprune_cuda::DType to_dtype(at::ScalarType t) {
     case at::kBFloat16:
       return fastprune_cuda::DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "fastprune: unsupported dtype ", t);
+      FASTPRUNE_CHECK(false, "fastprune: unsupported dtype %s", dtype_str(t));
   }
 }
 
@@ -65,19 +65,19 @@ struct Prepared {
 Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
                  const std::optional<at::Tensor>& task_mask,
                  const std::optional<at::Tensor>& patch_mask, bool mask_voters) {
-  TORCH_CHECK(patches.is_cuda(), "fastprune: the CUDA kernels need CUDA tensors, got patches on ",
-              patches.device());
+  FASTPRUNE_CHECK(patches.is_cuda(), "fastprune: the CUDA kernels need CUDA tensors, got patches on %s",
+                  DeviceStr(patches.device()).s);
   Prepared r;
   r.patches = patches.stride(2) == 1 ? patches : patches.contiguous();
   r.task = task.stride(2) == 1 ? task : task.contiguous();
   if (task_mask.has_value()) r.task_mask = task_mask->contiguous();
   if (patch_mask.has_value()) r.patch_mask = patch_mask->contiguous();
   const int64_t B = patches.size(0), N = patches.size(1), D = patches.size(2), T = task.size(1);
-  TORCH_CHECK(B <= 65535, "fastprune: the CUDA kernels take at most 65535 samples, got patches ",
-              patches.sizes());
-  TORCH_CHECK(N < INT_MAX && T < INT_MAX && (N + 63) / 64 <= 65535,
-              "fastprune: patches ", patches.sizes(), " and task ", task.sizes(),
-              " are too long for the CUDA kernels");
+  FASTPRUNE_CHECK(B <= 65535, "fastprune: the CUDA kernels take at most 65535 samples, got patches %s",
+                  ShapeStr(patches.sizes()).s);
+  FASTPRUNE_CHECK(N < INT_MAX && T < INT_MAX && (N + 63) / 64 <= 65535,
+                  "fastprune: patches %s and task %s are too long for the CUDA kernels", ShapeStr(patches.sizes()).s,
+                  ShapeStr(task.sizes()).s);
   auto& p = r.problem;
   p.B = B;
   p.N = N;

@@ -68,25 +68,26 @@ NoiseSpec noise_spec(const at::Tensor& patches, const std::optional<at::Tensor>&
   NoiseSpec ns;
   const int64_t B = patches.size(0), N = patches.size(1);
   if (noise_scale.has_value()) {
-    TORCH_CHECK(noise_scale->numel() == 1, "fastprune: noise_scale must be a one-element tensor, got shape ",
-                noise_scale->sizes());
+    FASTPRUNE_CHECK(noise_scale->numel() == 1, "fastprune: noise_scale must be a one-element tensor, got shape %s",
+                    ShapeStr(noise_scale->sizes()).s);
     ns.scale = noise_scale->item<double>();
   }
   if (noise.has_value()) {
-    TORCH_CHECK(noise->dim() == 3 && noise->size(0) == B && noise->size(1) == N && noise->size(2) == N,
-                "fastprune: noise must be [", B, ", ", N, ", ", N, "], got shape ", noise->sizes());
-    TORCH_CHECK(noise->is_floating_point(), "fastprune: noise must be floating point, got ",
-                noise->scalar_type());
-    TORCH_CHECK(noise->device() == patches.device(), "fastprune: noise is on ", noise->device(),
-                ", patches on ", patches.device());
+    FASTPRUNE_CHECK(noise->dim() == 3 && noise->size(0) == B && noise->size(1) == N && noise->size(2) == N,
+                    "fastprune: noise must be [%lld, %lld, %lld], got shape %s", static_cast<long long>(B),
+                    static_cast<long long>(N), static_cast<long long>(N), ShapeStr(noise->sizes()).s);
+    FASTPRUNE_CHECK(noise->is_floating_point(), "fastprune: noise must be floating point, got %s",
+                    dtype_str(noise->scalar_type()));
+    FASTPRUNE_CHECK(noise->device() == patches.device(), "fastprune: noise is on %s, patches on %s",
+                    DeviceStr(noise->device()).s, DeviceStr(patches.device()).s);
     ns.noise = noise->contiguous();
   } else if (ns.scale != 0.0) {
     TORCH_CHECK(seed.has_value(), "fastprune: noise_scale without noise needs a seed tensor");
   }
   if (seed.has_value()) {
-    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 2,
-                "fastprune: seed must be an int64 tensor of 2 elements (seed, offset), got ",
-                seed->scalar_type(), " of shape ", seed->sizes());
+    FASTPRUNE_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 2,
+                    "fastprune: seed must be an int64 tensor of 2 elements (seed, offset), got %s of shape %s",
+                    dtype_str(seed->scalar_type()), ShapeStr(seed->sizes()).s);
     auto s = seed->to(at::kCPU).contiguous();
     ns.seed = static_cast<uint64_t>(s.data_ptr<int64_t>()[0]);
     ns.offset = static_cast<uint64_t>(s.data_ptr<int64_t>()[1]);
@@ -315,11 +316,11 @@ void check_cpu_backend(const std::string& backend) {
 
 void check_saved(const at::Tensor& patches, const at::Tensor& t, const char* name,
                  at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == patches.size(0) && t.size(1) == patches.size(1),
-              "fastprune: ", name, " must be [", patches.size(0), ", ", patches.size(1),
-              "], got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastprune: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
+  FASTPRUNE_CHECK(t.dim() == 2 && t.size(0) == patches.size(0) && t.size(1) == patches.size(1),
+                  "fastprune: %s must be [%lld, %lld], got shape %s", name, static_cast<long long>(patches.size(0)),
+                  static_cast<long long>(patches.size(1)), ShapeStr(t.sizes()).s);
+  FASTPRUNE_CHECK(t.scalar_type() == dtype, "fastprune: %s must be %s, got %s", name, dtype_str(dtype),
+                  dtype_str(t.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_soft_cpu(
@@ -348,9 +349,9 @@ std::tuple<at::Tensor, at::Tensor> select_soft_backward_cpu(
   const std::string backend(backend_view);
   check_cpu_backend(backend);
   check_soft_inputs(patches, task, task_mask, patch_mask);
-  TORCH_CHECK(grad.sizes() == patches.sizes() && grad.scalar_type() == patches.scalar_type(),
-              "fastprune: grad must match patches ", patches.sizes(), " ", patches.scalar_type(),
-              ", got ", grad.sizes(), " ", grad.scalar_type());
+  FASTPRUNE_CHECK(grad.sizes() == patches.sizes() && grad.scalar_type() == patches.scalar_type(),
+                  "fastprune: grad must match patches %s %s, got %s %s", ShapeStr(patches.sizes()).s,
+                  dtype_str(patches.scalar_type()), ShapeStr(grad.sizes()).s, dtype_str(grad.scalar_type()));
   check_saved(patches, idx, "idx", at::kLong);
   check_saved(patches, lse, "lse", acc_type(patches));
   const auto ns = noise_spec(patches, noise_scale, seed, noise);

@@ -104,3 +104,35 @@ def test_auto_backend_choice(monkeypatch):
     monkeypatch.setenv("FASTPRUNE_BACKEND", "tpu")
     with pytest.raises(ValueError, match="FASTPRUNE_BACKEND must be 'triton' or 'cuda', got 'tpu'"):
         resolve_backend("auto", cuda)
+
+
+def test_cpp_checks_format_without_iostreams():
+    """A TORCH_CHECK whose message has more than one part formats it with c10::str (an
+    ostringstream inlined into our library); on the first GPU machine's build every such check
+    crashed the process instead of raising. csrc/ formats with FASTPRUNE_CHECK (csrc/check.h)
+    and keeps TORCH_CHECK for literal-only messages."""
+    import pathlib
+    import re
+
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    bad = []
+    for path in sorted(csrc.glob("*.[ch]*")):
+        text = re.sub(r"//[^\n]*", "", path.read_text())  # comments may quote the bad form
+        for m in re.finditer(r"\bTORCH_CHECK\(", text):
+            depth, i, commas, in_str = 1, m.end(), 0, False
+            while depth:  # top-level commas of the macro call; string literals skipped
+                ch = text[i]
+                if in_str:
+                    in_str = not (ch == '"' and text[i - 1] != "\\")
+                elif ch == '"':
+                    in_str = True
+                elif ch in "([{":
+                    depth += 1
+                elif ch in ")]}":
+                    depth -= 1
+                elif ch == "," and depth == 1:
+                    commas += 1
+                i += 1
+            if commas > 1:
+                bad.append(f"{path.name}:{text.count(chr(10), 0, m.start()) + 1}")
+    assert not bad, f"formatted TORCH_CHECK messages (use FASTPRUNE_CHECK): {bad}"
