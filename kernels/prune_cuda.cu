@@ -616,14 +616,19 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
 // then) the tail's vote counts and vote histogram when N <= kTailSmemMaxN. The tail's passes
 // over votes are then shared-memory reads and atomics instead of L2 round trips; larger N keeps
 // both in the workspace (read with __ldcg: other blocks' lines never sit in our L1).
+//
+// Tile rows are padded to kLdu = kBU + 4 floats: the inner product reads 4 consecutive tokens
+// of a row as one 16-byte load (rows stay 16-byte aligned), and 8 threads reading 8 rows hit 32
+// distinct banks.
+constexpr int kLdu = kBU + 4;
 union SelectSmem {
   struct {
-    float as[kBM][kBU + 1];
-    float ss[kBM][kBU + 1];
+    alignas(16) float as[kBM][kLdu];
+    alignas(16) float ss[kBM][kLdu];
   } tile;
-  int tail[2 * kBM * (kBU + 1)];
+  int tail[2 * kBM * kLdu];
 };
-constexpr int kTailSmemInts = 2 * kBM * (kBU + 1);
+constexpr int kTailSmemInts = 2 * kBM * kLdu;
 constexpr int64_t kTailSmemMaxN = 2048;  // covers pi0.5's 768 patches and 6 cameras' 1536
 static_assert(2 * (kTailSmemMaxN + 1) <= kTailSmemInts, "votes and hist of N + 1 ints each fit");
 
@@ -722,7 +727,9 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
 
 // Kernel B: score' tiles = A[i, :] . S[j, :] over the prompt range, row argmax merged across
 // column tiles by atomicMax on packed keys; the sample's last block runs keep_tail.
-__global__ void __launch_bounds__(kThreads) select_kernel(Args a) {
+// 5 blocks per SM: 48 registers (sm_90, no spills), the occupancy of the one-token loop; left
+// free, nvcc took 80 for the float4 loop, which fits only 3.
+__global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
   __shared__ SelectSmem sm;
   auto& as = sm.tile.as;
   auto& ss = sm.tile.ss;
@@ -757,18 +764,28 @@ __global__ void __launch_bounds__(kThreads) select_kernel(Args a) {
       }
     }
     __syncthreads();
+    // Four tokens per step, as float4 loads: a thread's 4 rows and 4 columns are 8 shared loads
+    // per 64 FMAs. With one token per step they were 32, and by count the loop was bound by
+    // shared-memory bandwidth rather than by the FMAs. Tokens past tr were stored as 0 in both
+    // tiles, so rounding ku up to 4 adds only zeros.
     const int ku = mn(kBU, tr - u0);
-#pragma unroll 4
-    for (int k = 0; k < ku; ++k) {
-      float av[4], sv[4];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) av[r] = as[ty + 16 * r][k];
+    for (int k = 0; k < ku; k += 4) {
+      float4 av[4], sv[4];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) sv[c] = ss[tx + 16 * c][k];
+      for (int r = 0; r < 4; ++r) av[r] = *reinterpret_cast<const float4*>(&as[ty + 16 * r][k]);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sv[c] = *reinterpret_cast<const float4*>(&ss[tx + 16 * c][k]);
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(av[r], sv[c], acc[r][c]);
+        for (int c = 0; c < 4; ++c) {
+          float x = acc[r][c];
+          x = fmaf(av[r].x, sv[c].x, x);
+          x = fmaf(av[r].y, sv[c].y, x);
+          x = fmaf(av[r].z, sv[c].z, x);
+          acc[r][c] = fmaf(av[r].w, sv[c].w, x);
+        }
     }
     __syncthreads();
   }
