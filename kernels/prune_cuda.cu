@@ -369,8 +369,10 @@ struct Loader<T, true> {
   __device__ __forceinline__ static bool leader() { return (threadIdx.x & 7) == 0; }
 };
 
+// The 16-byte variant (the usual one) is held to 128 registers, 2 blocks per SM, without spills;
+// the scalar one (unaligned inputs) needs about 245 for its wider register sets.
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) {
   using Ld = Loader<T, kVec>;
   constexpr int kBK = ATile<T>::kBK, kSlots = Ld::kSlots;
   __shared__ __align__(128) unsigned char smem_raw[sizeof(SmemA<T>)];
@@ -442,14 +444,23 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(Args a) {
     for (int k = 0; k < kSlots; ++k) tsq[k] = 0.f;
     AccA<T, UseMma<T>::value> acc;
     acc.zero();
-    Ld ld;
-    if (d0 < d1) ld.load(P, Q, a, j0, t_lo, u0, tr, d0, d1);
-    for (int64_t d = d0; d < d1; d += kBK) {
+    // Two steps of loads in flight: the step at d + 2 kBK is issued into the registers just
+    // stored to shared memory, before the multiply of step d. The loop runs two steps per trip so
+    // that each register set is named at compile time (a run-time index would put it in local
+    // memory).
+    Ld ld0, ld1;
+    auto step = [&](Ld& ld, int64_t d) {
       ld.store(sm, psq, tsq, tt == 0);
       __syncthreads();
-      if (d + kBK < d1) ld.load(P, Q, a, j0, t_lo, u0, tr, d + kBK, d1);
+      if (d + 2 * kBK < d1) ld.load(P, Q, a, j0, t_lo, u0, tr, d + 2 * kBK, d1);
       acc.step(sm, u0, tr);
       __syncthreads();
+    };
+    if (d0 < d1) ld0.load(P, Q, a, j0, t_lo, u0, tr, d0, d1);
+    if (d0 + kBK < d1) ld1.load(P, Q, a, j0, t_lo, u0, tr, d0 + kBK, d1);
+    for (int64_t d = d0; d < d1; d += 2 * kBK) {
+      step(ld0, d);
+      if (d + kBK < d1) step(ld1, d + kBK);
     }
     acc.store(sm);
     __syncthreads();
