@@ -117,7 +117,7 @@ def builds(tmp_path_factory):
                 obj = root / f"{pathlib.Path(cu).stem}_{arch}.o"
                 b.start(f"nvcc:{pathlib.Path(cu).name}:{arch}",
                         [NVCC, f"-arch={arch}", "-O3", "-std=c++17", "--use_fast_math", "-Werror", "all-warnings",
-                         "-I", str(ROOT / "kernels"), "-c", cu, "-o", str(obj)])
+                         "-Xptxas", "-v", "-I", str(ROOT / "kernels"), "-c", cu, "-o", str(obj)])
     if CXX is not None:
         for name, extra in (("mma", ["-DFASTPRUNE_EMU_MMA"]), ("fma", [])):
             b.start(f"emu:{name}", [CXX, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC",
@@ -153,6 +153,38 @@ def test_cu_compiles(builds, cu, arch):
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit): the .cu compile check needs it")
     builds.require(f"nvcc:{pathlib.Path(cu).name}:{arch}")
+
+
+def ptxas_resources(log):
+    """{kernel (demangled enough to read): (registers, spill store bytes)} from ptxas -v."""
+    import re
+
+    out, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            k = re.search(r"\d+([a-z_]+_kernel)(I\w*?E)?E", m.group(1))
+            name = (k.group(1) + (k.group(2) or "")) if k else m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and name:
+            out[name] = [None, int(m.group(1))]
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name in out:
+            out[name][0] = int(m.group(1))
+    return out
+
+
+def test_cu_kernels_do_not_spill_on_sm90(builds):
+    """The register budgets are set by __launch_bounds__ (PERF_LOG v8, v9): the select kernel at
+    48 registers (5 blocks per SM), the 16-byte scores kernel at 128 (2 per SM). A change that
+    makes ptxas spill under those caps shows up here rather than as a slower GPU run."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (no CUDA toolkit)")
+    res = ptxas_resources(builds.require("nvcc:prune_cuda.cu:sm_90"))
+    assert any(k.startswith("select_kernel") for k in res) and len(res) >= 13, res
+    assert {k: v for k, v in res.items() if v[1] != 0} == {}, res
+    assert res["select_kernel"][0] <= 48, res
 
 
 def test_kernels_use_no_torch_headers():
