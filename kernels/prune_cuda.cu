@@ -121,29 +121,30 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Block-wide exclusive prefix sum of one int per thread (all kThreads threads must call it).
-// *total gets the block sum. s_warp: kWarps ints of shared memory, reusable after return.
-__device__ int block_excl_scan(int v, int* s_warp, int* total) {
+// Block-wide exclusive prefix sum of one value per thread (all kThreads threads must call it).
+// *total gets the block sum. s_warp: kWarps values of shared memory, reusable after return.
+template <typename I>
+__device__ I block_excl_scan(I v, I* s_warp, I* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int x = v;
+  I x = v;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(kFull, x, o);
+    const I y = __shfl_up_sync(kFull, x, o);
     if (lane >= o) x += y;
   }
   if (lane == 31) s_warp[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    int w = lane < kWarps ? s_warp[lane] : 0;
+    I w = lane < kWarps ? s_warp[lane] : I(0);
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(kFull, w, o);
+      const I y = __shfl_up_sync(kFull, w, o);
       if (lane >= o) w += y;
     }
     if (lane < kWarps) s_warp[lane] = w;  // inclusive warp prefixes
   }
   __syncthreads();
-  const int before = warp > 0 ? s_warp[warp - 1] : 0;
+  const I before = warp > 0 ? s_warp[warp - 1] : I(0);
   *total = s_warp[kWarps - 1];
   __syncthreads();  // s_warp is free again
   return before + x - v;
@@ -649,24 +650,34 @@ __device__ __forceinline__ int vload(const int* p) {
   else return __ldcg(p);
 }
 
+// The tail's passes over columns j and over vote values: each thread takes a contiguous segment
+// of ceil(n / kThreads) items, so one block scan orders a whole pass (v1-v8 walked 256-item
+// chunks with a scan each: 11 scans at N = 768 in budget mode, 3 now).
+// Indices are int: the plan admits N < INT_MAX only.
+__device__ __forceinline__ void segment(int n, int* lo, int* hi) {
+  const int per = (n + kThreads - 1) / kThreads;
+  *lo = mn(n, per * static_cast<int>(threadIdx.x));
+  *hi = mn(n, *lo + per);
+}
+
 template <bool kSmem>
-__device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* s_warp, int* s_vstar,
-                          int* s_above) {
+__device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* s_warp,
+                          long long* s_warp64, int* s_vstar, int* s_above) {
   const int tid = threadIdx.x;
-  const int64_t N = a.N;
+  const int N = static_cast<int>(a.N);
   const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
   const bool mask_rows = a.mask_voters && pm != nullptr;
   const unsigned long long* keys = a.keys + b * N;
 
   if (a.want_keep)
-    for (int64_t j = tid; j <= N; j += kThreads) {
+    for (int j = tid; j <= N; j += kThreads) {
       votes[j] = 0;
       hist[j] = 0;
     }
   __syncthreads();
-  for (int64_t i = tid; i < N; i += kThreads) {
+  for (int i = tid; i < N; i += kThreads) {
     const unsigned long long key = __ldcg(&keys[i]);
-    int64_t j = static_cast<int64_t>(0xffffffffu - static_cast<unsigned>(key & 0xffffffffull));
+    int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key & 0xffffffffull));
     if (j >= N) j = 0;  // unreachable: every row has an allowed column
     const bool voter = !mask_rows || pm[i];
     if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter ? j : -1;
@@ -676,63 +687,76 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
   __syncthreads();
 
   const bool budget = a.keep_tokens > 0;
-  int64_t limit = budget ? a.keep_tokens : N;
-  if (a.max_tokens > 0 && a.max_tokens < limit) limit = a.max_tokens;
-  auto eligible = [&](int64_t j, int v) { return (pm == nullptr || pm[j]) && (budget || v > 0); };
+  int limit = budget && a.keep_tokens < N ? static_cast<int>(a.keep_tokens) : N;
+  if (a.max_tokens > 0 && a.max_tokens < limit) limit = static_cast<int>(a.max_tokens);
+  auto eligible = [&](int j, int v) { return (pm == nullptr || pm[j]) && (budget || v > 0); };
+  int j_lo, j_hi;
+  segment(N, &j_lo, &j_hi);
 
   int cnt = 0;
-  for (int64_t j = tid; j < N; j += kThreads) cnt += eligible(j, vload<kSmem>(&votes[j])) ? 1 : 0;
+  for (int j = j_lo; j < j_hi; ++j) cnt += eligible(j, vload<kSmem>(&votes[j])) ? 1 : 0;
   int n_elig = 0;
   block_excl_scan(cnt, s_warp, &n_elig);
   const bool thresh = n_elig > limit;  // block-uniform
 
   // Budget: keep the `limit` eligible patches with most votes, lower index first. v* is the
   // vote count at the cut: all with votes > v* (fewer than limit) and the lowest-index `need`
-  // of those with votes == v*.
+  // of those with votes == v*. Bins are walked from v = N down, position p = N - v.
   int vstar = -1;
-  int64_t need = 0;
+  int need = 0;
   if (thresh) {
-    for (int64_t j = tid; j < N; j += kThreads) {
+    for (int j = tid; j < N; j += kThreads) {
       const int v = vload<kSmem>(&votes[j]);
       if (eligible(j, v)) atomicAdd(&hist[v], 1);
     }
     __syncthreads();
-    int64_t carry = 0;  // eligible patches with votes above the current chunk
-    for (int64_t p0 = 0; p0 <= N; p0 += kThreads) {
-      const int64_t p = p0 + tid, v = N - p;  // v from N down to 0
-      const int h = p <= N ? vload<kSmem>(&hist[v]) : 0;
-      int tot = 0;
-      const int ex = block_excl_scan(h, s_warp, &tot);
-      const int64_t above = carry + ex;  // eligible with votes > v
-      if (p <= N && above < limit && above + h >= limit) {
-        *s_vstar = static_cast<int>(v);
-        *s_above = static_cast<int>(above);
+    int p_lo, p_hi;
+    segment(N + 1, &p_lo, &p_hi);
+    int h_seg = 0;
+    for (int p = p_lo; p < p_hi; ++p) h_seg += vload<kSmem>(&hist[N - p]);
+    int tot = 0;
+    int above = block_excl_scan(h_seg, s_warp, &tot);  // eligible with votes > N - p_lo
+    for (int p = p_lo; p < p_hi; ++p) {
+      const int h = vload<kSmem>(&hist[N - p]);
+      if (above < limit && above + h >= limit) {  // exactly one bin in the block
+        *s_vstar = N - p;
+        *s_above = above;
       }
-      carry += tot;
+      above += h;
     }
     __syncthreads();
     vstar = *s_vstar;
     need = limit - *s_above;
   }
 
-  int* list = a.list + b * N;
-  int64_t tie_carry = 0, pos = 0;
-  for (int64_t c0 = 0; c0 < N; c0 += kThreads) {
-    const int64_t j = c0 + tid;
-    const int v = j < N ? vload<kSmem>(&votes[j]) : 0;
-    const bool e = j < N && eligible(j, v);
-    const bool tie = thresh && e && v == vstar;
-    int ttot = 0, ktot = 0;
-    const int tex = block_excl_scan(tie ? 1 : 0, s_warp, &ttot);
-    const bool keep = e && (!thresh || v > vstar || (tie && tie_carry + tex < need));
-    const int kex = block_excl_scan(keep ? 1 : 0, s_warp, &ktot);
-    if (keep) list[pos + kex] = static_cast<int>(j);
-    tie_carry += ttot;
-    pos += ktot;
+  // The kept list in increasing j. One scan of packed counts per segment: ties (votes == v*)
+  // in the high 32 bits, the other kept patches in the low 32. A tie is kept when fewer than
+  // `need` ties precede it, so the patches kept before j are the non-ties before it plus
+  // min(need, ties before it).
+  auto tie_of = [&](bool e, int v) { return thresh && e && v == vstar; };
+  auto sure_of = [&](bool e, int v) { return e && (!thresh || v > vstar); };
+  long long packed = 0;
+  for (int j = j_lo; j < j_hi; ++j) {
+    const int v = vload<kSmem>(&votes[j]);
+    const bool e = eligible(j, v);
+    packed += (tie_of(e, v) ? (1ll << 32) : 0ll) + (sure_of(e, v) ? 1ll : 0ll);
+  }
+  long long packed_tot = 0;
+  const long long before = block_excl_scan(packed, s_warp64, &packed_tot);
+  int sure = static_cast<int>(before & 0xffffffffll), ties = static_cast<int>(before >> 32);
+  int* list = a.list + b * a.N;
+  for (int j = j_lo; j < j_hi; ++j) {
+    const int v = vload<kSmem>(&votes[j]);
+    const bool e = eligible(j, v);
+    const bool tie = tie_of(e, v);
+    if (sure_of(e, v) || (tie && ties < need)) list[sure + mn(ties, need)] = j;
+    sure += sure_of(e, v) ? 1 : 0;
+    ties += tie ? 1 : 0;
   }
   if (tid == 0) {
+    const int pos = static_cast<int>(packed_tot & 0xffffffffll) + mn(static_cast<int>(packed_tot >> 32), need);
     a.counts_out[b] = pos;
-    atomicMax(a.max_count, static_cast<int>(pos));
+    atomicMax(a.max_count, pos);
   }
 }
 
@@ -745,6 +769,7 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
   auto& as = sm.tile.as;
   auto& ss = sm.tile.ss;
   __shared__ int s_warp[kWarps];
+  __shared__ long long s_warp64[kWarps];
   __shared__ int s_last, s_vstar, s_above;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -832,9 +857,10 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
   if (!s_last) return;
   __threadfence();
   if (N <= kTailSmemMaxN) {
-    keep_tail<true>(a, b, sm.tail, sm.tail + N + 1, s_warp, &s_vstar, &s_above);
+    keep_tail<true>(a, b, sm.tail, sm.tail + N + 1, s_warp, s_warp64, &s_vstar, &s_above);
   } else {
-    keep_tail<false>(a, b, a.votes + b * (N + 1), a.hist + b * (N + 1), s_warp, &s_vstar, &s_above);
+    keep_tail<false>(a, b, a.votes + b * (N + 1), a.hist + b * (N + 1), s_warp, s_warp64, &s_vstar,
+                     &s_above);
   }
 }
 

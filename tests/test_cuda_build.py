@@ -386,6 +386,20 @@ def test_emulated_prune_padded_cap(emu, max_tokens, keep_tokens):
     check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
 
 
+@pytest.mark.parametrize("keep_tokens,max_tokens,masks", [(None, 0, "all"), (1, 0, "none"), (57, 0, "all"),
+                                                           (299, 0, "all"), (600, 0, "none"), (None, 40, "all"),
+                                                           (200, 77, "all")])
+def test_emulated_prune_tail_segments(emu, keep_tokens, max_tokens, masks):
+    """N = 600: each tail thread owns 3 columns and 3 vote bins, so the cut at v* (ties broken by
+    the lower index) falls inside and across segments."""
+    patches, task, task_mask, patch_mask = make_inputs(2, 600, 5, 16, torch.float32, masks, seed=11)
+    mode = "padded" if max_tokens else "prune"
+    out, idx, _ = emu["mma"](mode, patches, task, task_mask, patch_mask, keep_tokens=keep_tokens,
+                             max_tokens=max_tokens or None)
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens or None)
+
+
 @pytest.mark.parametrize("keep_tokens,max_tokens", [(300, 0), (None, 100)])
 def test_emulated_prune_past_the_shared_memory_tail(emu, keep_tokens, max_tokens):
     """N > 2048: kernel B's tail keeps votes and histogram in the workspace, not shared memory."""
