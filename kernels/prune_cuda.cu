@@ -278,8 +278,8 @@ struct UseMma {
 #endif
 
 // Global -> registers -> shared loads of one 64 x kBK step of the patch and task tiles, with
-// the sums of squares of the rows on the way. Register prefetch: load(d + kBK) is issued before
-// the multiply of step d. Each thread owns kSlots rows (row(k)); a row's partial sums live in
+// the sums of squares of the rows on the way (load_p / load_q fill the registers, store moves
+// them to shared memory). Each thread owns kSlots rows (row(k)); a row's partial sums live in
 // the lanes that reduce() combines, and leader() holds the result.
 //
 // Scalar variant (any alignment): rows k * 8 + warp, columns lane + 32 h.
@@ -288,18 +288,27 @@ struct Loader {
   static constexpr int kH = ATile<T>::kH, kSlots = 8;
   T p[8][kH], q[8][kH];
   __device__ __forceinline__ static int row(int k) { return k * 8 + (threadIdx.x >> 5); }
-  __device__ __forceinline__ void load(const T* P, const T* Q, const Args& a, int64_t j0, int t_lo, int u0,
-                                       int tr, int64_t d, int64_t d1) {
+  __device__ __forceinline__ void load_p(const T* P, const Args& a, int64_t j0, int64_t d, int64_t d1) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      const int r = row(k);
-      const int64_t j = j0 + r;
-      const int u = u0 + r;
+      const int64_t j = j0 + row(k);
 #pragma unroll
       for (int h = 0; h < kH; ++h) {
         const int64_t dd = d + lane + 32 * h;
         p[k][h] = (j < a.N && dd < d1) ? P[j * a.p_sr + dd] : zero_of<T>();
+      }
+    }
+  }
+  __device__ __forceinline__ void load_q(const T* Q, const Args& a, int t_lo, int u0, int tr, int64_t d,
+                                         int64_t d1) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int u = u0 + row(k);
+#pragma unroll
+      for (int h = 0; h < kH; ++h) {
+        const int64_t dd = d + lane + 32 * h;
         q[k][h] = (u < tr && dd < d1) ? Q[(t_lo + u) * a.t_sr + dd] : zero_of<T>();
       }
     }
@@ -332,15 +341,21 @@ struct Loader<T, true> {
   uint4 p[2], q[2];
   __device__ __forceinline__ static int row(int k) { return k * 32 + (threadIdx.x >> 3); }
   __device__ __forceinline__ static int col() { return (threadIdx.x & 7) * kVE; }
-  __device__ __forceinline__ void load(const T* P, const T* Q, const Args& a, int64_t j0, int t_lo, int u0,
-                                       int tr, int64_t d, int64_t d1) {
-    const int64_t dd = d + col();  // a vector lies wholly inside or wholly outside [d, d1)
+  // A vector lies wholly inside or wholly outside [d, d1).
+  __device__ __forceinline__ void load_p(const T* P, const Args& a, int64_t j0, int64_t d, int64_t d1) {
+    const int64_t dd = d + col();
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      const int r = row(k);
-      const int64_t j = j0 + r;
-      const int u = u0 + r;
+      const int64_t j = j0 + row(k);
       p[k] = (j < a.N && dd < d1) ? *reinterpret_cast<const uint4*>(P + j * a.p_sr + dd) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  __device__ __forceinline__ void load_q(const T* Q, const Args& a, int t_lo, int u0, int tr, int64_t d,
+                                         int64_t d1) {
+    const int64_t dd = d + col();
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int u = u0 + row(k);
       q[k] = (u < tr && dd < d1) ? *reinterpret_cast<const uint4*>(Q + (t_lo + u) * a.t_sr + dd)
                                  : make_uint4(0u, 0u, 0u, 0u);
     }
@@ -387,6 +402,15 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
   const T* P = static_cast<const T*>(a.patches) + b * a.p_sb;
   const T* Q = static_cast<const T*>(a.task) + b * a.t_sb;
   const bool* tm = a.task_mask != nullptr ? a.task_mask + b * T_ : nullptr;
+  const int64_t d0 = static_cast<int64_t>(ks) * a.kchunk;
+  const int64_t d1 = mn(D, d0 + a.kchunk);
+
+  // Two steps of loads in flight (ld0, ld1). The patch rows of the first two steps do not depend
+  // on the prompt range, so they go out before the mask scan below and its latency overlaps
+  // theirs.
+  Ld ld0, ld1;
+  if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
+  if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
 
   // 1. The prompt range [t_lo, t_hi): first to last valid token, or all T when none is valid.
   if (tid == 0) {
@@ -429,8 +453,6 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
   }
 
   // 2. Partial S and sums of squares over d in [d0, d1).
-  const int64_t d0 = static_cast<int64_t>(ks) * a.kchunk;
-  const int64_t d1 = mn(D, d0 + a.kchunk);
   float* part = a.part + (static_cast<int64_t>(ks) * B + b) * N * ts;
   float* tsq_out = a.tsq + ((static_cast<int64_t>(ks) * B + b) * a.row_tiles + rt) * ts;
   float psq[kSlots];
@@ -445,20 +467,25 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
     for (int k = 0; k < kSlots; ++k) tsq[k] = 0.f;
     AccA<T, UseMma<T>::value> acc;
     acc.zero();
-    // Two steps of loads in flight: the step at d + 2 kBK is issued into the registers just
-    // stored to shared memory, before the multiply of step d. The loop runs two steps per trip so
-    // that each register set is named at compile time (a run-time index would put it in local
-    // memory).
-    Ld ld0, ld1;
+    // The step at d + 2 kBK is loaded into the registers just stored to shared memory, before
+    // the multiply of step d. The loop runs two steps per trip so that each register set is
+    // named at compile time (a run-time index would put it in local memory).
     auto step = [&](Ld& ld, int64_t d) {
       ld.store(sm, psq, tsq, tt == 0);
       __syncthreads();
-      if (d + 2 * kBK < d1) ld.load(P, Q, a, j0, t_lo, u0, tr, d + 2 * kBK, d1);
+      if (d + 2 * kBK < d1) {
+        ld.load_p(P, a, j0, d + 2 * kBK, d1);
+        ld.load_q(Q, a, t_lo, u0, tr, d + 2 * kBK, d1);
+      }
       acc.step(sm, u0, tr);
       __syncthreads();
     };
-    if (d0 < d1) ld0.load(P, Q, a, j0, t_lo, u0, tr, d0, d1);
-    if (d0 + kBK < d1) ld1.load(P, Q, a, j0, t_lo, u0, tr, d0 + kBK, d1);
+    if (tt > 0) {  // the first token tile's patch loads went out before the mask scan
+      if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
+      if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
+    }
+    if (d0 < d1) ld0.load_q(Q, a, t_lo, u0, tr, d0, d1);
+    if (d0 + kBK < d1) ld1.load_q(Q, a, t_lo, u0, tr, d0 + kBK, d1);
     for (int64_t d = d0; d < d1; d += 2 * kBK) {
       step(ld0, d);
       if (d + kBK < d1) step(ld1, d + kBK);
