@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -28,17 +30,29 @@ void check_launch(cudaError_t err, const char* what) {
   FASTPRUNE_CHECK(err == cudaSuccess, "fastprune: CUDA %s failed: %s", what, cudaGetErrorString(err));
 }
 
-int sm_count(int device) {
+// What the plan needs from the device, queried once per device: the SM count (sizes the D split)
+// and whether kernels B and C go out as programmatic dependent launches (compute capability 9.0+;
+// FASTPRUNE_CUDA_PDL=0 turns them off, to measure what they save).
+struct DeviceFacts {
+  int sms = 0;
+  bool pdl = false;
+};
+
+DeviceFacts device_facts(int device) {
   static std::mutex mu;
-  static std::vector<int> cache;
+  static std::vector<DeviceFacts> cache;
   std::lock_guard<std::mutex> lock(mu);
-  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, 0);
-  if (cache[device] == 0) {
-    int n = 0;
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
+  DeviceFacts& f = cache[device];
+  if (f.sms == 0) {
+    int n = 0, major = 0;
     check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "device query");
-    cache[device] = n > 0 ? n : 1;
+    check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
+    const char* env = std::getenv("FASTPRUNE_CUDA_PDL");
+    f.pdl = major >= 9 && !(env != nullptr && std::strcmp(env, "0") == 0);
+    f.sms = n > 0 ? n : 1;
   }
-  return cache[device];
+  return f;
 }
 
 fastprune_cuda::DType to_dtype(at::ScalarType t) {
@@ -93,7 +107,8 @@ Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
   p.task_mask = r.task_mask.defined() ? r.task_mask.data_ptr<bool>() : nullptr;
   p.patch_mask = r.patch_mask.defined() ? r.patch_mask.data_ptr<bool>() : nullptr;
   p.mask_voters = mask_voters;
-  r.plan = fastprune_cuda::make_plan(B, N, T, D, sm_count(patches.get_device()));
+  const DeviceFacts dev = device_facts(patches.get_device());
+  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl);
   r.workspace = at::empty({static_cast<int64_t>(r.plan.workspace_bytes)},
                           patches.options().dtype(at::kByte));
   return r;

@@ -19,10 +19,26 @@
 
 #ifndef FASTPRUNE_CUDA_EMU
 namespace fastprune_cuda {
-// kernel<<<grid, block, 0, stream>>>(args...); the emulator provides its own fp_launch.
+// kernel<<<grid, block, 0, stream>>>(args...), or with `pdl` a programmatic dependent launch
+// (sm_90+): the kernel may start while the previous kernel of the stream is still running, and
+// waits for it in pdl_wait(). The emulator provides its own fp_launch.
 template <typename... Params, typename... Actual>
-void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Actual... args) {
-  kernel<<<grid, block, 0, stream>>>(args...);
+void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Actual... args) {
+  if (!pdl) {
+    kernel<<<grid, block, 0, stream>>>(args...);
+    return;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, args...);  // errors surface through cudaGetLastError()
 }
 }  // namespace fastprune_cuda
 #endif
@@ -108,6 +124,22 @@ template <typename X>
 __device__ __forceinline__ X mn(X a, X b) { return a < b ? a : b; }
 template <typename X>
 __device__ __forceinline__ X mx(X a, X b) { return a > b ? a : b; }
+
+// Programmatic dependent launch. pdl_wait(): block until the previous kernel in the stream has
+// finished and its writes are visible; it must come before the first access to anything that
+// kernel writes. pdl_launch_dependents(): let the next kernel's blocks be scheduled once every
+// block of this one has called it (they then wait in pdl_wait). Both are no-ops for a plain
+// launch and below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -394,6 +426,9 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
   __shared__ __align__(128) unsigned char smem_raw[sizeof(SmemA<T>)];
   SmemA<T>& sm = *reinterpret_cast<SmemA<T>*>(smem_raw);
 
+  // Kernel B may be scheduled as soon as every block of this kernel runs (it waits for our
+  // writes in pdl_wait). Kernel A itself follows the workspace memset, a plain stream dependency.
+  pdl_launch_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t rt = blockIdx.x, b = blockIdx.z;
   const int ks = blockIdx.y;
@@ -804,6 +839,8 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
   const int64_t b = blockIdx.z, N = a.N, ts = a.ts;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kBM;
+  pdl_launch_dependents();  // the gather kernel, launched the same way, waits for the tail
+  pdl_wait();               // everything below reads or updates what kernel A wrote
   const int tr = a.trange[2 * b + 1] - a.trange[2 * b];
   const float* Ab = a.A + b * N * ts;
   const float* Sb = a.S + b * N * ts;
@@ -906,6 +943,7 @@ struct GArgs {
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) gather_kernel(GArgs g) {
+  pdl_wait();  // the kept lists and counts of kernel B
   const int64_t rows = g.B * g.K;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / g.K, r = row % g.K;
@@ -995,16 +1033,16 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
                    reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
   switch (p.dtype) {
     case DType::kFloat32:
-      if (vec) fp_launch(scores_kernel<float, true>, grid_a, kThreads, stream, a);
-      else fp_launch(scores_kernel<float, false>, grid_a, kThreads, stream, a);
+      if (vec) fp_launch(scores_kernel<float, true>, grid_a, kThreads, stream, false, a);
+      else fp_launch(scores_kernel<float, false>, grid_a, kThreads, stream, false, a);
       break;
     case DType::kFloat16:
-      if (vec) fp_launch(scores_kernel<__half, true>, grid_a, kThreads, stream, a);
-      else fp_launch(scores_kernel<__half, false>, grid_a, kThreads, stream, a);
+      if (vec) fp_launch(scores_kernel<__half, true>, grid_a, kThreads, stream, false, a);
+      else fp_launch(scores_kernel<__half, false>, grid_a, kThreads, stream, false, a);
       break;
     case DType::kBFloat16:
-      if (vec) fp_launch(scores_kernel<__nv_bfloat16, true>, grid_a, kThreads, stream, a);
-      else fp_launch(scores_kernel<__nv_bfloat16, false>, grid_a, kThreads, stream, a);
+      if (vec) fp_launch(scores_kernel<__nv_bfloat16, true>, grid_a, kThreads, stream, false, a);
+      else fp_launch(scores_kernel<__nv_bfloat16, false>, grid_a, kThreads, stream, false, a);
       break;
     default:
       return cudaErrorInvalidValue;
@@ -1013,14 +1051,15 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
   if (err != cudaSuccess) return err;
   const dim3 grid_b(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.row_tiles),
                     static_cast<unsigned>(p.B));
-  fp_launch(select_kernel, grid_b, kThreads, stream, a);
+  fp_launch(select_kernel, grid_b, kThreads, stream, plan.pdl, a);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms) {
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl) {
   Plan plan;
+  plan.pdl = pdl;
   plan.B = B;
   plan.N = N;
   plan.T = T;
@@ -1112,16 +1151,16 @@ cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* worksp
                    reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 && reinterpret_cast<uintptr_t>(pruned) % 16 == 0;
   switch (p.dtype) {
     case DType::kFloat32:
-      if (vec) fp_launch(gather_kernel<float, true>, grid, kThreads, stream, g);
-      else fp_launch(gather_kernel<float, false>, grid, kThreads, stream, g);
+      if (vec) fp_launch(gather_kernel<float, true>, grid, kThreads, stream, plan.pdl, g);
+      else fp_launch(gather_kernel<float, false>, grid, kThreads, stream, plan.pdl, g);
       break;
     case DType::kFloat16:
-      if (vec) fp_launch(gather_kernel<__half, true>, grid, kThreads, stream, g);
-      else fp_launch(gather_kernel<__half, false>, grid, kThreads, stream, g);
+      if (vec) fp_launch(gather_kernel<__half, true>, grid, kThreads, stream, plan.pdl, g);
+      else fp_launch(gather_kernel<__half, false>, grid, kThreads, stream, plan.pdl, g);
       break;
     case DType::kBFloat16:
-      if (vec) fp_launch(gather_kernel<__nv_bfloat16, true>, grid, kThreads, stream, g);
-      else fp_launch(gather_kernel<__nv_bfloat16, false>, grid, kThreads, stream, g);
+      if (vec) fp_launch(gather_kernel<__nv_bfloat16, true>, grid, kThreads, stream, plan.pdl, g);
+      else fp_launch(gather_kernel<__nv_bfloat16, false>, grid, kThreads, stream, plan.pdl, g);
       break;
     default:
       return cudaErrorInvalidValue;

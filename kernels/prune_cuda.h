@@ -53,6 +53,7 @@ struct Plan {
   int64_t ts = 0;         // row stride of the [N, T] fp32 arrays: T rounded up to 4
   int ksplit = 1;         // slices of D in kernel A
   int64_t kchunk = 0;     // width of one slice of D (a multiple of 32)
+  bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   // Byte offsets into the workspace (all 16-byte aligned).
   size_t off_zero = 0, zero_bytes = 0;  // counters_a [B*row_tiles] int, counters_b [B] int, max_count int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
@@ -70,7 +71,9 @@ struct Plan {
 };
 
 // num_sms: multiprocessor count of the device (sizes the D split at small batch).
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms);
+// pdl: launch kernels B and C as programmatic dependent launches, so that each is scheduled
+// while its predecessor finishes (compute capability 9.0+ only).
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl);
 
 // Row argmax idx [B, N] int64 (contiguous); -1 for non-voters when mask_voters and a
 // patch_mask is given. Memset + kernels A and B.

@@ -289,7 +289,8 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 namespace fastprune_cuda {
 // Runs every block of the grid in turn, each with blockDim fibers.
 template <typename... Params, typename... Actual>
-void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, Actual... args) {
+void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, bool /*pdl: launches are in order here*/,
+               Actual... args) {
   const int nt = static_cast<int>(block.x * block.y * block.z);
   emu::g_block_dim = block;
   emu::g_grid_dim = grid;

@@ -30,7 +30,7 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
   p.task_mask = task_mask;
   p.patch_mask = patch_mask;
   p.mask_voters = mask_voters != 0;
-  const Plan plan = make_plan(B, N, T, D, num_sms);
+  const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true);
   constexpr size_t kGuard = 4096;
   std::vector<unsigned char> ws(plan.workspace_bytes + kGuard, 0xff);
   if (op == 0) {
