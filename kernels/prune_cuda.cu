@@ -947,8 +947,11 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(GArgs g) {
   const int64_t rows = g.B * g.K;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / g.K, r = row % g.K;
+    // The list entry is loaded beside the count rather than after it, so the two loads overlap;
+    // entries at or past the count are stale workspace and are dropped.
+    const int listed = r < g.N ? g.list[b * g.N + r] : 0;
     const bool real = r < g.counts[b];
-    const int64_t j = real ? static_cast<int64_t>(g.list[b * g.N + r]) : 0;
+    const int64_t j = real ? static_cast<int64_t>(listed) : 0;
     if (threadIdx.x == 0) {
       g.kept_mask[row] = real;
       g.kept_idx[row] = j;
