@@ -598,6 +598,10 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
     }
   };
   auto in_range = [&](int r, int u) { return r < rows_here && u < tr; };
+  // S and A are written up to tw = min(ts, 64 * token tiles), with zeros past the prompt range:
+  // kernel B loads its first 64-token tile before it reads the range.
+  const int tw = static_cast<int>(mn<int64_t>(ts, static_cast<int64_t>(n_tiles) * kBT));
+  auto in_written = [&](int r, int u) { return r < rows_here && u < tw; };
 
   // Pass 1: S = raw * invp * invt on valid tokens (0 elsewhere), and each row's maximum.
   float m_run[kOwn];
@@ -622,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
       const int e = tid + k * kThreads, r = e / kBT, c = e % kBT;
       const float s = sm.tok[c] ? raw[k] * sm.invp[r] * sm.invt[c] : 0.f;
       sm.cs[r][c] = s;
-      if (in_range(r, u0 + c)) Sb[static_cast<int64_t>(r) * ts + u0 + c] = s;
+      if (in_written(r, u0 + c)) Sb[static_cast<int64_t>(r) * ts + u0 + c] = s;
     }
     __syncthreads();
 #pragma unroll
@@ -657,7 +661,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
       const int r = e / kBT, c = e % kBT;
       const float x = sm.tok[c] ? __expf((sm.cs[r][c] - sm.rowm[r]) * a.inv_sqrt_d) : 0.f;
       sm.cs[r][c] = x;
-      if (n_tiles > 1 && in_range(r, u0 + c)) Ab[static_cast<int64_t>(r) * ts + u0 + c] = x;
+      if (n_tiles > 1 && in_written(r, u0 + c)) Ab[static_cast<int64_t>(r) * ts + u0 + c] = x;
     }
     __syncthreads();
 #pragma unroll
@@ -674,9 +678,9 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
     if (lane == 0) sm.rowinv[warp + kWarps * i] = 1.f / sum_run[i];
   __syncthreads();
 
-  // Pass 3: normalise; with one tile straight from shared memory.
-  for (int64_t e = tid; e < static_cast<int64_t>(kBM) * tr; e += kThreads) {
-    const int r = static_cast<int>(e / tr), u = static_cast<int>(e % tr);
+  // Pass 3: normalise (zeros past the range stay zeros); with one tile straight from shared memory.
+  for (int64_t e = tid; e < static_cast<int64_t>(kBM) * tw; e += kThreads) {
+    const int r = static_cast<int>(e / tw), u = static_cast<int>(e % tw);
     if (r >= rows_here) break;  // rows only grow with e
     float* at = &Ab[static_cast<int64_t>(r) * ts + u];
     *at = (n_tiles > 1 ? *at : sm.cs[r][u]) * sm.rowinv[r];
@@ -851,7 +855,12 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
 
-  for (int u0 = 0; u0 < tr; u0 += kBU) {
+  // Tiles of 64 tokens of A (rows i) and S (rows j) in shared memory, zeros from u_end on. The
+  // first tile's loads do not wait for the prompt range: kernel A wrote zeros past it up to
+  // min(ts, 64), so the row stride alone bounds them (do-while: tr >= 1 always).
+  int u0 = 0;
+  do {
+    const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : tr;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int r = k * 8 + warp;
@@ -859,15 +868,15 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
 #pragma unroll
       for (int h = 0; h < kBU / 32; ++h) {
         const int u = u0 + lane + 32 * h;
-        as[r][lane + 32 * h] = (i < N && u < tr) ? Ab[i * ts + u] : 0.f;
-        ss[r][lane + 32 * h] = (j < N && u < tr) ? Sb[j * ts + u] : 0.f;
+        as[r][lane + 32 * h] = (i < N && u < u_end) ? Ab[i * ts + u] : 0.f;
+        ss[r][lane + 32 * h] = (j < N && u < u_end) ? Sb[j * ts + u] : 0.f;
       }
     }
     __syncthreads();
     // Four tokens per step, as float4 loads: a thread's 4 rows and 4 columns are 8 shared loads
     // per 64 FMAs. With one token per step they were 32, and by count the loop was bound by
-    // shared-memory bandwidth rather than by the FMAs. Tokens past tr were stored as 0 in both
-    // tiles, so rounding ku up to 4 adds only zeros.
+    // shared-memory bandwidth rather than by the FMAs. Tokens past tr are 0 in both tiles (kernel
+    // A's zeros or the load bound), so rounding ku up to 4 adds only zeros.
     const int ku = mn(kBU, tr - u0);
 #pragma unroll
     for (int k = 0; k < ku; k += 4) {
@@ -888,7 +897,8 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
         }
     }
     __syncthreads();
-  }
+    u0 += kBU;
+  } while (u0 < tr);
 
   // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
   const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
