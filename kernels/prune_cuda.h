@@ -9,14 +9,16 @@
 //            aligned, tensor-core wmma on fp16/bf16 at sm_80+, fp32 FMA otherwise) and partial
 //            row sums of squares over one slice of D; the last block of
 //            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
-//            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32), and zeroes its argmax
-//            keys;
+//            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32, zeros past the prompt
+//            range up to 64 columns), and zeroes its argmax keys;
 //   kernel B grid (row tiles, column tiles, B): score' = A S^T tiles in fp32, per-row argmax
 //            merged across column tiles by a packed 64-bit atomicMax (higher score, then lower
 //            index; NaN never wins); the last block of each sample decodes idx, counts votes,
 //            applies the implicit / budget / cap rule and writes the sorted kept list and counts;
 //   kernel C grid-stride over (B, K) rows: gather-pad of the kept rows (16-byte copies when
 //            aligned), kept_mask, kept_idx.
+// With plan.pdl (sm_90+), B and C are programmatic dependent launches: each may be scheduled
+// while its predecessor runs and waits for it on the device before touching its outputs.
 // Nothing here synchronises with the host; the dynamic-K op reads max_count_ptr() once.
 #pragma once
 
