@@ -31,8 +31,8 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 // What the plan needs from the device, queried once per device: the SM count (sizes the D split)
-// and whether kernels B and C go out as programmatic dependent launches (compute capability 9.0+;
-// FASTPRUNE_CUDA_PDL=0 turns them off, to measure what they save).
+// and whether kernels B and C go out as programmatic dependent launches (compute capability 9.0+
+// and kernels built for it; FASTPRUNE_CUDA_PDL=0 turns them off, to measure what they save).
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;
@@ -49,7 +49,7 @@ DeviceFacts device_facts(int device) {
     check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "device query");
     check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
     const char* env = std::getenv("FASTPRUNE_CUDA_PDL");
-    f.pdl = major >= 9 && !(env != nullptr && std::strcmp(env, "0") == 0);
+    f.pdl = major >= 9 && fastprune_cuda::kernels_have_pdl() && !(env != nullptr && std::strcmp(env, "0") == 0);
     f.sms = n > 0 ? n : 1;
   }
   return f;

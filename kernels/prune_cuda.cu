@@ -1115,6 +1115,17 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   return plan;
 }
 
+#ifndef FASTPRUNE_CUDA_EMU
+bool kernels_have_pdl() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, select_kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // a failed query is no launch error: plain launches then
+    return false;
+  }
+  return attr.ptxVersion >= 90;
+}
+#endif
+
 cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, int64_t* idx_out,
                           cudaStream_t stream) {
   if (!plan_fits(p, plan) || idx_out == nullptr) return cudaErrorInvalidValue;

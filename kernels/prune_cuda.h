@@ -77,6 +77,10 @@ struct Plan {
 // while its predecessor finishes (compute capability 9.0+ only).
 Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl);
 
+// Whether the kernels loaded for the current device were compiled for compute_90+, so that
+// they carry the wait of a dependent launch; code JIT-compiled from older PTX does not.
+bool kernels_have_pdl();
+
 // Row argmax idx [B, N] int64 (contiguous); -1 for non-voters when mask_voters and a
 // patch_mask is given. Memset + kernels A and B.
 cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, int64_t* idx_out,
