@@ -364,7 +364,9 @@ def _gather_kernel(
     cnt = tl.load(COUNTS + b)
     kept = rin & (r < cnt)
     r64 = r.to(tl.int64)
-    j = tl.load(ORDER + b * N + r64, mask=kept, other=0).to(tl.int64)
+    # The order entries are loaded beside the count, not masked by it, so the two loads overlap;
+    # entries at or past the count are stale and dropped.
+    j = tl.load(ORDER + b * N + r64, mask=rin & (r < N), other=0).to(tl.int64)
     j = tl.where(kept, j, 0)
     d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
