@@ -418,7 +418,7 @@ struct Loader<T, true> {
 };
 
 // The 16-byte variant (the usual one) is held to 128 registers, 2 blocks per SM, without spills;
-// the scalar one (unaligned inputs) needs about 245 for its wider register sets.
+// the scalar one (unaligned inputs) needs 218-246 (sm_90) for its wider register sets.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) {
   using Ld = Loader<T, kVec>;
