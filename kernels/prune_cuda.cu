@@ -695,14 +695,16 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
 // over votes are then shared-memory reads and atomics instead of L2 round trips; larger N keeps
 // both in the workspace (read with __ldcg: other blocks' lines never sit in our L1).
 //
-// Tile rows are padded to kLdu = kBU + 4 floats: the inner product reads 4 consecutive tokens
-// of a row as one 16-byte load (rows stay 16-byte aligned), and 8 threads reading 8 rows hit 32
-// distinct banks.
+// Tile rows are padded to kLdu = kBU + 4 floats: the FMA product reads 4 consecutive tokens of
+// a row as one 16-byte load, and 8 threads reading 8 rows hit 32 distinct banks. The tensor-core
+// product's fragment loads and stores need 32-byte aligned addresses: the tiles are 128-byte
+// aligned, its fragments start every 16 rows (16 x 68 floats = 4352 B) and every 8 columns (32 B).
 constexpr int kLdu = kBU + 4;
+static_assert((16 * kLdu * sizeof(float)) % 32 == 0, "fragment rows stay 32-byte aligned");
 union SelectSmem {
   struct {
-    alignas(16) float as[kBM][kLdu];
-    alignas(16) float ss[kBM][kLdu];
+    alignas(128) float as[kBM][kLdu];
+    alignas(128) float ss[kBM][kLdu];
   } tile;
   int tail[2 * kBM * kLdu];
 };
@@ -826,11 +828,63 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
   }
 }
 
+#if FP_HAVE_MMA
+// The 64 x 64 product A_i . S_j of kernel B on tensor cores, as three tf32 products (3xTF32):
+// x = hi + lo with hi = tf32(x) and lo = tf32(x - hi), and a.b ~ a_lo.b_hi + a_hi.b_lo +
+// a_hi.b_hi, small terms first. The dropped a_lo.b_lo is ~2^-22 of a.b, so the result stays
+// within fp32 rounding of the FMA product, far inside SPEC's 1e-3 of a row's score range.
+// Warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32, two 16 x 16 accumulators.
+struct SelectMma {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc[2];
+  __device__ __forceinline__ void zero() {
+    nvcuda::wmma::fill_fragment(acc[0], 0.f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.f);
+  }
+  template <typename F>
+  __device__ __forceinline__ static void split(F& hi, F& lo) {
+#pragma unroll
+    for (int e = 0; e < hi.num_elements; ++e) {
+      const float v = hi.x[e];
+      hi.x[e] = nvcuda::wmma::__float_to_tf32(v);
+      lo.x[e] = nvcuda::wmma::__float_to_tf32(v - hi.x[e]);
+    }
+  }
+  // Tokens [0, ku) of the tiles; ku is rounded up to 8 over their zero padding.
+  __device__ __forceinline__ void step(const float (*as)[kLdu], const float (*ss)[kLdu], int ku) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5;
+    const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
+    for (int k = 0; k < ku; k += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
+      wmma::load_matrix_sync(a_hi, &as[ra][k], kLdu);
+      split(a_hi, a_lo);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        // B[k][n] = S[j = n][k]: the S tile read column-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b_hi, b_lo;
+        wmma::load_matrix_sync(b_hi, &ss[cb + 16 * c][k], kLdu);
+        split(b_hi, b_lo);
+        wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
+        wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
+        wmma::mma_sync(acc[c], a_hi, b_hi, acc[c]);
+      }
+    }
+  }
+  // The product into a [64][kLdu] shared tile.
+  __device__ __forceinline__ void store(float (*out)[kLdu]) const {
+    const int warp = threadIdx.x >> 5;
+    const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
+    nvcuda::wmma::store_matrix_sync(&out[ra][cb], acc[0], kLdu, nvcuda::wmma::mem_row_major);
+    nvcuda::wmma::store_matrix_sync(&out[ra][cb + 16], acc[1], kLdu, nvcuda::wmma::mem_row_major);
+  }
+};
+#endif
+
 // Kernel B: score' tiles = A[i, :] . S[j, :] over the prompt range, row argmax merged across
 // column tiles by atomicMax on packed keys; the sample's last block runs keep_tail.
-// 5 blocks per SM: 48 registers (sm_90, no spills), the occupancy of the one-token loop; left
-// free, nvcc took 80 for the float4 loop, which fits only 3.
-__global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
+// 4 blocks per SM: the tensor-core product (sm_80+) fits 64 registers without spills (at 48 it
+// spilled); left free, nvcc took 77-80, which fits only 3.
+__global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   __shared__ SelectSmem sm;
   auto& as = sm.tile.as;
   auto& ss = sm.tile.ss;
@@ -849,11 +903,17 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
   const float* Ab = a.A + b * N * ts;
   const float* Sb = a.S + b * N * ts;
 
+  // This thread's 4 x 4 outputs: rows ty + 16 r, columns tx + 16 c of the block's tile.
   float acc[4][4];
+#if FP_HAVE_MMA
+  SelectMma tc;
+  tc.zero();
+#else
 #pragma unroll
   for (int r = 0; r < 4; ++r)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
+#endif
 
   // Tiles of 64 tokens of A (rows i) and S (rows j) in shared memory, zeros from u_end on. The
   // first tile's loads do not wait for the prompt range: kernel A wrote zeros past it up to
@@ -873,11 +933,14 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
       }
     }
     __syncthreads();
+    const int ku = mn(kBU, tr - u0);
+#if FP_HAVE_MMA
+    tc.step(as, ss, ku);
+#else
     // Four tokens per step, as float4 loads: a thread's 4 rows and 4 columns are 8 shared loads
     // per 64 FMAs. With one token per step they were 32, and by count the loop was bound by
     // shared-memory bandwidth rather than by the FMAs. Tokens past tr are 0 in both tiles (kernel
     // A's zeros or the load bound), so rounding ku up to 4 adds only zeros.
-    const int ku = mn(kBU, tr - u0);
 #pragma unroll
     for (int k = 0; k < ku; k += 4) {
       float4 av[4], sv[4];
@@ -896,9 +959,18 @@ __global__ void __launch_bounds__(kThreads, 5) select_kernel(Args a) {
           acc[r][c] = fmaf(av[r].w, sv[c].w, x);
         }
     }
+#endif
     __syncthreads();
     u0 += kBU;
   } while (u0 < tr);
+#if FP_HAVE_MMA
+  tc.store(as);  // the A tile is dead: it takes the product, read back in the FMA layout
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = as[ty + 16 * r][tx + 16 * c];
+#endif
 
   // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
   const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;

@@ -176,15 +176,15 @@ def ptxas_resources(log):
 
 
 def test_cu_kernels_do_not_spill_on_sm90(builds):
-    """The register budgets are set by __launch_bounds__ (PERF_LOG v8, v9): the select kernel at
-    48 registers (5 blocks per SM), the 16-byte scores kernel at 128 (2 per SM). A change that
+    """The register budgets are set by __launch_bounds__ (PERF_LOG v9, v15): the select kernel at
+    64 registers (4 blocks per SM), the 16-byte scores kernel at 128 (2 per SM). A change that
     makes ptxas spill under those caps shows up here rather than as a slower GPU run."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     res = ptxas_resources(builds.require("nvcc:prune_cuda.cu:sm_90"))
     assert any(k.startswith("select_kernel") for k in res) and len(res) >= 13, res
     assert {k: v for k, v in res.items() if v[1] != 0} == {}, res
-    assert res["select_kernel"][0] <= 48, res
+    assert res["select_kernel"][0] <= 64, res
 
 
 def test_kernels_use_no_torch_headers():

@@ -246,41 +246,78 @@ struct matrix_b {};
 struct accumulator {};
 struct row_major {};
 struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
 enum layout_t { mem_row_major, mem_col_major };
+// Every lane holds the whole tile, row-major [rows][cols] of the operand (A: M x K, B: K x N,
+// accumulator: M x N); `x` / `num_elements` allow the element-wise updates real code makes.
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  float v[16 * 16];
+  static constexpr int num_elements = 16 * 16;
+  float x[16 * 16];
 };
 template <typename F>
-void fill_fragment(F& f, float x) {
-  for (float& e : f.v) e = x;
+void fill_fragment(F& f, float v) {
+  for (float& e : f.x) e = v;
+}
+// tf32: round to nearest (ties away from zero) to 10 mantissa bits, as cvt.rna.tf32.f32.
+inline float __float_to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & ~0x1fffu;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+// CUDA requires 256-bit aligned fragment pointers (and ldm a multiple of 16 bytes).
+inline void check_fragment_address(const void* p, unsigned ldm_bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm_bytes % 16 != 0) {
+    std::fprintf(stderr, "emu: misaligned wmma fragment address %p or ldm %u bytes\n", p, ldm_bytes);
+    std::abort();
+  }
 }
 template <typename T>
 void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  check_fragment_address(p, ldm * sizeof(T));
   for (int i = 0; i < 16; ++i)
-    for (int k = 0; k < 16; ++k) f.v[i * 16 + k] = emu_to_f32(p[i * ldm + k]);
+    for (int k = 0; k < 16; ++k) f.x[i * 16 + k] = emu_to_f32(p[i * ldm + k]);
 }
 template <typename T>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  check_fragment_address(p, ldm * sizeof(T));
   for (int k = 0; k < 16; ++k)
-    for (int n = 0; n < 16; ++n) f.v[k * 16 + n] = emu_to_f32(p[n * ldm + k]);
+    for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = emu_to_f32(p[n * ldm + k]);
 }
-template <typename TA, typename TB, typename LA, typename LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 8, precision::tf32, row_major>& f, const float* p,
+                             unsigned ldm) {
+  check_fragment_address(p, ldm * 4);
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 8; ++k) f.x[i * 8 + k] = p[i * ldm + k];
+}
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 8, precision::tf32, col_major>& f, const float* p,
+                             unsigned ldm) {
+  check_fragment_address(p, ldm * 4);
+  for (int k = 0; k < 8; ++k)
+    for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[n * ldm + k];
+}
+template <int K, typename TA, typename TB, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, TA, LA>& a,
+              const fragment<matrix_b, 16, 16, K, TB, LB>& b, const fragment<accumulator, 16, 16, K, float>& c) {
   float out[256];
   for (int i = 0; i < 16; ++i)
     for (int n = 0; n < 16; ++n) {
-      float s = c.v[i * 16 + n];
-      for (int k = 0; k < 16; ++k) s += a.v[i * 16 + k] * b.v[k * 16 + n];
+      float s = c.x[i * 16 + n];
+      for (int k = 0; k < K; ++k) s += a.x[i * K + k] * b.x[k * 16 + n];
       out[i * 16 + n] = s;
     }
-  std::memcpy(d.v, out, sizeof(out));
+  std::memcpy(d.x, out, sizeof(out));
 }
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
+template <int K>
+void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm, layout_t) {
+  check_fragment_address(p, ldm * 4);
   if ((threadIdx.x & 31) == 0)
     for (int i = 0; i < 16; ++i)
-      for (int n = 0; n < 16; ++n) p[i * ldm + n] = f.v[i * 16 + n];
+      for (int n = 0; n < 16; ++n) p[i * ldm + n] = f.x[i * 16 + n];
   emu::wait(emu::g_warp_barriers[threadIdx.x >> 5]);  // warp-collective
 }
 }  // namespace wmma
