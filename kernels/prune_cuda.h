@@ -11,7 +11,8 @@
 //            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
 //            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32, zeros past the prompt
 //            range up to 64 columns), and zeroes its argmax keys;
-//   kernel B grid (row tiles, column tiles, B): score' = A S^T tiles in fp32, per-row argmax
+//   kernel B grid (row tiles, column tiles, B): score' = A S^T tiles with fp32 accumulation
+//            (3xTF32 tensor-core wmma at sm_80+, fp32 FMA otherwise), per-row argmax
 //            merged across column tiles by a packed 64-bit atomicMax (higher score, then lower
 //            index; NaN never wins); the last block of each sample decodes idx, counts votes,
 //            applies the implicit / budget / cap rule and writes the sorted kept list and counts;
