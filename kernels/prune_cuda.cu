@@ -320,30 +320,26 @@ struct Loader {
   static constexpr int kH = ATile<T>::kH, kSlots = 8;
   T p[8][kH], q[8][kH];
   __device__ __forceinline__ static int row(int k) { return k * 8 + (threadIdx.x >> 5); }
-  __device__ __forceinline__ void load_p(const T* P, const Args& a, int64_t j0, int64_t d, int64_t d1) {
+  // Rows first + row(k) below `rows` of a row-major array (row stride sr), columns [d, d1).
+  __device__ __forceinline__ static void load_rows(T (&dst)[8][kH], const T* base, int64_t first, int64_t rows,
+                                                   int64_t sr, int64_t d, int64_t d1) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      const int64_t j = j0 + row(k);
+      const int64_t r = first + row(k);
 #pragma unroll
       for (int h = 0; h < kH; ++h) {
         const int64_t dd = d + lane + 32 * h;
-        p[k][h] = (j < a.N && dd < d1) ? P[j * a.p_sr + dd] : zero_of<T>();
+        dst[k][h] = (r < rows && dd < d1) ? base[r * sr + dd] : zero_of<T>();
       }
     }
   }
+  __device__ __forceinline__ void load_p(const T* P, const Args& a, int64_t j0, int64_t d, int64_t d1) {
+    load_rows(p, P, j0, a.N, a.p_sr, d, d1);
+  }
   __device__ __forceinline__ void load_q(const T* Q, const Args& a, int t_lo, int u0, int tr, int64_t d,
                                          int64_t d1) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const int u = u0 + row(k);
-#pragma unroll
-      for (int h = 0; h < kH; ++h) {
-        const int64_t dd = d + lane + 32 * h;
-        q[k][h] = (u < tr && dd < d1) ? Q[(t_lo + u) * a.t_sr + dd] : zero_of<T>();
-      }
-    }
+    load_rows(q, Q + t_lo * a.t_sr, u0, tr, a.t_sr, d, d1);
   }
   __device__ __forceinline__ void store(SmemA<T>& sm, float* psq, float* tsq, bool with_p) const {
     const int lane = threadIdx.x & 31;
@@ -373,24 +369,23 @@ struct Loader<T, true> {
   uint4 p[2], q[2];
   __device__ __forceinline__ static int row(int k) { return k * 32 + (threadIdx.x >> 3); }
   __device__ __forceinline__ static int col() { return (threadIdx.x & 7) * kVE; }
-  // A vector lies wholly inside or wholly outside [d, d1).
-  __device__ __forceinline__ void load_p(const T* P, const Args& a, int64_t j0, int64_t d, int64_t d1) {
+  // Rows first + row(k) below `rows` of a row-major array (row stride sr), columns [d, d1); a
+  // vector lies wholly inside or wholly outside [d, d1).
+  __device__ __forceinline__ static void load_rows(uint4 (&dst)[2], const T* base, int64_t first, int64_t rows,
+                                                   int64_t sr, int64_t d, int64_t d1) {
     const int64_t dd = d + col();
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      const int64_t j = j0 + row(k);
-      p[k] = (j < a.N && dd < d1) ? *reinterpret_cast<const uint4*>(P + j * a.p_sr + dd) : make_uint4(0u, 0u, 0u, 0u);
+      const int64_t r = first + row(k);
+      dst[k] = (r < rows && dd < d1) ? *reinterpret_cast<const uint4*>(base + r * sr + dd) : make_uint4(0u, 0u, 0u, 0u);
     }
+  }
+  __device__ __forceinline__ void load_p(const T* P, const Args& a, int64_t j0, int64_t d, int64_t d1) {
+    load_rows(p, P, j0, a.N, a.p_sr, d, d1);
   }
   __device__ __forceinline__ void load_q(const T* Q, const Args& a, int t_lo, int u0, int tr, int64_t d,
                                          int64_t d1) {
-    const int64_t dd = d + col();
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const int u = u0 + row(k);
-      q[k] = (u < tr && dd < d1) ? *reinterpret_cast<const uint4*>(Q + (t_lo + u) * a.t_sr + dd)
-                                 : make_uint4(0u, 0u, 0u, 0u);
-    }
+    load_rows(q, Q + t_lo * a.t_sr, u0, tr, a.t_sr, d, d1);
   }
   __device__ __forceinline__ void store(SmemA<T>& sm, float* psq, float* tsq, bool with_p) const {
     const int c = col();
@@ -418,7 +413,7 @@ struct Loader<T, true> {
 };
 
 // The 16-byte variant (the usual one) is held to 128 registers, 2 blocks per SM, without spills;
-// the scalar one (unaligned inputs) needs 218-246 (sm_90) for its wider register sets.
+// the scalar one (unaligned inputs) needs 192-246 (sm_90) for its wider register sets.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) {
   using Ld = Loader<T, kVec>;
