@@ -554,10 +554,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
   if (!sm.is_last) return;
   __threadfence();
 
-  // 4. S and A of the tile from the ksplit partials, one 64 x 64 token tile at a time. Every
-  // thread sums kPer elements whose loads are independent of each other, so the partials stream
-  // in together; a warp walking its rows one by one waited on each load in turn (ncu on an
-  // H200: 41 us for this kernel at the pi05 shape, most of it here).
+  // 4. S and A of the tile from the ksplit partials, one 64 x 64 token tile at a time.
   if (tid < kBM) {
     const int64_t j = j0 + tid;
     float s = 0.f;
@@ -568,7 +565,6 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
     }
     sm.invp[tid] = rsqrtf(s * a.inv_d + kEps);
   }
-  constexpr int kPer = kBM * kBT / kThreads;  // elements per thread and tile
   constexpr int kOwn = kBM / kWarps;          // rows per warp: warp + kWarps * i
   const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
   const int n_tiles = (tr + kBT - 1) / kBT;
@@ -604,24 +600,46 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
   for (int i = 0; i < kOwn; ++i) m_run[i] = -INFINITY;
   for (int u0 = 0; u0 < tr; u0 += kBT) {
     token_tile(u0, true);
-    float raw[kPer];
+    // Each thread sums 4 rows x 4 adjacent columns of the ksplit partials, with 16-byte loads
+    // (a row is ts floats, ts % 4 == 0, u0 % 64 == 0). The loads are unconditional: a row past
+    // the tile reads the last one and a column group past ts the first, and what is out of range
+    // adds 0. A predicated load here was issued only after the previous one had been added, one
+    // L2 round trip per element (ncu on an H200: most of this kernel's 43 us at the pi05 shape,
+    // in the 12 finishing blocks).
+    constexpr int kC4 = kBT / 4, kRowStep = kThreads / kC4, kRows4 = kBM / kRowStep;
+    static_assert(kThreads % kC4 == 0 && kBM % kRowStep == 0, "4 x 4 elements per thread");
+    const int c4 = 4 * (tid % kC4), r0 = tid / kC4;
+    const float* pq = a.part + (b * N + j0) * ts + (u0 + c4 < ts ? u0 + c4 : 0);
+    const int64_t q_stride = B * N * ts;
+    float4 raw[kRows4];
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) raw[k] = 0.f;
-    for (int q = 0; q < a.ksplit; ++q) {
-      const float* pq = a.part + ((static_cast<int64_t>(q) * B + b) * N + j0) * ts + u0;
+    for (int k = 0; k < kRows4; ++k) raw[k] = float4{0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+    for (int q = 0; q < a.ksplit; ++q, pq += q_stride) {
+      float4 v[kRows4];
 #pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const int e = tid + k * kThreads, r = e / kBT, c = e % kBT;
-        if (in_range(r, u0 + c)) raw[k] += __ldcg(&pq[static_cast<int64_t>(r) * ts + c]);
+      for (int k = 0; k < kRows4; ++k)
+        v[k] = __ldcg(reinterpret_cast<const float4*>(pq + mn(r0 + k * kRowStep, rows_here - 1) * ts));
+#pragma unroll
+      for (int k = 0; k < kRows4; ++k) {
+        raw[k].x += v[k].x;
+        raw[k].y += v[k].y;
+        raw[k].z += v[k].z;
+        raw[k].w += v[k].w;
       }
     }
     __syncthreads();  // tok, invt, invp
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int e = tid + k * kThreads, r = e / kBT, c = e % kBT;
-      const float s = sm.tok[c] ? raw[k] * sm.invp[r] * sm.invt[c] : 0.f;
-      sm.cs[r][c] = s;
-      if (in_written(r, u0 + c)) Sb[static_cast<int64_t>(r) * ts + u0 + c] = s;
+    for (int k = 0; k < kRows4; ++k) {
+      const float rk[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
+      const int r = r0 + k * kRowStep;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = c4 + i;
+        const float s = in_range(r, u0 + c) && sm.tok[c] ? rk[i] * sm.invp[r] * sm.invt[c] : 0.f;
+        sm.cs[r][c] = s;
+        if (in_written(r, u0 + c)) Sb[static_cast<int64_t>(r) * ts + u0 + c] = s;
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -732,19 +750,53 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
   const bool mask_rows = a.mask_voters && pm != nullptr;
   const unsigned long long* keys = a.keys + b * N;
 
-  if (a.want_keep)
-    for (int j = tid; j <= N; j += kThreads) {
-      votes[j] = 0;
-      hist[j] = 0;
+  // The passes below load kBatch items per thread at once, unpredicated (an index past the end
+  // reads item N - 1, unused): a loop that loads and then updates `votes` waited for each load
+  // in turn. A masked patch starts at kMasked votes, so no pass reads the mask again: it stays
+  // negative whatever it gets (all votes go to column 0 when no patch is valid).
+  constexpr int kBatch = 4;
+  constexpr int kMasked = INT_MIN / 2;
+  if (a.want_keep) {
+    for (int j0 = 0; j0 <= N; j0 += kBatch * kThreads) {
+      bool on[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) on[k] = true;
+      if (pm != nullptr) {
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) on[k] = pm[mn(j0 + tid + k * kThreads, N - 1)];
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int j = j0 + tid + k * kThreads;
+        if (j <= N) {
+          votes[j] = j < N && !on[k] ? kMasked : 0;
+          hist[j] = 0;
+        }
+      }
     }
+  }
   __syncthreads();
-  for (int i = tid; i < N; i += kThreads) {
-    const unsigned long long key = __ldcg(&keys[i]);
-    int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key & 0xffffffffull));
-    if (j >= N) j = 0;  // unreachable: every row has an allowed column
-    const bool voter = !mask_rows || pm[i];
-    if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter ? j : -1;
-    if (a.want_keep && voter) atomicAdd(&votes[j], 1);
+  for (int i0 = 0; i0 < N; i0 += kBatch * kThreads) {
+    unsigned long long key[kBatch];
+    bool voter[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      key[k] = __ldcg(&keys[mn(i0 + tid + k * kThreads, N - 1)]);
+      voter[k] = true;
+    }
+    if (mask_rows) {
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) voter[k] = pm[mn(i0 + tid + k * kThreads, N - 1)];
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = i0 + tid + k * kThreads;
+      if (i >= N) break;
+      int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key[k] & 0xffffffffull));
+      if (j >= N) j = 0;  // unreachable: every row has an allowed column
+      if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter[k] ? j : -1;
+      if (a.want_keep && voter[k]) atomicAdd(&votes[j], 1);
+    }
   }
   if (!a.want_keep) return;
   __syncthreads();
@@ -752,7 +804,7 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
   const bool budget = a.keep_tokens > 0;
   int limit = budget && a.keep_tokens < N ? static_cast<int>(a.keep_tokens) : N;
   if (a.max_tokens > 0 && a.max_tokens < limit) limit = static_cast<int>(a.max_tokens);
-  auto eligible = [&](int j, int v) { return (pm == nullptr || pm[j]) && (budget || v > 0); };
+  auto eligible = [&](int, int v) { return v >= 0 && (budget || v > 0); };
   int j_lo, j_hi;
   segment(N, &j_lo, &j_hi);
 
@@ -893,8 +945,20 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kBM;
   pdl_launch_dependents();  // the gather kernel, launched the same way, waits for the tail
-  pdl_wait();               // everything below reads or updates what kernel A wrote
+  // The patch mask of this thread's 4 columns (an input, not kernel A's): loaded before the wait
+  // and unpredicated, so the merge below does not wait on them one by one.
+  const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
+  bool col_mask[4] = {true, true, true, true};
+  if (pm != nullptr) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t j = c0 + tx + 16 * c;
+      col_mask[c] = pm[j < N ? j : 0];
+    }
+  }
+  pdl_wait();  // everything below reads or updates what kernel A wrote
   const int tr = a.trange[2 * b + 1] - a.trange[2 * b];
+  const bool anyp = a.anyp[b] != 0;
   const float* Ab = a.A + b * N * ts;
   const float* Sb = a.S + b * N * ts;
 
@@ -968,19 +1032,25 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 #endif
 
   // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
-  const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
-  const bool anyp = a.anyp[b] != 0;
+  // A thread's 4 columns are the same for its 4 rows (the mask was read inside the row loop,
+  // each load waiting for the previous row's atomic).
+  bool allowed[4];
+  if (pm != nullptr && anyp) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) allowed[c] = c0 + tx + 16 * c < N && col_mask[c];
+  } else {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t j = c0 + tx + 16 * c;
+      allowed[c] = j < N && (pm == nullptr || j == 0);
+    }
+  }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     unsigned long long best = 0ull;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int64_t j = c0 + tx + 16 * c;
-      if (j < N) {
-        const bool allowed = pm == nullptr || (anyp ? pm[j] : j == 0);
-        if (allowed) best = max_u64(best, pack_key(acc[r][c], j));
-      }
-    }
+    for (int c = 0; c < 4; ++c)
+      if (allowed[c]) best = max_u64(best, pack_key(acc[r][c], c0 + tx + 16 * c));
     // The 16 threads of a row are lanes 0-15 or 16-31 of one warp.
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) best = max_u64(best, __shfl_xor_sync(kFull, best, o));

@@ -188,6 +188,10 @@ inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v)
 }
 template <typename T>
 T __ldcg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {  // a vector load on the GPU faults
+    std::fprintf(stderr, "emu: misaligned __ldcg of %zu bytes at %p\n", sizeof(T), static_cast<const void*>(p));
+    std::abort();
+  }
   return *p;
 }
 
