@@ -47,9 +47,11 @@ import triton.language as tl
 
 EPS = 1e-6
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# fp32 tl.dot precision ("ieee" = exact fp32 FMA; "tf32x3" is faster on tensor cores and
-# close to fp32). 16-bit inputs of the S product use the native tensor-core dot regardless.
-DOT_PREC = os.environ.get("FASTPRUNE_TRITON_DOT_PREC", "ieee")
+# fp32 tl.dot precision: "tf32x3" (three tf32 tensor-core products, close to fp32) or "ieee"
+# (exact fp32 FMA). On an H200 (bench/results/h200-2026-11-26/run4/tune) tf32x3 made the select
+# kernel 1.6x (B=1) to 2.7x (B=64) faster with the same selections. 16-bit inputs of the S
+# product use the native tensor-core dot regardless.
+DOT_PREC = os.environ.get("FASTPRUNE_TRITON_DOT_PREC", "tf32x3")
 
 __all__ = ["select", "prune", "prune_padded", "INTERPRET"]
 
@@ -443,7 +445,9 @@ class _Cfg:
             # The select kernel at 4 warps and 3 stages used 255 registers and spilled ~390 B per
             # thread on sm_90; at 8 warps and 1 stage it needs ~175-195 and spills nothing
             # (tests/test_triton_sm90.py). One such program fills an SM's register file.
-            self.warps1, self.warps2, self.stages1, self.stages2 = 4, 8, 3, 1
+            # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
+            # H200 (run4/tune): its few D steps per program leave a deep pipeline nothing to hide.
+            self.warps1, self.warps2, self.stages1, self.stages2 = 4, 8, 1, 1
             self.br = 8
             self.bd = min(512 if elem_size == 2 else 256, triton.next_power_of_2(D))
         else:
