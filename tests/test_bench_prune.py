@@ -49,3 +49,12 @@ def test_markdown_lists_device_time_per_kernel():
     md = h.markdown()
     assert "## Device time per kernel" in md
     assert "| B1 | padded | fastprune-cuda | scores_kernel 11.5, select_kernel 14.2, gather_kernel 3.0 | 28.8 |" in md
+
+
+def test_host_breakdown_quick(tmp_path):
+    import host_prune
+
+    assert host_prune.main(["--quick", "--reps", "5", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "host.json").read_text())["rows"]
+    assert [r["layer"] for r in rows] == ["op", "empty"] and all(r["host_us"] > 0 for r in rows)
+    assert "fastprune.prune_padded" in (tmp_path / "profile_cpu.txt").read_text()

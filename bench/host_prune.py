@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Where the host time of one eager ``prune_padded`` call goes, layer by layer, at the pi0.5
+shape (bench_prune's ``host_us`` is the total: 230-500 us for the Triton provider on an H200,
+against a 40 us target).
+
+    python bench/host_prune.py --out DIR        # GPU: both backends; CPU: the CPU op only
+
+Layers timed (median wall time per call from a synced start, as harness.host_latency):
+- ``op``         torch.ops.fastprune.prune_padded(..., backend): the C++ dispatcher entry
+- ``triton_op``  torch.ops.fastprune.triton_prune_padded: the torch.library op (Triton only)
+- ``launches``   kernels.prune_triton.prune_padded: allocations and the 3 launches, no library
+- ``gather``     one launch of the gather kernel alone
+- ``empty``      one torch.empty on the device (the launch code makes ~15 per call)
+Then a cProfile of ``op`` calls (top functions by total time) into profile_<backend>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pathlib
+import pstats
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness as H  # noqa: E402
+
+import pi05_fastprune  # noqa: E402,F401
+from pi05_fastprune.structured import structured_inputs  # noqa: E402
+
+
+def layers(backend: str, inp, cap: int) -> dict:
+    p, t, tm, pm = inp
+    out = {"op": lambda: torch.ops.fastprune.prune_padded(p, t, tm, pm, None, cap, False, backend)}
+    if backend == "triton":
+        from pi05_fastprune import triton_ops  # noqa: F401  (registers fastprune::triton_*)
+        from pi05_fastprune.kernels import prune_triton as K
+
+        out["triton_op"] = lambda: torch.ops.fastprune.triton_prune_padded(p, t, tm, pm, None, cap, False)
+        out["launches"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False)
+        _, order, counts, _, cfg = K._run_select(p, t, tm, pm, False, False, cap, False, K._identity)
+        out["gather"] = lambda: K._run_gather(p, order, counts, cap, cfg, K._identity)
+    out["empty"] = lambda: torch.empty(1024, device=p.device)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="tiny shape (CPU smoke test)")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = H.pick_device(None)
+    if args.quick:
+        shape = dict(batch=1, n_cameras=2, patches_per_camera=32, prompt_len=24, valid_prompt=8, width=64)
+    else:
+        shape = dict(batch=1, n_cameras=3, patches_per_camera=256, prompt_len=200, valid_prompt=48, width=2048)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    inp = structured_inputs(**shape, dtype=dtype, device=device, seed=0)
+    N = shape["n_cameras"] * shape["patches_per_camera"]
+    cap = max(1, N // 3)
+    backends = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
+    rows, md = [], ["| backend | layer | host µs per call |", "|---|---|---|"]
+    for backend in backends:
+        try:
+            fns = layers(backend, inp, cap)
+            for fn in fns.values():  # compile and warm up
+                for _ in range(3):
+                    fn()
+        except Exception as e:  # e.g. _C built without the CUDA kernels
+            print(f"[host] {backend}: not available ({str(e).splitlines()[0][:120]})", flush=True)
+            continue
+        for layer, fn in fns.items():
+            us = H.host_latency(fn, device, args.reps)
+            rows.append({"backend": backend, "layer": layer, "host_us": us})
+            md.append(f"| {backend} | {layer} | {us:.1f} |")
+            print(f"[host] {backend:7s} {layer:10s} {us:8.1f} us", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.reps):
+            fns["op"]()
+        prof.disable()
+        H._sync(device)
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(25)
+        (out / f"profile_{backend}.txt").write_text(f"{args.reps} calls of op\n" + text.getvalue())
+    env = H.environment(device)
+    (out / "host.json").write_text(json.dumps({"environment": env, "shape": shape, "rows": rows}, indent=1))
+    (out / "host.md").write_text(f"# host time per eager prune_padded call ({env['gpu'] or device})\n\n"
+                                 + "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
