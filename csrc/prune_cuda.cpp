@@ -31,8 +31,10 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 // What the plan needs from the device, queried once per device: the SM count (sizes the D split)
-// and whether kernels B and C go out as programmatic dependent launches (compute capability 9.0+
-// and kernels built for it; FASTPRUNE_CUDA_PDL=0 turns them off, to measure what they save).
+// and whether kernels B and C go out as programmatic dependent launches. Those are opt-in
+// (FASTPRUNE_CUDA_PDL=1, on compute capability 9.0+ with kernels built for it): on an H200 they
+// made the pi05 call slower, 4-6 us in CUDA-graph replay and 14-25 us of host time per eager call
+// (bench/results/h200-2026-11-26/run4 and run5, bench against bench_nopdl).
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;
@@ -49,7 +51,7 @@ DeviceFacts device_facts(int device) {
     check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "device query");
     check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
     const char* env = std::getenv("FASTPRUNE_CUDA_PDL");
-    f.pdl = major >= 9 && fastprune_cuda::kernels_have_pdl() && !(env != nullptr && std::strcmp(env, "0") == 0);
+    f.pdl = env != nullptr && std::strcmp(env, "1") == 0 && major >= 9 && fastprune_cuda::kernels_have_pdl();
     f.sms = n > 0 ? n : 1;
   }
   return f;

@@ -18,8 +18,9 @@
 //            applies the implicit / budget / cap rule and writes the sorted kept list and counts;
 //   kernel C grid-stride over (B, K) rows: gather-pad of the kept rows (16-byte copies when
 //            aligned), kept_mask, kept_idx.
-// With plan.pdl (sm_90+), B and C are programmatic dependent launches: each may be scheduled
-// while its predecessor runs and waits for it on the device before touching its outputs.
+// With plan.pdl (sm_90+, opt-in: measured slower on an H200), B and C are programmatic dependent
+// launches: each may be scheduled while its predecessor runs and waits for it on the device
+// before touching its outputs.
 // Nothing here synchronises with the host; the dynamic-K op reads max_count_ptr() once.
 #pragma once
 
