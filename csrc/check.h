@@ -5,8 +5,9 @@
 // std::ostringstream inlined into this library. On the first GPU machine (library built with
 // /opt/gcc's g++), every such check crashed the process with SIGSEGV, while checks with a
 // literal-only message raised. A literal message goes straight to c10's own torchCheckFail; so
-// does this one, and nothing here touches iostreams. Shapes, devices and dtypes are written as
-// c10 prints them ("[1, 768, 2048]", "cuda:0", "BFloat16"), so the messages did not change.
+// does this one, and nothing here touches iostreams (run 4 on that machine: all 29 bad-input
+// tests raise). Shapes, devices and dtypes are written as c10 prints them ("[1, 768, 2048]",
+// "cuda:0", "BFloat16"), so the messages did not change.
 #pragma once
 
 #include <c10/core/Device.h>
