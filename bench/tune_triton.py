@@ -3,7 +3,10 @@
 
 For each shape it runs the call with the defaults of ``_Cfg``, then once per variant of one
 kernel's launch parameters (``prune_triton.tuning``), the others at their defaults. Per variant:
-- the outputs must equal the default's bit for bit (``same``);
+- the outputs must equal the default's bit for bit (``same``); where they differ, the variant's
+  selection is checked against the float64 truth (``rows_off_truth``: rows that miss the SPEC
+  tolerance). A variant that differs but misses no row (a near-tie resolved in another fp32
+  summation order) may still be the best; one that misses rows fails the sweep;
 - on a GPU, each kernel's device time (CUPTI, through torch.profiler), and the whole call's
   time in a CUDA-graph replay.
 
@@ -28,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness as H  # noqa: E402
 from bench_prune import DTYPES, shape_label, shape_list  # noqa: E402
 
+from pi05_fastprune import reference as R  # noqa: E402
 from pi05_fastprune.kernels import prune_triton as K  # noqa: E402
 from pi05_fastprune.structured import structured_inputs  # noqa: E402
 
@@ -65,6 +69,17 @@ def same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def correct(row: dict) -> bool:
+    """Same outputs as the default, or a selection within the SPEC tolerance of the truth."""
+    return row.get("same") is True or row.get("rows_off_truth") == 0
+
+
+def verdict(row: dict) -> str:
+    if row["same"]:
+        return "True"
+    return f"False ({row['rows_off_truth']} rows off truth)" if "rows_off_truth" in row else "False"
+
+
 def markdown(rows: list[dict]) -> str:
     md = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -81,9 +96,9 @@ def markdown(rows: list[dict]) -> str:
                     md.append(f"| {kern} | {var} | error: {r['error'][:80]} | | | |")
                     continue
                 graph = f"{r['graph_us']:.1f}" if r.get("graph_us") else "—"
-                md.append(f"| {kern} | {var} | {t:.1f} | {ratio} | {graph} | {r['same']} |" if t else
-                          f"| {kern} | {var} | — | — | {graph} | {r['same']} |")
-            timed = [r for r in mine if r.get("same") and r.get("kernel_us", {}).get(kern)]
+                md.append(f"| {kern} | {var} | {t:.1f} | {ratio} | {graph} | {verdict(r)} |" if t else
+                          f"| {kern} | {var} | — | — | {graph} | {verdict(r)} |")
+            timed = [r for r in mine if correct(r) and r.get("kernel_us", {}).get(kern)]
             if timed:
                 best = min(timed, key=lambda r: r["kernel_us"][kern])
                 md.append(f"| **{kern} best** | {best['variant'] or 'default'} | **{best['kernel_us'][kern]:.1f}** | | | |")
@@ -153,6 +168,9 @@ def main(argv=None) -> int:
                 with K.tuning(**v):
                     got = fn()
                     row["same"] = same(got, ref)
+                    if not row["same"]:
+                        idx = K.select(*inp, False)
+                        row["rows_off_truth"] = int(R.selection_errors(idx, *inp).sum())
                     if gpu:
                         fn()  # compiled and warm
                         row["kernel_us"] = H.kernel_times(fn, args.reps)  # with the fill of a D split
@@ -168,10 +186,11 @@ def main(argv=None) -> int:
         save()
         del inp
     print(markdown(rows))
-    bad = [r for r in rows if r.get("same") is False]
-    for r in bad:
-        print(f"[tune] OUTPUT DIFFERS: {r['shape']} {r['variant']}", flush=True)
-    return 1 if bad else 0
+    for r in rows:
+        if r.get("same") is False:
+            print(f"[tune] output differs: {r['shape']} {r['variant']}, "
+                  f"{r.get('rows_off_truth', '?')} rows off the float64 truth", flush=True)
+    return 1 if [r for r in rows if "same" in r and not correct(r)] else 0
 
 
 if __name__ == "__main__":
