@@ -60,6 +60,7 @@ constexpr int kBM = 64;   // rows (patches j or i) per tile, kernels A and B
 constexpr int kBT = 64;   // prompt tokens per tile, kernel A
 constexpr int kBU = 64;   // prompt tokens per shared-memory step, kernel B
 constexpr int kChunkAlign = 64;  // D slices of kernel A are multiples of this
+constexpr int kMaxSplit = 32;    // at most this many D slices (the finishing step loads them all)
 constexpr float kEps = 1e-6f;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -221,6 +222,7 @@ struct SmemA {
   alignas(128) float cs[kBM][kBT + 4];
   float invp[kBM], rowm[kBM], rowinv[kBM];
   float invt[kBT];
+  float psq_part[kThreads / kBM][kBM], tsq_part[kThreads / kBT][kBT];  // norm sums per group
   int tok[kBT];
   int t_lo, t_hi, is_last;
 };
@@ -555,37 +557,40 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
   __threadfence();
 
   // 4. S and A of the tile from the ksplit partials, one 64 x 64 token tile at a time.
-  if (tid < kBM) {
-    const int64_t j = j0 + tid;
-    float s = 0.f;
-    if (j < N) {
-#pragma unroll 4
-      for (int q = 0; q < a.ksplit; ++q) s += __ldcg(&a.psq[(static_cast<int64_t>(q) * B + b) * N + j]);
-      a.keys[b * N + j] = 0ull;
-    }
-    sm.invp[tid] = rsqrtf(s * a.inv_d + kEps);
-  }
+  //
+  // Norm sums over the slices: thread (g, c) = (tid / 64, tid % 64) loads slices q = g, g + 4,
+  // ... of row c's patch sum (psq) and of token c's prompt sum (tsq), kMaxSplit / 4 of each at
+  // once and unpredicated (a slice past ksplit reads the last one and adds 0). The loads go out
+  // beside the first partial loads below; the 4 groups' sums are then added in a fixed order, so
+  // the result does not depend on timing. (A loop per row and token, 64 threads each, took 3 + 3
+  // dependent L2 round trips before the partials' 11.)
+  constexpr int kGroups = kThreads / kBM, kPerGroup = kMaxSplit / kGroups;
+  static_assert(kBM == kBT && kThreads % kBM == 0 && kMaxSplit % kGroups == 0, "norm-sum groups");
+  const int grp = tid / kBM, lane64 = tid % kBM;
+  auto load_slices = [&](float (&v)[kPerGroup], const float* x, int64_t q_stride) {
+#pragma unroll
+    for (int k = 0; k < kPerGroup; ++k) v[k] = __ldcg(x + mn(grp + k * kGroups, a.ksplit - 1) * q_stride);
+  };
+  auto add_slices = [&](const float (&v)[kPerGroup]) {
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < kPerGroup; ++k) sum += grp + k * kGroups < a.ksplit ? v[k] : 0.f;
+    return sum;
+  };
+  float psq_v[kPerGroup];
+  load_slices(psq_v, a.psq + b * N + mn<int64_t>(j0 + lane64, N - 1), B * N);
+  if (tid < kBM && j0 + tid < N) a.keys[b * N + j0 + tid] = 0ull;
   constexpr int kOwn = kBM / kWarps;          // rows per warp: warp + kWarps * i
   const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
   const int n_tiles = (tr + kBT - 1) / kBT;
   float* Sb = a.S + (b * N + j0) * ts;
   float* Ab = a.A + (b * N + j0) * ts;
-  // Token flags of the tile at u0: sm.tok[c] = 1 on valid tokens of the range, sm.invt[c] their
-  // inverse RMS. The caller synchronises before use.
-  auto token_tile = [&](int u0, bool with_rms) {
+  // Token flags of the tile at u0: sm.tok[c] = 1 on valid tokens of the range. The caller
+  // synchronises before use.
+  auto token_flags = [&](int u0) {
     if (tid < kBT) {
       const int u = u0 + tid;
-      const bool ok = u < tr && (all_t || tm[t_lo + u]);
-      sm.tok[tid] = ok ? 1 : 0;
-      if (with_rms) {
-        float s = 0.f;
-        if (u < tr) {
-#pragma unroll 4
-          for (int q = 0; q < a.ksplit; ++q)
-            s += __ldcg(&a.tsq[((static_cast<int64_t>(q) * B + b) * a.row_tiles + rt) * ts + u]);
-        }
-        sm.invt[tid] = rsqrtf(s * a.inv_d + kEps);
-      }
+      sm.tok[tid] = u < tr && (all_t || tm[t_lo + mn(u, tr - 1)]) ? 1 : 0;
     }
   };
   auto in_range = [&](int r, int u) { return r < rows_here && u < tr; };
@@ -599,7 +604,9 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
 #pragma unroll
   for (int i = 0; i < kOwn; ++i) m_run[i] = -INFINITY;
   for (int u0 = 0; u0 < tr; u0 += kBT) {
-    token_tile(u0, true);
+    float tsq_v[kPerGroup];
+    load_slices(tsq_v, a.tsq + (b * a.row_tiles + rt) * ts + mn(u0 + lane64, tr - 1), B * a.row_tiles * ts);
+    token_flags(u0);
     // Each thread sums 4 rows x 4 adjacent columns of the ksplit partials, with 16-byte loads
     // (a row is ts floats, ts % 4 == 0, u0 % 64 == 0). The loads are unconditional: a row past
     // the tile reads the last one and a column group past ts the first, and what is out of range
@@ -614,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
     float4 raw[kRows4];
 #pragma unroll
     for (int k = 0; k < kRows4; ++k) raw[k] = float4{0.f, 0.f, 0.f, 0.f};
-#pragma unroll 1
+#pragma unroll 2
     for (int q = 0; q < a.ksplit; ++q, pq += q_stride) {
       float4 v[kRows4];
 #pragma unroll
@@ -627,6 +634,19 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
         raw[k].z += v[k].z;
         raw[k].w += v[k].w;
       }
+    }
+    if (u0 == 0) sm.psq_part[grp][lane64] = add_slices(psq_v);
+    sm.tsq_part[grp][lane64] = add_slices(tsq_v);
+    __syncthreads();  // the groups' sums
+    if (tid < kBM) {
+      float p = 0.f, t = 0.f;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        p += sm.psq_part[g][tid];
+        t += sm.tsq_part[g][tid];
+      }
+      if (u0 == 0) sm.invp[tid] = rsqrtf((j0 + tid < N ? p : 0.f) * a.inv_d + kEps);
+      sm.invt[tid] = rsqrtf((u0 + tid < tr ? t : 0.f) * a.inv_d + kEps);
     }
     __syncthreads();  // tok, invt, invp
 #pragma unroll
@@ -663,7 +683,7 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
   }
   for (int u0 = 0; u0 < tr; u0 += kBT) {
     if (n_tiles > 1) {
-      token_tile(u0, false);
+      token_flags(u0);
       for (int e = tid; e < kBM * kBT; e += kThreads) {
         const int r = e / kBT, c = e % kBT;
         sm.cs[r][c] = in_range(r, u0 + c) ? Sb[static_cast<int64_t>(r) * ts + u0 + c] : 0.f;
@@ -1221,7 +1241,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   int64_t want = ceil_div(num_sms > 0 ? num_sms : 1, base > 0 ? base : 1);
   const int64_t most = ceil_div(D, kChunkAlign);
   if (want > most) want = most;
-  if (want > 32) want = 32;
+  if (want > kMaxSplit) want = kMaxSplit;
   if (want < 1) want = 1;
   plan.kchunk = ceil_div(ceil_div(D, want), kChunkAlign) * kChunkAlign;
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
