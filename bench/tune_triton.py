@@ -42,16 +42,16 @@ KERNELS = ("_scores_kernel", "_select_kernel", "_gather_kernel")
 GPU_VARIANTS = {
     "_scores_kernel": [dict(ksplit=1), dict(ksplit="x2"), dict(ksplit="x4"), dict(bk=64, ksplit="x2"),
                        dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
-                       dict(warps1=8), dict(stages1=1), dict(stages1=2), dict(stages1=4)],
+                       dict(warps1=8), dict(stages1=2), dict(stages1=3), dict(stages1=4)],
     "_select_kernel": [dict(bm2=32), dict(bn2=32), dict(bm2=32, bn2=32), dict(bm2=128, bn2=32), dict(warps2=4),
-                       dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"), dict(dot_prec="tf32x3")],
+                       dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"), dict(dot_prec="ieee")],
     "_gather_kernel": [dict(br=4), dict(br=16), dict(br=32), dict(bd=256), dict(bd=1024), dict(bd=2048),
                        dict(warps3=2), dict(warps3=8)],
 }
 # The interpreter: tiles its tiny shapes cross (and 1 split, no merge across programs).
 CPU_VARIANTS = {
     "_scores_kernel": [dict(bm1=32), dict(bk=64), dict(ksplit=1)],
-    "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1), dict(dot_prec="tf32x3")],
+    "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1), dict(dot_prec="ieee")],
     "_gather_kernel": [dict(br=4, bd=64)],
 }
 
