@@ -298,6 +298,55 @@ def test_cuda_graph_static_cap(backend, batch):
         assert all(torch.equal(a, b) for a, b in zip(captured, eager))
 
 
+_PDL_CHILD = """
+import sys, torch, pi05_fastprune  # noqa: E401,F401
+from pi05_fastprune.structured import structured_inputs
+out = {}
+for batch in (1, 8):
+    p, t, tm, pm = structured_inputs(batch=batch, dtype=torch.bfloat16, seed=batch, device="cuda",
+                                     absent_cameras=((batch - 1, 2),))
+    out[f"select{batch}"] = torch.ops.fastprune.select(p, t, tm, pm, False, "cuda").cpu()
+    run = lambda: torch.ops.fastprune.prune_padded(p, t, tm, pm, 96, 256, True, "cuda")  # noqa: E731
+    out[f"eager{batch}"] = [x.cpu() for x in run()]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    out[f"graph{batch}"] = [x.cpu() for x in captured]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_cuda_dependent_launches_give_the_same_results(tmp_path):
+    """FASTPRUNE_CUDA_PDL=1 (opt-in; measured slower on an H200) launches kernels B and C as
+    programmatic dependent launches on sm_90+: same selections and outputs as plain launches,
+    eager and replayed from a CUDA graph. One process per setting: the binding reads it once."""
+    import os
+    import subprocess
+    import sys
+
+    why = _backend_available("cuda")
+    if why:
+        pytest.skip(why)
+    results = {}
+    for pdl in ("0", "1"):
+        path = tmp_path / f"pdl{pdl}.pt"
+        proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(path)], capture_output=True, text=True,
+                              env=dict(os.environ, FASTPRUNE_CUDA_PDL=pdl), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[pdl] = torch.load(path)
+    for key, plain in results["0"].items():
+        with_pdl = results["1"][key]
+        plain, with_pdl = (plain, with_pdl) if isinstance(plain, list) else ([plain], [with_pdl])
+        assert all(torch.equal(a, b) for a, b in zip(plain, with_pdl)), key
+
+
 def test_pi05_model_prunes_on_gpu(backend, monkeypatch):
     """The dummy pi0.5 in fp32 on the GPU, pruning through `backend`: the pruned actions equal
     the unpruned model's with the dropped patches masked out of attention (test_model's
