@@ -1149,7 +1149,7 @@ P* ws_at(void* ws, size_t off) {
 bool plan_fits(const Problem& p, const Plan& plan) {
   return plan.B == p.B && plan.N == p.N && plan.T == p.T && plan.D == p.D && p.B >= 1 && p.N >= 1 &&
          p.T >= 1 && p.D >= 1 && p.B <= 65535 && plan.row_tiles <= 65535 && p.N < INT_MAX &&
-         p.T < INT_MAX;
+         p.T < INT_MAX && plan.ksplit >= 1 && plan.ksplit <= kMaxSplit;
 }
 
 Args make_args(const Problem& p, const Plan& plan, void* ws) {
