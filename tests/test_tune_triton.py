@@ -43,15 +43,16 @@ def test_report_names_the_fastest_variant_with_equal_outputs():
 def test_a_differing_variant_is_judged_by_the_float64_truth():
     import tune_triton as T
 
-    def row(variant, scores, same=True, off=None):
+    def row(variant, scores, same=True, off=None, consistent=True):
         r = {"shape": "s", "kernel": "_scores_kernel" if variant else None, "variant": variant, "same": same,
              "graph_us": 30.0, "kernel_us": {"_scores_kernel": scores, "_select_kernel": 20.0, "_gather_kernel": 3.0}}
         if off is not None:
-            r["rows_off_truth"] = off
+            r.update(rows_off_truth=off, consistent=consistent)
         return r
 
     md = T.markdown([row({}, 20.0), row({"bm1": 64}, 5.0, same=False, off=0),
-                     row({"bk": 64}, 4.0, same=False, off=3)])
+                     row({"bk": 64}, 4.0, same=False, off=3), row({"bk": 256}, 3.0, same=False, off=0, consistent=False)])
     assert "| _scores_kernel | bm1=64 | 5.0 | 4.00x | 30.0 | False (0 rows off truth) |" in md
     assert "| _scores_kernel | bk=64 | 4.0 | 5.00x | 30.0 | False (3 rows off truth) |" in md
-    assert "| **_scores_kernel best** | {'bm1': 64} | **5.0** |" in md  # not bk=64: it misses rows
+    assert "| _scores_kernel | bk=256 | 3.0 | 6.67x | 30.0 | False (0 rows off truth, pruning inconsistent) |" in md
+    assert "| **_scores_kernel best** | {'bm1': 64} | **5.0** |" in md  # the faster two are wrong
