@@ -6,12 +6,14 @@ against a 40 us target).
     python bench/host_prune.py --out DIR        # GPU: both backends; CPU: the CPU op only
 
 Layers timed (median wall time per call from a synced start, as harness.host_latency):
+- ``api``        prune_tokens(..., max_tokens, backend): the Python API (checks; Triton: eager
+                 calls launch the kernels without the op, triton_ops.call)
 - ``op``         torch.ops.fastprune.prune_padded(..., backend): the C++ dispatcher entry
 - ``triton_op``  torch.ops.fastprune.triton_prune_padded: the torch.library op (Triton only)
-- ``launches``   kernels.prune_triton.prune_padded: allocations and the 3 launches, no library
+- ``launches``   kernels.prune_triton.prune_padded: allocations and the launches, no library
 - ``gather``     one launch of the gather kernel alone
-- ``empty``      one torch.empty on the device (the launch code makes ~15 per call)
-Then a cProfile of ``op`` calls (top functions by total time) into profile_<backend>.txt.
+- ``empty``      one torch.empty on the device (the launch code makes 6 per call)
+Then a cProfile of ``api`` calls (top functions by total time) into profile_<backend>.txt.
 """
 
 from __future__ import annotations
@@ -30,20 +32,24 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness as H  # noqa: E402
 
 import pi05_fastprune  # noqa: E402,F401
+from pi05_fastprune.prune import prune_tokens  # noqa: E402
 from pi05_fastprune.structured import structured_inputs  # noqa: E402
 
 
 def layers(backend: str, inp, cap: int) -> dict:
     p, t, tm, pm = inp
-    out = {"op": lambda: torch.ops.fastprune.prune_padded(p, t, tm, pm, None, cap, False, backend)}
+    out = {
+        "api": lambda: prune_tokens(p, t, task_mask=tm, patch_mask=pm, max_tokens=cap, backend=backend),
+        "op": lambda: torch.ops.fastprune.prune_padded(p, t, tm, pm, None, cap, False, backend),
+    }
     if backend == "triton":
         from pi05_fastprune import triton_ops  # noqa: F401  (registers fastprune::triton_*)
         from pi05_fastprune.kernels import prune_triton as K
 
         out["triton_op"] = lambda: torch.ops.fastprune.triton_prune_padded(p, t, tm, pm, None, cap, False)
         out["launches"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False)
-        _, order, counts, _, cfg = K._run_select(p, t, tm, pm, False, False, cap, False, K._identity)
-        out["gather"] = lambda: K._run_gather(p, order, counts, cap, cfg, K._identity)
+        counts, wsi, cfg = K._run_select(p, t, tm, pm, False, False, cap, False, K._identity)
+        out["gather"] = lambda: K._run_gather(p, wsi, counts, cap, cfg, K._identity)
     out["empty"] = lambda: torch.empty(1024, device=p.device)
     return out
 
@@ -84,14 +90,14 @@ def main(argv=None) -> int:
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.reps):
-            fns["op"]()
+            fns["api"]()
         prof.disable()
         H._sync(device)
         text = io.StringIO()
         stats = pstats.Stats(prof, stream=text)
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats(25)
-        (out / f"profile_{backend}.txt").write_text(f"{args.reps} calls of op\n" + text.getvalue())
+        (out / f"profile_{backend}.txt").write_text(f"{args.reps} calls of api\n" + text.getvalue())
     env = H.environment(device)
     (out / "host.json").write_text(json.dumps({"environment": env, "shape": shape, "rows": rows}, indent=1))
     (out / "host.md").write_text(f"# host time per eager prune_padded call ({env['gpu'] or device})\n\n"

@@ -76,6 +76,53 @@ def _prompt_extent(TMASK, b, T, HAS_TMASK: tl.constexpr, BLOCK_TALL: tl.constexp
 
 
 @triton.jit
+def _r4(x):
+    return (x + 3) // 4 * 4
+
+
+# The call's scratch lives in two buffers (one allocation each: every torch.empty costs the
+# eager call ~2.6 µs of host time on an H200 machine, run5/host), whose regions the kernels
+# derive from (B, N, T). Regions start on 16-byte boundaries. _scratch_sizes sizes them.
+@triton.jit
+def _f32_scratch(WSF, B, N, T, KSPLIT: tl.constexpr, n_tiles):
+    """fp32: S [B, N, T] | M [B, N] | with a D split, the slices' dot products [KSPLIT, B, N, T],
+    patch sums of squares [KSPLIT, B, N] and prompt sums of squares [KSPLIT, B, n_tiles, T]."""
+    bn = B.to(tl.int64) * N
+    M = WSF + _r4(bn * T)
+    SP = M + _r4(bn)
+    SSP = SP + _r4(KSPLIT * bn * T)
+    SST = SSP + _r4(KSPLIT * bn)
+    return WSF, M, SP, SSP, SST
+
+
+@triton.jit
+def _i32_scratch(WSI, B, N):
+    """int32: merge keys [B, N] (int64) | votes [B, N] | order [B, N] | per-sample arrival
+    counters [B], kmax | the score kernel's row-tile arrival counters (zeroed by the host)."""
+    bn = B.to(tl.int64) * N
+    KEYS = WSI.to(tl.pointer_type(tl.int64), bitcast=True)
+    VOTES = WSI + _r4(2 * bn)
+    ORDER = VOTES + _r4(bn)
+    COUNTER = ORDER + _r4(bn)
+    KMAX = COUNTER + B
+    ARRIVED = COUNTER + _r4(B + 1)
+    return KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED
+
+
+def _scratch_sizes(B: int, N: int, T: int, ksplit: int, n_tiles: int) -> tuple[int, int, int, int]:
+    """Host side of _f32_scratch/_i32_scratch: (fp32 elements, int32 elements, offset of the
+    row-tile arrival counters, offset of kmax) in the int32 buffer."""
+    r4 = lambda x: -(-x // 4) * 4  # noqa: E731
+    bn = B * N
+    n_f32 = r4(bn * T) + r4(bn)
+    if ksplit > 1:
+        n_f32 += r4(ksplit * bn * T) + r4(ksplit * bn) + ksplit * B * n_tiles * T
+    counter = r4(2 * bn) + r4(bn) + r4(bn)
+    arrived = counter + r4(B + 1)
+    return n_f32, arrived + (B * n_tiles if ksplit > 1 else 0), arrived, counter + B
+
+
+@triton.jit
 def _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK: tl.constexpr):
     vt = tt < T
     if HAS_TMASK:
@@ -101,8 +148,8 @@ def _store_s(S, b, N, T, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m):
 
 @triton.jit
 def _scores_kernel(
-    P, TK, TMASK, S, M, SP, SSP, SST, ARRIVED, KEYS, VOTES, COUNTER, KMAX,
-    B, N, T, D, kchunk, scale,
+    P, TK, TMASK, WSF, WSI,
+    N, T, D, kchunk, scale,
     KSPLIT: tl.constexpr, HAS_TMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_TALL: tl.constexpr, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -111,6 +158,8 @@ def _scores_kernel(
     ks = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     n_tiles = tl.num_programs(0)
+    B = tl.num_programs(2)
+    S, M, SP, SSP, SST = _f32_scratch(WSF, B, N, T, KSPLIT, n_tiles)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -150,6 +199,9 @@ def _scores_kernel(
             tl.store(SST + (part * n_tiles + pid_m) * T + tt, sst, mask=tin)
             if t0 == 0:
                 tl.store(SSP + part * N + rows64, ssp, mask=rmask)
+    # Pointers computed where they are used: kernel arguments sit in constant memory, computed
+    # pointers in registers, which the loop above needs.
+    KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, B, N)
     if KSPLIT == 1:
         tl.store(M + b * N + rows64, m, mask=rmask)
     else:
@@ -233,7 +285,7 @@ def _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK: tl.con
 
 @triton.jit
 def _select_kernel(
-    S, M, TMASK, PMASK, KEYS, VOTES, COUNTER, KMAX, ORDER, COUNTS, IDX,
+    WSF, WSI, TMASK, PMASK, COUNTS, IDX,
     N, T, scale, limit, n_split, n_programs,
     HAS_TMASK: tl.constexpr, HAS_PMASK: tl.constexpr, MASK_VOTERS: tl.constexpr,
     SELECT_ONLY: tl.constexpr, BUDGET: tl.constexpr,
@@ -243,6 +295,8 @@ def _select_kernel(
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    B = tl.num_programs(1)
+    S, M, SP, SSP, SST = _f32_scratch(WSF, B, N, T, 1, 1)  # no partials here
     row_tile = pid // n_split
     split = pid % n_split
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -285,6 +339,7 @@ def _select_kernel(
                 sj = _load_s(s_base, cols, cmask, tt, T)
                 acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
             best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
+    KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, B, N)  # computed after the loop
     tl.atomic_max(KEYS + b * N + rows64, best, mask=rmask)
 
     # Last program of this sample to arrive finishes it (every key of the sample is final).
@@ -354,13 +409,14 @@ def _select_kernel(
 
 @triton.jit
 def _gather_kernel(
-    P, ORDER, COUNTS, OUT, KMASK, KIDX,
+    P, WSI, COUNTS, OUT, KMASK, KIDX,
     N, D, K,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pr = tl.program_id(0)
     pd = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, tl.num_programs(2), N)
     r = pr * BLOCK_R + tl.arange(0, BLOCK_R)
     rin = r < K
     cnt = tl.load(COUNTS + b)
@@ -443,8 +499,10 @@ class _Cfg:
             self.bk = 128 if elem_size == 2 else 64
             self.bm2, self.bn2 = 64, 64
             # The select kernel at 4 warps and 3 stages used 255 registers and spilled ~390 B per
-            # thread on sm_90; at 8 warps and 1 stage it needs ~175-195 and spills nothing
-            # (tests/test_triton_sm90.py). One such program fills an SM's register file.
+            # thread on sm_90; at 8 warps and 1 stage with exact fp32 dots it needed ~175-195 and
+            # spilled nothing. With tf32x3 dots (the default since run 4's sweep measured them
+            # 1.6-2.7x faster) it needs 226-234 without masks and 255 plus 250-280 B of spills
+            # with them (tests/test_triton_sm90.py). One such program fills an SM's register file.
             # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
             # H200 (run4/tune): its few D steps per program leave a deep pipeline nothing to hide.
             self.warps1, self.warps2, self.stages1, self.stages2 = 4, 8, 1, 1
@@ -471,6 +529,7 @@ class _Cfg:
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
         self.n_score_tiles = triton.cdiv(N, self.bm1)
+        self.n_f32, self.n_i32, self.arrived_at, self.kmax_at = _scratch_sizes(B, N, T, self.ksplit, self.n_score_tiles)
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
@@ -510,39 +569,27 @@ def _run_select(
     budget: bool,
     wrap: Callable,
 ):
-    """Kernels 1 and 2. Returns (idx or None, order, counts, kmax)."""
-    patches = patches.contiguous()
-    task = task.contiguous()
+    """Kernels 1 and 2 on contiguous inputs. Returns (idx if select_only else counts, the int32
+    scratch (its order region feeds the gather, kmax the host read of prune), cfg)."""
     B, N, D = patches.shape
     T = task.shape[1]
     dev = patches.device
     cfg = _config(patches, T)
-    # Separate allocations (no views): Inductor's functionalisation of wrap_triton mutations
-    # is simplest on whole tensors. torch.empty launches nothing; kernel 1 initialises them.
-    votes = torch.empty(B * N, dtype=torch.int32, device=dev)
-    order = torch.empty(B * N, dtype=torch.int32, device=dev)
-    counter = torch.empty(B, dtype=torch.int32, device=dev)
-    kmax = torch.empty(1, dtype=torch.int32, device=dev)
-    keys = torch.empty(B * N, dtype=torch.int64, device=dev)
-    S = torch.empty(B * N * T, dtype=torch.float32, device=dev)
-    M = torch.empty(B * N, dtype=torch.float32, device=dev)
-    n_tiles = cfg.n_score_tiles
-    if cfg.ksplit > 1:  # the D slices' partials and the row tiles' arrival counters
-        sp = torch.empty(cfg.ksplit * B * N * T, dtype=torch.float32, device=dev)
-        ssp = torch.empty(cfg.ksplit * B * N, dtype=torch.float32, device=dev)
-        sst = torch.empty(cfg.ksplit * B * n_tiles * T, dtype=torch.float32, device=dev)
-        arrived = torch.zeros(B * n_tiles, dtype=torch.int32, device=dev)
-    else:  # unused by the kernel: the read-only input stands in, as for absent masks
-        sp = ssp = sst = arrived = patches
-    counts = torch.empty(B, dtype=torch.int64, device=dev)
-    idx = torch.empty(B, N, dtype=torch.int64, device=dev) if select_only else torch.empty(1, dtype=torch.int64, device=dev)
+    # torch.empty launches nothing; kernel 1 initialises the merge state (keys, votes, counters)
+    # and the host zeroes only the row-tile arrival counters (a D split).
+    wsf = torch.empty(cfg.n_f32, dtype=torch.float32, device=dev)
+    wsi = torch.empty(cfg.n_i32, dtype=torch.int32, device=dev)
+    if cfg.ksplit > 1:
+        wsi[cfg.arrived_at:].zero_()
+    # select writes idx [B, N], prune counts [B]; the input stands in for the other, unused.
+    out = torch.empty((B, N) if select_only else (B,), dtype=torch.int64, device=dev)
     tmask = patches if task_mask is None else task_mask.contiguous()
     pmask = patches if patch_mask is None else patch_mask.contiguous()
     scale = 1.0 / math.sqrt(D)
 
-    wrap(_scores_kernel)[(n_tiles, cfg.ksplit, B)](
-        patches, task, tmask, S, M, sp, ssp, sst, arrived, keys, votes, counter, kmax,
-        B, N, T, D, cfg.kchunk, scale,
+    wrap(_scores_kernel)[(cfg.n_score_tiles, cfg.ksplit, B)](
+        patches, task, tmask, wsf, wsi,
+        N, T, D, cfg.kchunk, scale,
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
         DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec,
@@ -550,7 +597,7 @@ def _run_select(
     )
     n_programs = cfg.n_row_tiles * cfg.n_split
     wrap(_select_kernel)[(n_programs, B)](
-        S, M, tmask, pmask, keys, votes, counter, kmax, order, counts, idx,
+        wsf, wsi, tmask, pmask, patches if select_only else out, out if select_only else patches,
         N, T, scale, limit, cfg.n_split, n_programs,
         HAS_TMASK=task_mask is not None, HAS_PMASK=patch_mask is not None,
         MASK_VOTERS=bool(mask_voters), SELECT_ONLY=select_only, BUDGET=budget,
@@ -558,11 +605,10 @@ def _run_select(
         BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, DOT_PREC=cfg.dot_prec,
         num_warps=cfg.warps2, num_stages=cfg.stages2,
     )
-    return (idx if select_only else None), order, counts, kmax, cfg
+    return out, wsi, cfg
 
 
-def _run_gather(patches, order, counts, K: int, cfg: _Cfg, wrap: Callable):
-    patches = patches.contiguous()
+def _run_gather(patches, wsi, counts, K: int, cfg: _Cfg, wrap: Callable):
     B, N, D = patches.shape
     dev = patches.device
     pruned = torch.empty(B, K, D, dtype=patches.dtype, device=dev)
@@ -572,8 +618,8 @@ def _run_gather(patches, order, counts, K: int, cfg: _Cfg, wrap: Callable):
     if INTERPRET and patches.dtype == torch.bfloat16:
         # The interpreter mishandles bf16 values; the gather only moves bits.
         src, dst = patches.view(torch.int16), pruned.view(torch.int16)
-    wrap(_gather_kernel)[(triton.cdiv(K, cfg.br), triton.cdiv(D, cfg.bd), B)](
-        src, order, counts, dst, kept_mask, kept_idx,
+    wrap(_gather_kernel)[(-(-K // cfg.br), -(-D // cfg.bd), B)](
+        src, wsi, counts, dst, kept_mask, kept_idx,
         N, D, K,
         BLOCK_R=cfg.br, BLOCK_D=cfg.bd,
         num_warps=cfg.warps3,
@@ -597,7 +643,8 @@ def select(patches, task, task_mask=None, patch_mask=None, mask_voters=False, wr
     B, N, _ = patches.shape
     if B == 0:
         return torch.empty(0, N, dtype=torch.int64, device=patches.device)
-    idx, *_ = _run_select(patches, task, task_mask, patch_mask, mask_voters, True, N, False, wrap)
+    idx, _, _ = _run_select(patches.contiguous(), task.contiguous(), task_mask, patch_mask, mask_voters, True, N,
+                            False, wrap)
     return idx
 
 
@@ -614,11 +661,12 @@ def prune(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask
     B, N, _ = patches.shape
     if B == 0:
         return _empty_outputs(patches, 1)
-    _, order, counts, kmax, cfg = _run_select(
-        patches, task, task_mask, patch_mask, mask_voters, False,
+    patches = patches.contiguous()
+    counts, wsi, cfg = _run_select(
+        patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
         _limit(N, keep_tokens, None), keep_tokens is not None, wrap)
-    K = max(1, int(kmax.item()))  # the op's one host sync
-    return _run_gather(patches, order, counts, K, cfg, wrap)
+    K = max(1, int(wsi[cfg.kmax_at].item()))  # the op's one host sync
+    return _run_gather(patches, wsi, counts, K, cfg, wrap)
 
 
 def prune_padded(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, max_tokens=1,
@@ -627,7 +675,8 @@ def prune_padded(patches, task, task_mask=None, patch_mask=None, keep_tokens=Non
     B, N, _ = patches.shape
     if B == 0:
         return _empty_outputs(patches, max_tokens)
-    _, order, counts, _, cfg = _run_select(
-        patches, task, task_mask, patch_mask, mask_voters, False,
+    patches = patches.contiguous()
+    counts, wsi, cfg = _run_select(
+        patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
         _limit(N, keep_tokens, max_tokens), keep_tokens is not None, wrap)
-    return _run_gather(patches, order, counts, max_tokens, cfg, wrap)
+    return _run_gather(patches, wsi, counts, max_tokens, cfg, wrap)

@@ -120,7 +120,9 @@ def select_tokens(
     check_inputs(patches, task, task_mask, patch_mask)
     backend = resolve_backend(backend, patches.device)
     if backend == "triton":
-        return _triton_op("triton_select")(patches, task, task_mask, patch_mask, mask_voters)
+        from pi05_fastprune import triton_ops
+
+        return triton_ops.call("select", patches, task, task_mask, patch_mask, mask_voters)
     return torch.ops.fastprune.select(patches, task, task_mask, patch_mask, mask_voters, backend)
 
 
@@ -148,13 +150,15 @@ def prune_tokens(
     check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
     backend = resolve_backend(backend, patches.device)
     if backend == "triton":
-        # The Triton ops directly (not via fastprune::prune's dispatch), so that Inductor
-        # sees their kernels under torch.compile.
+        # The Triton ops (not fastprune::prune's dispatch to them), so that Inductor sees their
+        # kernels under torch.compile; eager calls launch the kernels directly.
+        from pi05_fastprune import triton_ops
+
         if max_tokens is None:
-            out = _triton_op("triton_prune")(patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
+            out = triton_ops.call("prune", patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
         else:
-            out = _triton_op("triton_prune_padded")(
-                patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters
+            out = triton_ops.call(
+                "prune_padded", patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters
             )
     elif max_tokens is None:
         out = torch.ops.fastprune.prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters, backend)
@@ -163,12 +167,6 @@ def prune_tokens(
             patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters, backend
         )
     return PruneResult(*out)
-
-
-def _triton_op(name: str):
-    if not hasattr(torch.ops.fastprune, name):
-        raise RuntimeError(f"backend='triton' needs triton installed (fastprune::{name} is not registered)")
-    return getattr(torch.ops.fastprune, name)
 
 
 def _prune_outputs(patches: torch.Tensor, K) -> tuple[torch.Tensor, ...]:

@@ -28,10 +28,11 @@ import os
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from pi05_fastprune.prune import _prune_fake, _prune_padded_fake, _select_fake, check_inputs
 
-__all__ = ["HAVE_TRITON", "INTERPRET"]
+__all__ = ["HAVE_TRITON", "INTERPRET", "call"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -106,3 +107,22 @@ def _register() -> None:
 
 if HAVE_TRITON and not hasattr(torch.ops.fastprune, "triton_select"):
     _register()
+
+
+def call(name: str, *args):
+    """``torch.ops.fastprune.triton_<name>(*args)`` for the Python API (``prune_tokens``,
+    ``select_tokens``; checked inputs). An eager call on plain tensors launches the op's kernels
+    itself: the same launchers, without torch.library's dispatch layers (about 50 µs of each
+    eager call's host time on the H200 machine, bench/results/h200-2026-11-26/run5/host). Calls
+    that something traces or intercepts (torch.compile, export, fake or other tensor subclasses,
+    dispatch modes, functorch transforms) go through the op, so Inductor sees the kernels."""
+    if not HAVE_TRITON:
+        raise RuntimeError(f"backend='triton' needs triton installed (fastprune::triton_{name} is not registered)")
+    if (
+        not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and all(a is None or type(a) is torch.Tensor for a in args[:4])
+    ):
+        return getattr(_k, name)(*args)
+    return getattr(torch.ops.fastprune, "triton_" + name)(*args)

@@ -56,5 +56,5 @@ def test_host_breakdown_quick(tmp_path):
 
     assert host_prune.main(["--quick", "--reps", "5", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "host.json").read_text())["rows"]
-    assert [r["layer"] for r in rows] == ["op", "empty"] and all(r["host_us"] > 0 for r in rows)
+    assert [r["layer"] for r in rows] == ["api", "op", "empty"] and all(r["host_us"] > 0 for r in rows)
     assert "fastprune.prune_padded" in (tmp_path / "profile_cpu.txt").read_text()

@@ -38,7 +38,32 @@ import pi05_fastprune  # noqa: F401,E402
 from pi05_fastprune import reference as R  # noqa: E402
 
 if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
     import pi05_fastprune.triton_ops  # noqa: F401,E402  (registers fastprune::triton_*)
+    from pi05_fastprune.kernels import prune_triton as _K
+
+    @triton.jit
+    def _scratch_probe(WSF, WSI, B, N, T, n_tiles, KSPLIT: tl.constexpr):
+        """Marks the scratch regions (test_scratch_layout_fills_the_host_sizes_exactly)."""
+        S, M, SP, SSP, SST = _K._f32_scratch(WSF, B, N, T, KSPLIT, n_tiles)
+        KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED = _K._i32_scratch(WSI, B, N)
+        tl.store(M, 1.0)
+        if KSPLIT > 1:
+            tl.store(SP, 2.0)
+            tl.store(SSP, 3.0)
+            tl.store(SST, 4.0)
+            tl.store(SST + KSPLIT * B * n_tiles * T - 1, 5.0)
+            tl.store(ARRIVED, 15)
+            tl.store(ARRIVED + B * n_tiles - 1, 16)
+        else:
+            tl.store(M + B * N - 1, 5.0)
+        tl.store(KEYS + B * N - 1, -7)
+        tl.store(VOTES, 11)
+        tl.store(ORDER, 12)
+        tl.store(COUNTER, 13)
+        tl.store(KMAX, 14)
 
 interp = pytest.mark.skipif(not (INTERPRET and HAVE_TRITON), reason="runs in the TRITON_INTERPRET=1 subprocess")
 
@@ -200,6 +225,75 @@ def test_python_api_backend_triton():
                 ops.triton_prune(patches, task, task_mask, patch_mask, 7, False))
     assert_same(fp.prune_tokens(patches, task, max_tokens=4, backend="triton", **kw),
                 ops.triton_prune_padded(patches, task, task_mask, patch_mask, None, 4, False))
+
+
+@interp
+def test_python_api_launches_directly_in_eager_and_through_the_op_when_intercepted():
+    """Eager API calls skip the op's dispatch layers; under a dispatch mode (as in export and
+    fake-tensor tracing) and under torch.compile the op is called, with the same results."""
+    import pi05_fastprune as fp
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    patches, task, task_mask, patch_mask = make_case("masks", seed=5)
+    kw = dict(task_mask=task_mask, patch_mask=patch_mask, backend="triton")
+    calls = {
+        "triton_select": lambda: fp.select_tokens(patches, task, **kw),
+        "triton_prune": lambda: fp.prune_tokens(patches, task, keep_tokens=6, **kw),
+        "triton_prune_padded": lambda: fp.prune_tokens(patches, task, max_tokens=4, **kw),
+    }
+    for name, run in calls.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            eager = run()
+        assert f"fastprune::{name}" not in {e.name for e in prof.events()}, name
+        with Seen() as seen:
+            traced = run()
+        assert f"fastprune.{name}.default" in seen.ops, (name, seen.ops)
+        assert_same(tuple(traced) if name != "triton_select" else (traced,),
+                    tuple(eager) if name != "triton_select" else (eager,))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda p, t, tm, pm: fp.prune_tokens(
+        p, t, task_mask=tm, patch_mask=pm, max_tokens=4, backend="triton").pruned, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(patches, task, task_mask, patch_mask),
+                               fp.prune_tokens(patches, task, max_tokens=4, **kw).pruned, rtol=0, atol=0)
+
+
+@interp
+@pytest.mark.parametrize("B,N,T,ksplit,n_tiles", [(1, 21, 11, 2, 2), (3, 7, 5, 3, 1), (2, 768, 200, 1, 48)])
+def test_scratch_layout_fills_the_host_sizes_exactly(B, N, T, ksplit, n_tiles):
+    """The kernels' scratch regions (_f32_scratch, _i32_scratch) and the host's sizes
+    (_scratch_sizes) agree: a probe kernel marks each region's first element and the last
+    region's last one; the marks land where the host expects them, the last on the buffer's last
+    element, nothing past it, and every region start is 16-byte aligned."""
+    from pi05_fastprune.kernels import prune_triton as K
+
+    n_f32, n_i32, arrived_at, kmax_at = K._scratch_sizes(B, N, T, ksplit, n_tiles)
+    guard = 8
+    wsf = torch.zeros(n_f32 + guard)
+    wsi = torch.zeros(n_i32 + guard, dtype=torch.int32)
+    _scratch_probe[(1,)](wsf, wsi, B, N, T, n_tiles, KSPLIT=ksplit)
+    marks = {float(v): i for i, v in enumerate(wsf.tolist()) if v}
+    assert marks[5.0] == n_f32 - 1 and not wsf[n_f32:].any(), marks
+    starts = [marks[v] for v in (1.0, 2.0, 3.0, 4.0) if v in marks]
+    assert all(i % 4 == 0 for i in starts), marks
+    ints = {int(v): i for i, v in enumerate(wsi.tolist()) if v}
+    assert ints[14] == kmax_at, ints
+    assert wsi[:2 * B * N].view(torch.int64)[-1] == -7
+    assert all(ints[v] % 4 == 0 for v in (11, 12, 13)), ints
+    if ksplit > 1:
+        assert ints[15] == arrived_at and ints[15] % 4 == 0 and ints[16] == n_i32 - 1, ints
+    else:  # no arrival counters
+        assert n_i32 == arrived_at
+    assert not wsi[n_i32:].any()
 
 
 @interp
