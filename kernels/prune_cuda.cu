@@ -142,6 +142,22 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// A block's arrival at a last-block-done counter, by one thread after a __syncthreads (the
+// barrier orders the whole block's writes before it): one gpu-scope acq_rel atomic, a release of
+// those writes and, for the last block, an acquire of everyone's (readers follow the next
+// __syncthreads; partials are read with __ldcg). This replaces a __threadfence in every thread
+// before and after, which compiles to MEMBAR.SC.GPU (a sequentially consistent fence, more than
+// the pattern needs), as CUTLASS's semaphores do. The emulator's atomicAdd is seq_cst.
+__device__ __forceinline__ int arrive(int* counter) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  int prev;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
+  return prev;
+#else
+  return atomicAdd(counter, 1);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
@@ -546,15 +562,10 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
   }
 
   // 3. The last of the ksplit blocks of (row tile, sample) to arrive finalises the tile.
-  __threadfence();
   __syncthreads();
-  if (tid == 0) {
-    const int prev = atomicAdd(&a.counters_a[b * a.row_tiles + rt], 1);
-    sm.is_last = prev == a.ksplit - 1;
-  }
+  if (tid == 0) sm.is_last = arrive(&a.counters_a[b * a.row_tiles + rt]) == a.ksplit - 1;
   __syncthreads();
   if (!sm.is_last) return;
-  __threadfence();
 
   // 4. S and A of the tile from the ksplit partials, one 64 x 64 token tile at a time.
   //
@@ -1078,15 +1089,10 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
     if (tx == 0 && i < N && best != 0ull) atomicMax(&a.keys[b * N + i], best);
   }
 
-  __threadfence();
   __syncthreads();
-  if (tid == 0) {
-    const int prev = atomicAdd(&a.counters_b[b], 1);
-    s_last = prev == static_cast<int>(gridDim.x * gridDim.y) - 1;
-  }
+  if (tid == 0) s_last = arrive(&a.counters_b[b]) == static_cast<int>(gridDim.x * gridDim.y) - 1;
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   if (N <= kTailSmemMaxN) {
     keep_tail<true>(a, b, sm.tail, sm.tail + N + 1, s_warp, s_warp64, &s_vstar, &s_above);
   } else {
