@@ -4,6 +4,7 @@ shape (bench_prune's ``host_us`` is the total: 230-500 us for the Triton provide
 against a 40 us target).
 
     python bench/host_prune.py --out DIR        # GPU: both backends; CPU: the CPU op only
+    python bench/host_prune.py --out DIR --fake-driver   # CPU: the Triton path's host side
 
 Layers timed (median wall time per call from a synced start, as harness.host_latency):
 - ``api``        prune_tokens(..., max_tokens, backend): the Python API (checks; Triton: eager
@@ -11,15 +12,24 @@ Layers timed (median wall time per call from a synced start, as harness.host_lat
 - ``op``         torch.ops.fastprune.prune_padded(..., backend): the C++ dispatcher entry
 - ``triton_op``  torch.ops.fastprune.triton_prune_padded: the torch.library op (Triton only)
 - ``launches``   kernels.prune_triton.prune_padded: allocations and the launches, no library
+- ``jit_run``    the same, every launch through JITFunction.run (without the eager launch cache)
+- ``no_launch``  the same with the launches left out: allocations and Python
 - ``gather``     one launch of the gather kernel alone
 - ``empty``      one torch.empty on the device (the launch code makes 6 per call)
 Then a cProfile of ``api`` calls (top functions by total time) into profile_<backend>.txt.
+
+``--fake-driver`` (a machine without a GPU): the Triton layers on CPU tensors, with kernels
+compiled for sm_90 and launches that run nothing (bench/triton_fake_driver.py). The host side of
+every launch runs for real, except triton's C launcher and the driver's launch call, so these
+numbers are the Python share of the host time, on this machine's CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import functools
 import io
 import json
 import pathlib
@@ -36,6 +46,24 @@ from pi05_fastprune.prune import prune_tokens  # noqa: E402
 from pi05_fastprune.structured import structured_inputs  # noqa: E402
 
 
+class _JitRun:
+    """A kernel seen through this wrapper launches through JITFunction.run every time."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return self.kernel[grid]
+
+
+class _NoLaunch:
+    def __init__(self, kernel):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
 def layers(backend: str, inp, cap: int) -> dict:
     p, t, tm, pm = inp
     out = {
@@ -48,6 +76,8 @@ def layers(backend: str, inp, cap: int) -> dict:
 
         out["triton_op"] = lambda: torch.ops.fastprune.triton_prune_padded(p, t, tm, pm, None, cap, False)
         out["launches"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False)
+        out["jit_run"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False, wrap=_JitRun)
+        out["no_launch"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False, wrap=_NoLaunch)
         counts, wsi, cfg = K._run_select(p, t, tm, pm, False, False, cap, False, K._identity)
         out["gather"] = lambda: K._run_gather(p, wsi, counts, cap, cfg, K._identity)
     out["empty"] = lambda: torch.empty(1024, device=p.device)
@@ -59,19 +89,46 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="tiny shape (CPU smoke test)")
+    ap.add_argument("--fake-driver", action="store_true",
+                    help="no GPU: the Triton path's host side with launches that run nothing")
     args = ap.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = H.pick_device(None)
+    with contextlib.ExitStack() as stack:
+        if args.fake_driver:
+            stack.enter_context(_fake_driver())
+        return _measure(args, out, device)
+
+
+@contextlib.contextmanager
+def _fake_driver():
+    from triton_fake_driver import FakeDriver
+
+    from pi05_fastprune.kernels import prune_triton as K
+
+    real_config = K._config
+    K._config = functools.partial(real_config, gpu_sms=132)  # an H100's launch parameters
+    try:
+        with FakeDriver(record=False):
+            yield
+    finally:
+        K._config = real_config
+        for cached in K._CACHED.values():
+            cached.compiled.clear()
+            cached.kernel.device_caches.clear()
+
+
+def _measure(args, out: pathlib.Path, device: torch.device) -> int:
     if args.quick:
         shape = dict(batch=1, n_cameras=2, patches_per_camera=32, prompt_len=24, valid_prompt=8, width=64)
     else:
         shape = dict(batch=1, n_cameras=3, patches_per_camera=256, prompt_len=200, valid_prompt=48, width=2048)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or args.fake_driver else torch.float32
     inp = structured_inputs(**shape, dtype=dtype, device=device, seed=0)
     N = shape["n_cameras"] * shape["patches_per_camera"]
     cap = max(1, N // 3)
-    backends = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
+    backends = ["triton"] if args.fake_driver else ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
     rows, md = [], ["| backend | layer | host µs per call |", "|---|---|---|"]
     for backend in backends:
         try:
@@ -99,6 +156,8 @@ def main(argv=None) -> int:
         stats.sort_stats("cumulative").print_stats(25)
         (out / f"profile_{backend}.txt").write_text(f"{args.reps} calls of api\n" + text.getvalue())
     env = H.environment(device)
+    if args.fake_driver:
+        env["fake_driver"] = "kernels compiled for sm_90, launches run nothing (bench/triton_fake_driver.py)"
     (out / "host.json").write_text(json.dumps({"environment": env, "shape": shape, "rows": rows}, indent=1))
     (out / "host.md").write_text(f"# host time per eager prune_padded call ({env['gpu'] or device})\n\n"
                                  + "\n".join(md) + "\n")

@@ -44,6 +44,7 @@ from typing import Callable, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 EPS = 1e-6
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -443,6 +444,51 @@ def _identity(kernel):
     return kernel
 
 
+def _spec(args) -> list:
+    """What triton 3.6 and 3.7 specialise kernel arguments on (their native_specialize_impl): a
+    tensor's dtype and 16-byte alignment; an int being 1 (a constant), divisible by 16, and its
+    width (i32, i64, u64); only the type of anything else (a float is fp32)."""
+    return [(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+            else (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63) if type(a) is int
+            else type(a) for a in args]
+
+
+class _CachedLaunch:
+    """``kernel[grid](*args, **kwargs)`` of an eager call that binds through ``JITFunction.run``
+    once per specialisation. ``run`` binds and specialises every argument, builds the cache key
+    and reads several knobs on every launch: ~10 µs of Python per launch on the CPU machine (a
+    driver that launches nothing, tests/test_triton_sm90.py), about twice that on the H200
+    machine's host (run 5). The first call of a specialisation goes through ``run``, which
+    compiles or finds the kernel and launches it; later calls launch that compiled kernel as
+    ``run`` does at its end (``CompiledKernel[grid]``, which keeps triton's launch hooks), with
+    the arguments in signature order. The key holds everything ``run``'s key depends on for
+    these kernels: the current device, ``_spec`` of each argument, the constexprs and options."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.names = [p.name for p in kernel.params]
+        self.compiled = {}
+
+    def __getitem__(self, grid):
+        return functools.partial(self.launch, grid)
+
+    def launch(self, grid, *args, **kwargs):
+        key = (driver.active.get_current_device(), *_spec(args), *kwargs.items())
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.kernel[grid](*args, **kwargs)
+            self.compiled[key] = compiled.result() if hasattr(compiled, "result") else compiled
+        else:
+            compiled[(*grid, 1, 1)[:3]](*args, *[kwargs[n] for n in self.names[len(args):]])
+
+
+def _launcher(wrap: Callable, kernel):
+    """``wrap(kernel)``; for an eager launch on a GPU (``wrap`` leaves the kernel as it is), the
+    kernel's _CachedLaunch."""
+    launcher = wrap(kernel)
+    return _CACHED[kernel.fn] if launcher is kernel and not INTERPRET else launcher
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -587,7 +633,7 @@ def _run_select(
     pmask = patches if patch_mask is None else patch_mask.contiguous()
     scale = 1.0 / math.sqrt(D)
 
-    wrap(_scores_kernel)[(cfg.n_score_tiles, cfg.ksplit, B)](
+    _launcher(wrap, _scores_kernel)[(cfg.n_score_tiles, cfg.ksplit, B)](
         patches, task, tmask, wsf, wsi,
         N, T, D, cfg.kchunk, scale,
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
@@ -596,7 +642,7 @@ def _run_select(
         num_warps=cfg.warps1, num_stages=cfg.stages1,
     )
     n_programs = cfg.n_row_tiles * cfg.n_split
-    wrap(_select_kernel)[(n_programs, B)](
+    _launcher(wrap, _select_kernel)[(n_programs, B)](
         wsf, wsi, tmask, pmask, patches if select_only else out, out if select_only else patches,
         N, T, scale, limit, cfg.n_split, n_programs,
         HAS_TMASK=task_mask is not None, HAS_PMASK=patch_mask is not None,
@@ -618,13 +664,16 @@ def _run_gather(patches, wsi, counts, K: int, cfg: _Cfg, wrap: Callable):
     if INTERPRET and patches.dtype == torch.bfloat16:
         # The interpreter mishandles bf16 values; the gather only moves bits.
         src, dst = patches.view(torch.int16), pruned.view(torch.int16)
-    wrap(_gather_kernel)[(-(-K // cfg.br), -(-D // cfg.bd), B)](
+    _launcher(wrap, _gather_kernel)[(-(-K // cfg.br), -(-D // cfg.bd), B)](
         src, wsi, counts, dst, kept_mask, kept_idx,
         N, D, K,
         BLOCK_R=cfg.br, BLOCK_D=cfg.bd,
         num_warps=cfg.warps3,
     )
     return pruned, kept_mask, kept_idx, counts
+
+
+_CACHED = {} if INTERPRET else {k.fn: _CachedLaunch(k) for k in (_scores_kernel, _select_kernel, _gather_kernel)}
 
 
 def _empty_outputs(patches: torch.Tensor, K: int):

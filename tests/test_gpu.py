@@ -177,6 +177,40 @@ def test_strided_inputs(backend):
     check_prune(out, patches, idx, None, 40, False, None)
 
 
+def test_triton_launch_cache_matches_jit_run():
+    """The Triton backend's eager launch cache (kernels.prune_triton._CachedLaunch) gives the
+    outputs of launches through JITFunction.run, call after call, across specialisations that
+    must not share a compiled kernel: a patches tensor 4 bytes off 16-byte alignment, sizes not
+    divisible by 16, a static cap of 1 (an int argument triton makes a constant), fp16."""
+    why = _backend_available("triton")
+    if why:
+        pytest.skip(why)
+    from pi05_fastprune.kernels import prune_triton as K
+
+    class JitRun:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return self.kernel[grid]
+
+    g = torch.Generator().manual_seed(12)
+    for B, N, T, D, cap, dtype, offset in [(1, 768, 200, 2048, 256, torch.bfloat16, 0),
+                                            (1, 768, 200, 2048, 256, torch.bfloat16, 2),
+                                            (2, 21, 11, 40, 9, torch.bfloat16, 0),
+                                            (2, 21, 11, 40, 1, torch.bfloat16, 0),
+                                            (2, 21, 11, 40, 16, torch.float16, 2)]:
+        flat = torch.randn(B * N * D + offset, generator=g).to(dtype).cuda()
+        patches = flat[offset:].view(B, N, D)
+        task = torch.randn(B, T, D, generator=g).to(dtype).cuda()
+        task_mask = torch.rand(B, T, generator=g).cuda() < 0.6
+        want = K.prune_padded(patches, task, task_mask, None, None, cap, False, wrap=JitRun)
+        for _ in range(2):  # the first call of a specialisation fills the cache, the second uses it
+            got = K.prune_padded(patches, task, task_mask, None, None, cap, False)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), (B, N, cap, dtype, offset)
+
+
 def test_ties_and_determinism(backend):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 8, 32, generator=g)

@@ -14,12 +14,19 @@ and the compile time (``pytest -s`` shows the table); it fails on a compile erro
 memory over 227 KB, or on a compile slower than ``MAX_COMPILE_S`` (a ptxas that runs for minutes
 on the GPU machine eats its time budget).
 
+The same machinery checks the eval launchers' eager launch cache: under a driver that compiles
+for sm_90 and records launches instead of running them (bench/triton_fake_driver.py), the cache
+must launch the compiled kernel and arguments that ``JITFunction.run`` would, and
+``bench/host_prune.py --fake-driver`` must run.
+
 Skipped when a GPU is present (the GPU runs the real kernels), under ``TRITON_INTERPRET=1``, and
 when this triton lacks the compiler API used here (``ASTSource``, ``GPUTarget``, the JIT binder).
 
 The lent GPU machines ship an older triton (``GPU_TRITON``, with their torch 2.11) than the one
 torch 2.13 pins here, so ``test_compiles_with_the_gpu_machines_triton`` repeats the bf16 compiles
-in a subprocess with that triton installed beside the tests (skipped where it cannot be installed).
+in a subprocess with that triton installed beside the tests (skipped where it cannot be installed),
+and the eager launch cache's test (``test_cached_launch_gives_each_launch_what_jit_run_gives_it``)
+with it.
 """
 
 from __future__ import annotations
@@ -238,6 +245,97 @@ def test_eval_kernels_compile_for_sm90(dtype):
     compile_distinct(launches, labels, dtype)
 
 
+# ----------------------------------------------------------------------------- eager launches
+
+
+def _launch_view(launch, inputs):
+    """A recorded launch with scratch tensors (new each call) reduced to dtype and shape."""
+    launcher, grid, stream, function, packed, args = launch
+    ids = {t.data_ptr(): i for i, t in enumerate(inputs) if t is not None}
+    view = tuple(("input", ids[a.data_ptr()]) if isinstance(a, torch.Tensor) and a.data_ptr() in ids
+                 else ("tensor", a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args)
+    return launcher, grid, stream, function, packed, view
+
+
+def _eval_case(name):
+    """(patches, task, task_mask, patch_mask, keep_tokens, max_tokens) on CPU, untouched values."""
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(name.split()[-1], torch.bfloat16)
+    B, N, T, D = {"odd": (2, 21, 11, 40), "one": (1, 1, 3, 32)}.get(name.split()[0], (1, 768, 200, 2048))
+    if "misaligned" in name:  # contiguous, 4 bytes past a 16-byte boundary
+        patches = torch.empty(B * N * D + 2, dtype=dtype)[2:].view(B, N, D)
+    else:
+        patches = torch.empty(B, N, D, dtype=dtype)
+    task = torch.empty(B, T, D, dtype=dtype)
+    masks = (None, None) if "nomask" in name else (torch.ones(B, T, dtype=torch.bool), torch.ones(B, N, dtype=torch.bool))
+    keep = 5 if "budget" in name else None
+    cap = next((int(w[3:]) for w in name.split() if w.startswith("cap")), {"odd": 9, "one": 1}.get(name.split()[0], 256))
+    return (patches, task, *masks, keep, cap)
+
+
+def test_cached_launch_gives_each_launch_what_jit_run_gives_it(tmp_path):
+    """kernels.prune_triton's _CachedLaunch (an eager launch after the first of its
+    specialisation skips JITFunction.run's binding) launches the compiled kernel that
+    JITFunction.run would pick, with the same grid and arguments. Under a driver that compiles for
+    sm_90 and records launches (bench/triton_fake_driver.py), each case runs through
+    JITFunction.run, then twice through the cache; the cache's second call must match the first
+    path launch by launch. The cases share the cache in an order where a key that missed a
+    specialisation would reuse the wrong kernel: a patches tensor off 16-byte alignment, no
+    masks, fp16/fp32, sizes not divisible by 16, and sizes of 1 (triton makes an int 1 a
+    constant). "odd", "odd cap1" and "odd cap16" differ only in the static cap (9, 1, 16), so in
+    whether two int arguments are 1 or divisible by 16."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from triton_fake_driver import FakeDriver
+
+    from pi05_fastprune.kernels import prune_triton as K
+
+    class Plain:  # not the kernel itself: the launchers take JITFunction.run
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return self.kernel[grid]
+
+    cases = ["pi05", "pi05 misaligned", "pi05 nomask", "pi05 budget", "pi05 fp16", "pi05 misaligned fp32",
+             "odd", "odd cap1", "odd cap16", "odd misaligned", "odd budget fp16", "one", "one fp32"]
+    real_config = K._config
+    K._config = functools.partial(real_config, gpu_sms=H100_SMS)
+    kernels = [c.kernel for c in K._CACHED.values()]
+    try:
+        with knobs.cache.scope(), FakeDriver() as drv:
+            knobs.cache.dir = str(tmp_path)
+            for name in cases:
+                inp = _eval_case(name)
+                runs = []
+                for wrap in (Plain, K._identity, K._identity):
+                    drv.launches.clear()
+                    K.prune_padded(*inp, False, wrap=wrap)
+                    runs.append([_launch_view(x, inp[:4]) for x in drv.launches])
+                assert len(runs[0]) == 3, (name, runs[0])
+                assert runs[2] == runs[0], name
+    finally:
+        K._config = real_config
+        for cached in K._CACHED.values():
+            cached.compiled.clear()
+        for kernel in kernels:  # their kernels compiled for the fake device 0
+            kernel.device_caches.clear()
+
+
+def test_host_breakdown_with_the_fake_driver(tmp_path):
+    """bench/host_prune.py --fake-driver times the Triton layers here (launches run nothing)."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import host_prune
+
+    assert host_prune.main(["--quick", "--fake-driver", "--reps", "5", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "host.json").read_text())
+    assert [r["layer"] for r in result["rows"]] == ["api", "op", "triton_op", "launches", "jit_run", "no_launch",
+                                                    "gather", "empty"]
+    assert all(r["host_us"] > 0 for r in result["rows"]) and "fake_driver" in result["environment"]
+    # The API's eager launches go through the launch cache (_CachedLaunch.launch).
+    assert "prune_triton.py" in (profile := (tmp_path / "profile_triton.txt").read_text()) and "(launch)" in profile
+
+
 # ----------------------------------------------------------------------------- select_soft
 
 
@@ -304,7 +402,8 @@ def test_compiles_with_the_gpu_machines_triton(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]), **{CHILD_ENV: "1"})
     env.pop("PYTEST_ADDOPTS", None)
     code = (f"import triton, sys; assert triton.__version__ == {GPU_TRITON!r}, triton.__version__; "
-            f"import pytest; sys.exit(pytest.main([{__file__!r}, '-q', '-x', '-p', 'no:cacheprovider', '-k', 'bf16']))")
+            f"import pytest; sys.exit(pytest.main([{__file__!r}, '-q', '-x', '-p', 'no:cacheprovider', '-k', "
+            f"'bf16 or cached_launch']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -1,0 +1,83 @@
+"""A triton driver for a machine without a GPU: kernels compile for an H100 (sm_90) and their
+launches are recorded, not run. Everything on the host side of a launch runs for real
+(``JITFunction.run``'s binding, specialisation, cache and compile, ``CompiledKernel[grid]``), so
+its host cost and the arguments each launch would get can be measured and compared here.
+
+    from triton_fake_driver import FakeDriver
+    with FakeDriver() as drv:    # CPU tensors stand in for device ones
+        ...launch...
+        drv.launches             # [(compiled kernel's launcher, grid, stream, function, args)]
+
+Written against triton 3.6 and 3.7 (the GPU machines' and torch 2.13's); only for tests and
+bench/host_prune.py --fake-driver.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.driver import CudaDriver
+from triton.runtime import driver
+
+H100 = GPUTarget("cuda", 90, 32)
+
+
+class _Utils:
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 1, 32, 0, 1024  # module, function, n_regs, n_spills, n_max_threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
+
+
+class FakeDriver(CudaDriver):
+    """Active inside ``with``; ``record=False`` keeps no launches (for timing)."""
+
+    def __init__(self, record: bool = True):  # no CudaDriver.__init__: it needs libcuda
+        if torch.cuda.is_available():
+            # Kernels compiled under it stay in triton's caches for device 0 with a launcher
+            # that runs nothing.
+            raise RuntimeError("FakeDriver is for machines without a GPU")
+        self.utils = _Utils()
+        self.launches = []
+        self.record = record
+        drv = self
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                self.name = src.fn.__name__ if hasattr(src, "fn") else str(src)
+
+            def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
+                         exit_hook, *args):
+                if drv.record:
+                    drv.launches.append((self, (gx, gy, gz), stream, function, packed_metadata, args))
+
+        self.launcher_cls = Launcher
+
+    def get_current_target(self):
+        return H100
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    @staticmethod
+    def is_active():
+        return True
+
+    def __enter__(self):
+        self._saved = driver._active
+        driver.set_active(self)
+        return self
+
+    def __exit__(self, *exc):
+        driver._active = self._saved
