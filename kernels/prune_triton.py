@@ -10,15 +10,16 @@ the SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
    slices: each program writes its slice's partial dot products and sums of squares, and the
    last slice of a row tile to arrive (an arrival counter, zeroed per call) adds them in slice
    order, so S does not depend on the order of arrival. It also initialises this call's merge
-   keys, vote counts and counters.
+   keys and counters.
 2. ``_select_kernel``   grid (row tiles x column splits, B): ``C = A' S^T`` tile by tile with
    ``A' = exp(S_i / sqrt(D) - m_i)`` (the softmax without its positive row scale, which does
    not move an argmax) and an online row argmax over the split's column tiles, packed into one
    int64 key per (row, best column) so that ``atomic_max`` merges the splits independently of
    launch order (higher score first, then lower column; NaN below -inf). The last program of a
    sample (a per-sample arrival counter) finishes the sample: decodes the row argmax, and for
-   ``select`` writes it; for ``prune`` counts votes, keeps (implicit or budget, optional cap,
-   deterministic ties), prefix-sums the keep mask into the output order and writes ``counts``.
+   ``select`` writes it; for ``prune`` counts votes (a histogram in the program), keeps
+   (implicit or budget, optional cap, deterministic ties), prefix-sums the keep mask into the
+   output order and writes ``counts``.
 3. ``_gather_kernel``   grid (output row blocks, D blocks, B): copies the kept raw patch rows
    in increasing index, zero padding, ``kept_mask`` and ``kept_idx``.
 
@@ -98,16 +99,15 @@ def _f32_scratch(WSF, B, N, T, KSPLIT: tl.constexpr, n_tiles):
 
 @triton.jit
 def _i32_scratch(WSI, B, N):
-    """int32: merge keys [B, N] (int64) | votes [B, N] | order [B, N] | per-sample arrival
-    counters [B], kmax | the score kernel's row-tile arrival counters (zeroed by the host)."""
+    """int32: merge keys [B, N] (int64) | order [B, N] | per-sample arrival counters [B], kmax |
+    the score kernel's row-tile arrival counters (zeroed by the host)."""
     bn = B.to(tl.int64) * N
     KEYS = WSI.to(tl.pointer_type(tl.int64), bitcast=True)
-    VOTES = WSI + _r4(2 * bn)
-    ORDER = VOTES + _r4(bn)
+    ORDER = WSI + _r4(2 * bn)
     COUNTER = ORDER + _r4(bn)
     KMAX = COUNTER + B
     ARRIVED = COUNTER + _r4(B + 1)
-    return KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED
+    return KEYS, ORDER, COUNTER, KMAX, ARRIVED
 
 
 def _scratch_sizes(B: int, N: int, T: int, ksplit: int, n_tiles: int) -> tuple[int, int, int, int]:
@@ -118,7 +118,7 @@ def _scratch_sizes(B: int, N: int, T: int, ksplit: int, n_tiles: int) -> tuple[i
     n_f32 = r4(bn * T) + r4(bn)
     if ksplit > 1:
         n_f32 += r4(ksplit * bn * T) + r4(ksplit * bn) + ksplit * B * n_tiles * T
-    counter = r4(2 * bn) + r4(bn) + r4(bn)
+    counter = r4(2 * bn) + r4(bn)
     arrived = counter + r4(B + 1)
     return n_f32, arrived + (B * n_tiles if ksplit > 1 else 0), arrived, counter + B
 
@@ -202,7 +202,7 @@ def _scores_kernel(
                 tl.store(SSP + part * N + rows64, ssp, mask=rmask)
     # Pointers computed where they are used: kernel arguments sit in constant memory, computed
     # pointers in registers, which the loop above needs.
-    KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, B, N)
+    KEYS, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, B, N)
     if KSPLIT == 1:
         tl.store(M + b * N + rows64, m, mask=rmask)
     else:
@@ -229,11 +229,10 @@ def _scores_kernel(
                 m = _store_s(S, b, N, T, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
             tl.store(M + b * N + rows64, m, mask=rmask)
 
-    # This call's merge state: keys below every real score, zero votes and counters.
+    # This call's merge state: keys below every real score, zero counters.
     if ks == 0:
         key_init = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
         tl.store(KEYS + b * N + rows64, key_init, mask=rmask)
-        tl.store(VOTES + b * N + rows64, tl.zeros([BLOCK_M], tl.int32), mask=rmask)
         if pid_m == 0:
             tl.store(COUNTER + b, 0)
             if b == 0:
@@ -340,15 +339,15 @@ def _select_kernel(
                 sj = _load_s(s_base, cols, cmask, tt, T)
                 acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
             best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
-    KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, B, N)  # computed after the loop
+    KEYS, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, B, N)  # computed after the loop
     tl.atomic_max(KEYS + b * N + rows64, best, mask=rmask)
 
     # Last program of this sample to arrive finishes it (every key of the sample is final).
     # Memory order: the CTA barrier puts every thread's key merge before the arrival, which is
     # one acq_rel gpu-scope atomic (release of this program's merges; in the last program, the
-    # acquire of everyone's). The finishing step reads keys and votes with atomics (L2, never a
-    # stale L1 line). Keys, votes and counters are reset by kernel 1 of the same call (stream
-    # order: no race, also under CUDA-graph replay).
+    # acquire of everyone's). The finishing step reads the keys with atomics (L2, never a stale
+    # L1 line). Keys and counters are reset by kernel 1 of the same call (stream order: no race,
+    # also under CUDA-graph replay).
     tl.debug_barrier()
     arrived = tl.atomic_add(COUNTER + b, 1, sem="acq_rel", scope="gpu")
     if arrived == n_programs - 1:
@@ -372,10 +371,9 @@ def _select_kernel(
         if SELECT_ONLY:
             tl.store(IDX + b * N + offs64, tl.where(voter, idx, -1), mask=inb)
         else:
-            tl.atomic_add(VOTES + b * N + idx, tl.full([BLOCK_NALL], 1, tl.int32), mask=voter)
-            tl.debug_barrier()
-            votes = tl.atomic_add(VOTES + b * N + offs64, tl.zeros([BLOCK_NALL], tl.int32), mask=inb)
-            votes = tl.where(inb, votes, 0)
+            # In the program (shared memory on the GPU), not with global atomics: one pass instead
+            # of scattered adds, a barrier and a read back.
+            votes = tl.histogram(idx.to(tl.int32), BLOCK_NALL, mask=voter)
             if BUDGET:
                 elig = valid
             else:
@@ -417,7 +415,7 @@ def _gather_kernel(
     pr = tl.program_id(0)
     pd = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, tl.num_programs(2), N)
+    KEYS, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, tl.num_programs(2), N)
     r = pr * BLOCK_R + tl.arange(0, BLOCK_R)
     rin = r < K
     cnt = tl.load(COUNTS + b)

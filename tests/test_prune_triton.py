@@ -48,7 +48,7 @@ if HAVE_TRITON:
     def _scratch_probe(WSF, WSI, B, N, T, n_tiles, KSPLIT: tl.constexpr):
         """Marks the scratch regions (test_scratch_layout_fills_the_host_sizes_exactly)."""
         S, M, SP, SSP, SST = _K._f32_scratch(WSF, B, N, T, KSPLIT, n_tiles)
-        KEYS, VOTES, ORDER, COUNTER, KMAX, ARRIVED = _K._i32_scratch(WSI, B, N)
+        KEYS, ORDER, COUNTER, KMAX, ARRIVED = _K._i32_scratch(WSI, B, N)
         tl.store(M, 1.0)
         if KSPLIT > 1:
             tl.store(SP, 2.0)
@@ -60,7 +60,6 @@ if HAVE_TRITON:
         else:
             tl.store(M + B * N - 1, 5.0)
         tl.store(KEYS + B * N - 1, -7)
-        tl.store(VOTES, 11)
         tl.store(ORDER, 12)
         tl.store(COUNTER, 13)
         tl.store(KMAX, 14)
@@ -288,7 +287,7 @@ def test_scratch_layout_fills_the_host_sizes_exactly(B, N, T, ksplit, n_tiles):
     ints = {int(v): i for i, v in enumerate(wsi.tolist()) if v}
     assert ints[14] == kmax_at, ints
     assert wsi[:2 * B * N].view(torch.int64)[-1] == -7
-    assert all(ints[v] % 4 == 0 for v in (11, 12, 13)), ints
+    assert all(ints[v] % 4 == 0 for v in (12, 13)), ints
     if ksplit > 1:
         assert ints[15] == arrived_at and ints[15] % 4 == 0 and ints[16] == n_i32 - 1, ints
     else:  # no arrival counters
