@@ -480,6 +480,12 @@ class _CachedLaunch:
             compiled[(*grid, 1, 1)[:3]](*args, *[kwargs[n] for n in self.names[len(args):]])
 
 
+def _off_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on a CUDA device other than the current one, where triton launches; the
+    public launchers then switch to its device (as the CUDA C++ backend's CUDAGuard does)."""
+    return t.is_cuda and t.device.index != torch.cuda.current_device()
+
+
 def _launcher(wrap: Callable, kernel):
     """``wrap(kernel)``; for an eager launch on a GPU (``wrap`` leaves the kernel as it is), the
     kernel's _CachedLaunch."""
@@ -619,7 +625,7 @@ def _run_select(
     T = task.shape[1]
     dev = patches.device
     cfg = _config(patches, T)
-    # torch.empty launches nothing; kernel 1 initialises the merge state (keys, votes, counters)
+    # torch.empty launches nothing; kernel 1 initialises the merge state (keys and counters)
     # and the host zeroes only the row-tile arrival counters (a D split).
     wsf = torch.empty(cfg.n_f32, dtype=torch.float32, device=dev)
     wsi = torch.empty(cfg.n_i32, dtype=torch.int32, device=dev)
@@ -690,6 +696,9 @@ def select(patches, task, task_mask=None, patch_mask=None, mask_voters=False, wr
     B, N, _ = patches.shape
     if B == 0:
         return torch.empty(0, N, dtype=torch.int64, device=patches.device)
+    if _off_device(patches):
+        with torch.cuda.device(patches.device):
+            return select(patches, task, task_mask, patch_mask, mask_voters, wrap)
     idx, _, _ = _run_select(patches.contiguous(), task.contiguous(), task_mask, patch_mask, mask_voters, True, N,
                             False, wrap)
     return idx
@@ -708,6 +717,9 @@ def prune(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask
     B, N, _ = patches.shape
     if B == 0:
         return _empty_outputs(patches, 1)
+    if _off_device(patches):
+        with torch.cuda.device(patches.device):
+            return prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters, wrap)
     patches = patches.contiguous()
     counts, wsi, cfg = _run_select(
         patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
@@ -722,6 +734,9 @@ def prune_padded(patches, task, task_mask=None, patch_mask=None, keep_tokens=Non
     B, N, _ = patches.shape
     if B == 0:
         return _empty_outputs(patches, max_tokens)
+    if _off_device(patches):
+        with torch.cuda.device(patches.device):
+            return prune_padded(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters, wrap)
     patches = patches.contiguous()
     counts, wsi, cfg = _run_select(
         patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
