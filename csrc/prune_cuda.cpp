@@ -35,9 +35,12 @@ void check_launch(cudaError_t err, const char* what) {
 // (FASTPRUNE_CUDA_PDL=1, on compute capability 9.0+ with kernels built for it): on an H200 they
 // made the pi05 call slower, 4-6 us in CUDA-graph replay and 14-25 us of host time per eager call
 // (bench/results/h200-2026-11-26/run4 and run5, bench against bench_nopdl).
+// FASTPRUNE_CUDA_KSPLIT=k fixes the number of D slices of kernel A, for benchmark sweeps
+// (bench/gpu_check step bench_ksplit); unset, the plan fills about one wave.
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;
+  int ksplit = 0;
 };
 
 DeviceFacts device_facts(int device) {
@@ -52,6 +55,14 @@ DeviceFacts device_facts(int device) {
     check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
     const char* env = std::getenv("FASTPRUNE_CUDA_PDL");
     f.pdl = env != nullptr && std::strcmp(env, "1") == 0 && major >= 9 && fastprune_cuda::kernels_have_pdl();
+    if (const char* k = std::getenv("FASTPRUNE_CUDA_KSPLIT")) {
+      char* end = nullptr;
+      const long v = std::strtol(k, &end, 10);
+      FASTPRUNE_CHECK(*k != '\0' && *end == '\0' && v >= 1 && v <= fastprune_cuda::kMaxSplit,
+                      "fastprune: FASTPRUNE_CUDA_KSPLIT must be an integer in [1, %d], got '%s'",
+                      fastprune_cuda::kMaxSplit, k);
+      f.ksplit = static_cast<int>(v);
+    }
     f.sms = n > 0 ? n : 1;
   }
   return f;
@@ -110,7 +121,7 @@ Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
   p.patch_mask = r.patch_mask.defined() ? r.patch_mask.data_ptr<bool>() : nullptr;
   p.mask_voters = mask_voters;
   const DeviceFacts dev = device_facts(patches.get_device());
-  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl);
+  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit);
   r.workspace = at::empty({static_cast<int64_t>(r.plan.workspace_bytes)},
                           patches.options().dtype(at::kByte));
   return r;

@@ -60,7 +60,6 @@ constexpr int kBM = 64;   // rows (patches j or i) per tile, kernels A and B
 constexpr int kBT = 64;   // prompt tokens per tile, kernel A
 constexpr int kBU = 64;   // prompt tokens per shared-memory step, kernel B
 constexpr int kChunkAlign = 64;  // D slices of kernel A are multiples of this
-constexpr int kMaxSplit = 32;    // at most this many D slices (the finishing step loads them all)
 constexpr float kEps = 1e-6f;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -1233,7 +1232,7 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
 
 }  // namespace
 
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl) {
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit) {
   Plan plan;
   plan.pdl = pdl;
   plan.B = B;
@@ -1244,7 +1243,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   plan.ts = ceil_div(T, 4) * 4;
   // Kernel A has row_tiles * B blocks without a D split; split D to fill about one wave.
   const int64_t base = plan.row_tiles * B;
-  int64_t want = ceil_div(num_sms > 0 ? num_sms : 1, base > 0 ? base : 1);
+  int64_t want = ksplit > 0 ? ksplit : ceil_div(num_sms > 0 ? num_sms : 1, base > 0 ? base : 1);
   const int64_t most = ceil_div(D, kChunkAlign);
   if (want > most) want = most;
   if (want > kMaxSplit) want = kMaxSplit;

@@ -74,10 +74,15 @@ struct Plan {
   size_t workspace_bytes = 0;
 };
 
+// Most D slices of kernel A (its finishing step loads them all).
+constexpr int kMaxSplit = 32;
+
 // num_sms: multiprocessor count of the device (sizes the D split at small batch).
 // pdl: launch kernels B and C as programmatic dependent launches, so that each is scheduled
 // while its predecessor finishes (compute capability 9.0+ only).
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl);
+// ksplit > 0: split D into that many slices (at most kMaxSplit and D / 64) instead of about one
+// wave's worth of kernel A blocks; for benchmark sweeps (FASTPRUNE_CUDA_KSPLIT).
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit = 0);
 
 // Whether the kernels loaded for the current device were compiled for compute_90+, so that
 // they carry the wait of a dependent launch; code JIT-compiled from older PTX does not.

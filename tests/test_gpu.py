@@ -381,6 +381,36 @@ def test_cuda_dependent_launches_give_the_same_results(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(plain, with_pdl)), key
 
 
+def test_cuda_ksplit_override(tmp_path):
+    """FASTPRUNE_CUDA_KSPLIT (gpu_check's bench_ksplit sweep) fixes kernel A's D slices: the
+    selections are still the float64 truth's row argmax and the outputs the pruning of them,
+    eager and from a CUDA graph; a bad value is an error that names the variable."""
+    import os
+    import subprocess
+    import sys
+
+    from pi05_fastprune import reference as R
+
+    why = _backend_available("cuda")
+    if why:
+        pytest.skip(why)
+    path = tmp_path / "ksplit4.pt"
+    proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(path)], capture_output=True, text=True,
+                          env=dict(os.environ, FASTPRUNE_CUDA_KSPLIT="4"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(path)
+    for batch in (1, 8):
+        p, t, tm, pm = structured_inputs(batch=batch, dtype=torch.bfloat16, seed=batch, device="cuda",
+                                         absent_cameras=((batch - 1, 2),))
+        idx = got[f"select{batch}"].cuda()
+        check_selection_truth(idx, p, t, tm, pm)
+        for key in (f"eager{batch}", f"graph{batch}"):
+            check_prune(R.PruneResult(*[x.cuda() for x in got[key]]), p, idx, pm, 96, True, 256)
+    proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(tmp_path / "bad.pt")], capture_output=True,
+                          text=True, env=dict(os.environ, FASTPRUNE_CUDA_KSPLIT="0"), timeout=300)
+    assert proc.returncode != 0 and "FASTPRUNE_CUDA_KSPLIT must be an integer in [1, 32]" in proc.stderr
+
+
 def test_pi05_model_prunes_on_gpu(backend, monkeypatch):
     """The dummy pi0.5 in fp32 on the GPU, pruning through `backend`: the pruned actions equal
     the unpruned model's with the dropped patches masked out of attention (test_model's
