@@ -544,7 +544,17 @@ class _Cfg:
         self.block_nall = max(16, triton.next_power_of_2(N))
         self.search_iters = (N + 1).bit_length() + 1
         if on_gpu:
-            self.bm1 = 16 if B * triton.cdiv(N, 16) <= 4 * want else 32
+            # 16-bit inputs: 64-row score tiles wherever they still make a quarter wave of
+            # programs. A program loads the prompt tile at every D step whatever its row count, so
+            # 16 or 32 rows load it 4 or 2 times as often per patch row, and 64 rows run the
+            # warpgroup MMA (sm_90 HGMMA) instead of mma.sync. Run 4's sweep (H200, bf16): 3.0x
+            # faster at B=64, 2.2x at B=8, but 0.5-0.6x at B=1 (12-24 row tiles). HGMMA adds in
+            # another order than mma.sync, so S's last bits, and selections between near-ties,
+            # differ from 16/32-row tiles. (fp32 inputs at 64 rows spill more on sm_90.)
+            if elem_size == 2 and B * triton.cdiv(N, 64) >= want // 4:
+                self.bm1 = 64
+            else:
+                self.bm1 = 16 if B * triton.cdiv(N, 16) <= 4 * want else 32
             self.bt = min(64, max(16, triton.next_power_of_2(T)))
             self.bk = 128 if elem_size == 2 else 64
             self.bm2, self.bn2 = 64, 64
