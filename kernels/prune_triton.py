@@ -561,7 +561,7 @@ class _Cfg:
             # The select kernel at 4 warps and 3 stages used 255 registers and spilled ~390 B per
             # thread on sm_90; at 8 warps and 1 stage with exact fp32 dots it needed ~175-195 and
             # spilled nothing. With tf32x3 dots (the default since run 4's sweep measured them
-            # 1.6-2.7x faster) it needs 226-234 without masks and 255 plus 250-280 B of spills
+            # 1.6-2.7x faster) it needs 226-255 without masks and 255 plus 250-290 B of spills
             # with them (tests/test_triton_sm90.py). One such program fills an SM's register file.
             # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
             # H200 (run4/tune): its few D steps per program leave a deep pipeline nothing to hide.
