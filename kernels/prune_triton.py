@@ -454,9 +454,10 @@ def _spec(args) -> list:
 class _CachedLaunch:
     """``kernel[grid](*args, **kwargs)`` of an eager call that binds through ``JITFunction.run``
     once per specialisation. ``run`` binds and specialises every argument, builds the cache key
-    and reads several knobs on every launch: ~10 µs of Python per launch on the CPU machine (a
-    driver that launches nothing, tests/test_triton_sm90.py), about twice that on the H200
-    machine's host (run 5). The first call of a specialisation goes through ``run``, which
+    and reads several knobs on every launch: ~10 µs of Python per launch on the CPU machine
+    (bench/host_prune.py --fake-driver, launches that run nothing), and about 20 µs per launch
+    with the C launcher on the H200 machine's host (run 5's gather row). The first call of a
+    specialisation goes through ``run``, which
     compiles or finds the kernel and launches it; later calls launch that compiled kernel as
     ``run`` does at its end (``CompiledKernel[grid]``, which keeps triton's launch hooks), with
     the arguments in signature order. The key holds everything ``run``'s key depends on for
