@@ -267,6 +267,27 @@ def test_python_api_launches_directly_in_eager_and_through_the_op_when_intercept
 
 
 @interp
+def test_ops_call_their_eager_kernels_not_the_custom_op_wrapper():
+    """An eager call of a fastprune::triton_* op reaches the device-key kernel that triton_ops
+    registers (the body with plain launches), not custom_op's CompositeExplicitAutograd wrapper
+    (backend_impl): the same outputs with fewer host layers."""
+    import cProfile
+    import pstats
+
+    patches, task, task_mask, patch_mask = make_case("masks", seed=5)
+    prof = cProfile.Profile()
+    prof.enable()
+    ops.triton_select(patches, task, task_mask, patch_mask, False)
+    ops.triton_prune(patches, task, task_mask, patch_mask, 6, False)
+    ops.triton_prune_padded(patches, task, task_mask, patch_mask, None, 4, False)
+    ops.prune_padded(patches, task, task_mask, patch_mask, None, 4, False, "triton")
+    prof.disable()
+    names = {name for (_, _, name) in pstats.Stats(prof).stats}
+    assert {"triton_select", "triton_prune", "triton_prune_padded"} <= names, names
+    assert "backend_impl" not in names
+
+
+@interp
 @pytest.mark.parametrize("B,N,T,ksplit,n_tiles", [(1, 21, 11, 2, 2), (3, 7, 5, 3, 1), (2, 768, 200, 1, 48)])
 def test_scratch_layout_fills_the_host_sizes_exactly(B, N, T, ksplit, n_tiles):
     """The kernels' scratch regions (_f32_scratch, _i32_scratch) and the host's sizes
