@@ -406,8 +406,10 @@ def test_opcheck_and_compile_once_across_kept_counts():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     patches, task, task_mask, patch_mask = make_case("masks", seed=2)
-    torch.library.opcheck(ops.triton_prune_padded.default, (patches, task, task_mask, patch_mask, None, 5, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    # Every check (schema, autograd registration beside the eager device-key kernels, fake
+    # tensors, AOT dispatch) for the static-shape ops; schema and fake for the dynamic-K one.
+    torch.library.opcheck(ops.triton_prune_padded.default, (patches, task, task_mask, patch_mask, None, 5, True))
+    torch.library.opcheck(ops.triton_select.default, (patches, task, task_mask, patch_mask, True))
     torch.library.opcheck(ops.triton_prune.default, (patches, task, task_mask, patch_mask, 4, False),
                           test_utils=("test_schema", "test_faketensor"))
 
