@@ -134,8 +134,9 @@ if HAVE_TRITON and not hasattr(torch.ops.fastprune, "triton_select"):
 def call(name: str, *args):
     """``torch.ops.fastprune.triton_<name>(*args)`` for the Python API (``prune_tokens``,
     ``select_tokens``; checked inputs). An eager call on plain tensors launches the op's kernels
-    itself: the same launchers, without torch.library's dispatch layers (about 50 µs of each
-    eager call's host time on the H200 machine, bench/results/h200-2026-11-26/run5/host). Calls
+    itself: the same launchers, without the dispatcher and custom_op's autograd wrapper (about
+    10 µs on the CPU machine, bench/host_prune.py --fake-driver's ``api`` and ``triton_op``
+    rows; run 5 measured all the op's layers at about 50 µs on the H200 machine). Calls
     that something traces or intercepts (torch.compile, export, fake or other tensor subclasses,
     dispatch modes, functorch transforms) go through the op, so Inductor sees the kernels."""
     if not HAVE_TRITON:
