@@ -121,7 +121,7 @@ def _register() -> None:
     # too: the interpreter's tensors, and bench/host_prune.py --fake-driver.) The Autograd
     # wrapper, the fakes and triton_op's tracing rules stay as they are.
     lib = torch.library.Library("fastprune", "IMPL")
-    for name, body in _bodies(_k._identity).items():
+    for name, body in (_bodies(_k._identity) if use_triton_op else bodies).items():
         for key in ("CPU", "CUDA"):
             lib.impl(name, body, key)
     _EAGER_LIB.append(lib)
