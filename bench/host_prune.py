@@ -15,7 +15,7 @@ Layers timed (median wall time per call from a synced start, as harness.host_lat
 - ``jit_run``    the same, every launch through JITFunction.run (without the eager launch cache)
 - ``no_launch``  the same with the launches left out: allocations and Python
 - ``gather``     one launch of the gather kernel alone
-- ``empty``      one torch.empty on the device (the launch code makes 6 per call)
+- ``empty``      one torch.empty on the device (the launch code makes 5 per call)
 Then a cProfile of ``api`` calls (top functions by total time) into profile_<backend>.txt.
 
 ``--fake-driver`` (a machine without a GPU): the Triton layers on CPU tensors, with kernels
@@ -78,8 +78,8 @@ def layers(backend: str, inp, cap: int) -> dict:
         out["launches"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False)
         out["jit_run"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False, wrap=_JitRun)
         out["no_launch"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False, wrap=_NoLaunch)
-        counts, wsi, cfg = K._run_select(p, t, tm, pm, False, False, cap, False, K._identity)
-        out["gather"] = lambda: K._run_gather(p, wsi, counts, cap, cfg, K._identity)
+        counts, ws, cfg = K._run_select(p, t, tm, pm, False, False, cap, False, K._identity)
+        out["gather"] = lambda: K._run_gather(p, ws, counts, cap, cfg, K._identity)
     out["empty"] = lambda: torch.empty(1024, device=p.device)
     return out
 

@@ -82,45 +82,49 @@ def _r4(x):
     return (x + 3) // 4 * 4
 
 
-# The call's scratch lives in two buffers (one allocation each: every torch.empty costs the
-# eager call ~2.6 µs of host time on an H200 machine, run5/host), whose regions the kernels
-# derive from (B, N, T). Regions start on 16-byte boundaries. _scratch_sizes sizes them.
+# The call's scratch is one fp32 buffer (one allocation: every torch.empty costs the eager call
+# ~2.6 µs of host time on an H200 machine, run5/host), whose regions the kernels derive from
+# (B, N, T): the int32 regions first (their place depends on B and N alone, which the gather
+# knows), then the fp32 ones, then the score kernel's arrival counters (zeroed by the host).
+# Regions start on 16-byte boundaries. _scratch_sizes sizes them.
 @triton.jit
-def _f32_scratch(WSF, B, N, T, KSPLIT: tl.constexpr, n_tiles):
-    """fp32: S [B, N, T] | M [B, N] | with a D split, the slices' dot products [KSPLIT, B, N, T],
-    patch sums of squares [KSPLIT, B, N] and prompt sums of squares [KSPLIT, B, n_tiles, T]."""
+def _i32_scratch(WS, B, N):
+    """int32: merge keys [B, N] (int64) | order [B, N] | per-sample arrival counters [B], kmax."""
     bn = B.to(tl.int64) * N
-    M = WSF + _r4(bn * T)
-    SP = M + _r4(bn)
-    SSP = SP + _r4(KSPLIT * bn * T)
-    SST = SSP + _r4(KSPLIT * bn)
-    return WSF, M, SP, SSP, SST
-
-
-@triton.jit
-def _i32_scratch(WSI, B, N):
-    """int32: merge keys [B, N] (int64) | order [B, N] | per-sample arrival counters [B], kmax |
-    the score kernel's row-tile arrival counters (zeroed by the host)."""
-    bn = B.to(tl.int64) * N
-    KEYS = WSI.to(tl.pointer_type(tl.int64), bitcast=True)
+    WSI = WS.to(tl.pointer_type(tl.int32), bitcast=True)
+    KEYS = WS.to(tl.pointer_type(tl.int64), bitcast=True)
     ORDER = WSI + _r4(2 * bn)
     COUNTER = ORDER + _r4(bn)
     KMAX = COUNTER + B
-    ARRIVED = COUNTER + _r4(B + 1)
-    return KEYS, ORDER, COUNTER, KMAX, ARRIVED
+    return KEYS, ORDER, COUNTER, KMAX
 
 
-def _scratch_sizes(B: int, N: int, T: int, ksplit: int, n_tiles: int) -> tuple[int, int, int, int]:
-    """Host side of _f32_scratch/_i32_scratch: (fp32 elements, int32 elements, offset of the
-    row-tile arrival counters, offset of kmax) in the int32 buffer."""
+@triton.jit
+def _f32_scratch(WS, B, N, T, KSPLIT: tl.constexpr, n_tiles):
+    """fp32, after the int32 regions: S [B, N, T] | M [B, N] | with a D split, the slices' dot
+    products [KSPLIT, B, N, T], patch sums of squares [KSPLIT, B, N], prompt sums of squares
+    [KSPLIT, B, n_tiles, T], and the row-tile arrival counters [B, n_tiles] (int32)."""
+    bn = B.to(tl.int64) * N
+    S = WS + _r4(2 * bn) + _r4(bn) + _r4(B + 1)
+    M = S + _r4(bn * T)
+    SP = M + _r4(bn)
+    SSP = SP + _r4(KSPLIT * bn * T)
+    SST = SSP + _r4(KSPLIT * bn)
+    ARRIVED = (SST + _r4(KSPLIT * B * n_tiles * T)).to(tl.pointer_type(tl.int32), bitcast=True)
+    return S, M, SP, SSP, SST, ARRIVED
+
+
+def _scratch_sizes(B: int, N: int, T: int, ksplit: int, n_tiles: int) -> tuple[int, int, int]:
+    """Host side of _i32_scratch/_f32_scratch: (elements of the buffer, offset of the row-tile
+    arrival counters (the buffer's end without a D split), offset of kmax)."""
     r4 = lambda x: -(-x // 4) * 4  # noqa: E731
     bn = B * N
-    n_f32 = r4(bn * T) + r4(bn)
-    if ksplit > 1:
-        n_f32 += r4(ksplit * bn * T) + r4(ksplit * bn) + ksplit * B * n_tiles * T
     counter = r4(2 * bn) + r4(bn)
-    arrived = counter + r4(B + 1)
-    return n_f32, arrived + (B * n_tiles if ksplit > 1 else 0), arrived, counter + B
+    m_at = counter + r4(B + 1) + r4(bn * T)
+    if ksplit == 1:
+        return m_at + bn, m_at + bn, counter + B
+    arrived = m_at + r4(bn) + r4(ksplit * bn * T) + r4(ksplit * bn) + r4(ksplit * B * n_tiles * T)
+    return arrived + B * n_tiles, arrived, counter + B
 
 
 @triton.jit
@@ -149,7 +153,7 @@ def _store_s(S, b, N, T, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m):
 
 @triton.jit
 def _scores_kernel(
-    P, TK, TMASK, WSF, WSI,
+    P, TK, TMASK, WS,
     N, T, D, kchunk, scale,
     KSPLIT: tl.constexpr, HAS_TMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -160,7 +164,7 @@ def _scores_kernel(
     b = tl.program_id(2).to(tl.int64)
     n_tiles = tl.num_programs(0)
     B = tl.num_programs(2)
-    S, M, SP, SSP, SST = _f32_scratch(WSF, B, N, T, KSPLIT, n_tiles)
+    S, M, SP, SSP, SST, ARRIVED = _f32_scratch(WS, B, N, T, KSPLIT, n_tiles)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -202,7 +206,7 @@ def _scores_kernel(
                 tl.store(SSP + part * N + rows64, ssp, mask=rmask)
     # Pointers computed where they are used: kernel arguments sit in constant memory, computed
     # pointers in registers, which the loop above needs.
-    KEYS, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, B, N)
+    KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)
     if KSPLIT == 1:
         tl.store(M + b * N + rows64, m, mask=rmask)
     else:
@@ -285,7 +289,7 @@ def _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK: tl.con
 
 @triton.jit
 def _select_kernel(
-    WSF, WSI, TMASK, PMASK, COUNTS, IDX,
+    WS, TMASK, PMASK, COUNTS, IDX,
     N, T, scale, limit, n_split, n_programs,
     HAS_TMASK: tl.constexpr, HAS_PMASK: tl.constexpr, MASK_VOTERS: tl.constexpr,
     SELECT_ONLY: tl.constexpr, BUDGET: tl.constexpr,
@@ -296,7 +300,7 @@ def _select_kernel(
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     B = tl.num_programs(1)
-    S, M, SP, SSP, SST = _f32_scratch(WSF, B, N, T, 1, 1)  # no partials here
+    S, M, SP, SSP, SST, ARRIVED = _f32_scratch(WS, B, N, T, 1, 1)  # no partials here
     row_tile = pid // n_split
     split = pid % n_split
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,7 +343,7 @@ def _select_kernel(
                 sj = _load_s(s_base, cols, cmask, tt, T)
                 acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
             best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
-    KEYS, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, B, N)  # computed after the loop
+    KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)  # computed after the loop
     tl.atomic_max(KEYS + b * N + rows64, best, mask=rmask)
 
     # Last program of this sample to arrive finishes it (every key of the sample is final).
@@ -408,14 +412,14 @@ def _select_kernel(
 
 @triton.jit
 def _gather_kernel(
-    P, WSI, COUNTS, OUT, KMASK, KIDX,
+    P, WS, COUNTS, OUT, KMASK, KIDX,
     N, D, K,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pr = tl.program_id(0)
     pd = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    KEYS, ORDER, COUNTER, KMAX, ARRIVED = _i32_scratch(WSI, tl.num_programs(2), N)
+    KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, tl.num_programs(2), N)
     r = pr * BLOCK_R + tl.arange(0, BLOCK_R)
     rin = r < K
     cnt = tl.load(COUNTS + b)
@@ -442,26 +446,22 @@ def _identity(kernel):
     return kernel
 
 
-def _spec(args) -> list:
-    """What triton 3.6 and 3.7 specialise kernel arguments on (their native_specialize_impl): a
-    tensor's dtype and 16-byte alignment; an int being 1 (a constant), divisible by 16, and its
-    width (i32, i64, u64); only the type of anything else (a float is fp32)."""
-    return [(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-            else (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63) if type(a) is int
-            else type(a) for a in args]
-
-
 class _CachedLaunch:
     """``kernel[grid](*args, **kwargs)`` of an eager call that binds through ``JITFunction.run``
     once per specialisation. ``run`` binds and specialises every argument, builds the cache key
     and reads several knobs on every launch: ~10 µs of Python per launch on the CPU machine
     (bench/host_prune.py --fake-driver, launches that run nothing), and about 20 µs per launch
     with the C launcher on the H200 machine's host (run 5's gather row). The first call of a
-    specialisation goes through ``run``, which
-    compiles or finds the kernel and launches it; later calls launch that compiled kernel as
-    ``run`` does at its end (``CompiledKernel[grid]``, which keeps triton's launch hooks), with
-    the arguments in signature order. The key holds everything ``run``'s key depends on for
-    these kernels: the current device, ``_spec`` of each argument, the constexprs and options."""
+    specialisation goes through ``run``, which compiles or finds the kernel and launches it;
+    later calls launch that compiled kernel as ``run`` does at its end (``CompiledKernel[grid]``,
+    which keeps triton's launch hooks), with the arguments in signature order.
+
+    The key is finer than what triton 3.6 and 3.7 specialise arguments on (their
+    native_specialize_impl: a tensor's dtype and 16-byte alignment; an int being 1, divisible by
+    16, and its width; a float's type): the current device, each tensor's dtype and address
+    modulo 16, every other positional argument's value (each launch site passes one type at a
+    position), and the constexprs and options. A finer key only sends more first calls through
+    ``run``; building it costs half of the exact one (~1.7 against ~3.1 µs per launch here)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -472,13 +472,18 @@ class _CachedLaunch:
         return functools.partial(self.launch, grid)
 
     def launch(self, grid, *args, **kwargs):
-        key = (driver.active.get_current_device(), *_spec(args), *kwargs.items())
-        compiled = self.compiled.get(key)
-        if compiled is None:
+        key = (driver.active.get_current_device(),
+               *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
+               *kwargs.items())
+        hit = self.compiled.get(key)
+        if hit is None:
             compiled = self.kernel[grid](*args, **kwargs)
-            self.compiled[key] = compiled.result() if hasattr(compiled, "result") else compiled
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
+            # With the arguments named at the call (constexprs) in signature order, once.
+            self.compiled[key] = (compiled, tuple(kwargs[n] for n in self.names[len(args):]))
         else:
-            compiled[(*grid, 1, 1)[:3]](*args, *[kwargs[n] for n in self.names[len(args):]])
+            compiled, named = hit
+            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *named)
 
 
 def _off_device(t: torch.Tensor) -> bool:
@@ -590,7 +595,7 @@ class _Cfg:
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
         self.n_score_tiles = triton.cdiv(N, self.bm1)
-        self.n_f32, self.n_i32, self.arrived_at, self.kmax_at = _scratch_sizes(B, N, T, self.ksplit, self.n_score_tiles)
+        self.n_ws, self.arrived_at, self.kmax_at = _scratch_sizes(B, N, T, self.ksplit, self.n_score_tiles)
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
@@ -630,18 +635,17 @@ def _run_select(
     budget: bool,
     wrap: Callable,
 ):
-    """Kernels 1 and 2 on contiguous inputs. Returns (idx if select_only else counts, the int32
+    """Kernels 1 and 2 on contiguous inputs. Returns (idx if select_only else counts, the
     scratch (its order region feeds the gather, kmax the host read of prune), cfg)."""
     B, N, D = patches.shape
     T = task.shape[1]
     dev = patches.device
     cfg = _config(patches, T)
     # torch.empty launches nothing; kernel 1 initialises the merge state (keys and counters)
-    # and the host zeroes only the row-tile arrival counters (a D split).
-    wsf = torch.empty(cfg.n_f32, dtype=torch.float32, device=dev)
-    wsi = torch.empty(cfg.n_i32, dtype=torch.int32, device=dev)
+    # and the host zeroes only the row-tile arrival counters (a D split), as 0.0 (bits 0).
+    ws = torch.empty(cfg.n_ws, dtype=torch.float32, device=dev)
     if cfg.ksplit > 1:
-        wsi[cfg.arrived_at:].zero_()
+        ws[cfg.arrived_at:].zero_()
     # select writes idx [B, N], prune counts [B]; the input stands in for the other, unused.
     out = torch.empty((B, N) if select_only else (B,), dtype=torch.int64, device=dev)
     tmask = patches if task_mask is None else task_mask.contiguous()
@@ -649,7 +653,7 @@ def _run_select(
     scale = 1.0 / math.sqrt(D)
 
     _launcher(wrap, _scores_kernel)[(cfg.n_score_tiles, cfg.ksplit, B)](
-        patches, task, tmask, wsf, wsi,
+        patches, task, tmask, ws,
         N, T, D, cfg.kchunk, scale,
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
@@ -658,7 +662,7 @@ def _run_select(
     )
     n_programs = cfg.n_row_tiles * cfg.n_split
     _launcher(wrap, _select_kernel)[(n_programs, B)](
-        wsf, wsi, tmask, pmask, patches if select_only else out, out if select_only else patches,
+        ws, tmask, pmask, patches if select_only else out, out if select_only else patches,
         N, T, scale, limit, cfg.n_split, n_programs,
         HAS_TMASK=task_mask is not None, HAS_PMASK=patch_mask is not None,
         MASK_VOTERS=bool(mask_voters), SELECT_ONLY=select_only, BUDGET=budget,
@@ -666,10 +670,10 @@ def _run_select(
         BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, DOT_PREC=cfg.dot_prec,
         num_warps=cfg.warps2, num_stages=cfg.stages2,
     )
-    return out, wsi, cfg
+    return out, ws, cfg
 
 
-def _run_gather(patches, wsi, counts, K: int, cfg: _Cfg, wrap: Callable):
+def _run_gather(patches, ws, counts, K: int, cfg: _Cfg, wrap: Callable):
     B, N, D = patches.shape
     dev = patches.device
     pruned = torch.empty(B, K, D, dtype=patches.dtype, device=dev)
@@ -680,7 +684,7 @@ def _run_gather(patches, wsi, counts, K: int, cfg: _Cfg, wrap: Callable):
         # The interpreter mishandles bf16 values; the gather only moves bits.
         src, dst = patches.view(torch.int16), pruned.view(torch.int16)
     _launcher(wrap, _gather_kernel)[(-(-K // cfg.br), -(-D // cfg.bd), B)](
-        src, wsi, counts, dst, kept_mask, kept_idx,
+        src, ws, counts, dst, kept_mask, kept_idx,
         N, D, K,
         BLOCK_R=cfg.br, BLOCK_D=cfg.bd,
         num_warps=cfg.warps3,
@@ -732,11 +736,11 @@ def prune(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask
         with torch.cuda.device(patches.device):
             return prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters, wrap)
     patches = patches.contiguous()
-    counts, wsi, cfg = _run_select(
+    counts, ws, cfg = _run_select(
         patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
         _limit(N, keep_tokens, None), keep_tokens is not None, wrap)
-    K = max(1, int(wsi[cfg.kmax_at].item()))  # the op's one host sync
-    return _run_gather(patches, wsi, counts, K, cfg, wrap)
+    K = max(1, int(ws[cfg.kmax_at].view(torch.int32).item()))  # the op's one host sync
+    return _run_gather(patches, ws, counts, K, cfg, wrap)
 
 
 def prune_padded(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, max_tokens=1,
@@ -749,7 +753,7 @@ def prune_padded(patches, task, task_mask=None, patch_mask=None, keep_tokens=Non
         with torch.cuda.device(patches.device):
             return prune_padded(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters, wrap)
     patches = patches.contiguous()
-    counts, wsi, cfg = _run_select(
+    counts, ws, cfg = _run_select(
         patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
         _limit(N, keep_tokens, max_tokens), keep_tokens is not None, wrap)
-    return _run_gather(patches, wsi, counts, max_tokens, cfg, wrap)
+    return _run_gather(patches, ws, counts, max_tokens, cfg, wrap)

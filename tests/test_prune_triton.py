@@ -45,20 +45,21 @@ if HAVE_TRITON:
     from pi05_fastprune.kernels import prune_triton as _K
 
     @triton.jit
-    def _scratch_probe(WSF, WSI, B, N, T, n_tiles, KSPLIT: tl.constexpr):
+    def _scratch_probe(WS, B, N, T, n_tiles, KSPLIT: tl.constexpr):
         """Marks the scratch regions (test_scratch_layout_fills_the_host_sizes_exactly)."""
-        S, M, SP, SSP, SST = _K._f32_scratch(WSF, B, N, T, KSPLIT, n_tiles)
-        KEYS, ORDER, COUNTER, KMAX, ARRIVED = _K._i32_scratch(WSI, B, N)
-        tl.store(M, 1.0)
+        S, M, SP, SSP, SST, ARRIVED = _K._f32_scratch(WS, B, N, T, KSPLIT, n_tiles)
+        KEYS, ORDER, COUNTER, KMAX = _K._i32_scratch(WS, B, N)
+        tl.store(S, 1.0)
+        tl.store(M, 2.0)
         if KSPLIT > 1:
-            tl.store(SP, 2.0)
-            tl.store(SSP, 3.0)
-            tl.store(SST, 4.0)
-            tl.store(SST + KSPLIT * B * n_tiles * T - 1, 5.0)
+            tl.store(SP, 3.0)
+            tl.store(SSP, 4.0)
+            tl.store(SST, 5.0)
+            tl.store(SST + KSPLIT * B * n_tiles * T - 1, 6.0)
             tl.store(ARRIVED, 15)
             tl.store(ARRIVED + B * n_tiles - 1, 16)
         else:
-            tl.store(M + B * N - 1, 5.0)
+            tl.store(M + B * N - 1, 6.0)
         tl.store(KEYS + B * N - 1, -7)
         tl.store(ORDER, 12)
         tl.store(COUNTER, 13)
@@ -288,32 +289,31 @@ def test_ops_call_their_eager_kernels_not_the_custom_op_wrapper():
 
 
 @interp
-@pytest.mark.parametrize("B,N,T,ksplit,n_tiles", [(1, 21, 11, 2, 2), (3, 7, 5, 3, 1), (2, 768, 200, 1, 48)])
+@pytest.mark.parametrize("B,N,T,ksplit,n_tiles", [(1, 21, 11, 2, 2), (3, 7, 5, 3, 1), (3, 7, 5, 1, 1), (2, 768, 200, 1, 48)])
 def test_scratch_layout_fills_the_host_sizes_exactly(B, N, T, ksplit, n_tiles):
-    """The kernels' scratch regions (_f32_scratch, _i32_scratch) and the host's sizes
+    """The kernels' scratch regions (_i32_scratch, _f32_scratch) and the host's sizes
     (_scratch_sizes) agree: a probe kernel marks each region's first element and the last
-    region's last one; the marks land where the host expects them, the last on the buffer's last
-    element, nothing past it, and every region start is 16-byte aligned."""
+    region's last one; the marks land where the host expects them, in the order int32, fp32,
+    arrival counters, the last on the buffer's last element, nothing past it, and every region
+    start is 16-byte aligned."""
     from pi05_fastprune.kernels import prune_triton as K
 
-    n_f32, n_i32, arrived_at, kmax_at = K._scratch_sizes(B, N, T, ksplit, n_tiles)
+    n_ws, arrived_at, kmax_at = K._scratch_sizes(B, N, T, ksplit, n_tiles)
     guard = 8
-    wsf = torch.zeros(n_f32 + guard)
-    wsi = torch.zeros(n_i32 + guard, dtype=torch.int32)
-    _scratch_probe[(1,)](wsf, wsi, B, N, T, n_tiles, KSPLIT=ksplit)
-    marks = {float(v): i for i, v in enumerate(wsf.tolist()) if v}
-    assert marks[5.0] == n_f32 - 1 and not wsf[n_f32:].any(), marks
-    starts = [marks[v] for v in (1.0, 2.0, 3.0, 4.0) if v in marks]
-    assert all(i % 4 == 0 for i in starts), marks
-    ints = {int(v): i for i, v in enumerate(wsi.tolist()) if v}
-    assert ints[14] == kmax_at, ints
-    assert wsi[:2 * B * N].view(torch.int64)[-1] == -7
-    assert all(ints[v] % 4 == 0 for v in (12, 13)), ints
+    ws = torch.zeros(n_ws + guard)
+    _scratch_probe[(1,)](ws, B, N, T, n_tiles, KSPLIT=ksplit)
+    ints = ws.view(torch.int32)
+    floats = {float(v): i for i, v in enumerate(ws.tolist()) if v in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)}
+    marks = {int(v): i for i, v in enumerate(ints.tolist()) if v in (12, 13, 14, 15, 16)}
+    assert ws[:2 * B * N].view(torch.int64)[-1] == -7
+    assert marks[14] == kmax_at, marks
+    starts = [marks[12], marks[13]] + [floats[v] for v in (1.0, 2.0, 3.0, 4.0, 5.0) if v in floats]
+    assert starts == sorted(starts) and all(i % 4 == 0 for i in starts), (marks, floats)
     if ksplit > 1:
-        assert ints[15] == arrived_at and ints[15] % 4 == 0 and ints[16] == n_i32 - 1, ints
-    else:  # no arrival counters
-        assert n_i32 == arrived_at
-    assert not wsi[n_i32:].any()
+        assert floats[6.0] < marks[15] == arrived_at and marks[16] == n_ws - 1, (marks, floats)
+    else:  # no arrival counters: the fp32 regions end the buffer
+        assert floats[6.0] == n_ws - 1 == arrived_at - 1, floats
+    assert not ws[n_ws:].any()
 
 
 @interp
