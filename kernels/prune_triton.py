@@ -295,7 +295,7 @@ def _select_kernel(
     SELECT_ONLY: tl.constexpr, BUDGET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_TALL: tl.constexpr, BLOCK_NALL: tl.constexpr, SEARCH_ITERS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, A_ONCE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -318,7 +318,7 @@ def _select_kernel(
     m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
     best = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
     n_col_tiles = tl.cdiv(N, BLOCK_N)
-    if HAS_TMASK and t_end <= BLOCK_T:
+    if A_ONCE and HAS_TMASK and t_end <= BLOCK_T:
         # One token tile (pi0.5: 48 valid tokens): A' once, for every column tile of the split.
         # (Only with a prompt mask: without one, the compiler's register budget for this branch
         # made the unmasked kernel spill, and pi0.5 always passes a mask.)
@@ -511,8 +511,9 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
-TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "bm2", "bn2", "warps2", "stages2", "n_split", "br", "bd", "warps3",
-           "dot_prec")
+TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "bm2", "bn2", "warps2", "stages2", "n_split", "a_once", "br", "bd",
+           "warps3", "dot_prec")
+FLAGS = ("a_once",)  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
 DOT_PRECS = ("ieee", "tf32x3")
@@ -529,9 +530,10 @@ def tuning(**overrides: int | str):
     if unknown:
         raise ValueError(f"tuning: unknown launch parameter(s) {unknown}; tunable: {TUNABLE}")
     bad = {k: v for k, v in overrides.items()
-           if not (v in DOT_PRECS if k == "dot_prec" else isinstance(v, int) and v >= 1)}
+           if not (v in DOT_PRECS if k == "dot_prec" else v in (0, 1) if k in FLAGS else isinstance(v, int) and v >= 1)}
     if bad:
-        raise ValueError(f"tuning: launch parameters must be positive ints (dot_prec one of {DOT_PRECS}), got {bad}")
+        raise ValueError(f"tuning: launch parameters must be positive ints ({FLAGS} 0 or 1, dot_prec one of "
+                         f"{DOT_PRECS}), got {bad}")
     saved = _tuning
     _tuning = tuple(sorted({**dict(saved), **overrides}.items()))
     try:
@@ -581,6 +583,10 @@ class _Cfg:
             self.warps1, self.warps2, self.stages1, self.stages2 = 4, 4, 1, 1
             self.br, self.bd = 8, 32
         self.warps3 = 4
+        # The select kernel keeps A' (one prompt tile) across its column tiles (v7, measured with
+        # exact fp32 dots). With tf32x3 dots that branch spills 284 B on sm_90, and A' recomputed
+        # per column tile spills none (PERF_LOG v27); the sweep times a_once=0.
+        self.a_once = 1
         self.dot_prec = DOT_PREC
         if on_gpu:
             # Split D so that the score programs fill about one wave: their serial loop over D is
@@ -667,7 +673,7 @@ def _run_select(
         HAS_TMASK=task_mask is not None, HAS_PMASK=patch_mask is not None,
         MASK_VOTERS=bool(mask_voters), SELECT_ONLY=select_only, BUDGET=budget,
         BLOCK_M=cfg.bm2, BLOCK_N=cfg.bn2, BLOCK_T=cfg.bt, BLOCK_TALL=cfg.block_tall,
-        BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, DOT_PREC=cfg.dot_prec,
+        BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, DOT_PREC=cfg.dot_prec, A_ONCE=bool(cfg.a_once),
         num_warps=cfg.warps2, num_stages=cfg.stages2,
     )
     return out, ws, cfg

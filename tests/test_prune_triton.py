@@ -361,8 +361,9 @@ def test_deterministic_and_batch_independent():
 def test_launch_parameters_do_not_change_results():
     """The launch parameters the GPU sweep (bench/tune_triton.py) varies leave the outputs as they
     are: tile sizes, column splits (1 = no merge across programs), D slices (1 = no partials to
-    add; 3 slices of 16, 16 and 8), warps, stages, the fp32 dot's precision. Only float rounding can
-    move, and these inputs have no near-ties."""
+    add; 3 slices of 16, 16 and 8), warps, stages, the fp32 dot's precision, A' kept across column
+    tiles or not (the prompt fits one token tile here). Only float rounding can move, and these
+    inputs have no near-ties."""
     from pi05_fastprune.kernels import prune_triton as K
 
     patches, task, task_mask, patch_mask = make_case("masks", seed=4)
@@ -371,7 +372,7 @@ def test_launch_parameters_do_not_change_results():
     want = ops.triton_prune_padded(*args, 5, 9, False)
     for tuned in (dict(bm1=32, bk=64, n_split=1), dict(bm2=32, bn2=16, n_split=3, warps2=2),
                   dict(br=4, bd=64, warps3=1, stages1=2), dict(ksplit=1), dict(ksplit=3, bk=16),
-                  dict(dot_prec="tf32x3")):
+                  dict(dot_prec="tf32x3"), dict(a_once=0)):
         with K.tuning(**tuned):
             assert torch.equal(ops.triton_select(*args, True), want_idx), tuned
             assert_same(ops.triton_prune_padded(*args, 5, 9, False), want)
@@ -383,6 +384,9 @@ def test_launch_parameters_do_not_change_results():
             pass
     with pytest.raises(ValueError, match="dot_prec one of"):
         with K.tuning(dot_prec="tf32"):
+            pass
+    with pytest.raises(ValueError, match="0 or 1"):
+        with K.tuning(a_once=2):
             pass
 
 
