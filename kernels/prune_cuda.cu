@@ -157,6 +157,25 @@ __device__ __forceinline__ int arrive(int* counter) {
 #endif
 }
 
+// A 16-byte load through L2 (as __ldcg), or zeros where `pred` is false: a predicated load,
+// which the compiler leaves where it is written. Loads with __ldcg whose results were used
+// behind a branch, or in a select, were moved next to that use, one L2 round trip each where a
+// batch of them was meant to be in flight (sm_90 SASS).
+__device__ __forceinline__ float4 ldcg_if(const float* p, bool pred) {
+#if defined(__CUDA_ARCH__)
+  float4 v;
+  asm volatile(
+      "{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %5, 0;\n\t"
+      "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+      "@q ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n\t}"
+      : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+#else
+  return pred ? __ldcg(reinterpret_cast<const float4*>(p)) : float4{0.f, 0.f, 0.f, 0.f};
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
@@ -441,10 +460,12 @@ struct Loader<T, true> {
   __device__ __forceinline__ static bool leader() { return (threadIdx.x & 7) == 0; }
 };
 
-// The 16-byte variant (the usual one) is held to 128 registers, 2 blocks per SM, without spills;
-// the scalar one (unaligned inputs) needs 192-246 (sm_90) for its wider register sets.
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) {
+// The 16-byte variant is held to 128 registers, 2 blocks per SM, without spills (kMinBlocks 2);
+// where the grid is one wave of one block per SM (pi05 at B=1: 132 blocks), its variant at one
+// block per SM has the registers to batch the finishing step's loads. The scalar variant
+// (unaligned inputs) needs 192-246 (sm_90) for its wider register sets: one block per SM.
+template <typename T, bool kVec, int kMinBlocks>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   using Ld = Loader<T, kVec>;
   constexpr int kBK = ATile<T>::kBK, kSlots = Ld::kSlots;
   __shared__ __align__(128) unsigned char smem_raw[sizeof(SmemA<T>)];
@@ -630,12 +651,15 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
     load_slices(tsq_v, a.tsq + (b * a.row_tiles + rt) * ts + mn(u0 + lane64, tr - 1), B * a.row_tiles * ts);
     token_flags(u0);
     // Each thread sums 4 rows x 4 adjacent columns of the ksplit partials, with 16-byte loads
-    // (a row is ts floats, ts % 4 == 0, u0 % 64 == 0). The loads are unconditional: a row past
-    // the tile reads the last one and a column group past ts the first, and what is out of range
-    // adds 0. A predicated load here was issued only after the previous one had been added, one
-    // L2 round trip per element (ncu on an H200: most of this kernel's 43 us at the pi05 shape,
-    // in the 12 finishing blocks).
-    constexpr int kC4 = kBT / 4, kRowStep = kThreads / kC4, kRows4 = kBM / kRowStep;
+    // (a row is ts floats, ts % 4 == 0, u0 % 64 == 0). A row past the tile reads the last one and
+    // a column group past ts the first (what is out of range adds 0): a load predicated on them
+    // was issued only after the previous one had been added, one L2 round trip per element (ncu
+    // on an H200: most of this kernel's 43 us at the pi05 shape, in the 12 finishing blocks).
+    // The loads of kQ slices go out before any of them is added (in slice order); a slice past
+    // ksplit loads zeros (ldcg_if). At one block per SM kQ = 4: 3 round trips for pi05's 11
+    // slices, where a loop over single slices compiled to about one per slice (sm_90 SASS). At
+    // 128 registers 3 or 4 slices spill, so there kQ = 2.
+    constexpr int kC4 = kBT / 4, kRowStep = kThreads / kC4, kRows4 = kBM / kRowStep, kQ = kMinBlocks == 1 ? 4 : 2;
     static_assert(kThreads % kC4 == 0 && kBM % kRowStep == 0, "4 x 4 elements per thread");
     const int c4 = 4 * (tid % kC4), r0 = tid / kC4;
     const float* pq = a.part + (b * N + j0) * ts + (u0 + c4 < ts ? u0 + c4 : 0);
@@ -643,18 +667,24 @@ __global__ void __launch_bounds__(kThreads, kVec ? 2 : 1) scores_kernel(Args a) 
     float4 raw[kRows4];
 #pragma unroll
     for (int k = 0; k < kRows4; ++k) raw[k] = float4{0.f, 0.f, 0.f, 0.f};
-#pragma unroll 2
-    for (int q = 0; q < a.ksplit; ++q, pq += q_stride) {
-      float4 v[kRows4];
+    for (int q0 = 0; q0 < a.ksplit; q0 += kQ) {
+      float4 v[kQ][kRows4];
 #pragma unroll
-      for (int k = 0; k < kRows4; ++k)
-        v[k] = __ldcg(reinterpret_cast<const float4*>(pq + mn(r0 + k * kRowStep, rows_here - 1) * ts));
+      for (int i = 0; i < kQ; ++i) {
+        const bool in = i == 0 || q0 + i < a.ksplit;
 #pragma unroll
-      for (int k = 0; k < kRows4; ++k) {
-        raw[k].x += v[k].x;
-        raw[k].y += v[k].y;
-        raw[k].z += v[k].z;
-        raw[k].w += v[k].w;
+        for (int k = 0; k < kRows4; ++k)
+          v[i][k] = ldcg_if(pq + (q0 + i) * q_stride + mn(r0 + k * kRowStep, rows_here - 1) * ts, in);
+      }
+#pragma unroll
+      for (int i = 0; i < kQ; ++i) {
+#pragma unroll
+        for (int k = 0; k < kRows4; ++k) {
+          raw[k].x += v[i][k].x;
+          raw[k].y += v[i][k].y;
+          raw[k].z += v[i][k].z;
+          raw[k].w += v[i][k].w;
+        }
       }
     }
     if (u0 == 0) sm.psq_part[grp][lane64] = add_slices(psq_v);
@@ -1218,18 +1248,21 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
   const bool vec = p.D % ve == 0 && p.patches_sb % ve == 0 && p.patches_sr % ve == 0 && p.task_sb % ve == 0 &&
                    p.task_sr % ve == 0 && reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
+  auto launch_a = [&](auto t) {
+    using T = decltype(t);
+    if (!vec) fp_launch(scores_kernel<T, false, 1>, grid_a, kThreads, stream, false, a);
+    else if (plan.a_one_wave) fp_launch(scores_kernel<T, true, 1>, grid_a, kThreads, stream, false, a);
+    else fp_launch(scores_kernel<T, true, 2>, grid_a, kThreads, stream, false, a);
+  };
   switch (p.dtype) {
     case DType::kFloat32:
-      if (vec) fp_launch(scores_kernel<float, true>, grid_a, kThreads, stream, false, a);
-      else fp_launch(scores_kernel<float, false>, grid_a, kThreads, stream, false, a);
+      launch_a(float{});
       break;
     case DType::kFloat16:
-      if (vec) fp_launch(scores_kernel<__half, true>, grid_a, kThreads, stream, false, a);
-      else fp_launch(scores_kernel<__half, false>, grid_a, kThreads, stream, false, a);
+      launch_a(__half{});
       break;
     case DType::kBFloat16:
-      if (vec) fp_launch(scores_kernel<__nv_bfloat16, true>, grid_a, kThreads, stream, false, a);
-      else fp_launch(scores_kernel<__nv_bfloat16, false>, grid_a, kThreads, stream, false, a);
+      launch_a(__nv_bfloat16{});
       break;
     default:
       return cudaErrorInvalidValue;
@@ -1262,6 +1295,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   if (want < 1) want = 1;
   plan.kchunk = ceil_div(ceil_div(D, want), kChunkAlign) * kChunkAlign;
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
+  plan.a_one_wave = num_sms > 0 && base * plan.ksplit <= num_sms;
 
   const size_t f = sizeof(float), i = sizeof(int);
   const size_t Bz = static_cast<size_t>(B), Nz = static_cast<size_t>(N), ts = static_cast<size_t>(plan.ts);

@@ -56,6 +56,7 @@ struct Plan {
   int64_t row_tiles = 0;  // ceil(N / 64)
   int64_t ts = 0;         // row stride of the [N, T] fp32 arrays: T rounded up to 4
   int ksplit = 1;         // slices of D in kernel A
+  bool a_one_wave = false;  // kernel A's blocks fit one per SM (its variant with twice the registers)
   int64_t kchunk = 0;     // width of one slice of D (a multiple of 32)
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   // Byte offsets into the workspace (all 16-byte aligned).

@@ -326,9 +326,11 @@ EMU_SELECT = [
     (2, 7, 13, 96, 132),
     (3, 70, 20, 33, 132),    # D not a multiple of 8: unaligned rows, scalar gather
     (2, 130, 150, 64, 132),  # 3 row tiles, prompt range > 64 tokens: 3 token tiles
-    (1, 65, 9, 256, 64),     # D split in 4, a 1-row last tile
+    (1, 65, 9, 256, 64),     # D split in 4, a 1-row last tile (kernel A at one block per SM)
+    (1, 65, 9, 256, 7),      # D split in 4, 8 blocks on 7 SMs: kernel A's 2-blocks-per-SM variant
     (1, 20, 5, 320, 1),      # no split: 5 (bf16/fp16) or 10 (fp32) steps over D, both register sets
     (2, 9, 6, 203, 1),       # scalar loads over 4 or 7 steps, a partial last step
+    (1, 9, 6, 330, 132),     # scalar loads, D split in 6: the finishing step's second batch of 4 slices has 2
 ]
 
 
