@@ -532,8 +532,8 @@ def tuning(**overrides: int | str):
     bad = {k: v for k, v in overrides.items()
            if not (v in DOT_PRECS if k == "dot_prec" else v in (0, 1) if k in FLAGS else isinstance(v, int) and v >= 1)}
     if bad:
-        raise ValueError(f"tuning: launch parameters must be positive ints ({FLAGS} 0 or 1, dot_prec one of "
-                         f"{DOT_PRECS}), got {bad}")
+        raise ValueError(f"tuning: launch parameters must be positive ints ({', '.join(FLAGS)}: 0 or 1; dot_prec "
+                         f"one of {DOT_PRECS}), got {bad}")
     saved = _tuning
     _tuning = tuple(sorted({**dict(saved), **overrides}.items()))
     try:
