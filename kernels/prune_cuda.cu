@@ -176,6 +176,22 @@ __device__ __forceinline__ float4 ldcg_if(const float* p, bool pred) {
 #endif
 }
 
+// One byte (a bool mask entry) as an int, or 0 where `pred` is false, as a predicated load that
+// stays where it is written (see ldcg_if). A plain load of the kernel A finishing step's token
+// flags was moved above the partials' loads and turned into a predicate there, so warps 0-1
+// waited an L2 round trip before issuing them (sm_90 SASS).
+__device__ __forceinline__ int ld_u8_if(const bool* p, bool pred) {
+#if defined(__CUDA_ARCH__)
+  int v;
+  asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %2, 0;\n\tmov.b32 %0, 0;\n\t@q ld.global.u8 %0, [%1];\n\t}"
+               : "=r"(v)
+               : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+#else
+  return pred ? static_cast<int>(*p) : 0;
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
@@ -628,13 +644,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   const int n_tiles = (tr + kBT - 1) / kBT;
   float* Sb = a.S + (b * N + j0) * ts;
   float* Ab = a.A + (b * N + j0) * ts;
-  // Token flags of the tile at u0: sm.tok[c] = 1 on valid tokens of the range. The caller
-  // synchronises before use.
+  // Token flags of the tile at u0: nonzero on valid tokens of the range, for thread c < kBT's
+  // token u0 + c (the mask byte is loaded now and used later); token_flags stores them to sm.tok
+  // (the caller synchronises before use).
+  auto token_flag = [&](int u0) {
+    const bool in = tid < kBT && u0 + tid < tr;
+    return (in && all_t ? 1 : 0) | ld_u8_if(all_t ? tm : tm + t_lo + mn(u0 + tid, tr - 1), in && !all_t);
+  };
   auto token_flags = [&](int u0) {
-    if (tid < kBT) {
-      const int u = u0 + tid;
-      sm.tok[tid] = u < tr && (all_t || tm[t_lo + mn(u, tr - 1)]) ? 1 : 0;
-    }
+    const int flag = token_flag(u0);
+    if (tid < kBT) sm.tok[tid] = flag;
   };
   auto in_range = [&](int r, int u) { return r < rows_here && u < tr; };
   // S and A are written up to tw = min(ts, 64 * token tiles), with zeros past the prompt range:
@@ -649,7 +668,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   for (int u0 = 0; u0 < tr; u0 += kBT) {
     float tsq_v[kPerGroup];
     load_slices(tsq_v, a.tsq + (b * a.row_tiles + rt) * ts + mn(u0 + lane64, tr - 1), B * a.row_tiles * ts);
-    token_flags(u0);
     // Each thread sums 4 rows x 4 adjacent columns of the ksplit partials, with 16-byte loads
     // (a row is ts floats, ts % 4 == 0, u0 % 64 == 0). A row past the tile reads the last one and
     // a column group past ts the first (what is out of range adds 0): a load predicated on them
@@ -667,6 +685,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     float4 raw[kRows4];
 #pragma unroll
     for (int k = 0; k < kRows4; ++k) raw[k] = float4{0.f, 0.f, 0.f, 0.f};
+    // The token flags' mask bytes are loaded behind the first batch and stored after the last
+    // (ld_u8_if). Loaded before it, their wait held warps 0-1 back by an L2 round trip: the
+    // compiler moves the shared-memory store up to the load's result wherever it is written.
+    int tok_flag = 0;
     for (int q0 = 0; q0 < a.ksplit; q0 += kQ) {
       float4 v[kQ][kRows4];
 #pragma unroll
@@ -676,6 +698,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
         for (int k = 0; k < kRows4; ++k)
           v[i][k] = ldcg_if(pq + (q0 + i) * q_stride + mn(r0 + k * kRowStep, rows_here - 1) * ts, in);
       }
+      if (q0 == 0) tok_flag = token_flag(u0);
 #pragma unroll
       for (int i = 0; i < kQ; ++i) {
 #pragma unroll
@@ -687,6 +710,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
         }
       }
     }
+    if (tid < kBT) sm.tok[tid] = tok_flag;
     if (u0 == 0) sm.psq_part[grp][lane64] = add_slices(psq_v);
     sm.tsq_part[grp][lane64] = add_slices(tsq_v);
     __syncthreads();  // the groups' sums
