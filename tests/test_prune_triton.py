@@ -289,7 +289,8 @@ def test_ops_call_their_eager_kernels_not_the_custom_op_wrapper():
 
 
 @interp
-@pytest.mark.parametrize("B,N,T,ksplit,n_tiles", [(1, 21, 11, 2, 2), (3, 7, 5, 3, 1), (3, 7, 5, 1, 1), (2, 768, 200, 1, 48)])
+@pytest.mark.parametrize("B,N,T,ksplit,n_tiles",
+                         [(1, 21, 11, 2, 2), (3, 7, 5, 3, 1), (3, 7, 5, 1, 1), (2, 768, 200, 1, 48)])
 def test_scratch_layout_fills_the_host_sizes_exactly(B, N, T, ksplit, n_tiles):
     """The kernels' scratch regions (_i32_scratch, _f32_scratch) and the host's sizes
     (_scratch_sizes) agree: a probe kernel marks each region's first element and the last
