@@ -1035,7 +1035,7 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   __shared__ long long s_warp64[kWarps];
   __shared__ int s_last, s_vstar, s_above;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int tx = tid & 15, ty = tid >> 4;
   const int64_t b = blockIdx.z, N = a.N, ts = a.ts;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -1073,20 +1073,28 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   // Tiles of 64 tokens of A (rows i) and S (rows j) in shared memory, zeros from u_end on. The
   // first tile's loads do not wait for the prompt range: kernel A wrote zeros past it up to
   // min(ts, 64), so the row stride alone bounds them (do-while: tr >= 1 always).
+  //
+  // 16-byte loads, all 8 of a thread issued before the first store: thread (ty, tx) takes rows
+  // ty + 16 k at tokens u0 + 4 tx .. + 3. Rows are ts floats (ts % 4 == 0) in a 16-byte aligned
+  // workspace, and kernel A's zeros past the range reach a multiple of 4, so the bound rounds up
+  // to 4. With 4-byte loads (32 per thread) the compiler kept a few in flight at this kernel's
+  // 64 registers, each store waiting on its load (sm_90 SASS).
   int u0 = 0;
   do {
-    const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : tr;
+    const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 3) & ~3;
+    const int u = u0 + 4 * tx;
+    auto load_tile = [&](float (&dst)[kBM][kLdu], const float* src, int64_t row0) {
+      const float* at = src + (row0 + ty) * ts + u;
+      const int64_t rows = N - row0 - ty;  // rows ty + 16 k below it exist
+      float4 v[4];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const int r = k * 8 + warp;
-      const int64_t i = i0 + r, j = c0 + r;
+      for (int k = 0; k < 4; ++k)
+        v[k] = 16 * k < rows && u < u_end ? *reinterpret_cast<const float4*>(at + 16 * k * ts) : float4{0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int h = 0; h < kBU / 32; ++h) {
-        const int u = u0 + lane + 32 * h;
-        as[r][lane + 32 * h] = (i < N && u < u_end) ? Ab[i * ts + u] : 0.f;
-        ss[r][lane + 32 * h] = (j < N && u < u_end) ? Sb[j * ts + u] : 0.f;
-      }
-    }
+      for (int k = 0; k < 4; ++k) *reinterpret_cast<float4*>(&dst[ty + 16 * k][4 * tx]) = v[k];
+    };
+    load_tile(as, Ab, i0);
+    load_tile(ss, Sb, c0);
     __syncthreads();
     const int ku = mn(kBU, tr - u0);
 #if FP_HAVE_MMA
