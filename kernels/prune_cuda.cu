@@ -503,10 +503,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 
   // Two steps of loads in flight (ld0, ld1). The patch rows of the first two steps do not depend
   // on the prompt range, so they go out before the mask scan below and its latency overlaps
-  // theirs.
+  // theirs. So do the prompt rows, on the guess that the range starts at token 0 (pi0.5's
+  // prompts are a prefix, and a prompt with no valid token starts there too): rows 0-63 below
+  // T. Rows past the range are loaded but unused (partials and norms are kept for u < tr only).
+  // Loaded after the scan, they waited for it: one more L2 round trip before the first step. A
+  // range that starts later loads them again after the scan.
   Ld ld0, ld1;
   if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
   if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
+  const int t_all = static_cast<int>(T_);
+  if (d0 < d1) ld0.load_q(Q, a, 0, 0, t_all, d0, d1);
+  if (d0 + kBK < d1) ld1.load_q(Q, a, 0, 0, t_all, d0 + kBK, d1);
 
   // 1. The prompt range [t_lo, t_hi): first to last valid token, or all T when none is valid.
   if (tid == 0) {
@@ -580,8 +587,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
       if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
       if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
     }
-    if (d0 < d1) ld0.load_q(Q, a, t_lo, u0, tr, d0, d1);
-    if (d0 + kBK < d1) ld1.load_q(Q, a, t_lo, u0, tr, d0 + kBK, d1);
+    if (tt > 0 || t_lo != 0) {  // and its prompt loads, if the range starts at token 0
+      if (d0 < d1) ld0.load_q(Q, a, t_lo, u0, tr, d0, d1);
+      if (d0 + kBK < d1) ld1.load_q(Q, a, t_lo, u0, tr, d0 + kBK, d1);
+    }
     for (int64_t d = d0; d < d1; d += 2 * kBK) {
       step(ld0, d);
       if (d + kBK < d1) step(ld1, d + kBK);

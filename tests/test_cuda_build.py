@@ -348,6 +348,26 @@ def test_emulated_select_matches_truth(emu, B, N, T, D, sms, dtype):
             assert torch.equal(idx[sep], R.select_ref(patches, task, task_mask, patch_mask)[sep])
 
 
+@pytest.mark.parametrize("T,spans", [(20, [(5, 13), (3, 16)]), (150, [(70, 141), (1, 149)])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype):
+    """Prompt masks whose first valid token is not token 0 (the other tests' masks are prefixes):
+    kernel A loads the first prompt rows before it knows the range, guessing token 0, and must
+    load them again. Sample 1 has holes inside its range. T = 150: more than 64 tokens, so a
+    second token tile."""
+    B, N, D = 2, 70, 256
+    patches, task, _, patch_mask = make_inputs(B, N, T, D, dtype, "absent_camera", seed=T)
+    task_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (lo, hi) in enumerate(spans):
+        task_mask[b, lo:hi] = True
+    task_mask[1, spans[1][0] + 1 : spans[1][1] - 1 : 3] = False
+    for build in ("mma", "fma"):
+        out, idx, ksplit = emu[build]("padded", patches, task, task_mask, patch_mask, max_tokens=20, num_sms=16)
+        assert ksplit > 1
+        check_selection(idx, patches, task, task_mask, patch_mask)
+        check_prune(out, patches, idx, patch_mask, None, False, 20)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_fma_fallback(emu, dtype):
     """fp16/bf16 on architectures without bf16 wmma take the FMA path."""
