@@ -486,10 +486,18 @@ class _CachedLaunch:
             compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *named)
 
 
-def _off_device(t: torch.Tensor) -> bool:
-    """Whether ``t`` is on a CUDA device other than the current one, where triton launches; the
-    public launchers then switch to its device (as the CUDA C++ backend's CUDAGuard does)."""
-    return t.is_cuda and t.device.index != torch.cuda.current_device()
+def _on_patches_device(launcher):
+    """``launcher`` run on the CUDA device of its ``patches`` (triton launches on the current
+    device), as the CUDA C++ backend's CUDAGuard does."""
+
+    @functools.wraps(launcher)
+    def run(patches, *args, **kwargs):
+        if patches.is_cuda and patches.device.index != torch.cuda.current_device():
+            with torch.cuda.device(patches.device):
+                return launcher(patches, *args, **kwargs)
+        return launcher(patches, *args, **kwargs)
+
+    return run
 
 
 def _launcher(wrap: Callable, kernel):
@@ -712,14 +720,12 @@ def _empty_outputs(patches: torch.Tensor, K: int):
     )
 
 
+@_on_patches_device
 def select(patches, task, task_mask=None, patch_mask=None, mask_voters=False, wrap=_identity):
     """Row argmax ``idx [B, N]`` int64 (-1 for non-voters when mask_voters and patch_mask)."""
     B, N, _ = patches.shape
     if B == 0:
         return torch.empty(0, N, dtype=torch.int64, device=patches.device)
-    if _off_device(patches):
-        with torch.cuda.device(patches.device):
-            return select(patches, task, task_mask, patch_mask, mask_voters, wrap)
     idx, _, _ = _run_select(patches.contiguous(), task.contiguous(), task_mask, patch_mask, mask_voters, True, N,
                             False, wrap)
     return idx
@@ -732,15 +738,13 @@ def _limit(N: int, keep_tokens: Optional[int], max_tokens: Optional[int]) -> int
     return limit
 
 
+@_on_patches_device
 def prune(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask_voters=False,
           wrap=_identity):
     """Gather-pad to ``K = max(1, max counts)`` rows; reads K on the host once."""
     B, N, _ = patches.shape
     if B == 0:
         return _empty_outputs(patches, 1)
-    if _off_device(patches):
-        with torch.cuda.device(patches.device):
-            return prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters, wrap)
     patches = patches.contiguous()
     counts, ws, cfg = _run_select(
         patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
@@ -749,15 +753,13 @@ def prune(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask
     return _run_gather(patches, ws, counts, K, cfg, wrap)
 
 
+@_on_patches_device
 def prune_padded(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, max_tokens=1,
                  mask_voters=False, wrap=_identity):
     """Exactly ``max_tokens`` rows; no host sync (CUDA-graph capturable)."""
     B, N, _ = patches.shape
     if B == 0:
         return _empty_outputs(patches, max_tokens)
-    if _off_device(patches):
-        with torch.cuda.device(patches.device):
-            return prune_padded(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters, wrap)
     patches = patches.contiguous()
     counts, ws, cfg = _run_select(
         patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
