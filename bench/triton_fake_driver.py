@@ -8,6 +8,9 @@ its host cost and the arguments each launch would get can be measured and compar
         ...launch...
         drv.launches             # [(compiled kernel's launcher, grid, stream, function, args)]
 
+A launch records each pointer argument as the address triton's C launcher would pass to the
+kernel: a tensor's ``data_ptr()``, an int as it is.
+
 Written against triton 3.6 and 3.7 (the GPU machines' and torch 2.13's); only for tests and
 bench/host_prune.py --fake-driver.
 """
@@ -47,10 +50,15 @@ class FakeDriver(CudaDriver):
         class Launcher:
             def __init__(self, src, metadata):
                 self.name = src.fn.__name__ if hasattr(src, "fn") else str(src)
+                # Positions of the pointer parameters (signature types "*fp32", ...).
+                self.pointers = frozenset(i for i, ty in enumerate(src.signature.values())
+                                          if isinstance(ty, str) and ty.startswith("*"))
 
             def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
                          exit_hook, *args):
                 if drv.record:
+                    args = tuple(a.data_ptr() if i in self.pointers and hasattr(a, "data_ptr") else a
+                                 for i, a in enumerate(args))
                     drv.launches.append((self, (gx, gy, gz), stream, function, packed_metadata, args))
 
         self.launcher_cls = Launcher

@@ -454,7 +454,8 @@ class _CachedLaunch:
     with the C launcher on the H200 machine's host (run 5's gather row). The first call of a
     specialisation goes through ``run``, which compiles or finds the kernel and launches it;
     later calls launch that compiled kernel as ``run`` does at its end (``CompiledKernel[grid]``,
-    which keeps triton's launch hooks), with the arguments in signature order.
+    which keeps triton's launch hooks), with the arguments in signature order and tensors as their
+    addresses.
 
     The key is finer than what triton 3.6 and 3.7 specialise arguments on (their
     native_specialize_impl: a tensor's dtype and 16-byte alignment; an int being 1, divisible by
@@ -472,8 +473,12 @@ class _CachedLaunch:
         return functools.partial(self.launch, grid)
 
     def launch(self, grid, *args, **kwargs):
+        # Tensors go to the compiled kernel as their addresses: triton's C launcher takes an int
+        # as it is, and for a tensor calls data_ptr() and then cuPointerGetAttribute (a driver
+        # query per pointer, 15 per call). The launchers only pass tensors of the patches' GPU.
+        flat = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
         key = (driver.active.get_current_device(),
-               *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
+               *[a if a is p else (a.dtype, p & 15) for a, p in zip(args, flat)],  # `a is p`: not a tensor
                *kwargs.items())
         hit = self.compiled.get(key)
         if hit is None:
@@ -483,7 +488,7 @@ class _CachedLaunch:
             self.compiled[key] = (compiled, tuple(kwargs[n] for n in self.names[len(args):]))
         else:
             compiled, named = hit
-            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *named)
+            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*flat, *named)
 
 
 def _on_patches_device(launcher):
