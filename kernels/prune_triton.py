@@ -247,18 +247,24 @@ def _scores_kernel(
 
 
 @triton.jit
-def _pack_keys(c, cols, allowed):
-    """int64 keys ordered like (score, -column): a larger key is a higher score, or the same
-    score at a lower column. -0.0 equals +0.0; NaN sorts below -inf; disallowed columns get
-    the minimum (never win)."""
+def _ranks(c, allowed):
+    """int32 ranks ordered like the scores ``c``: -0.0 equals +0.0, NaN ranks below -inf, and a
+    disallowed column (never wins) below NaN. A number's rank is its monotone bit pattern plus 1,
+    at least -2^31 + 2^23 (-inf), so the two lowest values are free for NaN and disallowed."""
     c = tl.where(c == 0.0, 0.0, c)
     bits = c.to(tl.int32, bitcast=True)
-    hi = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    hi = tl.where(c != c, -2147483648, hi)
-    # (hi << 32) | (2^32 - 1 - j), written without a 32-bit-unsigned literal.
-    key = ((hi.to(tl.int64) + 1) << 32) - 1 - cols.to(tl.int64)[None, :]
-    key_min = tl.full(key.shape, -2147483648, tl.int64) << 32
-    return tl.where(allowed[None, :], key, key_min)
+    r = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 1
+    r = tl.where(c != c, -2147483647, r)
+    return tl.where(allowed[None, :], r, -2147483648)
+
+
+@triton.jit
+def _row_key(rank, col):
+    """The int64 merge key of a row's best (rank, column): a larger key is a higher rank, or the
+    same rank at a lower column; a row whose columns were all disallowed gets the minimum (the
+    keys' initial value), so its atomic_max changes nothing."""
+    key = (rank.to(tl.int64) << 32) - 1 - col.to(tl.int64)
+    return tl.where(rank == -2147483648, tl.full(key.shape, -2147483648, tl.int64) << 32, key)
 
 
 @triton.jit
@@ -277,14 +283,20 @@ def _a_tile(s_base, rows64, rmask, tt, vt, T, scale, m_row):
 
 
 @triton.jit
-def _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK: tl.constexpr):
-    """The rows' best key so far, with this column tile's scores ``acc`` (allowed columns only:
-    all; or the valid patches; or column 0 alone when none is valid)."""
+def _merge_best(best_r, best_c, acc, col0, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK: tl.constexpr):
+    """The rows' best (rank, column) so far, with the scores ``acc`` of the column tile
+    ``cols = col0 + arange`` (allowed columns only: all; or the valid patches; or column 0 alone
+    when none is valid). The tile's row maxima and their lowest columns come from one int32
+    reduction, in place of a max over an int64 key per score; a program visits its column tiles
+    in increasing order, so a tie keeps the earlier, lower column."""
     allowed = cmask
     if HAS_PMASK:
         pm = tl.load(PMASK + b * N + cols, mask=cmask, other=0) != 0
         allowed = cmask & (pm | ((cols == 0) & no_patch))
-    return tl.maximum(best, tl.max(_pack_keys(acc, cols, allowed), 1))
+    tile_r, at = tl.max(_ranks(acc, allowed), 1, return_indices=True, return_indices_tie_break_left=True)
+    tile_c = col0 + at
+    better = tile_r > best_r
+    return tl.where(better, tile_r, best_r), tl.where(better, tile_c, best_c)
 
 
 @triton.jit
@@ -316,7 +328,8 @@ def _select_kernel(
         no_patch = tl.sum(pm_all.to(tl.int32), 0) == 0
 
     m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
-    best = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
+    best_r = tl.full([BLOCK_M], -2147483648, tl.int32)  # below every allowed column's rank
+    best_c = tl.zeros([BLOCK_M], tl.int32)
     n_col_tiles = tl.cdiv(N, BLOCK_N)
     if A_ONCE and HAS_TMASK and t_end <= BLOCK_T:
         # One token tile (pi0.5: 48 valid tokens): A' once, for every column tile of the split.
@@ -330,7 +343,7 @@ def _select_kernel(
             cmask = cols < N
             sj = _load_s(s_base, cols, cmask, tt, T)
             acc = tl.dot(a, tl.trans(sj), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), input_precision=DOT_PREC)
-            best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
+            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
     else:
         for ct in range(split, n_col_tiles, n_split):
             cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -342,9 +355,9 @@ def _select_kernel(
                 a = _a_tile(s_base, rows64, rmask, tt, vt, T, scale, m_row)
                 sj = _load_s(s_base, cols, cmask, tt, T)
                 acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
-            best = _merge_best(best, acc, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
+            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
     KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)  # computed after the loop
-    tl.atomic_max(KEYS + b * N + rows64, best, mask=rmask)
+    tl.atomic_max(KEYS + b * N + rows64, _row_key(best_r, best_c), mask=rmask)
 
     # Last program of this sample to arrive finishes it (every key of the sample is final).
     # Memory order: the CTA barrier puts every thread's key merge before the arrival, which is
