@@ -1035,6 +1035,10 @@ struct SelectMma {
 
 // Kernel B: score' tiles = A[i, :] . S[j, :] over the prompt range, row argmax merged across
 // column tiles by atomicMax on packed keys; the sample's last block runs keep_tail.
+// Block (row tile, column split, sample) takes the column tiles split, split + gridDim.y, ...:
+// at B=1 one each (gridDim.y = column tiles fills the GPU), at large B all of them, so that its
+// prologue, its row atomics and (for a prompt range of one 64-token step) its A tile are paid once
+// per row tile, not once per 64 x 64 tile (Plan::col_splits).
 // 4 blocks per SM: the tensor-core product (sm_80+) fits 64 registers without spills (at 48 it
 // spilled); left free, nvcc took 77-80, which fits only 3.
 __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
@@ -1049,36 +1053,28 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   const int tx = tid & 15, ty = tid >> 4;
   const int64_t b = blockIdx.z, N = a.N, ts = a.ts;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kBM;
+  const int n_ct = static_cast<int>(a.row_tiles), ct_step = static_cast<int>(gridDim.y);
   pdl_launch_dependents();  // the gather kernel, launched the same way, waits for the tail
-  // The patch mask of this thread's 4 columns (an input, not kernel A's): loaded before the wait
-  // and unpredicated, so the merge below does not wait on them one by one.
+  // The patch mask of this thread's 4 columns of a tile (an input, not kernel A's): the first
+  // tile's before the wait, each next one's beside the current tile's loads, unpredicated, so the
+  // merge does not wait on them one by one.
   const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
-  bool col_mask[4] = {true, true, true, true};
-  if (pm != nullptr) {
+  // Bit c: column tx + 16 c of tile ct is a valid patch (one register across the tile loop).
+  auto load_col_mask = [&](int ct) {
+    unsigned bits = 0u;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int64_t j = c0 + tx + 16 * c;
-      col_mask[c] = pm[j < N ? j : 0];
+      const int64_t j = static_cast<int64_t>(ct) * kBM + tx + 16 * c;
+      bits |= (pm == nullptr || pm[j < N ? j : 0]) ? 1u << c : 0u;
     }
-  }
+    return bits;
+  };
+  unsigned col_mask = load_col_mask(blockIdx.y);
   pdl_wait();  // everything below reads or updates what kernel A wrote
   const int tr = a.trange[2 * b + 1] - a.trange[2 * b];
   const bool anyp = a.anyp[b] != 0;
   const float* Ab = a.A + b * N * ts;
   const float* Sb = a.S + b * N * ts;
-
-  // This thread's 4 x 4 outputs: rows ty + 16 r, columns tx + 16 c of the block's tile.
-  float acc[4][4];
-#if FP_HAVE_MMA
-  SelectMma tc;
-  tc.zero();
-#else
-#pragma unroll
-  for (int r = 0; r < 4; ++r)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
-#endif
 
   // Tiles of 64 tokens of A (rows i) and S (rows j) in shared memory, zeros from u_end on. The
   // first tile's loads do not wait for the prompt range: kernel A wrote zeros past it up to
@@ -1089,87 +1085,111 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   // and kernel A's zeros past the range reach a multiple of 4, so the bound rounds up to 4. With
   // 4-byte loads (32 per thread) the compiler kept a few in flight at this kernel's 64
   // registers, each store waiting on its load: about 10 waits per step, now 2 (sm_90 SASS).
-  int u0 = 0;
-  do {
+  auto load_tile = [&](float (&dst)[kBM][kLdu], const float* src, int64_t row0, int u0) {
     const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 3) & ~3;
     const int u = u0 + 4 * tx;
-    auto load_tile = [&](float (&dst)[kBM][kLdu], const float* src, int64_t row0) {
-      const float* at = src + (row0 + ty) * ts + u;
-      const int64_t rows = N - row0 - ty;  // rows ty + 16 k below it exist
-      float4 v[4];
+    const float* at = src + (row0 + ty) * ts + u;
+    const int64_t rows = N - row0 - ty;  // rows ty + 16 k below it exist
+    float4 v[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k)
-        v[k] = 16 * k < rows && u < u_end ? *reinterpret_cast<const float4*>(at + 16 * k * ts) : float4{0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < 4; ++k)
+      v[k] = 16 * k < rows && u < u_end ? *reinterpret_cast<const float4*>(at + 16 * k * ts) : float4{0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int k = 0; k < 4; ++k) *reinterpret_cast<float4*>(&dst[ty + 16 * k][4 * tx]) = v[k];
-    };
-    load_tile(as, Ab, i0);
-    load_tile(ss, Sb, c0);
-    __syncthreads();
-    const int ku = mn(kBU, tr - u0);
+    for (int k = 0; k < 4; ++k) *reinterpret_cast<float4*>(&dst[ty + 16 * k][4 * tx]) = v[k];
+  };
+
+  // The best packed key so far of each row over the tiles done, kept by the row's thread tx = 0
+  // (in shared memory: 8 more registers spilled at this kernel's 64).
+  __shared__ unsigned long long s_best[kBM];
+  if (tx == 0) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) s_best[ty + 16 * r] = 0ull;
+  }
+  for (int ct = blockIdx.y; ct < n_ct; ct += ct_step) {
+    const int64_t c0 = static_cast<int64_t>(ct) * kBM;
+    // This thread's 4 x 4 outputs: rows ty + 16 r, columns tx + 16 c of the tile.
+    float acc[4][4];
 #if FP_HAVE_MMA
-    tc.step(as, ss, ku);
+    SelectMma tc;
+    tc.zero();
 #else
-    // Four tokens per step, as float4 loads: a thread's 4 rows and 4 columns are 8 shared loads
-    // per 64 FMAs. With one token per step they were 32, and by count the loop was bound by
-    // shared-memory bandwidth rather than by the FMAs. Tokens past tr are 0 in both tiles (kernel
-    // A's zeros or the load bound), so rounding ku up to 4 adds only zeros.
 #pragma unroll
-    for (int k = 0; k < ku; k += 4) {
-      float4 av[4], sv[4];
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) av[r] = *reinterpret_cast<const float4*>(&as[ty + 16 * r][k]);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) sv[c] = *reinterpret_cast<const float4*>(&ss[tx + 16 * c][k]);
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          float x = acc[r][c];
-          x = fmaf(av[r].x, sv[c].x, x);
-          x = fmaf(av[r].y, sv[c].y, x);
-          x = fmaf(av[r].z, sv[c].z, x);
-          acc[r][c] = fmaf(av[r].w, sv[c].w, x);
-        }
-    }
+      for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
 #endif
-    __syncthreads();
-    u0 += kBU;
-  } while (u0 < tr);
+    int u0 = 0;
+    do {
+      // With one token step the A tile of the first column tile serves all of them.
+      if (ct == static_cast<int>(blockIdx.y) || tr > kBU) load_tile(as, Ab, i0, u0);
+      load_tile(ss, Sb, c0, u0);
+      __syncthreads();
+      const int ku = mn(kBU, tr - u0);
 #if FP_HAVE_MMA
-  tc.store(as);  // the A tile is dead: it takes the product, read back in the FMA layout
-  __syncthreads();
+      tc.step(as, ss, ku);
+#else
+      // Four tokens per step, as float4 loads: a thread's 4 rows and 4 columns are 8 shared loads
+      // per 64 FMAs. With one token per step they were 32, and by count the loop was bound by
+      // shared-memory bandwidth rather than by the FMAs. Tokens past tr are 0 in both tiles
+      // (kernel A's zeros or the load bound), so rounding ku up to 4 adds only zeros.
 #pragma unroll
-  for (int r = 0; r < 4; ++r)
+      for (int k = 0; k < ku; k += 4) {
+        float4 av[4], sv[4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) acc[r][c] = as[ty + 16 * r][tx + 16 * c];
+        for (int r = 0; r < 4; ++r) av[r] = *reinterpret_cast<const float4*>(&as[ty + 16 * r][k]);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) sv[c] = *reinterpret_cast<const float4*>(&ss[tx + 16 * c][k]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            float x = acc[r][c];
+            x = fmaf(av[r].x, sv[c].x, x);
+            x = fmaf(av[r].y, sv[c].y, x);
+            x = fmaf(av[r].z, sv[c].z, x);
+            acc[r][c] = fmaf(av[r].w, sv[c].w, x);
+          }
+      }
+#endif
+      __syncthreads();
+      u0 += kBU;
+    } while (u0 < tr);
+#if FP_HAVE_MMA
+    tc.store(ss);  // the S tile is dead (the A tile may serve the next column tile): the product
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] = ss[ty + 16 * r][tx + 16 * c];
+    __syncthreads();  // before the next tile's S loads overwrite the product
 #endif
 
-  // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
-  // A thread's 4 columns are the same for its 4 rows (the mask was read inside the row loop,
-  // each load waiting for the previous row's atomic).
-  bool allowed[4];
-  if (pm != nullptr && anyp) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) allowed[c] = c0 + tx + 16 * c < N && col_mask[c];
-  } else {
+    // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
+    bool allowed[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int64_t j = c0 + tx + 16 * c;
-      allowed[c] = j < N && (pm == nullptr || j == 0);
+      allowed[c] = j < N && (pm == nullptr || (anyp ? (col_mask >> c) & 1u : j == 0));
+    }
+    if (ct + ct_step < n_ct) col_mask = load_col_mask(ct + ct_step);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      unsigned long long best = 0ull;
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        if (allowed[c]) best = max_u64(best, pack_key(acc[r][c], c0 + tx + 16 * c));
+      // The 16 threads of a row are lanes 0-15 or 16-31 of one warp.
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) best = max_u64(best, __shfl_xor_sync(kFull, best, o));
+      if (tx == 0) s_best[ty + 16 * r] = max_u64(s_best[ty + 16 * r], best);
     }
   }
+  if (tx == 0) {
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    unsigned long long best = 0ull;
-#pragma unroll
-    for (int c = 0; c < 4; ++c)
-      if (allowed[c]) best = max_u64(best, pack_key(acc[r][c], c0 + tx + 16 * c));
-    // The 16 threads of a row are lanes 0-15 or 16-31 of one warp.
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) best = max_u64(best, __shfl_xor_sync(kFull, best, o));
-    const int64_t i = i0 + ty + 16 * r;
-    if (tx == 0 && i < N && best != 0ull) atomicMax(&a.keys[b * N + i], best);
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = i0 + ty + 16 * r;
+      if (i < N && s_best[ty + 16 * r] != 0ull) atomicMax(&a.keys[b * N + i], s_best[ty + 16 * r]);
+    }
   }
 
   __syncthreads();
@@ -1238,7 +1258,8 @@ P* ws_at(void* ws, size_t off) {
 bool plan_fits(const Problem& p, const Plan& plan) {
   return plan.B == p.B && plan.N == p.N && plan.T == p.T && plan.D == p.D && p.B >= 1 && p.N >= 1 &&
          p.T >= 1 && p.D >= 1 && p.B <= 65535 && plan.row_tiles <= 65535 && p.N < INT_MAX &&
-         p.T < INT_MAX && plan.ksplit >= 1 && plan.ksplit <= kMaxSplit;
+         p.T < INT_MAX && plan.ksplit >= 1 && plan.ksplit <= kMaxSplit && plan.col_splits >= 1 &&
+         plan.col_splits <= plan.row_tiles;
 }
 
 Args make_args(const Problem& p, const Plan& plan, void* ws) {
@@ -1311,7 +1332,7 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
   }
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const dim3 grid_b(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.row_tiles),
+  const dim3 grid_b(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.col_splits),
                     static_cast<unsigned>(p.B));
   fp_launch(select_kernel, grid_b, kThreads, stream, plan.pdl, a);
   return cudaGetLastError();
@@ -1338,6 +1359,11 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   plan.kchunk = ceil_div(ceil_div(D, want), kChunkAlign) * kChunkAlign;
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
   plan.a_one_wave = num_sms > 0 && base * plan.ksplit <= num_sms;
+  // Kernel B: column splits for about two waves at its 4 blocks per SM, with the same number of
+  // column tiles in every block (pi05: 12 splits of one tile at B=1, 6 of 2 at B=8, 2 of 6 at
+  // B=64).
+  const int64_t want_b = ceil_div(2 * 4 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1), base > 0 ? base : 1);
+  plan.col_splits = ceil_div(plan.row_tiles, ceil_div(plan.row_tiles, want_b));
 
   const size_t f = sizeof(float), i = sizeof(int);
   const size_t Bz = static_cast<size_t>(B), Nz = static_cast<size_t>(N), ts = static_cast<size_t>(plan.ts);

@@ -11,10 +11,10 @@
 //            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
 //            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32, zeros past the prompt
 //            range up to 64 columns), and zeroes its argmax keys;
-//   kernel B grid (row tiles, column tiles, B): score' = A S^T tiles with fp32 accumulation
-//            (3xTF32 tensor-core wmma at sm_80+, fp32 FMA otherwise), per-row argmax
-//            merged across column tiles by a packed 64-bit atomicMax (higher score, then lower
-//            index; NaN never wins); the last block of each sample decodes idx, counts votes,
+//   kernel B grid (row tiles, column splits, B): score' = A S^T tiles with fp32 accumulation
+//            (3xTF32 tensor-core wmma at sm_80+, fp32 FMA otherwise), each block looping over
+//            its split's column tiles; per-row argmax merged across the splits by a packed
+//            64-bit atomicMax (higher score, then lower index; NaN never wins); the last block of each sample decodes idx, counts votes,
 //            applies the implicit / budget / cap rule and writes the sorted kept list and counts;
 //   kernel C grid-stride over (B, K) rows: gather-pad of the kept rows (16-byte copies when
 //            aligned), kept_mask, kept_idx.
@@ -57,6 +57,7 @@ struct Plan {
   int64_t ts = 0;         // row stride of the [N, T] fp32 arrays: T rounded up to 4
   int ksplit = 1;         // slices of D in kernel A
   bool a_one_wave = false;  // kernel A's blocks fit one per SM (its variant with twice the registers)
+  int64_t col_splits = 0;   // kernel B's blocks per row tile, each taking every col_splits-th column tile
   int64_t kchunk = 0;     // width of one slice of D (a multiple of 32)
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   // Byte offsets into the workspace (all 16-byte aligned).
