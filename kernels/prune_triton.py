@@ -45,6 +45,7 @@ from typing import Callable, Optional
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.runtime import driver
 
 EPS = 1e-6
@@ -466,9 +467,9 @@ class _CachedLaunch:
     (bench/host_prune.py --fake-driver, launches that run nothing), and about 20 µs per launch
     with the C launcher on the H200 machine's host (run 5's gather row). The first call of a
     specialisation goes through ``run``, which compiles or finds the kernel and launches it;
-    later calls launch that compiled kernel as ``run`` does at its end (``CompiledKernel[grid]``,
-    which keeps triton's launch hooks), with the arguments in signature order and tensors as their
-    addresses.
+    later calls launch that compiled kernel as ``run`` does at its end (the body of
+    ``CompiledKernel[grid]``, launch hooks included), with the arguments in signature order and
+    tensors as their addresses.
 
     The key is finer than what triton 3.6 and 3.7 specialise arguments on (their
     native_specialize_impl: a tensor's dtype and 16-byte alignment; an int being 1, divisible by
@@ -490,8 +491,9 @@ class _CachedLaunch:
         # as it is, and for a tensor calls data_ptr() and then cuPointerGetAttribute (a driver
         # query per pointer, 15 per call). The launchers only pass tensors of the patches' GPU.
         flat = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-        key = (driver.active.get_current_device(),
-               *[a if a is p else (a.dtype, p & 15) for a, p in zip(args, flat)],  # `a is p`: not a tensor
+        drv = driver.active
+        device = drv.get_current_device()
+        key = (device, *[a if a is p else (a.dtype, p & 15) for a, p in zip(args, flat)],  # `a is p`: not a tensor
                *kwargs.items())
         hit = self.compiled.get(key)
         if hit is None:
@@ -500,8 +502,15 @@ class _CachedLaunch:
             # With the arguments named at the call (constexprs) in signature order, once.
             self.compiled[key] = (compiled, tuple(kwargs[n] for n in self.names[len(args):]))
         else:
+            # What CompiledKernel[grid](*args) runs (triton 3.6 and 3.7), without building its
+            # closure or reading the device again.
             compiled, named = hit
-            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*flat, *named)
+            grid = grid if len(grid) == 3 else (*grid, 1, 1)[:3]
+            stream = drv.get_current_stream(device)
+            runtime = knobs.runtime
+            compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(grid, stream, *flat, *named), runtime.launch_enter_hook,
+                         runtime.launch_exit_hook, *flat, *named)
 
 
 def _on_patches_device(launcher):
