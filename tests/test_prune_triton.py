@@ -45,9 +45,9 @@ if HAVE_TRITON:
     from pi05_fastprune.kernels import prune_triton as _K
 
     @triton.jit
-    def _scratch_probe(WS, B, N, T, n_tiles, KSPLIT: tl.constexpr):
+    def _scratch_probe(WS, B, N, TS, n_tiles, KSPLIT: tl.constexpr):
         """Marks the scratch regions (test_scratch_layout_fills_the_host_sizes_exactly)."""
-        S, M, SP, SSP, SST, ARRIVED = _K._f32_scratch(WS, B, N, T, KSPLIT, n_tiles)
+        S, M, SP, SSP, SST, ARRIVED = _K._f32_scratch(WS, B, N, TS, KSPLIT, n_tiles)
         KEYS, ORDER, COUNTER, KMAX = _K._i32_scratch(WS, B, N)
         tl.store(S, 1.0)
         tl.store(M, 2.0)
@@ -55,7 +55,7 @@ if HAVE_TRITON:
             tl.store(SP, 3.0)
             tl.store(SSP, 4.0)
             tl.store(SST, 5.0)
-            tl.store(SST + KSPLIT * B * n_tiles * T - 1, 6.0)
+            tl.store(SST + KSPLIT * B * n_tiles * TS - 1, 6.0)
             tl.store(ARRIVED, 15)
             tl.store(ARRIVED + B * n_tiles - 1, 16)
         else:
@@ -289,9 +289,9 @@ def test_ops_call_their_eager_kernels_not_the_custom_op_wrapper():
 
 
 @interp
-@pytest.mark.parametrize("B,N,T,ksplit,n_tiles",
-                         [(1, 21, 11, 2, 2), (3, 7, 5, 3, 1), (3, 7, 5, 1, 1), (2, 768, 200, 1, 48)])
-def test_scratch_layout_fills_the_host_sizes_exactly(B, N, T, ksplit, n_tiles):
+@pytest.mark.parametrize("B,N,TS,ksplit,n_tiles",
+                         [(1, 21, 16, 2, 2), (3, 7, 5, 3, 1), (3, 7, 5, 1, 1), (2, 768, 208, 1, 48)])
+def test_scratch_layout_fills_the_host_sizes_exactly(B, N, TS, ksplit, n_tiles):
     """The kernels' scratch regions (_i32_scratch, _f32_scratch) and the host's sizes
     (_scratch_sizes) agree: a probe kernel marks each region's first element and the last
     region's last one; the marks land where the host expects them, in the order int32, fp32,
@@ -299,10 +299,10 @@ def test_scratch_layout_fills_the_host_sizes_exactly(B, N, T, ksplit, n_tiles):
     start is 16-byte aligned."""
     from pi05_fastprune.kernels import prune_triton as K
 
-    n_ws, arrived_at, kmax_at = K._scratch_sizes(B, N, T, ksplit, n_tiles)
+    n_ws, arrived_at, kmax_at = K._scratch_sizes(B, N, TS, ksplit, n_tiles)
     guard = 8
     ws = torch.zeros(n_ws + guard)
-    _scratch_probe[(1,)](ws, B, N, T, n_tiles, KSPLIT=ksplit)
+    _scratch_probe[(1,)](ws, B, N, TS, n_tiles, KSPLIT=ksplit)
     ints = ws.view(torch.int32)
     floats = {float(v): i for i, v in enumerate(ws.tolist()) if v in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)}
     marks = {int(v): i for i, v in enumerate(ints.tolist()) if v in (12, 13, 14, 15, 16)}
