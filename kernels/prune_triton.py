@@ -278,24 +278,29 @@ def _load_s(s_base, idx, imask, tt, TS):
 
 
 @triton.jit
-def _a_tile(s_base, rows64, rmask, tt, vt, TS, scale, m_row):
-    """A' = exp(S_i / sqrt(D) - m_i) of rows ``rows64`` at tokens ``tt`` (0 at invalid ones)."""
-    si = _load_s(s_base, rows64, rmask, tt, TS)
+def _a_of(si, rmask, vt, scale, m_row):
+    """A' = exp(S_i / sqrt(D) - m_i) of S rows ``si`` (0 at invalid tokens)."""
     a = tl.exp((si * scale).to(tl.float32) - m_row[:, None])  # fp32 under Inductor too
     return tl.where(vt[None, :] & rmask[:, None], a, 0.0)
 
 
 @triton.jit
-def _merge_best(best_r, best_c, acc, col0, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK: tl.constexpr):
-    """The rows' best (rank, column) so far, with the scores ``acc`` of the column tile
-    ``cols = col0 + arange`` (allowed columns only: all; or the valid patches; or column 0 alone
-    when none is valid). The tile's row maxima and their lowest columns come from one int32
-    reduction, in place of a max over an int64 key per score; a program visits its column tiles
-    in increasing order, so a tie keeps the earlier, lower column."""
+def _allowed(cols, cmask, PMASK, b, N, no_patch, HAS_PMASK: tl.constexpr):
+    """The columns a row may pick: all; or the valid patches; or column 0 alone when none is
+    valid. Called before a tile's product, so that the mask's load overlaps it."""
     allowed = cmask
     if HAS_PMASK:
         pm = tl.load(PMASK + b * N + cols, mask=cmask, other=0) != 0
         allowed = cmask & (pm | ((cols == 0) & no_patch))
+    return allowed
+
+
+@triton.jit
+def _merge_best(best_r, best_c, acc, col0, allowed):
+    """The rows' best (rank, column) so far, with the scores ``acc`` of the column tile starting
+    at ``col0``. The tile's row maxima and their lowest columns come from one int32 reduction, in
+    place of a max over an int64 key per score; a program visits its column tiles in increasing
+    order, so a tie keeps the earlier, lower column."""
     tile_r, at = tl.max(_ranks(acc, allowed), 1, return_indices=True, return_indices_tie_break_left=True)
     tile_c = col0 + at
     better = tile_r > best_r
@@ -322,6 +327,14 @@ def _select_kernel(
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     s_base = S + b * N * TS
+    # Kernel 1's outputs that do not depend on the prompt range load first, so that their L2
+    # round trip overlaps the range's reductions: the row maxima, and for the one-tile branch
+    # below the rows' first token tile of S and the split's first column tile.
+    m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
+    if A_ONCE and HAS_TMASK:
+        si_first = _load_s(s_base, rows64, rmask, tl.arange(0, BLOCK_T), TS)
+        cols_first = split * BLOCK_N + tl.arange(0, BLOCK_N)
+        sj_first = _load_s(s_base, cols_first, cols_first < N, tl.arange(0, BLOCK_T), TS)
     t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
 
     no_patch = False
@@ -330,7 +343,6 @@ def _select_kernel(
         pm_all = tl.load(PMASK + b * N + offs, mask=offs < N, other=0) != 0
         no_patch = tl.sum(pm_all.to(tl.int32), 0) == 0
 
-    m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
     best_r = tl.full([BLOCK_M], -2147483648, tl.int32)  # below every allowed column's rank
     best_c = tl.zeros([BLOCK_M], tl.int32)
     n_col_tiles = tl.cdiv(N, BLOCK_N)
@@ -340,25 +352,32 @@ def _select_kernel(
         # made the unmasked kernel spill, and pi0.5 always passes a mask.)
         tt = tl.arange(0, BLOCK_T)
         vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-        a = _a_tile(s_base, rows64, rmask, tt, vt, TS, scale, m_row)
+        a = _a_of(si_first, rmask, vt, scale, m_row)
+        sj = sj_first
         for ct in range(split, n_col_tiles, n_split):
             cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
             cmask = cols < N
-            sj = _load_s(s_base, cols, cmask, tt, TS)
+            # The next column tile of the split loads before this one's product and merge (zeros
+            # past the last), so its L2 round trip overlaps them.
+            cols_next = cols + n_split * BLOCK_N
+            sj_next = _load_s(s_base, cols_next, cols_next < N, tt, TS)
+            allowed = _allowed(cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
             acc = tl.dot(a, tl.trans(sj), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), input_precision=DOT_PREC)
-            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
+            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, allowed)
+            sj = sj_next
     else:
         for ct in range(split, n_col_tiles, n_split):
             cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
             cmask = cols < N
+            allowed = _allowed(cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
                 vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-                a = _a_tile(s_base, rows64, rmask, tt, vt, TS, scale, m_row)
+                a = _a_of(_load_s(s_base, rows64, rmask, tt, TS), rmask, vt, scale, m_row)
                 sj = _load_s(s_base, cols, cmask, tt, TS)
                 acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
-            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
+            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, allowed)
     KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)  # computed after the loop
     tl.atomic_max(KEYS + b * N + rows64, _row_key(best_r, best_c), mask=rmask)
 
