@@ -327,9 +327,12 @@ def _select_kernel(
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     s_base = S + b * N * TS
-    # Kernel 1's outputs that do not depend on the prompt range load first, so that their L2
-    # round trip overlaps the range's reductions: the row maxima, and for the one-tile branch
+    # What does not depend on the prompt range loads first, so that its round trip overlaps the
+    # range's reductions: the patch mask, kernel 1's row maxima, and for the one-tile branch
     # below the rows' first token tile of S and the split's first column tile.
+    if HAS_PMASK:
+        offs = tl.arange(0, BLOCK_NALL)
+        pm_all = tl.load(PMASK + b * N + offs, mask=offs < N, other=0) != 0
     m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
     if A_ONCE and HAS_TMASK:
         si_first = _load_s(s_base, rows64, rmask, tl.arange(0, BLOCK_T), TS)
@@ -339,8 +342,6 @@ def _select_kernel(
 
     no_patch = False
     if HAS_PMASK:
-        offs = tl.arange(0, BLOCK_NALL)
-        pm_all = tl.load(PMASK + b * N + offs, mask=offs < N, other=0) != 0
         no_patch = tl.sum(pm_all.to(tl.int32), 0) == 0
 
     best_r = tl.full([BLOCK_M], -2147483648, tl.int32)  # below every allowed column's rank
