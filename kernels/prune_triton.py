@@ -154,12 +154,27 @@ def _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m):
 
 
 @triton.jit
+def _scores_step(p, q, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One D step of the scores kernel: the patch and prompt rows' sums of squares, and their
+    dot products added to ``acc``."""
+    pf = p.to(tl.float32)
+    qf = q.to(tl.float32)
+    ssp += tl.sum(pf * pf, 1)
+    sst += tl.sum(qf * qf, 1)
+    if DOT_NATIVE:
+        acc = tl.dot(p, tl.trans(q), acc)
+    else:
+        acc = tl.dot(pf, tl.trans(qf), acc, input_precision=DOT_PREC)
+    return acc, ssp, sst
+
+
+@triton.jit
 def _scores_kernel(
     P, TK, TMASK, WS,
     N, T, TS, D, kchunk, scale,
     KSPLIT: tl.constexpr, HAS_TMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_TALL: tl.constexpr, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_TALL: tl.constexpr, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     ks = tl.program_id(1)
@@ -174,6 +189,11 @@ def _scores_kernel(
     d_lo = ks * kchunk
     d_hi = tl.minimum(d_lo + kchunk, D)
     part = ks.to(tl.int64) * B + b  # this program's slice of sample b
+    if PREFETCH:
+        # The first D step's patch tile does not depend on the prompt range: it loads before the
+        # range's reductions, and serves the first step of every token tile.
+        k_first = d_lo + tl.arange(0, BLOCK_K)
+        p_first = tl.load(p_base + k_first[None, :], mask=rmask[:, None] & (k_first < d_hi)[None, :], other=0.0)
     t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -186,19 +206,27 @@ def _scores_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
         ssp = tl.zeros([BLOCK_M], tl.float32)
         sst = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(d_lo, d_hi, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < d_hi
-            p = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            q = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0)
-            pf = p.to(tl.float32)
-            qf = q.to(tl.float32)
-            ssp += tl.sum(pf * pf, 1)
-            sst += tl.sum(qf * qf, 1)
-            if DOT_NATIVE:
-                acc = tl.dot(p, tl.trans(q), acc)
-            else:
-                acc = tl.dot(pf, tl.trans(qf), acc, input_precision=DOT_PREC)
+        if PREFETCH:
+            # Each D step's tiles load one step ahead (zeros past the slice), so that their round
+            # trip overlaps the previous step's arithmetic. At 1 stage (the default: run 4's sweep
+            # measured triton's own 2-4 stage pipelining slower here) nothing else overlaps them.
+            p = p_first
+            q = tl.load(t_base + k_first[None, :], mask=vt[:, None] & (k_first < d_hi)[None, :], other=0.0)
+            for k0 in range(d_lo, d_hi, BLOCK_K):
+                kn = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
+                kmn = kn < d_hi
+                p_next = tl.load(p_base + kn[None, :], mask=rmask[:, None] & kmn[None, :], other=0.0)
+                q_next = tl.load(t_base + kn[None, :], mask=vt[:, None] & kmn[None, :], other=0.0)
+                acc, ssp, sst = _scores_step(p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                p = p_next
+                q = q_next
+        else:
+            for k0 in range(d_lo, d_hi, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                km = kk < d_hi
+                p = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+                q = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0)
+                acc, ssp, sst = _scores_step(p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
         if KSPLIT == 1:
             m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
         else:
@@ -568,9 +596,9 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
-TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "bm2", "bn2", "warps2", "stages2", "n_split", "a_once", "br", "bd",
+TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "bm2", "bn2", "warps2", "stages2", "n_split", "a_once", "br", "bd",
            "warps3", "dot_prec")
-FLAGS = ("a_once",)  # 0 or 1
+FLAGS = ("a_once", "prefetch1")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
 DOT_PRECS = ("ieee", "tf32x3")
@@ -655,6 +683,10 @@ class _Cfg:
             self.ksplit = 2  # interpreter: the slices' partials are added in every test
         for name, value in tuned:
             setattr(self, name, value)
+        if "prefetch1" not in dict(tuned):
+            # The scores kernel loads each D step's tiles one step ahead, in registers, where its
+            # tiles have 16 rows (pi05 at B=1); with 32 or 64 rows that spills on sm_90 (264-520 B).
+            self.prefetch1 = int(self.bm1 == 16)
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
@@ -726,7 +758,7 @@ def _run_select(
         N, T, cfg.ts, D, cfg.kchunk, scale,
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
-        DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec,
+        DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=bool(cfg.prefetch1),
         num_warps=cfg.warps1, num_stages=cfg.stages1,
     )
     n_programs = cfg.n_row_tiles * cfg.n_split

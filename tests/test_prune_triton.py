@@ -363,7 +363,8 @@ def test_launch_parameters_do_not_change_results():
     """The launch parameters the GPU sweep (bench/tune_triton.py) varies leave the outputs as they
     are: tile sizes, column splits (1 = no merge across programs), D slices (1 = no partials to
     add; 3 slices of 16, 16 and 8), warps, stages, the fp32 dot's precision, A' kept across column
-    tiles or not (the prompt fits one token tile here). Only float rounding can move, and these
+    tiles or not (the prompt fits one token tile here), the scores kernel's next D step loaded
+    ahead or not. Only float rounding can move, and these
     inputs have no near-ties."""
     from pi05_fastprune.kernels import prune_triton as K
 
@@ -373,7 +374,7 @@ def test_launch_parameters_do_not_change_results():
     want = ops.triton_prune_padded(*args, 5, 9, False)
     for tuned in (dict(bm1=32, bk=64, n_split=1), dict(bm2=32, bn2=16, n_split=3, warps2=2),
                   dict(br=4, bd=64, warps3=1, stages1=2), dict(ksplit=1), dict(ksplit=3, bk=16),
-                  dict(dot_prec="tf32x3"), dict(a_once=0)):
+                  dict(dot_prec="tf32x3"), dict(a_once=0), dict(prefetch1=0), dict(ksplit=1, bk=16, prefetch1=0)):
         with K.tuning(**tuned):
             assert torch.equal(ops.triton_select(*args, True), want_idx), tuned
             assert_same(ops.triton_prune_padded(*args, 5, 9, False), want)
