@@ -16,6 +16,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #ifndef FASTPRUNE_CUDA_EMU
 namespace fastprune_cuda {
@@ -313,6 +314,41 @@ struct AccA {
 };
 
 #if FP_HAVE_MMA
+// wmma::load_matrix_sync of a fragment from a shared-memory tile. Its bf16 and tf32 forms hand the
+// pointer to wmma.load as a generic address (its fp16 form does not), and ptxas then loads the
+// fragment with 32-bit generic loads: 96 LD.E per two D steps in kernel A's bf16 loop, where the
+// fp16 loop has 24 LDSM (sm_90 SASS). Here those forms issue the same wmma.load, so the same
+// fragment registers, in the .shared state space.
+template <typename Frag, typename E>
+__device__ __forceinline__ void load_frag(Frag& f, const E* p, unsigned ldm) {
+#if defined(__CUDA_ARCH__)
+  using namespace nvcuda::wmma;
+  constexpr bool a_bf16 = std::is_same_v<Frag, fragment<matrix_a, 16, 16, 16, __nv_bfloat16, row_major>>;
+  constexpr bool b_bf16 = std::is_same_v<Frag, fragment<matrix_b, 16, 16, 16, __nv_bfloat16, col_major>>;
+  constexpr bool a_tf32 = std::is_same_v<Frag, fragment<matrix_a, 16, 16, 8, precision::tf32, row_major>>;
+  constexpr bool b_tf32 = std::is_same_v<Frag, fragment<matrix_b, 16, 16, 8, precision::tf32, col_major>>;
+  if constexpr (a_bf16 || b_bf16 || a_tf32 || b_tf32) {
+    static_assert(sizeof(f.x) == 16, "these fragments are 4 registers");
+    int* x = reinterpret_cast<int*>(&f.x[0]);
+    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    if constexpr (a_bf16)
+      asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm));
+    else if constexpr (b_bf16)
+      asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm));
+    else if constexpr (a_tf32)
+      asm volatile("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32 {%0, %1, %2, %3}, [%4], %5;"
+                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm));
+    else
+      asm volatile("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32 {%0, %1, %2, %3}, [%4], %5;"
+                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm));
+    return;
+  }
+#endif
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+}
+
 // Tensor cores (fp16/bf16 in, fp32 accumulate): warp w owns rows 16 (w % 4) .. +16 and token
 // columns 32 (w / 4) .. +32 as two 16 x 16 accumulators. Column blocks at or past the valid
 // range are skipped (warp-uniform) and stay zero.
@@ -329,17 +365,16 @@ struct AccA<T, true> {
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
 #pragma unroll
     for (int kk = 0; kk < ATile<T>::kBK; kk += 16) {
+      // The fragments load unconditionally (a skipped column block holds zeros), so that the
+      // three loads of a step go out together; only the products are skipped.
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, &sm.ps[ra][kk], ATile<T>::kLds);
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+      load_frag(fa, &sm.ps[ra][kk], ATile<T>::kLds);
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        if (u0 + cb + 16 * c < tr) {
-          // B[k][n] = Tn[n][k]: the task tile read column-major.
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-          wmma::load_matrix_sync(fb, &sm.ts[cb + 16 * c][kk], ATile<T>::kLds);
-          wmma::mma_sync(acc[c], fa, fb, acc[c]);
-        }
-      }
+      for (int c = 0; c < 2; ++c) load_frag(fb[c], &sm.ts[cb + 16 * c][kk], ATile<T>::kLds);  // B = Tn^T, column-major
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        if (u0 + cb + 16 * c < tr) wmma::mma_sync(acc[c], fa, fb[c], acc[c]);
     }
   }
   __device__ __forceinline__ void store(SmemA<T>& sm) {
@@ -1009,13 +1044,13 @@ struct SelectMma {
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
     for (int k = 0; k < ku; k += 8) {
       wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
-      wmma::load_matrix_sync(a_hi, &as[ra][k], kLdu);
+      load_frag(a_hi, &as[ra][k], kLdu);
       split(a_hi, a_lo);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         // B[k][n] = S[j = n][k]: the S tile read column-major.
         wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b_hi, b_lo;
-        wmma::load_matrix_sync(b_hi, &ss[cb + 16 * c][k], kLdu);
+        load_frag(b_hi, &ss[cb + 16 * c][k], kLdu);
         split(b_hi, b_lo);
         wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
         wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);

@@ -115,9 +115,12 @@ def builds(tmp_path_factory):
         for cu in CU_FILES:
             for arch in ("sm_90", "sm_80"):
                 obj = root / f"{pathlib.Path(cu).stem}_{arch}.o"
+                keep = root / f"keep_{pathlib.Path(cu).stem}_{arch}"  # the PTX, for test_wmma_loads_are_shared
+                keep.mkdir()
                 b.start(f"nvcc:{pathlib.Path(cu).name}:{arch}",
                         [NVCC, f"-arch={arch}", "-O3", "-std=c++17", "--use_fast_math", "-Werror", "all-warnings",
-                         "-Xptxas", "-v", "-I", str(ROOT / "kernels"), "-c", cu, "-o", str(obj)])
+                         "-Xptxas", "-v", "--keep", "--keep-dir", str(keep), "-I", str(ROOT / "kernels"), "-c", cu,
+                         "-o", str(obj)])
     if CXX is not None:
         for name, extra in (("mma", ["-DFASTPRUNE_EMU_MMA"]), ("fma", [])):
             b.start(f"emu:{name}", [CXX, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC",
@@ -185,6 +188,24 @@ def test_cu_kernels_do_not_spill_on_sm90(builds):
     assert any(k.startswith("select_kernel") for k in res) and len(res) >= 13, res
     assert {k: v for k, v in res.items() if v[1] != 0} == {}, res
     assert res["select_kernel"][0] <= 64, res
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_wmma_loads_are_shared(builds, arch):
+    """Every tensor-core fragment load reads shared memory as such (PERF_LOG v39): the CUDA
+    headers' bf16 and tf32 wmma::load_matrix_sync pass a generic address, which ptxas turned into
+    32-bit generic loads (96 LD.E per two D steps of kernel A at bf16, pi0.5's dtype, against 24
+    LDSM for fp16)."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (no CUDA toolkit)")
+    import re
+
+    builds.require(f"nvcc:prune_cuda.cu:{arch}")
+    ptx = "".join(p.read_text() for p in (builds.dirs["root"] / f"keep_prune_cuda_{arch}").glob("*.ptx"))
+    loads = re.findall(r"wmma\.load\.[\w.]+", ptx)
+    kinds = {re.sub(r"\.shared", "", x) for x in loads}
+    assert any(".bf16" in k for k in kinds) and any(".tf32" in k for k in kinds), sorted(kinds)
+    assert [x for x in loads if ".shared." not in x] == [], sorted(set(loads))
 
 
 def test_kernels_use_no_torch_headers():
