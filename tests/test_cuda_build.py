@@ -192,17 +192,17 @@ def test_cu_kernels_do_not_spill_on_sm90(builds):
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_wmma_loads_are_shared(builds, arch):
-    """Every tensor-core fragment load reads shared memory as such (PERF_LOG v39): the CUDA
-    headers' bf16 and tf32 wmma::load_matrix_sync pass a generic address, which ptxas turned into
-    32-bit generic loads (96 LD.E per two D steps of kernel A at bf16, pi0.5's dtype, against 24
-    LDSM for fp16)."""
+    """Every tensor-core fragment load and store addresses shared memory as such (PERF_LOG v39):
+    the CUDA headers' bf16 and tf32 wmma::load_matrix_sync pass a generic address, which ptxas
+    turned into 32-bit generic loads (96 LD.E per two D steps of kernel A at bf16, pi0.5's dtype,
+    against 24 LDSM for fp16); their m16n16k8 store_matrix_sync likewise (8 ST.E.64)."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
 
     builds.require(f"nvcc:prune_cuda.cu:{arch}")
     ptx = "".join(p.read_text() for p in (builds.dirs["root"] / f"keep_prune_cuda_{arch}").glob("*.ptx"))
-    loads = re.findall(r"wmma\.load\.[\w.]+", ptx)
+    loads = re.findall(r"wmma\.(?:load|store)\.[\w.]+", ptx)
     kinds = {re.sub(r"\.shared", "", x) for x in loads}
     assert any(".bf16" in k for k in kinds) and any(".tf32" in k for k in kinds), sorted(kinds)
     assert [x for x in loads if ".shared." not in x] == [], sorted(set(loads))
