@@ -208,6 +208,20 @@ def test_wmma_loads_are_shared(builds, arch):
     assert [x for x in loads if ".shared." not in x] == [], sorted(set(loads))
 
 
+def test_kernels_have_no_64bit_division(builds):
+    """No 64-bit division or remainder in the kernels' PTX (PERF_LOG v30, v40): ptxas makes each a
+    call of about 100 instructions, which sat in kernel A's last pass (16 per thread at pi05) and
+    in front of every gather block's first load."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (no CUDA toolkit)")
+    import re
+
+    builds.require("nvcc:prune_cuda.cu:sm_90")
+    ptx = "".join(p.read_text() for p in (builds.dirs["root"] / "keep_prune_cuda_sm_90").glob("*.ptx"))
+    assert "wmma.load" in ptx
+    assert re.findall(r"\b(?:div|rem)\.[su]64\b", ptx) == []
+
+
 def test_kernels_use_no_torch_headers():
     """The .cu kernels are raw CUDA: they must build with plain nvcc, without ATen/c10/torch."""
     for path in CU_FILES + sorted(glob.glob(str(ROOT / "kernels" / "*.h"))):
