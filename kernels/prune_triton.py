@@ -69,9 +69,9 @@ def _prompt_extent(TMASK, b, T, HAS_TMASK: tl.constexpr, BLOCK_TALL: tl.constexp
     if HAS_TMASK:
         t = tl.arange(0, BLOCK_TALL)
         mk = tl.load(TMASK + b * T + t, mask=t < T, other=0) != 0
-        n_valid = tl.sum(mk.to(tl.int32), 0)
-        all_valid = n_valid == 0
-        t_end = tl.where(all_valid, T, tl.max(tl.where(mk, t + 1, 0), 0))
+        last = tl.max(tl.where(mk, t + 1, 0), 0)  # 0 when no token is valid: one reduction for both
+        all_valid = last == 0
+        t_end = tl.where(all_valid, T, last)
     else:
         all_valid = True
         t_end = T
