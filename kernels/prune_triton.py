@@ -464,7 +464,8 @@ def _select_kernel(
                 eq = (elig & (votes == lo)).to(tl.int32)
                 rank = tl.cumsum(eq, 0) - eq  # ties: lower index first
                 keep = (gt | ((eq != 0) & (rank < limit - n_gt))).to(tl.int32)
-            cnt = tl.sum(keep, 0)
+            # The search keeps exactly `limit` (n_gt < limit <= n_gt + ties): no second count.
+            cnt = tl.minimum(n_elig, limit)
             pos = tl.cumsum(keep, 0) - 1
             tl.store(ORDER + b * N + pos.to(tl.int64), offs, mask=keep != 0)
             tl.store(COUNTS + b, cnt.to(tl.int64))
