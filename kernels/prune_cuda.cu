@@ -1213,7 +1213,7 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
     for (int r = 0; r < 4; ++r)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][c] = ss[ty + 16 * r][tx + 16 * c];
-    __syncthreads();  // before the next tile's S loads overwrite the product
+    if (ct + ct_step < n_ct) __syncthreads();  // before the next tile's S loads overwrite the product
 #endif
 
     // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
