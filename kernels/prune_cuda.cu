@@ -382,8 +382,8 @@ struct AccA<T, true> {
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
 #pragma unroll
     for (int kk = 0; kk < ATile<T>::kBK; kk += 16) {
-      // The fragments load unconditionally (a skipped column block holds zeros), so that the
-      // three loads of a step go out together; only the products are skipped.
+      // The fragments load unconditionally (a column block past the range is read, unused), so
+      // that the three loads of a step go out together; only the products are skipped.
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
       load_frag(fa, &sm.ps[ra][kk], ATile<T>::kLds);
