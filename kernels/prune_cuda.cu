@@ -1088,9 +1088,9 @@ struct SelectMma {
 // Kernel B: score' tiles = A[i, :] . S[j, :] over the prompt range, row argmax merged across
 // column tiles by atomicMax on packed keys; the sample's last block runs keep_tail.
 // Block (row tile, column split, sample) takes the column tiles split, split + gridDim.y, ...:
-// at B=1 one each (gridDim.y = column tiles fills the GPU), at large B all of them, so that its
+// at pi05 B=1 one each (gridDim.y = column tiles fills the GPU), at B=64 six, so that its
 // prologue, its row atomics and (for a prompt range of one 64-token step) its A tile are paid once
-// per row tile, not once per 64 x 64 tile (Plan::col_splits).
+// per block, not once per 64 x 64 tile (Plan::col_splits).
 // 4 blocks per SM: the tensor-core product (sm_80+) fits 64 registers without spills (at 48 it
 // spilled); left free, nvcc took 77-80, which fits only 3.
 __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
