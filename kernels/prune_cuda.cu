@@ -683,7 +683,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   // once and unpredicated (a slice past ksplit reads the last one and adds 0). The loads go out
   // beside the first partial loads below; the 4 groups' sums are then added in a fixed order, so
   // the result does not depend on timing. (A loop per row and token, 64 threads each, took 3 + 3
-  // dependent L2 round trips before the partials' 11.)
+  // dependent L2 round trips before the partials' 11.) At one block per SM the patch sums load
+  // inside the first token tile's pass: loaded before it, their sum (loop-invariant) was hoisted
+  // right behind them, and its wait held back the partials' loads by one L2 round trip (sm_90
+  // SASS). At 128 registers that placement spills (40 B), so the 2-block variant keeps the wait.
   constexpr int kGroups = kThreads / kBM, kPerGroup = kMaxSplit / kGroups;
   static_assert(kBM == kBT && kThreads % kBM == 0 && kMaxSplit % kGroups == 0, "norm-sum groups");
   const int grp = tid / kBM, lane64 = tid % kBM;
@@ -697,8 +700,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     for (int k = 0; k < kPerGroup; ++k) sum += grp + k * kGroups < a.ksplit ? v[k] : 0.f;
     return sum;
   };
+  constexpr bool kPsqInPass = kMinBlocks == 1;
   float psq_v[kPerGroup];
-  load_slices(psq_v, a.psq + b * N + mn<int64_t>(j0 + lane64, N - 1), B * N);
+  auto load_psq = [&] { load_slices(psq_v, a.psq + b * N + mn<int64_t>(j0 + lane64, N - 1), B * N); };
+  if constexpr (!kPsqInPass) load_psq();
   if (tid < kBM && j0 + tid < N) a.keys[b * N + j0 + tid] = 0ull;
   constexpr int kOwn = kBM / kWarps;          // rows per warp: warp + kWarps * i
   const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
@@ -729,16 +734,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   for (int u0 = 0; u0 < tr; u0 += kBT) {
     float tsq_v[kPerGroup];
     load_slices(tsq_v, a.tsq + (b * a.row_tiles + rt) * ts + mn(u0 + lane64, tr - 1), B * a.row_tiles * ts);
+    if constexpr (kPsqInPass) {
+      if (u0 == 0) load_psq();
+    }
     // Each thread sums 4 rows x 4 adjacent columns of the ksplit partials, with 16-byte loads
     // (a row is ts floats, ts % 4 == 0, u0 % 64 == 0). A row past the tile reads the last one and
     // a column group past ts the first (what is out of range adds 0): a load predicated on them
     // was issued only after the previous one had been added, one L2 round trip per element (ncu
     // on an H200: most of this kernel's 43 us at the pi05 shape, in the 12 finishing blocks).
     // The loads of kQ slices go out before any of them is added (in slice order); a slice past
-    // ksplit loads zeros (ldcg_if). At one block per SM kQ = 4: 3 round trips for pi05's 11
-    // slices, where a loop over single slices compiled to about one per slice (sm_90 SASS). At
-    // 128 registers 3 or 4 slices spill, so there kQ = 2.
-    constexpr int kC4 = kBT / 4, kRowStep = kThreads / kC4, kRows4 = kBM / kRowStep, kQ = kMinBlocks == 1 ? 4 : 2;
+    // ksplit loads zeros (ldcg_if). The 16-byte variant at one block per SM takes kQ = 11 (245
+    // registers, no spills): one round trip for pi05's 11 slices (132 SMs; 9-10 on 108-114 SMs),
+    // where a loop over single slices compiled to about one per slice and batches of 4 to 3
+    // (sm_90 SASS). The scalar variant spills at 11 and keeps 4; at 128 registers 3 or 4 slices
+    // spill, so there kQ = 2.
+    constexpr int kC4 = kBT / 4, kRowStep = kThreads / kC4, kRows4 = kBM / kRowStep,
+                  kQ = kMinBlocks == 1 ? (kVec ? 11 : 4) : 2;
     static_assert(kThreads % kC4 == 0 && kBM % kRowStep == 0, "4 x 4 elements per thread");
     const int c4 = 4 * (tid % kC4), r0 = tid / kC4;
     const float* pq = a.part + (b * N + j0) * ts + (u0 + c4 < ts ? u0 + c4 : 0);

@@ -366,6 +366,7 @@ EMU_SELECT = [
     (1, 20, 5, 320, 1),      # no split: 5 (bf16/fp16) or 10 (fp32) steps over D, both register sets
     (2, 9, 6, 203, 1),       # scalar loads over 4 or 7 steps, a partial last step
     (1, 9, 6, 330, 132),     # scalar loads, D split in 6: the finishing step's second batch of 4 slices has 2
+    (1, 9, 6, 1024, 132),    # 16-byte loads, D split in 16: the one-block variant's second batch of 11 has 5
     (3, 160, 20, 64, 1),     # kernel B: 1 column split over 3 column tiles, the A tile loaded once
     (2, 192, 150, 64, 1),    # kernel B: 2 column splits over 3 tiles, 3 token steps (A tiles reloaded)
 ]
