@@ -1148,15 +1148,16 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   // and kernel A's zeros past the range reach a multiple of 4, so the bound rounds up to 4. With
   // 4-byte loads (32 per thread) the compiler kept a few in flight at this kernel's 64
   // registers, each store waiting on its load: about 10 waits per step, now 2 (sm_90 SASS).
-  auto load_tile = [&](float (&dst)[kBM][kLdu], const float* src, int64_t row0, int u0) {
+  auto fetch_tile = [&](float4 (&v)[4], const float* src, int64_t row0, int u0) {
     const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 3) & ~3;
     const int u = u0 + 4 * tx;
     const float* at = src + (row0 + ty) * ts + u;
     const int64_t rows = N - row0 - ty;  // rows ty + 16 k below it exist
-    float4 v[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k)
       v[k] = 16 * k < rows && u < u_end ? *reinterpret_cast<const float4*>(at + 16 * k * ts) : float4{0.f, 0.f, 0.f, 0.f};
+  };
+  auto put_tile = [&](float (&dst)[kBM][kLdu], const float4 (&v)[4]) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) *reinterpret_cast<float4*>(&dst[ty + 16 * k][4 * tx]) = v[k];
   };
@@ -1184,8 +1185,17 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
     int u0 = 0;
     do {
       // With one token step the A tile of the first column tile serves all of them.
-      if (ct == static_cast<int>(blockIdx.y) || tr > kBU) load_tile(as, Ab, i0, u0);
-      load_tile(ss, Sb, c0, u0);
+      // Both tiles' loads go out before either is stored: one wait, where a tile at a time was two.
+      float4 vs[4];
+      if (ct == static_cast<int>(blockIdx.y) || tr > kBU) {
+        float4 va[4];
+        fetch_tile(va, Ab, i0, u0);
+        fetch_tile(vs, Sb, c0, u0);
+        put_tile(as, va);
+      } else {
+        fetch_tile(vs, Sb, c0, u0);
+      }
+      put_tile(ss, vs);
       __syncthreads();
       const int ku = mn(kBU, tr - u0);
 #if FP_HAVE_MMA
