@@ -246,20 +246,22 @@ def _scores_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(ARRIVED + b * n_tiles + pid_m, 1, sem="acq_rel", scope="gpu")
         if arrived == KSPLIT - 1:
-            ssp = tl.zeros([BLOCK_M], tl.float32)
-            for k in tl.static_range(KSPLIT):
-                ssp += tl.load(SSP + (k * B + b) * N + rows64, mask=rmask, other=0.0, cache_modifier=".cg")
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
                 vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
                 tin = tt < TS
                 acc = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
                 sst = tl.zeros([BLOCK_T], tl.float32)
+                # The patch sums load beside the partials, again per token tile (pi0.5 has one):
+                # summed before this loop, their adds waited an L2 round trip ahead of every
+                # partial's load (sm_90 SASS).
+                ssp = tl.zeros([BLOCK_M], tl.float32)
                 for k in tl.static_range(KSPLIT):
                     kp = k * B + b
                     acc += tl.load(SP + kp * N * TS + rows64[:, None] * TS + tt[None, :],
                                    mask=rmask[:, None] & tin[None, :], other=0.0, cache_modifier=".cg")
                     sst += tl.load(SST + (kp * n_tiles + pid_m) * TS + tt, mask=tin, other=0.0, cache_modifier=".cg")
+                    ssp += tl.load(SSP + kp * N + rows64, mask=rmask, other=0.0, cache_modifier=".cg")
                 m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
             tl.store(M + b * N + rows64, m, mask=rmask)
 
