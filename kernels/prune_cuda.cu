@@ -331,18 +331,13 @@ __device__ __forceinline__ void load_frag(Frag& f, const E* p, unsigned ldm) {
     static_assert(sizeof(f.x) == 16, "these fragments are 4 registers");
     int* x = reinterpret_cast<int*>(&f.x[0]);
     const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    if constexpr (a_bf16)
-      asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm));
-    else if constexpr (b_bf16)
-      asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm));
-    else if constexpr (a_tf32)
-      asm volatile("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32 {%0, %1, %2, %3}, [%4], %5;"
-                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm));
-    else
-      asm volatile("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32 {%0, %1, %2, %3}, [%4], %5;"
-                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm));
+#define FP_WMMA_LOAD4(op) \
+  asm volatile(op " {%0, %1, %2, %3}, [%4], %5;" : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm))
+    if constexpr (a_bf16) FP_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
+    else if constexpr (b_bf16) FP_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
+    else if constexpr (a_tf32) FP_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32");
+    else FP_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32");
+#undef FP_WMMA_LOAD4
     return;
   }
 #endif
@@ -1143,11 +1138,11 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   // first tile's loads do not wait for the prompt range: kernel A wrote zeros past it up to
   // min(ts, 64), so the row stride alone bounds them (do-while: tr >= 1 always).
   //
-  // 16-byte loads, a tile's 4 issued before its stores: thread (ty, tx) takes rows ty + 16 k at
-  // tokens u0 + 4 tx .. + 3. Rows are ts floats (ts % 4 == 0) in a 16-byte aligned workspace,
+  // 16-byte loads, all of a step's issued before its stores: thread (ty, tx) takes rows ty + 16 k
+  // at tokens u0 + 4 tx .. + 3. Rows are ts floats (ts % 4 == 0) in a 16-byte aligned workspace,
   // and kernel A's zeros past the range reach a multiple of 4, so the bound rounds up to 4. With
   // 4-byte loads (32 per thread) the compiler kept a few in flight at this kernel's 64
-  // registers, each store waiting on its load: about 10 waits per step, now 2 (sm_90 SASS).
+  // registers, each store waiting on its load: about 10 waits per step, now 1 (sm_90 SASS).
   auto fetch_tile = [&](float4 (&v)[4], const float* src, int64_t row0, int u0) {
     const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 3) & ~3;
     const int u = u0 + 4 * tx;
@@ -1184,8 +1179,9 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 #endif
     int u0 = 0;
     do {
-      // With one token step the A tile of the first column tile serves all of them.
-      // Both tiles' loads go out before either is stored: one wait, where a tile at a time was two.
+      // With one token step the A tile of the first column tile serves all of them. The S fetch
+      // is written in both branches: with the A tile's fetch and store each under its own `if`,
+      // the select kernel spilled 16 B at its 64 registers (sm_90).
       float4 vs[4];
       if (ct == static_cast<int>(blockIdx.y) || tr > kBU) {
         float4 va[4];

@@ -599,8 +599,8 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
-TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "bm2", "bn2", "warps2", "stages2", "n_split", "a_once", "br", "bd",
-           "warps3", "dot_prec")
+TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "bm2", "bn2", "warps2", "stages2", "n_split",
+           "a_once", "br", "bd", "warps3", "dot_prec")
 FLAGS = ("a_once", "prefetch1")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).

@@ -190,6 +190,12 @@ def test_cu_kernels_do_not_spill_on_sm90(builds):
     assert res["select_kernel"][0] <= 64, res
 
 
+def kept_ptx(builds, arch):
+    """The PTX that the nvcc build of prune_cuda.cu for ``arch`` kept (--keep)."""
+    builds.require(f"nvcc:prune_cuda.cu:{arch}")
+    return "".join(p.read_text() for p in (builds.dirs["root"] / f"keep_prune_cuda_{arch}").glob("*.ptx"))
+
+
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_wmma_loads_are_shared(builds, arch):
     """Every tensor-core fragment load and store addresses shared memory as such (PERF_LOG v39):
@@ -200,8 +206,7 @@ def test_wmma_loads_are_shared(builds, arch):
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
 
-    builds.require(f"nvcc:prune_cuda.cu:{arch}")
-    ptx = "".join(p.read_text() for p in (builds.dirs["root"] / f"keep_prune_cuda_{arch}").glob("*.ptx"))
+    ptx = kept_ptx(builds, arch)
     loads = re.findall(r"wmma\.(?:load|store)\.[\w.]+", ptx)
     kinds = {re.sub(r"\.shared", "", x) for x in loads}
     assert any(".bf16" in k for k in kinds) and any(".tf32" in k for k in kinds), sorted(kinds)
@@ -216,8 +221,7 @@ def test_kernels_have_no_64bit_division(builds):
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
 
-    builds.require("nvcc:prune_cuda.cu:sm_90")
-    ptx = "".join(p.read_text() for p in (builds.dirs["root"] / "keep_prune_cuda_sm_90").glob("*.ptx"))
+    ptx = kept_ptx(builds, "sm_90")
     assert "wmma.load" in ptx
     assert re.findall(r"\b(?:div|rem)\.[su]64\b", ptx) == []
 
