@@ -8,8 +8,9 @@ against a 40 us target).
 
 Layers timed (median wall time per call from a synced start, as harness.host_latency):
 - ``api``        prune_tokens(..., max_tokens, backend): the Python API (checks; Triton: eager
-                 calls launch the kernels without the op, triton_ops.call)
-- ``op``         torch.ops.fastprune.prune_padded(..., backend): the C++ dispatcher entry
+                 calls go to the ``op`` on CUDA, elsewhere launch the kernels, triton_ops.call)
+- ``op``         torch.ops.fastprune.prune_padded(..., backend): the C++ dispatcher entry (Triton on
+                 CUDA: the C++ replay of the call's launch plan, csrc/triton_plan.h)
 - ``triton_op``  torch.ops.fastprune.triton_prune_padded: the torch.library op (Triton only)
 - ``launches``   kernels.prune_triton.prune_padded: allocations and the launches, no library
 - ``jit_run``    the same, every launch through JITFunction.run (without the eager launch cache)

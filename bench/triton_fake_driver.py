@@ -17,6 +17,8 @@ bench/host_prune.py --fake-driver.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.driver import CudaDriver
@@ -26,8 +28,12 @@ H100 = GPUTarget("cuda", 90, 32)
 
 
 class _Utils:
+    def __init__(self):
+        self.functions = itertools.count(1)
+
     def load_binary(self, name, kernel, shared, device):
-        return 1, 1, 32, 0, 1024  # module, function, n_regs, n_spills, n_max_threads
+        # module, function (a handle per loaded kernel, as the driver's), n_regs, n_spills, n_max_threads
+        return 1, next(self.functions), 32, 0, 1024
 
     def get_device_properties(self, device):
         return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
@@ -50,9 +56,11 @@ class FakeDriver(CudaDriver):
         class Launcher:
             def __init__(self, src, metadata):
                 self.name = src.fn.__name__ if hasattr(src, "fn") else str(src)
-                # Positions of the pointer parameters (signature types "*fp32", ...).
+                # Positions of the pointer parameters (signature types "*fp32", ...), and of the
+                # parameters that the kernel receives (not constexprs), with their types.
                 self.pointers = frozenset(i for i, ty in enumerate(src.signature.values())
                                           if isinstance(ty, str) and ty.startswith("*"))
+                self.params = tuple((i, ty) for i, ty in enumerate(src.signature.values()) if ty != "constexpr")
 
             def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
                          exit_hook, *args):

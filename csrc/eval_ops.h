@@ -1,5 +1,6 @@
 // Entry points of fastprune::select / prune / prune_padded for one dispatch key: backend
-// choice, input checks (before any kernel), then the Triton ops or the device's own kernels.
+// choice, input checks (before any kernel), then the Triton ops (on CUDA, their launch plans) or
+// the device's own kernels.
 // Shared by the CPU and CUDA registrations so both behave the same on every bad input.
 #pragma once
 
@@ -11,6 +12,7 @@
 
 #include "backend.h"
 #include "prune_checks.h"
+#include "triton_plan.h"
 
 namespace fastprune {
 
@@ -26,9 +28,13 @@ struct EvalOps {
 
   static at::Tensor select(const at::Tensor& patches, const at::Tensor& task, const OptTensor& task_mask,
                            const OptTensor& patch_mask, bool mask_voters, c10::string_view backend) {
-    if (use_triton(backend, patches, task, task_mask, patch_mask, std::nullopt, std::nullopt))
+    if (use_triton(backend, patches, task, task_mask, patch_mask, std::nullopt, std::nullopt)) {
+      if constexpr (Kernels::kTritonPlans)
+        return planned(triton_plan::Op::kSelect, patches, task, task_mask, patch_mask, std::nullopt, std::nullopt,
+                       mask_voters)[0];
       return call_triton("fastprune::triton_select", {patches, task, task_mask, patch_mask, mask_voters})[0]
           .toTensor();
+    }
     return Kernels::select(patches, task, task_mask, patch_mask, mask_voters);
   }
 
@@ -44,9 +50,15 @@ struct EvalOps {
   static PruneOut prune_padded(const at::Tensor& patches, const at::Tensor& task, const OptTensor& task_mask,
                                const OptTensor& patch_mask, std::optional<int64_t> keep_tokens,
                                int64_t max_tokens, bool mask_voters, c10::string_view backend) {
-    if (use_triton(backend, patches, task, task_mask, patch_mask, keep_tokens, max_tokens))
+    if (use_triton(backend, patches, task, task_mask, patch_mask, keep_tokens, max_tokens)) {
+      if constexpr (Kernels::kTritonPlans) {
+        const auto out = planned(triton_plan::Op::kPrunePadded, patches, task, task_mask, patch_mask, keep_tokens,
+                                 max_tokens, mask_voters);
+        return {out[0], out[1], out[2], out[3]};
+      }
       return unpack(call_triton("fastprune::triton_prune_padded",
                                 {patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters}));
+    }
     return Kernels::prune(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
   }
 
@@ -60,6 +72,21 @@ struct EvalOps {
     Kernels::check_device_backend(backend);
     check_prune_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens);
     return backend == "triton";
+  }
+
+  // backend="triton" on a device whose Kernels replay launch plans (triton_plan.h): the plan of
+  // the call's key, or else the Python launch code, which runs the call and records its plan.
+  static std::vector<at::Tensor> planned(triton_plan::Op op, const at::Tensor& patches, const at::Tensor& task,
+                                         const OptTensor& task_mask, const OptTensor& patch_mask,
+                                         std::optional<int64_t> keep_tokens, std::optional<int64_t> max_tokens,
+                                         bool mask_voters) {
+    if (auto out = Kernels::replay_triton(op, patches, task, task_mask, patch_mask, keep_tokens, max_tokens,
+                                          mask_voters))
+      return std::move(*out);
+    return call_triton("fastprune::triton_record",
+                       {op == triton_plan::Op::kSelect ? "select" : "prune_padded", patches, task, task_mask,
+                        patch_mask, keep_tokens, max_tokens, mask_voters})[0]
+        .toTensorVector();
   }
 
   static PruneOut unpack(const std::vector<c10::IValue>& s) {

@@ -205,6 +205,7 @@ PruneOut prune_rows(
 }
 
 struct CpuKernels {
+  static constexpr bool kTritonPlans = false;  // Triton on CPU tensors is the interpreter (tests)
   static void check_device_backend(const std::string& backend) {
     TORCH_CHECK(backend != "cuda", "fastprune: backend='cuda' needs CUDA tensors, got CPU tensors");
   }

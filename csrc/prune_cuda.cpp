@@ -21,7 +21,9 @@
 #include <vector>
 
 #include "eval_ops.h"
+#include "launch_function.h"
 #include "prune_cuda.h"
+#include "triton_plan.h"
 
 namespace fastprune {
 namespace {
@@ -183,7 +185,45 @@ PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
   return {pruned, kept_mask, kept_idx, counts};
 }
 
+// backend="triton" with a launch plan for the call's key (triton_plan.h): the recorded memsets
+// and kernel launches, on the call's tensors and new buffers, on the current stream (so also
+// under CUDA-graph capture). nullopt when there is no plan: the Python launch code runs the call
+// and records one.
+std::optional<std::vector<at::Tensor>> replay_triton(triton_plan::Op op, const at::Tensor& patches,
+                                                     const at::Tensor& task,
+                                                     const std::optional<at::Tensor>& task_mask,
+                                                     const std::optional<at::Tensor>& patch_mask,
+                                                     std::optional<int64_t> keep_tokens,
+                                                     std::optional<int64_t> max_tokens, bool mask_voters) {
+  const auto key = triton_plan::key_of(op, patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
+  const auto plan = key ? triton_plan::find(*key) : nullptr;
+  if (plan == nullptr) return std::nullopt;
+  const c10::cuda::CUDAGuard guard(patches.device());
+  triton_plan::Prepared r = triton_plan::prepare(*plan, patches, task, task_mask, patch_mask);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  for (const triton_plan::Fill& f : plan->fills)
+    check_launch(cudaMemsetAsync(static_cast<char*>(r.buffers[f.buffer].data_ptr()) + f.offset, 0,
+                                 static_cast<size_t>(f.bytes), stream),
+                 "memset of a Triton plan");
+  for (size_t i = 0; i < plan->launches.size(); ++i) {
+    const triton_plan::Launch& l = plan->launches[i];
+    const int status = fastprune_cuda::launch_function(l.function, l.grid, l.block, l.shared, stream, r.args[i].data());
+    FASTPRUNE_CHECK(status == 0, "fastprune: launch %zu of a Triton plan failed: %s", i,
+                    fastprune_cuda::launch_function_error(status));
+  }
+  std::vector<at::Tensor> out;
+  for (int64_t o : plan->outputs) out.push_back(r.buffers[o]);
+  return out;
+}
+
 struct CudaKernels {
+  static constexpr bool kTritonPlans = true;
+  static std::optional<std::vector<at::Tensor>> replay_triton(
+      triton_plan::Op op, const at::Tensor& patches, const at::Tensor& task,
+      const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask,
+      std::optional<int64_t> keep_tokens, std::optional<int64_t> max_tokens, bool mask_voters) {
+    return fastprune::replay_triton(op, patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
+  }
   static void check_device_backend(const std::string& backend) {
     TORCH_CHECK(backend != "cpu",
                 "fastprune: backend='cpu' needs CPU tensors, got CUDA tensors (use backend='cuda', "

@@ -32,6 +32,9 @@ products are exact in the fp32 accumulator); offsets are int64.
 
 The launchers take a ``wrap`` callable (``torch.library.wrap_triton`` inside a
 ``triton_op``, identity otherwise) so the same code serves eager, the interpreter and Inductor.
+Eager launches go through a per-specialisation cache (``_CachedLaunch``). Inside ``recording()``
+an eager call also notes its allocations, fill and launches, from which ``plan_of`` builds the
+launch plan that the C++ ops replay on CUDA (csrc/triton_plan.h).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import contextlib
 import functools
 import math
 import os
+import struct
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -553,7 +558,10 @@ class _CachedLaunch:
             compiled = self.kernel[grid](*args, **kwargs)
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
             # With the arguments named at the call (constexprs) in signature order, once.
-            self.compiled[key] = (compiled, tuple(kwargs[n] for n in self.names[len(args):]))
+            hit = self.compiled[key] = (compiled, tuple(kwargs[n] for n in self.names[len(args):]))
+            rec = _recorder.current
+            if rec is not None:
+                rec.launches.append((hit[0], (*grid, 1, 1)[:3], flat, hit[1]))
         else:
             # What CompiledKernel[grid](*args) runs (triton 3.6 and 3.7), without building its
             # closure or reading the device again.
@@ -564,6 +572,122 @@ class _CachedLaunch:
             compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
                          compiled.launch_metadata(grid, stream, *flat, *named), runtime.launch_enter_hook,
                          runtime.launch_exit_hook, *flat, *named)
+            rec = _recorder.current
+            if rec is not None:
+                rec.launches.append((compiled, grid, flat, named))
+
+
+class _Recording:
+    """What one eager call allocated, zeroed and launched, in order (see ``recording``)."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []  # torch.empty'd by the call
+        self.fills: list[tuple[torch.Tensor, int]] = []  # (buffer, first zeroed element)
+        self.launches: list[tuple] = []  # (compiled kernel, grid, positional args, constexprs)
+
+
+class _Recorder(threading.local):
+    current: Optional[_Recording] = None  # per thread: another thread's calls are not this one's
+
+
+_recorder = _Recorder()
+
+
+@contextlib.contextmanager
+def recording():
+    """Records this thread's eager allocations, fills and cached launches inside, for
+    ``plan_of``."""
+    saved, _recorder.current = _recorder.current, _Recording()
+    try:
+        yield _recorder.current
+    finally:
+        _recorder.current = saved
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    rec = _recorder.current
+    if rec is not None:
+        rec.buffers.append(t)
+    return t
+
+
+def _zero_from(buf: torch.Tensor, start: int) -> None:
+    buf[start:].zero_()
+    rec = _recorder.current
+    if rec is not None:
+        rec.fills.append((buf, start))
+
+
+# c10::ScalarType codes of the buffers' dtypes (csrc/triton_plan.h reads them).
+_SCALAR_TYPE = {torch.int32: 3, torch.int64: 4, torch.float16: 5, torch.float32: 6, torch.bool: 11,
+                torch.bfloat16: 15}
+# The launch ABI of triton's CUDA launcher that plans replay (triton 3.6 and 3.7 alike): every
+# argument that is not a constexpr, in signature order, then the global and the profile scratch
+# pointers (null for kernels that need none).
+PLAN_TRITON_VERSIONS = ("3.6.", "3.7.")
+
+
+def plan_of(rec: _Recording, inputs, outputs) -> Optional[list[int]]:
+    """The launch plan (csrc/triton_plan.h) of one recorded eager call on ``inputs``
+    ``(patches, task, task_mask, patch_mask)`` that returned ``outputs``, or None where a replay
+    could not repeat the call: launches that did not all go through the cache, a kernel that
+    needs triton's scratch, clusters, cooperative or dependent launches or launch hooks, a
+    pointer into memory the call did not allocate (a copied input), another triton's ABI, or
+    a launch-parameter sweep (``tuning``) in force."""
+    if _tuning or not triton.__version__.startswith(PLAN_TRITON_VERSIONS) or not rec.launches:
+        return None
+    if any(getattr(hook, "calls", hook) for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)):
+        return None  # a replay calls no hooks (triton 3.6/3.7 keep them in HookChains, empty by default)
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), kind, i)
+             for kind, ts in ((0, inputs), (1, rec.buffers)) for i, t in enumerate(ts) if t is not None]
+
+    def where(ptr: int):
+        return next(([kind, i, ptr - lo] for lo, hi, kind, i in spans if lo <= ptr < hi), None)
+
+    def buffer_index(t: torch.Tensor) -> Optional[int]:
+        return next((i for i, b in enumerate(rec.buffers) if b is t), None)
+
+    plan = [1, len(rec.buffers), len(rec.fills), len(rec.launches), len(outputs)]
+    for t in rec.buffers:
+        if t.dtype not in _SCALAR_TYPE:
+            return None
+        plan += [_SCALAR_TYPE[t.dtype], t.dim(), *t.shape]
+    for t, start in rec.fills:
+        i = buffer_index(t)
+        if i is None:
+            return None
+        plan += [i, start * t.element_size(), (t.numel() - start) * t.element_size()]
+    for compiled, grid, flat, named in rec.launches:
+        md = compiled.metadata
+        if (md.num_ctas != 1 or md.launch_cooperative_grid or md.launch_pdl or md.global_scratch_size
+                or md.profile_scratch_size):
+            return None
+        params = []
+        for ty, value in zip(compiled.src.signature.values(), (*flat, *named)):
+            if ty == "constexpr":
+                continue
+            if ty.startswith("*"):
+                at = where(value)
+            elif ty == "i32":
+                at = [2, value, 0]
+            elif ty == "i64":
+                at = [3, value, 0]
+            elif ty == "fp32":
+                at = [4, int.from_bytes(struct.pack("<f", value), "little", signed=True), 0]
+            else:
+                at = None
+            if at is None:
+                return None
+            params += at
+        params += [5, 0, 0, 5, 0, 0]  # global and profile scratch
+        plan += [compiled.function, *grid, 32 * md.num_warps, md.shared, len(params) // 3, *params]
+    for t in outputs:
+        i = buffer_index(t)
+        if i is None:
+            return None
+        plan.append(i)
+    return plan
 
 
 def _on_patches_device(launcher):
@@ -624,10 +748,18 @@ def tuning(**overrides: int | str):
                          f"one of {DOT_PRECS}), got {bad}")
     saved = _tuning
     _tuning = tuple(sorted({**dict(saved), **overrides}.items()))
+    # Launch plans replay what a call launched with the parameters of their recording.
+    _clear_plans()
     try:
         yield
     finally:
         _tuning = saved
+        _clear_plans()
+
+
+def _clear_plans() -> None:
+    if hasattr(torch.ops.fastprune, "_triton_plans_clear"):  # the op library is loaded
+        torch.ops.fastprune._triton_plans_clear()
 
 
 class _Cfg:
@@ -747,11 +879,11 @@ def _run_select(
     cfg = _config(patches, T)
     # torch.empty launches nothing; kernel 1 initialises the merge state (keys and counters)
     # and the host zeroes only the row-tile arrival counters (a D split), as 0.0 (bits 0).
-    ws = torch.empty(cfg.n_ws, dtype=torch.float32, device=dev)
+    ws = _empty(cfg.n_ws, torch.float32, dev)
     if cfg.ksplit > 1:
-        ws[cfg.arrived_at:].zero_()
+        _zero_from(ws, cfg.arrived_at)
     # select writes idx [B, N], prune counts [B]; the input stands in for the other, unused.
-    out = torch.empty((B, N) if select_only else (B,), dtype=torch.int64, device=dev)
+    out = _empty((B, N) if select_only else (B,), torch.int64, dev)
     tmask = patches if task_mask is None else task_mask.contiguous()
     pmask = patches if patch_mask is None else patch_mask.contiguous()
     scale = 1.0 / math.sqrt(D)
@@ -780,9 +912,9 @@ def _run_select(
 def _run_gather(patches, ws, counts, K: int, cfg: _Cfg, wrap: Callable):
     B, N, D = patches.shape
     dev = patches.device
-    pruned = torch.empty(B, K, D, dtype=patches.dtype, device=dev)
-    kept_mask = torch.empty(B, K, dtype=torch.bool, device=dev)
-    kept_idx = torch.empty(B, K, dtype=torch.int64, device=dev)
+    pruned = _empty((B, K, D), patches.dtype, dev)
+    kept_mask = _empty((B, K), torch.bool, dev)
+    kept_idx = _empty((B, K), torch.int64, dev)
     src, dst = patches, pruned
     if INTERPRET and patches.dtype == torch.bfloat16:
         # The interpreter mishandles bf16 values; the gather only moves bits.

@@ -211,6 +211,68 @@ def test_triton_launch_cache_matches_jit_run():
                 assert torch.equal(a, b), (B, N, cap, dtype, offset)
 
 
+def test_triton_launch_plans_replay_the_launch_code(monkeypatch):
+    """backend="triton" through the C++ ops on CUDA: the first call of a key runs the Python
+    launch code, which stores the call's launch plan; later calls replay it from C++
+    (csrc/triton_plan.h). A replay gives the launch code's outputs bit for bit, across keys that
+    must not share a plan (16-byte alignment, a cap of 1 (a constant int) and of 16, fp16, no
+    masks, a budget), on a side stream and captured in a CUDA graph. The replays run with the
+    Python launch code disabled, so they cannot fall back to it."""
+    why = _backend_available("triton") or _backend_available("cuda")
+    if why:
+        pytest.skip(why)
+    from pi05_fastprune.kernels import prune_triton as K
+
+    g = torch.Generator().manual_seed(13)
+    cases = []
+    for B, N, T, D, keep, cap, dtype, offset, masked in [(1, 768, 200, 2048, None, 256, torch.bfloat16, 0, True),
+                                                          (1, 768, 200, 2048, None, 256, torch.bfloat16, 2, True),
+                                                          (2, 21, 11, 40, None, 9, torch.bfloat16, 0, False),
+                                                          (2, 21, 11, 40, 3, 1, torch.bfloat16, 0, True),
+                                                          (2, 21, 11, 40, None, 16, torch.float16, 2, True)]:
+        flat = torch.randn(B * N * D + offset, generator=g).to(dtype).cuda()
+        patches = flat[offset:].view(B, N, D)
+        task = torch.randn(B, T, D, generator=g).to(dtype).cuda()
+        tm = (torch.rand(B, T, generator=g) < 0.6).cuda() if masked else None
+        pm = (torch.rand(B, N, generator=g) < 0.9).cuda() if masked else None
+        cases.append(((patches, task, tm, pm), keep, cap))
+    ops._triton_plans_clear()
+    want = []
+    for inp, keep, cap in cases:
+        want.append((K.select(*inp), K.prune_padded(*inp, keep, cap, False)))
+        ops.select(*inp, False, "triton")  # records
+        ops.prune_padded(*inp, keep, cap, False, "triton")
+        ops._triton_plan_launches("select", *inp, None, None, False)  # raises without a plan
+        ops._triton_plan_launches("prune_padded", *inp, keep, cap, False)
+
+    def no_python(*args, **kwargs):
+        raise AssertionError("a call with a launch plan ran the Python launch code")
+
+    monkeypatch.setattr(K, "select", no_python)
+    monkeypatch.setattr(K, "prune_padded", no_python)
+    side = torch.cuda.Stream()
+    for (inp, keep, cap), (sel, padded) in zip(cases, want):
+        for stream in (torch.cuda.current_stream(), side):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                got_sel = ops.select(*inp, False, "triton")
+                got = ops.prune_padded(*inp, keep, cap, False, "triton")
+            torch.cuda.current_stream().wait_stream(stream)
+            assert torch.equal(got_sel, sel), (inp[0].shape, cap)
+            assert all(torch.equal(a, b) for a, b in zip(got, padded)), (inp[0].shape, cap)
+    inp, keep, cap = cases[0]
+    graph = torch.cuda.CUDAGraph()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=side):
+        captured = ops.prune_padded(*inp, keep, cap, False, "triton")
+    for t in captured:
+        t.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(captured, want[0][1]))
+    ops._triton_plans_clear()
+
+
 def test_ties_and_determinism(backend):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 8, 32, generator=g)

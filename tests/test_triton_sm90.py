@@ -37,6 +37,7 @@ import io
 import os
 import pathlib
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -318,6 +319,97 @@ def test_cached_launch_gives_each_launch_what_jit_run_gives_it(tmp_path):
                 assert len(runs[0]) == 3, (name, runs[0])
                 assert runs[2] == runs[0], name
     finally:
+        K._config = real_config
+        for cached in K._CACHED.values():
+            cached.compiled.clear()
+        for kernel in kernels:  # their kernels compiled for the fake device 0
+            kernel.device_caches.clear()
+
+
+def _plan_view(flat, inputs):
+    """``_triton_plan_launches``' launches as (function, grid, block, shared, parameters), each
+    pointer reduced as in ``_run_view`` (the plan's buffers are new each call)."""
+    ids = {t.data_ptr(): ("input", i) for i, t in enumerate(inputs) if t is not None}
+    scratch, view, at = {}, [], 0
+    while at < len(flat):
+        function, gx, gy, gz, block, shared, n = flat[at:at + 7]
+        values = flat[at + 7:at + 7 + n]
+        at += 7 + n
+        view.append((function, (gx, gy, gz), block, shared, values))
+    return view, ids, scratch
+
+
+def _expected_plan_view(launches, inputs):
+    """The fake driver's launches as ``_plan_view`` shows a replay: the kernel's handle, grid,
+    threads and shared bytes, and the values of the parameters the kernel receives (constexprs
+    dropped; a float as its bits), then triton's two null scratch pointers."""
+    view = []
+    for launcher, grid, stream, function, packed, args in _run_view(launches, inputs):
+        num_warps, _, shared = packed
+        values = [struct.unpack("<i", struct.pack("<f", args[i]))[0] if ty == "fp32" else args[i]
+                  for i, ty in launcher.params]
+        view.append((function, tuple(grid), 32 * num_warps, shared, values + [0, 0]))
+    return view
+
+
+def test_cached_launch_plan_replays_what_the_launch_code_launches(tmp_path):
+    """The launch plans that the C++ ops replay for backend="triton" on CUDA (csrc/triton_plan.h,
+    recorded by kernels.prune_triton.plan_of). Under the fake driver (sm_90 compiles, launches
+    recorded), each case's call is recorded and its plan stored; then, for every case, on new
+    tensors of the same key, the plan's launches (``_triton_plan_launches``: what a replay would
+    launch, without launching) must equal what the Python launch code launches for those tensors:
+    kernel handle, grid, block, shared memory and every parameter (pointers by the input they
+    point at, or by buffer). All plans are stored before any is checked, so a key that missed a
+    difference between two cases (alignment, masks, caps of 1 and 16, dtypes) would replay the
+    wrong plan."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from triton_fake_driver import FakeDriver
+
+    from pi05_fastprune.kernels import prune_triton as K
+
+    cases = ["pi05", "pi05 misaligned", "pi05 nomask", "pi05 budget", "pi05 fp16", "odd", "odd cap1", "odd cap16",
+             "odd misaligned", "one fp32"]
+    real_config = K._config
+    K._config = functools.partial(real_config, gpu_sms=H100_SMS)
+    kernels = [c.kernel for c in K._CACHED.values()]
+    torch.ops.fastprune._triton_plans_clear()
+    try:
+        with knobs.cache.scope(), FakeDriver() as drv:
+            knobs.cache.dir = str(tmp_path)
+            for name in cases:
+                inp = _eval_case(name)
+                K.prune_padded(*inp, False)  # compiles (JITFunction.run)
+                for op, args in (("prune_padded", (*inp, False)), ("select", (*inp[:4], None, None, False))):
+                    with K.recording() as rec:
+                        out = K.prune_padded(*inp, False) if op == "prune_padded" else K.select(*inp[:4])
+                    out = list(out) if op == "prune_padded" else [out]
+                    plan = K.plan_of(rec, inp[:4], out)
+                    assert plan is not None, (name, op)
+                    assert torch.ops.fastprune._triton_plan_put(op, *args, plan), (name, op)
+            for name in cases:
+                inp = _eval_case(name)  # new tensors, the same key
+                drv.launches.clear()
+                out = K.prune_padded(*inp, False)
+                expected = _expected_plan_view(drv.launches, inp[:4])
+                bufs, flat = torch.ops.fastprune._triton_plan_launches("prune_padded", *inp, False)
+                got, ids, scratch = _plan_view(flat, inp[:4])
+                got = [(f, g, b, sh, [ids.get(v) or scratch.setdefault(v, ("scratch", len(scratch)))
+                                      if isinstance(e, tuple) else v for v, e in zip(vals, exp[4])])
+                       for (f, g, b, sh, vals), exp in zip(got, expected)]
+                assert len(got) == len(expected) == 3, name
+                assert got == expected, name
+                # The plan's outputs are buffers like the launch code's: the last four it allocates.
+                assert [(t.shape, t.dtype) for t in bufs[-3:]] == [(t.shape, t.dtype) for t in out[:3]], name
+
+                drv.launches.clear()
+                K.select(*inp[:4])
+                _, flat = torch.ops.fastprune._triton_plan_launches("select", *inp[:4], None, None, False)
+                assert len(_plan_view(flat, inp[:4])[0]) == len(drv.launches) == 2, name
+            p, t, tm, pm, keep, cap = _eval_case("odd")
+            with pytest.raises(RuntimeError, match="no Triton launch plan"):
+                torch.ops.fastprune._triton_plan_launches("prune_padded", p, t, tm, pm, keep, cap + 1, False)
+    finally:
+        torch.ops.fastprune._triton_plans_clear()
         K._config = real_config
         for cached in K._CACHED.values():
             cached.compiled.clear()
