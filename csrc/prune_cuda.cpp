@@ -199,6 +199,7 @@ std::optional<std::vector<at::Tensor>> replay_triton(triton_plan::Op op, const a
   const auto plan = key ? triton_plan::find(*key) : nullptr;
   if (plan == nullptr) return std::nullopt;
   const c10::cuda::CUDAGuard guard(patches.device());
+  check_launch(fastprune_cuda::make_context_current(patches.get_device()), "context of a Triton plan");
   triton_plan::Prepared r = triton_plan::prepare(*plan, patches, task, task_mask, patch_mask);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   for (const triton_plan::Fill& f : plan->fills)

@@ -20,8 +20,16 @@ Fn driver_entry(const char* name) {
 using LaunchKernel = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                                   CUstream, void**, void**);
 using GetErrorName = CUresult (*)(CUresult, const char**);
+using CtxGetCurrent = CUresult (*)(CUcontext*);
 
 }  // namespace
+
+cudaError_t make_context_current(int device) {
+  static const CtxGetCurrent current = driver_entry<CtxGetCurrent>("cuCtxGetCurrent");
+  CUcontext ctx = nullptr;
+  if (current != nullptr && current(&ctx) == CUDA_SUCCESS && ctx != nullptr) return cudaSuccess;
+  return cudaSetDevice(device);  // since CUDA 12.0 this makes the device's primary context current
+}
 
 int launch_function(uint64_t function, const uint32_t grid[3], uint32_t block, uint32_t shared,
                     cudaStream_t stream, void** params) {

@@ -14,6 +14,11 @@ namespace fastprune_cuda {
 int launch_function(uint64_t function, const uint32_t grid[3], uint32_t block, uint32_t shared,
                     cudaStream_t stream, void** params);
 
+// Makes `device`'s primary context current on this thread where no context is: cuLaunchKernel
+// launches into the current context, and a replay may reach it before any runtime call (which
+// would make one current) on this thread. cudaSuccess when a context is current afterwards.
+cudaError_t make_context_current(int device);
+
 // The driver's name of a launch_function status ("unknown" when it has none).
 const char* launch_function_error(int status);
 

@@ -13,6 +13,7 @@ the op's own selection, bit for bit.
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -216,8 +217,8 @@ def test_triton_launch_plans_replay_the_launch_code(monkeypatch):
     launch code, which stores the call's launch plan; later calls replay it from C++
     (csrc/triton_plan.h). A replay gives the launch code's outputs bit for bit, across keys that
     must not share a plan (16-byte alignment, a cap of 1 (a constant int) and of 16, fp16, no
-    masks, a budget), on a side stream and captured in a CUDA graph. The replays run with the
-    Python launch code disabled, so they cannot fall back to it."""
+    masks, a budget), on a side stream, as a new thread's first CUDA work, and captured in a CUDA
+    graph. The replays run with the Python launch code disabled, so they cannot fall back to it."""
     why = _backend_available("triton") or _backend_available("cuda")
     if why:
         pytest.skip(why)
@@ -260,6 +261,18 @@ def test_triton_launch_plans_replay_the_launch_code(monkeypatch):
             torch.cuda.current_stream().wait_stream(stream)
             assert torch.equal(got_sel, sel), (inp[0].shape, cap)
             assert all(torch.equal(a, b) for a, b in zip(got, padded)), (inp[0].shape, cap)
+    # A new thread's first CUDA work: a replay without a fill (no runtime call before its launches).
+    result = {}
+
+    def replay_in_thread():
+        inp, keep, cap = cases[2]
+        result["out"] = ops.prune_padded(*inp, keep, cap, False, "triton")
+        torch.cuda.synchronize()
+
+    thread = threading.Thread(target=replay_in_thread)
+    thread.start()
+    thread.join()
+    assert all(torch.equal(a, b) for a, b in zip(result["out"], want[2][1]))
     inp, keep, cap = cases[0]
     graph = torch.cuda.CUDAGraph()
     side.wait_stream(torch.cuda.current_stream())
