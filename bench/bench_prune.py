@@ -10,8 +10,8 @@ fastprune backends, at the pi0.5 shape and a B x N grid, implicit / budget / sta
 Providers (``--providers`` picks):
 - ``eager-ref``        pi05_fastprune.reference.prune_ref (builds the [B, N, N] score, like the seed)
 - ``compile-ref``      torch.compile of the same function
-- ``fastprune-triton`` torch.ops.fastprune.triton_prune, and prune_padded(..., backend="triton")
-                        (on CUDA the C++ replay of its launch plan); CUDA, or on CPU only under
+- ``fastprune-triton`` torch.ops.fastprune.prune / prune_padded(..., backend="triton") (on CUDA the
+                        C++ replay of the call's launch plan); CUDA, or on CPU only under
                         TRITON_INTERPRET=1, as a smoke test
 - ``fastprune-cpu``    the fused C++ CPU op (CPU only)
 - ``fastprune-cuda``   the CUDA C++ op (``backend="cuda"``), listed where _C was built with it
@@ -118,9 +118,9 @@ def provider_fns(device: torch.device, args) -> dict[str, Callable]:
     if HAVE_TRITON_OPS and (device.type == "cuda" or interp):
 
         def triton_fn(inp, keep, cap):
+            # The public ops: on CUDA they replay the call's launch plan from C++ (csrc/triton_plan.h).
             if cap is None:
-                return lambda: torch.ops.fastprune.triton_prune(*inp, keep, False)
-            # The public op: on CUDA it replays the call's launch plan from C++ (csrc/triton_plan.h).
+                return lambda: torch.ops.fastprune.prune(*inp, keep, False, "triton")
             return lambda: torch.ops.fastprune.prune_padded(*inp, keep, cap, False, "triton")
 
         out["fastprune-triton"] = triton_fn

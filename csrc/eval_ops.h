@@ -41,9 +41,15 @@ struct EvalOps {
   static PruneOut prune(const at::Tensor& patches, const at::Tensor& task, const OptTensor& task_mask,
                         const OptTensor& patch_mask, std::optional<int64_t> keep_tokens, bool mask_voters,
                         c10::string_view backend) {
-    if (use_triton(backend, patches, task, task_mask, patch_mask, keep_tokens, std::nullopt))
+    if (use_triton(backend, patches, task, task_mask, patch_mask, keep_tokens, std::nullopt)) {
+      if constexpr (Kernels::kTritonPlans) {
+        const auto out = planned(triton_plan::Op::kPrune, patches, task, task_mask, patch_mask, keep_tokens,
+                                 std::nullopt, mask_voters);
+        return {out[0], out[1], out[2], out[3]};
+      }
       return unpack(call_triton("fastprune::triton_prune",
                                 {patches, task, task_mask, patch_mask, keep_tokens, mask_voters}));
+    }
     return Kernels::prune(patches, task, task_mask, patch_mask, keep_tokens, std::nullopt, mask_voters);
   }
 
@@ -84,8 +90,10 @@ struct EvalOps {
                                           mask_voters))
       return std::move(*out);
     return call_triton("fastprune::triton_record",
-                       {op == triton_plan::Op::kSelect ? "select" : "prune_padded", patches, task, task_mask,
-                        patch_mask, keep_tokens, max_tokens, mask_voters})[0]
+                       {op == triton_plan::Op::kSelect ? "select"
+                        : op == triton_plan::Op::kPrune ? "prune"
+                                                        : "prune_padded",
+                        patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters})[0]
         .toTensorVector();
   }
 

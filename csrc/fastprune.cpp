@@ -32,14 +32,16 @@ TORCH_LIBRARY(fastprune, m) {
       "Tensor? patch_mask, Tensor? noise_scale, Tensor? seed, Tensor? noise, Tensor idx, Tensor lse, "
       "str backend=\"auto\") -> (Tensor grad_patches, Tensor grad_task)");
   // Launch plans of backend="triton" (triton_plan.h): the Python launch code stores the plan it
-  // recorded for a select / prune_padded call's key; eager calls with that key replay it in C++.
+  // recorded for a select / prune / prune_padded call's key; eager calls with that key replay it
+  // in C++.
   m.def(
       "_triton_plan_put(str op, Tensor patches, Tensor task, Tensor? task_mask, Tensor? patch_mask, "
       "int? keep_tokens, int? max_tokens, bool mask_voters, int[] plan) -> bool");
   m.def("_triton_plans_clear() -> ()");
   // What a replay of the call would allocate and launch (kernel, grid, block, shared bytes and
-  // parameter values per launch), without launching: for tests.
+  // parameter values per launch), without launching, with prune's host-read K taken as `k`: for
+  // tests.
   m.def(
       "_triton_plan_launches(str op, Tensor patches, Tensor task, Tensor? task_mask, Tensor? patch_mask, "
-      "int? keep_tokens, int? max_tokens, bool mask_voters) -> (Tensor[] buffers, int[] launches)");
+      "int? keep_tokens, int? max_tokens, bool mask_voters, int? k=None) -> (Tensor[] buffers, int[] launches)");
 }

@@ -187,8 +187,8 @@ PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
 
 // backend="triton" with a launch plan for the call's key (triton_plan.h): the recorded memsets
 // and kernel launches, on the call's tensors and new buffers, on the current stream (so also
-// under CUDA-graph capture). nullopt when there is no plan: the Python launch code runs the call
-// and records one.
+// under CUDA-graph capture); for prune, the host read of K between them, as its launch code does.
+// nullopt when there is no plan: the Python launch code runs the call and records one.
 std::optional<std::vector<at::Tensor>> replay_triton(triton_plan::Op op, const at::Tensor& patches,
                                                      const at::Tensor& task,
                                                      const std::optional<at::Tensor>& task_mask,
@@ -200,20 +200,28 @@ std::optional<std::vector<at::Tensor>> replay_triton(triton_plan::Op op, const a
   if (plan == nullptr) return std::nullopt;
   const c10::cuda::CUDAGuard guard(patches.device());
   check_launch(fastprune_cuda::make_context_current(patches.get_device()), "context of a Triton plan");
-  triton_plan::Prepared r = triton_plan::prepare(*plan, patches, task, task_mask, patch_mask);
+  triton_plan::Replay r(*plan, patches, task, task_mask, patch_mask);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   for (const triton_plan::Fill& f : plan->fills)
-    check_launch(cudaMemsetAsync(static_cast<char*>(r.buffers[f.buffer].data_ptr()) + f.offset, 0,
+    check_launch(cudaMemsetAsync(static_cast<char*>(r.buffers()[f.buffer].data_ptr()) + f.offset, 0,
                                  static_cast<size_t>(f.bytes), stream),
                  "memset of a Triton plan");
   for (size_t i = 0; i < plan->launches.size(); ++i) {
+    if (static_cast<int64_t>(i) == plan->k_launch) {
+      // prune's one host sync: the largest kept count sizes the output.
+      const at::Tensor& holder = r.buffers()[plan->k_buffer];
+      const auto bytes = holder.view({-1}).view(at::kByte);
+      r.allocate_k(std::max<int64_t>(1, bytes.narrow(0, plan->k_offset, 4).view(at::kInt).item<int>()));
+    }
     const triton_plan::Launch& l = plan->launches[i];
-    const int status = fastprune_cuda::launch_function(l.function, l.grid, l.block, l.shared, stream, r.args[i].data());
+    uint32_t grid[3];
+    r.grid(i, grid);
+    const int status = fastprune_cuda::launch_function(l.function, grid, l.block, l.shared, stream, r.args(i));
     FASTPRUNE_CHECK(status == 0, "fastprune: launch %zu of a Triton plan failed: %s", i,
                     fastprune_cuda::launch_function_error(status));
   }
   std::vector<at::Tensor> out;
-  for (int64_t o : plan->outputs) out.push_back(r.buffers[o]);
+  for (int64_t o : plan->outputs) out.push_back(r.buffers()[o]);
   return out;
 }
 

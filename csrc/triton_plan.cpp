@@ -31,9 +31,13 @@ std::map<Key, std::shared_ptr<const Plan>>& store() {
 Op op_of(c10::string_view name) {
   if (name == "select") return Op::kSelect;
   if (name == "prune_padded") return Op::kPrunePadded;
-  FASTPRUNE_CHECK(false, "fastprune: a Triton launch plan's op must be 'select' or 'prune_padded', got '%.*s'",
+  if (name == "prune") return Op::kPrune;
+  FASTPRUNE_CHECK(false,
+                  "fastprune: a Triton launch plan's op must be 'select', 'prune' or 'prune_padded', got '%.*s'",
                   static_cast<int>(name.size()), name.data());
 }
+
+const char* op_name(Op op) { return op == Op::kSelect ? "select" : op == Op::kPrune ? "prune" : "prune_padded"; }
 
 // Reads the encoded plan (triton_plan.h) front to back, checking every count and index.
 class Reader {
@@ -67,7 +71,13 @@ Plan parse(Op op, c10::IntArrayRef encoded) {
   p.fills.resize(r.count("fills", 64));
   p.launches.resize(r.count("launches", 16));
   p.outputs.resize(r.count("outputs", 64));
-  std::vector<int64_t> buffer_bytes;
+  p.k_launch = r.next("K launch");
+  p.k_buffer = r.next("K buffer");
+  p.k_offset = r.next("K offset");
+  const bool reads_k = p.k_launch >= 0;
+  FASTPRUNE_CHECK(reads_k == (op == Op::kPrune), "fastprune: a Triton launch plan of %s %s K on the host",
+                  op_name(op), reads_k ? "cannot read" : "must read");
+  std::vector<int64_t> buffer_bytes;  // -1: has a K dimension
   for (Buffer& b : p.buffers) {
     const int64_t st = r.next("buffer dtype");
     FASTPRUNE_CHECK(st >= 0 && st < static_cast<int64_t>(c10::ScalarType::NumOptions),
@@ -78,29 +88,41 @@ Plan parse(Op op, c10::IntArrayRef encoded) {
     int64_t numel = 1;
     for (int64_t& s : b.sizes) {
       s = r.next("buffer size");
-      FASTPRUNE_CHECK(s >= 0, "fastprune: Triton launch plan has a buffer size %lld", static_cast<long long>(s));
+      FASTPRUNE_CHECK(s >= 0 || (s == -1 && reads_k), "fastprune: Triton launch plan has a buffer size %lld",
+                      static_cast<long long>(s));
+      b.has_k = b.has_k || s == -1;
       numel *= s;
     }
-    buffer_bytes.push_back(numel * static_cast<int64_t>(c10::elementSize(b.dtype)));
+    buffer_bytes.push_back(b.has_k ? -1 : numel * static_cast<int64_t>(c10::elementSize(b.dtype)));
   }
   const auto n_buffers = static_cast<int64_t>(p.buffers.size());
+  const auto in_buffer = [&](int64_t buffer, int64_t offset, int64_t bytes) {
+    return buffer >= 0 && buffer < n_buffers && offset >= 0 && bytes >= 0 &&
+           (buffer_bytes[buffer] < 0 ? offset == 0 && bytes == 0 : offset + bytes <= buffer_bytes[buffer]);
+  };
   for (Fill& f : p.fills) {
     f.buffer = r.next("fill buffer");
     f.offset = r.next("fill offset");
     f.bytes = r.next("fill bytes");
-    FASTPRUNE_CHECK(f.buffer >= 0 && f.buffer < n_buffers && f.offset >= 0 && f.bytes >= 0 &&
-                        f.offset + f.bytes <= buffer_bytes[f.buffer],
+    FASTPRUNE_CHECK(in_buffer(f.buffer, f.offset, f.bytes) && !p.buffers[f.buffer].has_k,
                     "fastprune: Triton launch plan zeroes bytes [%lld, %lld) of buffer %lld, outside it",
                     static_cast<long long>(f.offset), static_cast<long long>(f.offset + f.bytes),
                     static_cast<long long>(f.buffer));
   }
-  for (Launch& l : p.launches) {
+  if (reads_k)
+    FASTPRUNE_CHECK(p.k_launch <= static_cast<int64_t>(p.launches.size()) && in_buffer(p.k_buffer, p.k_offset, 4) &&
+                        p.k_offset % 4 == 0 && !p.buffers[p.k_buffer].has_k,
+                    "fastprune: Triton launch plan reads K at launch %lld from bytes %lld of buffer %lld, outside it",
+                    static_cast<long long>(p.k_launch), static_cast<long long>(p.k_offset),
+                    static_cast<long long>(p.k_buffer));
+  for (size_t i = 0; i < p.launches.size(); ++i) {
+    Launch& l = p.launches[i];
+    const bool after_k = reads_k && static_cast<int64_t>(i) >= p.k_launch;
     l.function = static_cast<uint64_t>(r.next("kernel"));
-    for (uint32_t& g : l.grid) {
-      const int64_t v = r.next("grid");
-      FASTPRUNE_CHECK(v >= 1 && v <= INT32_MAX, "fastprune: Triton launch plan has a grid size %lld",
-                      static_cast<long long>(v));
-      g = static_cast<uint32_t>(v);
+    for (int64_t& g : l.grid) {
+      g = r.next("grid");
+      FASTPRUNE_CHECK((g >= 1 || (g < 0 && after_k)) && g <= INT32_MAX && g >= -INT32_MAX,
+                      "fastprune: Triton launch plan has a grid size %lld", static_cast<long long>(g));
     }
     const int64_t block = r.next("block"), shared = r.next("shared memory");
     FASTPRUNE_CHECK(block >= 32 && block <= 1024 && shared >= 0 && shared <= INT32_MAX,
@@ -113,7 +135,7 @@ Plan parse(Op op, c10::IntArrayRef encoded) {
       const int64_t kind = r.next("parameter kind");
       q.a = r.next("parameter");
       q.b = r.next("parameter");
-      FASTPRUNE_CHECK(kind >= 0 && kind <= static_cast<int64_t>(ParamKind::kNull),
+      FASTPRUNE_CHECK(kind >= 0 && kind <= static_cast<int64_t>(ParamKind::kK),
                       "fastprune: Triton launch plan has a parameter of unknown kind %lld",
                       static_cast<long long>(kind));
       q.kind = static_cast<ParamKind>(kind);
@@ -122,9 +144,12 @@ Plan parse(Op op, c10::IntArrayRef encoded) {
                         "fastprune: Triton launch plan points at input %lld + %lld", static_cast<long long>(q.a),
                         static_cast<long long>(q.b));
       if (q.kind == ParamKind::kBuffer)
-        FASTPRUNE_CHECK(q.a >= 0 && q.a < n_buffers && q.b >= 0 && q.b < buffer_bytes[q.a],
+        FASTPRUNE_CHECK(in_buffer(q.a, q.b, 1) || (q.a >= 0 && q.a < n_buffers && buffer_bytes[q.a] < 0 && q.b == 0),
                         "fastprune: Triton launch plan points at buffer %lld + %lld, outside it",
                         static_cast<long long>(q.a), static_cast<long long>(q.b));
+      if (q.kind == ParamKind::kBuffer || q.kind == ParamKind::kK)
+        FASTPRUNE_CHECK(after_k || (q.kind == ParamKind::kBuffer && !p.buffers[q.a].has_k),
+                        "fastprune: Triton launch plan uses K in launch %zu, before K is read", i);
     }
   }
   for (int64_t& o : p.outputs) {
@@ -135,22 +160,8 @@ Plan parse(Op op, c10::IntArrayRef encoded) {
   FASTPRUNE_CHECK(r.done(), "fastprune: Triton launch plan has %zu values past its end", encoded.size());
   const size_t want = op == Op::kSelect ? 1 : 4;
   FASTPRUNE_CHECK(p.outputs.size() == want, "fastprune: a Triton launch plan of %s returns %zu tensors, got %zu",
-                  op == Op::kSelect ? "select" : "prune_padded", want, p.outputs.size());
+                  op_name(op), want, p.outputs.size());
   return p;
-}
-
-const at::Tensor* input(int64_t i, const at::Tensor& patches, const at::Tensor& task,
-                        const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask) {
-  switch (i) {
-    case 0:
-      return &patches;
-    case 1:
-      return &task;
-    case 2:
-      return task_mask.has_value() ? &*task_mask : nullptr;
-    default:
-      return patch_mask.has_value() ? &*patch_mask : nullptr;
-  }
 }
 
 bool put(c10::string_view op, const at::Tensor& patches, const at::Tensor& task,
@@ -171,34 +182,33 @@ void clear() {
   store().clear();
 }
 
-// [function, grid x, y, z, block, shared, n_params, values...] per launch; a value is an
-// address, an integer, or a float's bits, as the kernel receives it.
+// [function, grid x, y, z, block, shared, n_params, values...] per launch (values as
+// Replay::value), with K = `k` for prune's launches after its host read.
 std::tuple<std::vector<at::Tensor>, std::vector<int64_t>> launches(
     c10::string_view op, const at::Tensor& patches, const at::Tensor& task,
     const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask,
-    std::optional<int64_t> keep_tokens, std::optional<int64_t> max_tokens, bool mask_voters) {
+    std::optional<int64_t> keep_tokens, std::optional<int64_t> max_tokens, bool mask_voters,
+    std::optional<int64_t> k) {
   const auto key = key_of(op_of(op), patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
   const auto plan = key ? find(*key) : nullptr;
   FASTPRUNE_CHECK(plan != nullptr, "fastprune: no Triton launch plan for this %.*s call",
                   static_cast<int>(op.size()), op.data());
-  Prepared prep = prepare(*plan, patches, task, task_mask, patch_mask);
+  FASTPRUNE_CHECK(k.has_value() == (plan->k_launch >= 0) && k.value_or(1) >= 1,
+                  "fastprune: a %.*s plan's launches need k >= 1 exactly when the op reads K on the host",
+                  static_cast<int>(op.size()), op.data());
+  Replay replay(*plan, patches, task, task_mask, patch_mask);
+  if (k) replay.allocate_k(*k);
   std::vector<int64_t> out;
   for (size_t i = 0; i < plan->launches.size(); ++i) {
     const Launch& l = plan->launches[i];
-    out.insert(out.end(), {static_cast<int64_t>(l.function), l.grid[0], l.grid[1], l.grid[2], l.block, l.shared,
+    uint32_t grid[3];
+    replay.grid(i, grid);
+    replay.args(i);
+    out.insert(out.end(), {static_cast<int64_t>(l.function), grid[0], grid[1], grid[2], l.block, l.shared,
                            static_cast<int64_t>(l.params.size())});
-    for (size_t j = 0; j < l.params.size(); ++j) {
-      const uint64_t slot = prep.values[i][j];
-      if (l.params[j].kind == ParamKind::kInt32 || l.params[j].kind == ParamKind::kFloat32) {
-        int32_t low;
-        std::memcpy(&low, &slot, sizeof low);
-        out.push_back(low);
-      } else {
-        out.push_back(static_cast<int64_t>(slot));
-      }
-    }
+    for (size_t j = 0; j < l.params.size(); ++j) out.push_back(replay.value(i, j));
   }
-  return {prep.buffers, out};
+  return {replay.buffers(), out};
 }
 
 }  // namespace
@@ -231,50 +241,86 @@ std::shared_ptr<const Plan> find(const Key& key) {
   return it == plans.end() ? nullptr : it->second;
 }
 
-Prepared prepare(const Plan& plan, const at::Tensor& patches, const at::Tensor& task,
-                 const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask) {
-  Prepared r;
-  r.buffers.reserve(plan.buffers.size());
-  for (const Buffer& b : plan.buffers) r.buffers.push_back(at::empty(b.sizes, patches.options().dtype(b.dtype)));
-  r.values.resize(plan.launches.size());
-  r.args.resize(plan.launches.size());
-  for (size_t i = 0; i < plan.launches.size(); ++i) {
-    const auto& params = plan.launches[i].params;
-    auto& values = r.values[i];
-    values.assign(params.size(), 0);
-    for (size_t j = 0; j < params.size(); ++j) {
-      const Param& q = params[j];
-      uint64_t& slot = values[j];
-      switch (q.kind) {
-        case ParamKind::kInput: {
-          const at::Tensor* t = input(q.a, patches, task, task_mask, patch_mask);
-          FASTPRUNE_CHECK(t != nullptr, "fastprune: Triton launch plan points at input %lld, which the call lacks",
-                          static_cast<long long>(q.a));
-          slot = reinterpret_cast<uintptr_t>(t->data_ptr()) + static_cast<uint64_t>(q.b);
-          break;
-        }
-        case ParamKind::kBuffer:
-          slot = reinterpret_cast<uintptr_t>(r.buffers[q.a].data_ptr()) + static_cast<uint64_t>(q.b);
-          break;
-        case ParamKind::kInt32:
-        case ParamKind::kFloat32: {  // 4 bytes at the slot's start (little-endian hosts)
-          const auto v = static_cast<int32_t>(q.a);
-          std::memcpy(&slot, &v, sizeof v);
-          break;
-        }
-        case ParamKind::kInt64:
-          slot = static_cast<uint64_t>(q.a);
-          break;
-        case ParamKind::kNull:
-          break;
-      }
-    }
-    // The slots are final (the vector no longer grows): their addresses are the kernel's
-    // parameter array.
-    r.args[i].reserve(values.size());
-    for (uint64_t& slot : values) r.args[i].push_back(&slot);
+Replay::Replay(const Plan& plan, const at::Tensor& patches, const at::Tensor& task,
+               const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask)
+    : plan_(plan),
+      inputs_{&patches, &task, task_mask ? &*task_mask : nullptr, patch_mask ? &*patch_mask : nullptr},
+      buffers_(plan.buffers.size()),
+      values_(plan.launches.size()),
+      args_(plan.launches.size()) {
+  for (size_t i = 0; i < plan.buffers.size(); ++i)
+    if (!plan.buffers[i].has_k)
+      buffers_[i] = at::empty(plan.buffers[i].sizes, patches.options().dtype(plan.buffers[i].dtype));
+}
+
+void Replay::allocate_k(int64_t k) {
+  k_ = k;
+  for (size_t i = 0; i < plan_.buffers.size(); ++i) {
+    const Buffer& b = plan_.buffers[i];
+    if (!b.has_k) continue;
+    std::vector<int64_t> sizes = b.sizes;
+    for (int64_t& s : sizes) s = s == -1 ? k : s;
+    buffers_[i] = at::empty(sizes, inputs_[0]->options().dtype(b.dtype));
   }
-  return r;
+}
+
+void Replay::grid(size_t i, uint32_t out[3]) const {
+  for (int d = 0; d < 3; ++d) {
+    const int64_t g = plan_.launches[i].grid[d];
+    out[d] = static_cast<uint32_t>(g > 0 ? g : (k_ + (-g) - 1) / (-g));
+  }
+}
+
+void** Replay::args(size_t i) {
+  const auto& params = plan_.launches[i].params;
+  auto& values = values_[i];
+  values.assign(params.size(), 0);
+  for (size_t j = 0; j < params.size(); ++j) {
+    const Param& q = params[j];
+    uint64_t& slot = values[j];
+    int32_t v32 = 0;
+    switch (q.kind) {
+      case ParamKind::kInput: {
+        const at::Tensor* t = inputs_[q.a];
+        FASTPRUNE_CHECK(t != nullptr, "fastprune: Triton launch plan points at input %lld, which the call lacks",
+                        static_cast<long long>(q.a));
+        slot = reinterpret_cast<uintptr_t>(t->data_ptr()) + static_cast<uint64_t>(q.b);
+        break;
+      }
+      case ParamKind::kBuffer:
+        slot = reinterpret_cast<uintptr_t>(buffers_[q.a].data_ptr()) + static_cast<uint64_t>(q.b);
+        break;
+      case ParamKind::kInt32:
+      case ParamKind::kFloat32:
+        v32 = static_cast<int32_t>(q.a);
+        break;
+      case ParamKind::kK:
+        v32 = static_cast<int32_t>(k_);
+        break;
+      case ParamKind::kInt64:
+        slot = static_cast<uint64_t>(q.a);
+        break;
+      case ParamKind::kNull:
+        break;
+    }
+    if (q.kind == ParamKind::kInt32 || q.kind == ParamKind::kFloat32 || q.kind == ParamKind::kK)
+      std::memcpy(&slot, &v32, sizeof v32);  // 4 bytes at the slot's start (little-endian hosts)
+  }
+  auto& args = args_[i];
+  args.clear();
+  for (uint64_t& slot : values) args.push_back(&slot);
+  return args.data();
+}
+
+int64_t Replay::value(size_t i, size_t j) const {
+  const uint64_t slot = values_[i][j];
+  const ParamKind kind = plan_.launches[i].params[j].kind;
+  if (kind == ParamKind::kInt32 || kind == ParamKind::kFloat32 || kind == ParamKind::kK) {
+    int32_t low;
+    std::memcpy(&low, &slot, sizeof low);
+    return low;
+  }
+  return static_cast<int64_t>(slot);
 }
 
 }  // namespace triton_plan

@@ -482,7 +482,9 @@ def _select_kernel(
 # --------------------------------------------------------------------------- kernel 3
 
 
-@triton.jit
+# K never specialises (1 as a constant, divisibility by 16): one compiled kernel for every kept
+# count, so that prune's launch plan (csrc/triton_plan.h) replays it with the K read on the host.
+@triton.jit(do_not_specialize=["K"])
 def _gather_kernel(
     P, WS, COUNTS, OUT, KMASK, KIDX,
     N, D, K,
@@ -561,7 +563,7 @@ class _CachedLaunch:
             hit = self.compiled[key] = (compiled, tuple(kwargs[n] for n in self.names[len(args):]))
             rec = _recorder.current
             if rec is not None:
-                rec.launches.append((hit[0], (*grid, 1, 1)[:3], flat, hit[1]))
+                rec.launches.append((hit[0], (*grid, 1, 1)[:3], flat, hit[1], self.names))
         else:
             # What CompiledKernel[grid](*args) runs (triton 3.6 and 3.7), without building its
             # closure or reading the device again.
@@ -574,7 +576,7 @@ class _CachedLaunch:
                          runtime.launch_exit_hook, *flat, *named)
             rec = _recorder.current
             if rec is not None:
-                rec.launches.append((compiled, grid, flat, named))
+                rec.launches.append((compiled, grid, flat, named, self.names))
 
 
 class _Recording:
@@ -583,7 +585,12 @@ class _Recording:
     def __init__(self):
         self.buffers: list[torch.Tensor] = []  # torch.empty'd by the call
         self.fills: list[tuple[torch.Tensor, int]] = []  # (buffer, first zeroed element)
-        self.launches: list[tuple] = []  # (compiled kernel, grid, positional args, constexprs)
+        # (compiled kernel, grid, positional args, constexprs, parameter names)
+        self.launches: list[tuple] = []
+        # prune's host read of K: (buffer, byte offset, launches and buffers before it)
+        self.k_read: Optional[tuple[torch.Tensor, int, int, int]] = None
+        self.k_dims: dict[int, int] = {}  # buffer index -> its K dimension
+        self.k_grid: dict[int, tuple[int, int]] = {}  # launch index -> (grid axis of ceil(K / b), b)
 
 
 class _Recorder(threading.local):
@@ -604,12 +611,30 @@ def recording():
         _recorder.current = saved
 
 
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _empty(shape, dtype: torch.dtype, device: torch.device, k_dim: Optional[int] = None) -> torch.Tensor:
+    """torch.empty; ``k_dim``: the dimension that is the kept-row count K."""
     t = torch.empty(shape, dtype=dtype, device=device)
     rec = _recorder.current
     if rec is not None:
+        if k_dim is not None:
+            rec.k_dims[len(rec.buffers)] = k_dim
         rec.buffers.append(t)
     return t
+
+
+def _read_k(ws: torch.Tensor, at: int) -> int:
+    """prune's one host sync: K = max(1, the int32 at element ``at`` of the scratch)."""
+    rec = _recorder.current
+    if rec is not None:
+        rec.k_read = (ws, 4 * at, len(rec.launches), len(rec.buffers))
+    return max(1, int(ws[at].view(torch.int32).item()))
+
+
+def _k_grid(axis: int, block: int) -> None:
+    """The next launch's grid has ceil(K / block) programs along ``axis``."""
+    rec = _recorder.current
+    if rec is not None:
+        rec.k_grid[len(rec.launches)] = (axis, block)
 
 
 def _zero_from(buf: torch.Tensor, start: int) -> None:
@@ -648,27 +673,45 @@ def plan_of(rec: _Recording, inputs, outputs) -> Optional[list[int]]:
     def buffer_index(t: torch.Tensor) -> Optional[int]:
         return next((i for i, b in enumerate(rec.buffers) if b is t), None)
 
-    plan = [1, len(rec.buffers), len(rec.fills), len(rec.launches), len(outputs)]
-    for t in rec.buffers:
+    k_launch, k_buffer, k_offset, k_buffers = -1, 0, 0, len(rec.buffers)
+    if rec.k_read is not None:
+        holder, k_offset, k_launch, k_buffers = rec.k_read
+        k_buffer = buffer_index(holder)
+        if k_buffer is None:
+            return None
+    plan = [1, len(rec.buffers), len(rec.fills), len(rec.launches), len(outputs), k_launch, k_buffer, k_offset]
+    for i, t in enumerate(rec.buffers):
         if t.dtype not in _SCALAR_TYPE:
             return None
-        plan += [_SCALAR_TYPE[t.dtype], t.dim(), *t.shape]
+        sizes = list(t.shape)
+        if i >= k_buffers:  # allocated after the read: sized by K
+            if i not in rec.k_dims:
+                return None
+            sizes[rec.k_dims[i]] = -1
+        plan += [_SCALAR_TYPE[t.dtype], t.dim(), *sizes]
     for t, start in rec.fills:
         i = buffer_index(t)
         if i is None:
             return None
         plan += [i, start * t.element_size(), (t.numel() - start) * t.element_size()]
-    for compiled, grid, flat, named in rec.launches:
+    for n, (compiled, grid, flat, named, names) in enumerate(rec.launches):
         md = compiled.metadata
         if (md.num_ctas != 1 or md.launch_cooperative_grid or md.launch_pdl or md.global_scratch_size
                 or md.profile_scratch_size):
             return None
+        after_k = k_launch >= 0 and n >= k_launch
+        grid = list(grid)
+        if after_k and n in rec.k_grid:
+            axis, block = rec.k_grid[n]
+            grid[axis] = -block
         params = []
-        for ty, value in zip(compiled.src.signature.values(), (*flat, *named)):
+        for name, ty, value in zip(names, compiled.src.signature.values(), (*flat, *named)):
             if ty == "constexpr":
                 continue
             if ty.startswith("*"):
                 at = where(value)
+            elif after_k and name == "K" and ty == "i32":
+                at = [6, 0, 0]
             elif ty == "i32":
                 at = [2, value, 0]
             elif ty == "i64":
@@ -912,13 +955,14 @@ def _run_select(
 def _run_gather(patches, ws, counts, K: int, cfg: _Cfg, wrap: Callable):
     B, N, D = patches.shape
     dev = patches.device
-    pruned = _empty((B, K, D), patches.dtype, dev)
-    kept_mask = _empty((B, K), torch.bool, dev)
-    kept_idx = _empty((B, K), torch.int64, dev)
+    pruned = _empty((B, K, D), patches.dtype, dev, k_dim=1)
+    kept_mask = _empty((B, K), torch.bool, dev, k_dim=1)
+    kept_idx = _empty((B, K), torch.int64, dev, k_dim=1)
     src, dst = patches, pruned
     if INTERPRET and patches.dtype == torch.bfloat16:
         # The interpreter mishandles bf16 values; the gather only moves bits.
         src, dst = patches.view(torch.int16), pruned.view(torch.int16)
+    _k_grid(0, cfg.br)
     _launcher(wrap, _gather_kernel)[(-(-K // cfg.br), -(-D // cfg.bd), B)](
         src, ws, counts, dst, kept_mask, kept_idx,
         N, D, K,
@@ -971,7 +1015,7 @@ def prune(patches, task, task_mask=None, patch_mask=None, keep_tokens=None, mask
     counts, ws, cfg = _run_select(
         patches, task.contiguous(), task_mask, patch_mask, mask_voters, False,
         _limit(N, keep_tokens, None), keep_tokens is not None, wrap)
-    K = max(1, int(ws[cfg.kmax_at].view(torch.int32).item()))  # the op's one host sync
+    K = _read_k(ws, cfg.kmax_at)  # the op's one host sync
     return _run_gather(patches, ws, counts, K, cfg, wrap)
 
 

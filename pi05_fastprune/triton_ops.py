@@ -21,10 +21,10 @@ Registration:
   not trace under the interpreter).
 - eager calls: each op also has a kernel at the CUDA (and CPU) dispatch key, its body with plain
   launches, which takes precedence over custom_op's wrapped CompositeExplicitAutograd kernel.
-- ``triton_record(op, ...)`` (CUDA): ``select`` or ``prune_padded`` run through the eager launch
-  code while it records them, storing the call's launch plan in the C++ op library. The C++
-  ``fastprune::select``/``prune_padded`` call it on CUDA when they have no plan for a call's key;
-  with one, they replay it (csrc/triton_plan.h).
+- ``triton_record(op, ...)`` (CUDA): ``select``, ``prune`` or ``prune_padded`` run through the
+  eager launch code while it records them, storing the call's launch plan in the C++ op library.
+  The C++ ``fastprune::select``/``prune``/``prune_padded`` call it on CUDA when they have no plan
+  for a call's key; with one, they replay it (csrc/triton_plan.h).
 - triton not installed: nothing is registered (``HAVE_TRITON`` is False).
 
 The Python API (``prune_tokens``/``select_tokens``) routes eager calls itself (``call``): to the
@@ -132,8 +132,8 @@ def _register() -> None:
     _EAGER_LIB.append(lib)
 
     # ---- the recording launch code of the C++ ops' launch plans (csrc/triton_plan.h): on CUDA,
-    # fastprune::select / prune_padded with backend="triton" replay the plan of the call's key,
-    # and without one call this, which runs the call and stores its plan.
+    # fastprune::select / prune / prune_padded with backend="triton" replay the plan of the call's
+    # key, and without one call this, which runs the call and stores its plan.
     rec = torch.library.Library("fastprune", "FRAGMENT")
     rec.define("triton_record(str op, Tensor patches, Tensor task, Tensor? task_mask, Tensor? patch_mask, "
                "int? keep_tokens, int? max_tokens, bool mask_voters) -> Tensor[]")
@@ -142,12 +142,14 @@ def _register() -> None:
 
 
 def record(op, patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters) -> list[torch.Tensor]:
-    """``op`` ("select" or "prune_padded", inputs checked by the caller) through the eager launch
+    """``op`` ("select", "prune" or "prune_padded", inputs checked by the caller) through the eager launch
     code, storing the launch plan it recorded (if it has one, ``prune_triton.plan_of``) for the
     call's key in the C++ op library."""
     with _k.recording() as rec:
         if op == "select":
             outputs = [_k.select(patches, task, task_mask, patch_mask, mask_voters)]
+        elif op == "prune":
+            outputs = list(_k.prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters))
         else:
             outputs = list(_k.prune_padded(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters))
     plan = _k.plan_of(rec, (patches, task, task_mask, patch_mask), outputs)
@@ -172,11 +174,11 @@ def call(name: str, *args):
     """``torch.ops.fastprune.triton_<name>(*args)`` for the Python API (``prune_tokens``,
     ``select_tokens``; checked inputs). An eager call on plain tensors skips the Triton op's
     dispatcher and custom_op layers (run 5 measured them at about 50 µs on the H200 machine):
-    ``select`` and ``prune_padded`` on CUDA go to the C++ op, which replays the call's launch
-    plan (csrc/triton_plan.h) where the op library has its CUDA kernels; otherwise the launch code
-    runs in Python. Calls that something traces or intercepts (torch.compile, export, fake or
-    other tensor subclasses, dispatch modes, functorch transforms) go through the Triton op, so
-    Inductor sees the kernels."""
+    on CUDA they go to the C++ op, which replays the call's launch plan (csrc/triton_plan.h) where
+    the op library has its CUDA kernels; otherwise the launch code runs in Python. Calls that
+    something traces or intercepts (torch.compile, export, fake or other tensor subclasses,
+    dispatch modes, functorch transforms) go through the Triton op, so Inductor sees the
+    kernels."""
     if not HAVE_TRITON:
         raise RuntimeError(f"backend='triton' needs triton installed (fastprune::triton_{name} is not registered)")
     if (
@@ -185,7 +187,7 @@ def call(name: str, *args):
         and torch._C._functorch.peek_interpreter_stack() is None
         and all(a is None or type(a) is torch.Tensor for a in args[:4])
     ):
-        if name != "prune" and args[0].is_cuda and not INTERPRET and _replays_on_cuda():
+        if args[0].is_cuda and not INTERPRET and _replays_on_cuda():
             return getattr(torch.ops.fastprune, name)(*args, "triton")
         return getattr(_k, name)(*args)
     return getattr(torch.ops.fastprune, "triton_" + name)(*args)

@@ -215,7 +215,8 @@ def test_triton_launch_cache_matches_jit_run():
 def test_triton_launch_plans_replay_the_launch_code(monkeypatch):
     """backend="triton" through the C++ ops on CUDA: the first call of a key runs the Python
     launch code, which stores the call's launch plan; later calls replay it from C++
-    (csrc/triton_plan.h). A replay gives the launch code's outputs bit for bit, across keys that
+    (csrc/triton_plan.h), prune with its host read of K between its launches. A replay gives the
+    launch code's outputs bit for bit (select, prune, prune_padded), across keys that
     must not share a plan (16-byte alignment, a cap of 1 (a constant int) and of 16, fp16, no
     masks, a budget), on a side stream, as a new thread's first CUDA work, and captured in a CUDA
     graph. The replays run with the Python launch code disabled, so they cannot fall back to it."""
@@ -240,27 +241,31 @@ def test_triton_launch_plans_replay_the_launch_code(monkeypatch):
     ops._triton_plans_clear()
     want = []
     for inp, keep, cap in cases:
-        want.append((K.select(*inp), K.prune_padded(*inp, keep, cap, False)))
+        want.append((K.select(*inp), K.prune_padded(*inp, keep, cap, False), K.prune(*inp, keep, False)))
         ops.select(*inp, False, "triton")  # records
         ops.prune_padded(*inp, keep, cap, False, "triton")
+        ops.prune(*inp, keep, False, "triton")
         ops._triton_plan_launches("select", *inp, None, None, False)  # raises without a plan
         ops._triton_plan_launches("prune_padded", *inp, keep, cap, False)
+        ops._triton_plan_launches("prune", *inp, keep, None, False, 1)
 
     def no_python(*args, **kwargs):
         raise AssertionError("a call with a launch plan ran the Python launch code")
 
-    monkeypatch.setattr(K, "select", no_python)
-    monkeypatch.setattr(K, "prune_padded", no_python)
+    for name in ("select", "prune", "prune_padded"):
+        monkeypatch.setattr(K, name, no_python)
     side = torch.cuda.Stream()
-    for (inp, keep, cap), (sel, padded) in zip(cases, want):
+    for (inp, keep, cap), (sel, padded, pruned) in zip(cases, want):
         for stream in (torch.cuda.current_stream(), side):
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 got_sel = ops.select(*inp, False, "triton")
                 got = ops.prune_padded(*inp, keep, cap, False, "triton")
+                got_pruned = ops.prune(*inp, keep, False, "triton")
             torch.cuda.current_stream().wait_stream(stream)
             assert torch.equal(got_sel, sel), (inp[0].shape, cap)
             assert all(torch.equal(a, b) for a, b in zip(got, padded)), (inp[0].shape, cap)
+            assert all(torch.equal(a, b) for a, b in zip(got_pruned, pruned)), (inp[0].shape, keep)
     # A new thread's first CUDA work: a replay without a fill (no runtime call before its launches).
     result = {}
 

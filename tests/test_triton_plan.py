@@ -20,9 +20,9 @@ def inputs():
     return torch.zeros(2, 5, 8), torch.zeros(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), None
 
 
-def plan(launch_params, buffers=((F32, [40]), (I64, [2])), fills=(), outputs=(1,)):
+def plan(launch_params, buffers=((F32, [40]), (I64, [2])), fills=(), outputs=(1,), k_read=(-1, 0, 0)):
     """One launch of kernel 77 on a (4, 2, 1) grid, 128 threads and 1024 shared bytes."""
-    out = [1, len(buffers), len(fills), 1, len(outputs)]
+    out = [1, len(buffers), len(fills), 1, len(outputs), *k_read]
     for dtype, sizes in buffers:
         out += [dtype, len(sizes), *sizes]
     for f in fills:
@@ -99,7 +99,9 @@ def test_non_contiguous_inputs_have_no_plan():
 
 @pytest.mark.parametrize("encoded,message", [
     ([2, 0, 0, 0, 1], "version 2"),
-    ([1, 1, 0, 0, 1, F32], "ends early"),
+    ([1, 1, 0, 0, 1, -1, 0, 0, F32], "ends early"),
+    (plan([0, 0, 0], k_read=(1, 0, 0)), "of select cannot read K"),
+    (plan([6, 0, 0]), "uses K in launch 0, before K is read"),
     (plan([0, 0, 0]) + [0], "values past its end"),
     (plan([0, 0, 0], outputs=(2,)), "returns buffer 2 of 2"),
     (plan([0, 0, 0], outputs=(0, 1)), "of select returns 1 tensors, got 2"),
@@ -122,7 +124,37 @@ def test_a_plan_pointing_at_a_missing_mask_is_refused_at_replay():
         ops._triton_plan_launches("select", p, t, tm, None, None, None, False)
 
 
+def test_prune_takes_k_from_the_host_read():
+    """prune's plan: the launches from k_launch on, the buffers with a K dimension (-1) and the
+    grids of -b (ceil(K / b)) take the K read on the host, which `_triton_plan_launches` takes as k."""
+    p, t, tm, pm = inputs()
+    encoded = [1, 3, 0, 2, 4, 1, 0, 12,  # K read before launch 1, from bytes 12 of buffer 0
+               F32, 1, 40, I64, 2, 2, -1, BOOL, 3, 2, -1, 5]
+    for grid, params in (([1, 2, 1], [1, 0, 0]), ([-8, 3, 2], [1, 1, 0, 6, 0, 0, 1, 2, 0, 3, 9, 0])):
+        encoded += [50 + len(encoded), *grid, 64, 0, len(params) // 3, *params]
+    encoded += [1, 2, 1, 0]
+    assert ops._triton_plan_put("prune", p, t, tm, pm, 2, None, False, encoded)
+    for k in (1, 17):
+        bufs, flat = ops._triton_plan_launches("prune", p, t, tm, pm, 2, None, False, k)
+        assert [tuple(b.shape) for b in bufs] == [(40,), (2, k), (2, k, 5)]
+        second = flat[7 + 1:]
+        assert second[1:4] == [-(-k // 8), 3, 2]
+        assert second[7:] == [bufs[1].data_ptr(), k, bufs[2].data_ptr(), 9]
+    with pytest.raises(RuntimeError, match="need k >= 1 exactly when"):
+        ops._triton_plan_launches("prune", p, t, tm, pm, 2, None, False)
+
+
+@pytest.mark.parametrize("encoded,message", [
+    ([1, 1, 0, 0, 4, 0, 0, 40, F32, 1, 10, 0, 0, 0, 0], r"reads K at launch 0 from bytes 40 of buffer 0, outside it"),
+    ([1, 1, 0, 0, 4, -1, 0, 0, F32, 1, -1, 0, 0, 0, 0], "must read K"),
+])
+def test_malformed_prune_plans_are_refused(encoded, message):
+    p, t, tm, pm = inputs()
+    with pytest.raises(RuntimeError, match=message):
+        ops._triton_plan_put("prune", p, t, tm, pm, None, None, False, encoded)
+
+
 def test_unknown_op():
     p, t, tm, pm = inputs()
-    with pytest.raises(RuntimeError, match="op must be 'select' or 'prune_padded', got 'prune'"):
-        ops._triton_plan_put("prune", p, t, tm, pm, None, None, False, plan([0, 0, 0]))
+    with pytest.raises(RuntimeError, match="op must be 'select', 'prune' or 'prune_padded', got 'gather'"):
+        ops._triton_plan_put("gather", p, t, tm, pm, None, None, False, plan([0, 0, 0]))

@@ -355,13 +355,15 @@ def _expected_plan_view(launches, inputs):
 def test_cached_launch_plan_replays_what_the_launch_code_launches(tmp_path):
     """The launch plans that the C++ ops replay for backend="triton" on CUDA (csrc/triton_plan.h,
     recorded by kernels.prune_triton.plan_of). Under the fake driver (sm_90 compiles, launches
-    recorded), each case's call is recorded and its plan stored; then, for every case, on new
-    tensors of the same key, the plan's launches (``_triton_plan_launches``: what a replay would
-    launch, without launching) must equal what the Python launch code launches for those tensors:
-    kernel handle, grid, block, shared memory and every parameter (pointers by the input they
-    point at, or by buffer). All plans are stored before any is checked, so a key that missed a
-    difference between two cases (alignment, masks, caps of 1 and 16, dtypes) would replay the
-    wrong plan."""
+    recorded), each case's select, prune and prune_padded calls are recorded and their plans
+    stored; then, for every case, on new tensors of the same key, the plan's launches
+    (``_triton_plan_launches``: what a replay would launch, without launching) must equal what the
+    Python launch code launches for those tensors: kernel handle, grid, block, shared memory and
+    every parameter (pointers by the input they point at, or by buffer). All plans are stored
+    before any is checked, so a key that missed a difference between two cases (alignment, masks,
+    caps of 1 and 16, dtypes) would replay the wrong plan. prune reads another kept count K at the
+    check than at the recording (1, 9 or 17), which its gather takes in its grid, its outputs'
+    shapes and an argument."""
     sys.path.insert(0, str(ROOT / "bench"))
     from triton_fake_driver import FakeDriver
 
@@ -369,48 +371,60 @@ def test_cached_launch_plan_replays_what_the_launch_code_launches(tmp_path):
 
     cases = ["pi05", "pi05 misaligned", "pi05 nomask", "pi05 budget", "pi05 fp16", "odd", "odd cap1", "odd cap16",
              "odd misaligned", "one fp32"]
-    real_config = K._config
+    real_config, real_read_k = K._config, K._read_k
     K._config = functools.partial(real_config, gpu_sms=H100_SMS)
+    kept = {}  # prune's K per case: the kernels do not run, so the test writes the count it reads
+
+    def read_k(ws, at):
+        ws[at:at + 1].view(torch.int32).fill_(kept["k"])
+        return real_read_k(ws, at)
+
+    K._read_k = read_k
+    calls = {  # op -> (launch code, the op's arguments after the tensors)
+        "prune_padded": (lambda inp: K.prune_padded(*inp, False), lambda inp: (inp[4], inp[5], False)),
+        "prune": (lambda inp: K.prune(*inp[:5], False), lambda inp: (inp[4], None, False)),
+        "select": (lambda inp: [K.select(*inp[:4])], lambda inp: (None, None, False)),
+    }
     kernels = [c.kernel for c in K._CACHED.values()]
     torch.ops.fastprune._triton_plans_clear()
     try:
         with knobs.cache.scope(), FakeDriver() as drv:
             knobs.cache.dir = str(tmp_path)
-            for name in cases:
+            for n, name in enumerate(cases):
                 inp = _eval_case(name)
+                kept["k"] = 1 + n % 3 * 8  # 1, 9, 17: K at 1 and divisible by 16 or not, one gather kernel
                 K.prune_padded(*inp, False)  # compiles (JITFunction.run)
-                for op, args in (("prune_padded", (*inp, False)), ("select", (*inp[:4], None, None, False))):
+                K.prune(*inp[:5], False)
+                for op, (run, tail) in calls.items():
                     with K.recording() as rec:
-                        out = K.prune_padded(*inp, False) if op == "prune_padded" else K.select(*inp[:4])
-                    out = list(out) if op == "prune_padded" else [out]
+                        out = list(run(inp))
                     plan = K.plan_of(rec, inp[:4], out)
                     assert plan is not None, (name, op)
-                    assert torch.ops.fastprune._triton_plan_put(op, *args, plan), (name, op)
-            for name in cases:
+                    assert torch.ops.fastprune._triton_plan_put(op, *inp[:4], *tail(inp), plan), (name, op)
+            for n, name in enumerate(cases):
                 inp = _eval_case(name)  # new tensors, the same key
-                drv.launches.clear()
-                out = K.prune_padded(*inp, False)
-                expected = _expected_plan_view(drv.launches, inp[:4])
-                bufs, flat = torch.ops.fastprune._triton_plan_launches("prune_padded", *inp, False)
-                got, ids, scratch = _plan_view(flat, inp[:4])
-                got = [(f, g, b, sh, [ids.get(v) or scratch.setdefault(v, ("scratch", len(scratch)))
-                                      if isinstance(e, tuple) else v for v, e in zip(vals, exp[4])])
-                       for (f, g, b, sh, vals), exp in zip(got, expected)]
-                assert len(got) == len(expected) == 3, name
-                assert got == expected, name
-                # The plan's outputs are buffers like the launch code's: the last four it allocates.
-                assert [(t.shape, t.dtype) for t in bufs[-3:]] == [(t.shape, t.dtype) for t in out[:3]], name
-
-                drv.launches.clear()
-                K.select(*inp[:4])
-                _, flat = torch.ops.fastprune._triton_plan_launches("select", *inp[:4], None, None, False)
-                assert len(_plan_view(flat, inp[:4])[0]) == len(drv.launches) == 2, name
+                kept["k"] = 1 + (n + 1) % 3 * 8  # another K than at the recording
+                for op, (run, tail) in calls.items():
+                    drv.launches.clear()
+                    out = list(run(inp))
+                    expected = _expected_plan_view(drv.launches, inp[:4])
+                    k = kept["k"] if op == "prune" else None
+                    bufs, flat = torch.ops.fastprune._triton_plan_launches(op, *inp[:4], *tail(inp), k)
+                    got, ids, scratch = _plan_view(flat, inp[:4])
+                    got = [(f, g, b, sh, [ids.get(v) or scratch.setdefault(v, ("scratch", len(scratch)))
+                                          if isinstance(e, tuple) else v for v, e in zip(vals, exp[4])])
+                           for (f, g, b, sh, vals), exp in zip(got, expected)]
+                    assert len(got) == len(expected) == (2 if op == "select" else 3), (name, op)
+                    assert got == expected, (name, op)
+                    # The plan's outputs are buffers like the launch code's.
+                    shapes = [(t.shape, t.dtype) for t in out[:3]]
+                    assert [(t.shape, t.dtype) for t in bufs[-len(shapes):]] == shapes, (name, op)
             p, t, tm, pm, keep, cap = _eval_case("odd")
             with pytest.raises(RuntimeError, match="no Triton launch plan"):
                 torch.ops.fastprune._triton_plan_launches("prune_padded", p, t, tm, pm, keep, cap + 1, False)
     finally:
         torch.ops.fastprune._triton_plans_clear()
-        K._config = real_config
+        K._config, K._read_k = real_config, real_read_k
         for cached in K._CACHED.values():
             cached.compiled.clear()
         for kernel in kernels:  # their kernels compiled for the fake device 0
