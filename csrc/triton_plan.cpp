@@ -110,7 +110,7 @@ Plan parse(Op op, c10::IntArrayRef encoded) {
                     static_cast<long long>(f.buffer));
   }
   if (reads_k)
-    FASTPRUNE_CHECK(p.k_launch <= static_cast<int64_t>(p.launches.size()) && in_buffer(p.k_buffer, p.k_offset, 4) &&
+    FASTPRUNE_CHECK(p.k_launch < static_cast<int64_t>(p.launches.size()) && in_buffer(p.k_buffer, p.k_offset, 4) &&
                         p.k_offset % 4 == 0 && !p.buffers[p.k_buffer].has_k,
                     "fastprune: Triton launch plan reads K at launch %lld from bytes %lld of buffer %lld, outside it",
                     static_cast<long long>(p.k_launch), static_cast<long long>(p.k_offset),

@@ -187,7 +187,9 @@ def call(name: str, *args):
         and torch._C._functorch.peek_interpreter_stack() is None
         and all(a is None or type(a) is torch.Tensor for a in args[:4])
     ):
-        if args[0].is_cuda and not INTERPRET and _replays_on_cuda():
+        # Only contiguous inputs have a plan (the launch code copies the others).
+        if args[0].is_cuda and not INTERPRET and _replays_on_cuda() and all(
+                a is None or a.is_contiguous() for a in args[:4]):
             return getattr(torch.ops.fastprune, name)(*args, "triton")
         return getattr(_k, name)(*args)
     return getattr(torch.ops.fastprune, "triton_" + name)(*args)
