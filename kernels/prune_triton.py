@@ -591,6 +591,7 @@ class _Recording:
         self.k_read: Optional[tuple[torch.Tensor, int, int, int]] = None
         self.k_dims: dict[int, int] = {}  # buffer index -> its K dimension
         self.k_grid: dict[int, tuple[int, int]] = {}  # launch index -> (grid axis of ceil(K / b), b)
+        self.uncached = False  # some launch went around the cache (traced, interpreted, wrapped)
 
 
 class _Recorder(threading.local):
@@ -660,7 +661,7 @@ def plan_of(rec: _Recording, inputs, outputs) -> Optional[list[int]]:
     needs triton's scratch, clusters, cooperative or dependent launches or launch hooks, a
     pointer into memory the call did not allocate (a copied input), another triton's ABI, or
     a launch-parameter sweep (``tuning``) in force."""
-    if _tuning or not triton.__version__.startswith(PLAN_TRITON_VERSIONS) or not rec.launches:
+    if _tuning or not triton.__version__.startswith(PLAN_TRITON_VERSIONS) or rec.uncached or not rec.launches:
         return None
     if any(getattr(hook, "calls", hook) for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)):
         return None  # a replay calls no hooks (triton 3.6/3.7 keep them in HookChains, empty by default)
@@ -751,7 +752,12 @@ def _launcher(wrap: Callable, kernel):
     """``wrap(kernel)``; for an eager launch on a GPU (``wrap`` leaves the kernel as it is), the
     kernel's _CachedLaunch."""
     launcher = wrap(kernel)
-    return _CACHED[kernel.fn] if launcher is kernel and not INTERPRET else launcher
+    if launcher is kernel and not INTERPRET:
+        return _CACHED[kernel.fn]
+    rec = _recorder.current
+    if rec is not None:
+        rec.uncached = True  # a launch the recording cannot see
+    return launcher
 
 
 @functools.lru_cache(maxsize=None)

@@ -422,6 +422,17 @@ def test_cached_launch_plan_replays_what_the_launch_code_launches(tmp_path):
             p, t, tm, pm, keep, cap = _eval_case("odd")
             with pytest.raises(RuntimeError, match="no Triton launch plan"):
                 torch.ops.fastprune._triton_plan_launches("prune_padded", p, t, tm, pm, keep, cap + 1, False)
+
+            class Plain:  # launches through JITFunction.run, which the recording does not see
+                def __init__(self, kernel):
+                    self.kernel = kernel
+
+                def __getitem__(self, grid):
+                    return self.kernel[grid]
+
+            with K.recording() as rec:
+                out = K.prune_padded(p, t, tm, pm, keep, cap, False, wrap=Plain)
+            assert K.plan_of(rec, (p, t, tm, pm), list(out)) is None
     finally:
         torch.ops.fastprune._triton_plans_clear()
         K._config, K._read_k = real_config, real_read_k
