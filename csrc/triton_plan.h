@@ -14,7 +14,8 @@
 // the buffers with a K dimension, take K's value then. The key is everything the
 // launch code reads: the op, device, dtypes, shapes, mask presence and dtypes, keep_tokens,
 // max_tokens, mask_voters and each input's address modulo 16 (triton specialises a pointer on
-// 16-byte alignment). Only contiguous inputs have a key (the launch code copies others).
+// 16-byte alignment). Only contiguous inputs have a key (the launch code copies others). Plans
+// stay for the life of the process (well under a KB each; a serving loop has a few keys).
 //
 // Encoding (int64 list, written by kernels/prune_triton.py `plan_of`):
 //   [kPlanVersion, n_buffers, n_fills, n_launches, n_outputs,
