@@ -43,9 +43,8 @@ struct EvalOps {
                         c10::string_view backend) {
     if (use_triton(backend, patches, task, task_mask, patch_mask, keep_tokens, std::nullopt)) {
       if constexpr (Kernels::kTritonPlans) {
-        const auto out = planned(triton_plan::Op::kPrune, patches, task, task_mask, patch_mask, keep_tokens,
-                                 std::nullopt, mask_voters);
-        return {out[0], out[1], out[2], out[3]};
+        return unpack(planned(triton_plan::Op::kPrune, patches, task, task_mask, patch_mask, keep_tokens,
+                              std::nullopt, mask_voters));
       }
       return unpack(call_triton("fastprune::triton_prune",
                                 {patches, task, task_mask, patch_mask, keep_tokens, mask_voters}));
@@ -58,9 +57,8 @@ struct EvalOps {
                                int64_t max_tokens, bool mask_voters, c10::string_view backend) {
     if (use_triton(backend, patches, task, task_mask, patch_mask, keep_tokens, max_tokens)) {
       if constexpr (Kernels::kTritonPlans) {
-        const auto out = planned(triton_plan::Op::kPrunePadded, patches, task, task_mask, patch_mask, keep_tokens,
-                                 max_tokens, mask_voters);
-        return {out[0], out[1], out[2], out[3]};
+        return unpack(planned(triton_plan::Op::kPrunePadded, patches, task, task_mask, patch_mask, keep_tokens,
+                              max_tokens, mask_voters));
       }
       return unpack(call_triton("fastprune::triton_prune_padded",
                                 {patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters}));
@@ -100,6 +98,7 @@ struct EvalOps {
   static PruneOut unpack(const std::vector<c10::IValue>& s) {
     return {s[0].toTensor(), s[1].toTensor(), s[2].toTensor(), s[3].toTensor()};
   }
+  static PruneOut unpack(const std::vector<at::Tensor>& s) { return {s[0], s[1], s[2], s[3]}; }
 };
 
 }  // namespace fastprune

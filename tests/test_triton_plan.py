@@ -97,7 +97,7 @@ def test_non_contiguous_inputs_have_no_plan():
         ops._triton_plan_launches("select", wide, t, tm, pm, None, None, False)
 
 
-@pytest.mark.parametrize("encoded,message", [
+@pytest.mark.parametrize("op,encoded,message", [(op, *case) for op, cases in (("select", [
     ([2, 0, 0, 0, 1], "version 2"),
     ([1, 1, 0, 0, 1, -1, 0, 0, F32], "ends early"),
     (plan([0, 0, 0], k_read=(1, 0, 0)), "of select cannot read K"),
@@ -110,11 +110,14 @@ def test_non_contiguous_inputs_have_no_plan():
     (plan([0, 4, 0]), "points at input 4"),
     (plan([9, 0, 0]), "unknown kind 9"),
     (plan([0, 0, 0], buffers=((99, [1]), (I64, [2]))), "unknown scalar type 99"),
-])
-def test_malformed_plans_are_refused(encoded, message):
+]), ("prune", [
+    ([1, 1, 0, 0, 4, 0, 0, 40, F32, 1, 10, 0, 0, 0, 0], r"reads K at launch 0 from bytes 40 of buffer 0, outside it"),
+    ([1, 1, 0, 0, 4, -1, 0, 0, F32, 1, -1, 0, 0, 0, 0], "must read K"),
+])) for case in cases])
+def test_malformed_plans_are_refused(op, encoded, message):
     p, t, tm, pm = inputs()
     with pytest.raises(RuntimeError, match=message):
-        ops._triton_plan_put("select", p, t, tm, pm, None, None, False, encoded)
+        ops._triton_plan_put(op, p, t, tm, pm, None, None, False, encoded)
 
 
 def test_a_plan_pointing_at_a_missing_mask_is_refused_at_replay():
@@ -142,16 +145,6 @@ def test_prune_takes_k_from_the_host_read():
         assert second[7:] == [bufs[1].data_ptr(), k, bufs[2].data_ptr(), 9]
     with pytest.raises(RuntimeError, match="need k >= 1 exactly when"):
         ops._triton_plan_launches("prune", p, t, tm, pm, 2, None, False)
-
-
-@pytest.mark.parametrize("encoded,message", [
-    ([1, 1, 0, 0, 4, 0, 0, 40, F32, 1, 10, 0, 0, 0, 0], r"reads K at launch 0 from bytes 40 of buffer 0, outside it"),
-    ([1, 1, 0, 0, 4, -1, 0, 0, F32, 1, -1, 0, 0, 0, 0], "must read K"),
-])
-def test_malformed_prune_plans_are_refused(encoded, message):
-    p, t, tm, pm = inputs()
-    with pytest.raises(RuntimeError, match=message):
-        ops._triton_plan_put("prune", p, t, tm, pm, None, None, False, encoded)
 
 
 def test_unknown_op():
