@@ -415,22 +415,25 @@ def _select_kernel(
                 acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
             best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, allowed)
     KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)  # computed after the loop
-    tl.atomic_max(KEYS + b * N + rows64, _row_key(best_r, best_c), mask=rmask)
+    # Relaxed: triton's default (acq_rel) puts a MEMBAR.ALL.GPU before the atomic and a CCTL.IVALL
+    # after it (sm_90 SASS); the arrival below already orders the merges.
+    tl.atomic_max(KEYS + b * N + rows64, _row_key(best_r, best_c), mask=rmask, sem="relaxed", scope="gpu")
 
     # Last program of this sample to arrive finishes it (every key of the sample is final).
     # Memory order: the CTA barrier puts every thread's key merge before the arrival, which is
     # one acq_rel gpu-scope atomic (release of this program's merges; in the last program, the
-    # acquire of everyone's). The finishing step reads the keys with atomics (L2, never a stale
-    # L1 line). Keys and counters are reset by kernel 1 of the same call (stream order: no race,
-    # also under CUDA-graph replay).
+    # acquire of everyone's), the pattern of kernel 1's finishing step and of the CUDA backend.
+    # The finishing step then reads the keys from L2 (.cg: never a stale L1 line), all of a
+    # thread's loads in flight at once; as acq_rel atomics (until v44) they were one fenced L2
+    # round trip after another. Keys and counters are reset by kernel 1 of the same call (stream
+    # order: no race, also under CUDA-graph replay).
     tl.debug_barrier()
     arrived = tl.atomic_add(COUNTER + b, 1, sem="acq_rel", scope="gpu")
     if arrived == n_programs - 1:
         offs = tl.arange(0, BLOCK_NALL)
         inb = offs < N
         offs64 = offs.to(tl.int64)
-        kmin = tl.full([BLOCK_NALL], -2147483648, tl.int64) << 32
-        key = tl.atomic_max(KEYS + b * N + offs64, kmin, mask=inb)  # coherent read
+        key = tl.load(KEYS + b * N + offs64, mask=inb, other=0, cache_modifier=".cg")
         low = key - ((key >> 32) << 32)
         two32 = tl.full([BLOCK_NALL], 1, tl.int64) << 32
         # Clamped: every row has an allowed column (column 0 at worst), so the key is never the
@@ -476,7 +479,7 @@ def _select_kernel(
             pos = tl.cumsum(keep, 0) - 1
             tl.store(ORDER + b * N + pos.to(tl.int64), offs, mask=keep != 0)
             tl.store(COUNTS + b, cnt.to(tl.int64))
-            tl.atomic_max(KMAX, cnt)
+            tl.atomic_max(KMAX, cnt, sem="relaxed", scope="gpu")  # read after the kernel
 
 
 # --------------------------------------------------------------------------- kernel 3
