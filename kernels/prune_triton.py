@@ -437,7 +437,7 @@ def _select_kernel(
         low = key - ((key >> 32) << 32)
         two32 = tl.full([BLOCK_NALL], 1, tl.int64) << 32
         # Clamped: every row has an allowed column (column 0 at worst), so the key is never the
-        # initial minimum; the clamp only guards the vote atomics below against a broken key.
+        # initial minimum; the clamp only keeps a broken key's index (and vote) in range.
         idx = tl.where(inb, tl.minimum(two32 - 1 - low, N - 1), 0)
         voter = inb
         valid = inb
