@@ -87,11 +87,8 @@ struct EvalOps {
     if (auto out = Kernels::replay_triton(op, patches, task, task_mask, patch_mask, keep_tokens, max_tokens,
                                           mask_voters))
       return std::move(*out);
-    return call_triton("fastprune::triton_record",
-                       {op == triton_plan::Op::kSelect ? "select"
-                        : op == triton_plan::Op::kPrune ? "prune"
-                                                        : "prune_padded",
-                        patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters})[0]
+    return call_triton("fastprune::triton_record", {triton_plan::op_name(op), patches, task, task_mask, patch_mask,
+                                                     keep_tokens, max_tokens, mask_voters})[0]
         .toTensorVector();
   }
 

@@ -227,12 +227,7 @@ std::optional<std::vector<at::Tensor>> replay_triton(triton_plan::Op op, const a
 
 struct CudaKernels {
   static constexpr bool kTritonPlans = true;
-  static std::optional<std::vector<at::Tensor>> replay_triton(
-      triton_plan::Op op, const at::Tensor& patches, const at::Tensor& task,
-      const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask,
-      std::optional<int64_t> keep_tokens, std::optional<int64_t> max_tokens, bool mask_voters) {
-    return fastprune::replay_triton(op, patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
-  }
+  static constexpr auto replay_triton = &fastprune::replay_triton;
   static void check_device_backend(const std::string& backend) {
     TORCH_CHECK(backend != "cpu",
                 "fastprune: backend='cpu' needs CPU tensors, got CUDA tensors (use backend='cuda', "

@@ -37,8 +37,6 @@ Op op_of(c10::string_view name) {
                   static_cast<int>(name.size()), name.data());
 }
 
-const char* op_name(Op op) { return op == Op::kSelect ? "select" : op == Op::kPrune ? "prune" : "prune_padded"; }
-
 // Reads the encoded plan (triton_plan.h) front to back, checking every count and index.
 class Reader {
  public:
@@ -212,6 +210,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<int64_t>> launches(
 }
 
 }  // namespace
+
+const char* op_name(Op op) { return op == Op::kSelect ? "select" : op == Op::kPrune ? "prune" : "prune_padded"; }
 
 std::optional<Key> key_of(Op op, const at::Tensor& patches, const at::Tensor& task,
                           const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask,

@@ -43,6 +43,9 @@ constexpr int64_t kPlanVersion = 1;
 
 enum class Op : int64_t { kSelect = 0, kPrunePadded = 1, kPrune = 2 };
 
+// "select", "prune" or "prune_padded": the op's name in the schema and in the recording op.
+const char* op_name(Op op);
+
 enum class ParamKind : int64_t {
   kInput = 0,   // a: input (0 patches, 1 task, 2 task_mask, 3 patch_mask), b: byte offset
   kBuffer = 1,  // a: buffer, b: byte offset

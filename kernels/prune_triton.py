@@ -559,27 +559,24 @@ class _CachedLaunch:
         key = (device, *[a if a is p else (a.dtype, p & 15) for a, p in zip(args, flat)],  # `a is p`: not a tensor
                *kwargs.items())
         hit = self.compiled.get(key)
+        grid3 = grid if len(grid) == 3 else (*grid, 1, 1)[:3]
         if hit is None:
             compiled = self.kernel[grid](*args, **kwargs)
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
             # With the arguments named at the call (constexprs) in signature order, once.
             hit = self.compiled[key] = (compiled, tuple(kwargs[n] for n in self.names[len(args):]))
-            rec = _recorder.current
-            if rec is not None:
-                rec.launches.append((hit[0], (*grid, 1, 1)[:3], flat, hit[1], self.names))
         else:
             # What CompiledKernel[grid](*args) runs (triton 3.6 and 3.7), without building its
             # closure or reading the device again.
             compiled, named = hit
-            grid = grid if len(grid) == 3 else (*grid, 1, 1)[:3]
             stream = drv.get_current_stream(device)
             runtime = knobs.runtime
-            compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
-                         compiled.launch_metadata(grid, stream, *flat, *named), runtime.launch_enter_hook,
+            compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(grid3, stream, *flat, *named), runtime.launch_enter_hook,
                          runtime.launch_exit_hook, *flat, *named)
-            rec = _recorder.current
-            if rec is not None:
-                rec.launches.append((compiled, grid, flat, named, self.names))
+        rec = _recorder.current
+        if rec is not None:
+            rec.launches.append((hit[0], grid3, flat, hit[1], self.names))
 
 
 class _Recording:
