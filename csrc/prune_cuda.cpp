@@ -39,11 +39,19 @@ void check_launch(cudaError_t err, const char* what) {
 // (bench/results/h200-2026-11-26/run4 and run5, bench against bench_nopdl).
 // FASTPRUNE_CUDA_KSPLIT=k fixes the number of D slices of kernel A, for benchmark sweeps
 // (bench/gpu_check step bench_ksplit); unset, the plan fills about one wave.
+// FASTPRUNE_CUDA_CLUSTER=1 (opt-in until measured: gpu_check step bench_cluster) runs kernel A
+// as thread block clusters where the plan allows it, on the same conditions as PDL.
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;
+  bool cluster = false;
   int ksplit = 0;
 };
+
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
 
 DeviceFacts device_facts(int device) {
   static std::mutex mu;
@@ -55,8 +63,9 @@ DeviceFacts device_facts(int device) {
     int n = 0, major = 0;
     check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "device query");
     check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
-    const char* env = std::getenv("FASTPRUNE_CUDA_PDL");
-    f.pdl = env != nullptr && std::strcmp(env, "1") == 0 && major >= 9 && fastprune_cuda::kernels_have_pdl();
+    const bool sm90 = major >= 9 && fastprune_cuda::kernels_have_sm90();
+    f.pdl = sm90 && env_on("FASTPRUNE_CUDA_PDL");
+    f.cluster = sm90 && env_on("FASTPRUNE_CUDA_CLUSTER");
     if (const char* k = std::getenv("FASTPRUNE_CUDA_KSPLIT")) {
       char* end = nullptr;
       const long v = std::strtol(k, &end, 10);
@@ -123,7 +132,7 @@ Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
   p.patch_mask = r.patch_mask.defined() ? r.patch_mask.data_ptr<bool>() : nullptr;
   p.mask_voters = mask_voters;
   const DeviceFacts dev = device_facts(patches.get_device());
-  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit);
+  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit, dev.cluster);
   r.workspace = at::empty({static_cast<int64_t>(r.plan.workspace_bytes)},
                           patches.options().dtype(at::kByte));
   return r;

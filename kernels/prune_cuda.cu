@@ -41,6 +41,65 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t st
   cfg.numAttrs = 1;
   cudaLaunchKernelEx(&cfg, kernel, args...);  // errors surface through cudaGetLastError()
 }
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...) as thread block clusters of cluster_y
+// blocks along y (sm_90+; grid.y a multiple of it). Dynamic shared memory past 48 KB needs the
+// kernel's opt-in first.
+template <typename... Params, typename... Actual>
+void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
+                       cudaStream_t stream, Actual... args) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)) !=
+      cudaSuccess)
+    return;  // the error surfaces through cudaGetLastError()
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = cluster_y;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+// Distributed shared memory of a thread block cluster (sm_90+; the emulator has its own): the
+// block's dynamic shared memory; a barrier of every thread of the cluster that releases the
+// block's earlier writes and acquires the others' (its arrive compiles to MEMBAR.ALL.GPU first,
+// sm_90 SASS); the same barrier without the release, for a block that only waits until the
+// others are done reading its shared memory; and p, a pointer into this block's shared memory,
+// mapped to the same place in block `rank` of the cluster. Code compiled for an older
+// architecture traps: the host launches the cluster kernel only on kernels built for sm_90.
+__device__ __forceinline__ unsigned char* fp_dyn_smem() {
+  extern __shared__ __align__(128) unsigned char fp_smem_dyn[];
+  return fp_smem_dyn;
+}
+__device__ __forceinline__ void fp_cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void fp_cluster_sync_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+template <typename X>
+__device__ __forceinline__ X* fp_cluster_map(X* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<X*>(__cluster_map_shared_rank(static_cast<void*>(p), static_cast<unsigned>(rank)));
+#else
+  __trap();
+  return p;
+#endif
+}
 }  // namespace fastprune_cuda
 #endif
 
@@ -523,16 +582,112 @@ struct Loader<T, true> {
   __device__ __forceinline__ static bool leader() { return (threadIdx.x & 7) == 0; }
 };
 
+// ------------------------------------------------------------------------------------------
+// Kernel A's cluster variant (sm_90, opt-in: FASTPRUNE_CUDA_CLUSTER=1, plan.cluster). The ksplit
+// blocks of a (row tile, sample) form one thread block cluster. Each keeps its partials over its
+// slice of D in its own shared memory instead of the workspace: S [64][ts], the patch sums of
+// squares [64] and the prompt's [ts]. After a cluster barrier, block q finishes rows q, q +
+// ksplit, ... of the tile from every block's partials, read through distributed shared memory.
+// The plain kernel writes the partials to global memory, and the last block of the ksplit to
+// arrive finishes all 64 rows alone, on 12 of 132 SMs at pi05 B=1 (ncu: most of its 20 us).
+constexpr int kMaxCluster = 8;      // blocks per cluster (the portable limit)
+constexpr int64_t kClusterMaxTs = 512;  // prompt width: the partial S tile takes 64 * ts floats
+
+struct ClusterSmem {
+  float* part;  // [kBM][ts] partial S, then this block's finished rows (S, exp)
+  float* psq;   // [kBM]
+  float* tsq;   // [ts]
+  float* invt;  // [ts] prompt scales of the range, from every block's sums
+  int* tok;     // [ts] valid token of the range
+};
+// Dynamic shared memory of the cluster variant: SmemA first, then ClusterSmem's arrays.
+template <typename T>
+__host__ __device__ constexpr size_t cluster_smem_head() {
+  return (sizeof(SmemA<T>) + 127) / 128 * 128;
+}
+__host__ __device__ inline size_t cluster_smem_bytes(size_t head, int64_t ts) {
+  return head + static_cast<size_t>(kBM * ts + kBM + 3 * ts) * sizeof(float);
+}
+__device__ __forceinline__ ClusterSmem cluster_smem(unsigned char* base, size_t head, int64_t ts) {
+  ClusterSmem c;
+  c.part = reinterpret_cast<float*>(base + head);
+  c.psq = c.part + kBM * ts;
+  c.tsq = c.psq + kBM;
+  c.invt = c.tsq + ts;
+  c.tok = reinterpret_cast<int*>(c.invt + ts);
+  return c;
+}
+
+// The finishing step of the cluster variant (every thread of every block of the cluster): S =
+// raw * invp * invt on valid tokens (0 elsewhere), A = softmax(S / sqrt(D)) over them, for the
+// block's rows, written up to tw columns as the plain kernel's finishing step writes them. A
+// warp takes a row; a lane adds the ksplit partials of its tokens in slice order. Rows are
+// interleaved over the blocks, so a block reads and then overwrites only partial rows that no
+// other block reads.
+__device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, int64_t j0, int tr, int t_lo,
+                               bool all_t, const bool* tm) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int ks = a.ksplit, rank = static_cast<int>(blockIdx.y);
+  const int64_t N = a.N, ts = a.ts;
+  const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
+  const int n_tiles = (tr + kBT - 1) / kBT;
+  const int tw = static_cast<int>(mn<int64_t>(ts, static_cast<int64_t>(n_tiles) * kBT));
+  // The ksplit loads of one sum go out together; ranks past ksplit add 0 (never mapped).
+  auto sum_ranks = [&](float* p) {
+    float v[kMaxCluster];
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q) v[q] = q < ks ? *fp_cluster_map(p, q) : 0.f;
+    float sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q) sum += v[q];
+    return sum;
+  };
+  fp_cluster_sync();  // every block's partials are in its shared memory
+  for (int u = tid; u < tr; u += kThreads) {
+    cl.invt[u] = rsqrtf(sum_ranks(cl.tsq + u) * a.inv_d + kEps);
+    cl.tok[u] = all_t || tm[t_lo + u] ? 1 : 0;
+  }
+  if (rank == 0 && tid < rows_here) a.keys[b * N + j0 + tid] = 0ull;
+  __syncthreads();  // invt, tok
+  for (int r = rank + ks * warp; r < rows_here; r += ks * kWarps) {
+    float* own = cl.part + r * ts;
+    const float p = lane < ks ? *fp_cluster_map(cl.psq + r, lane) : 0.f;
+    const float invp = rsqrtf(warp_sum(p) * a.inv_d + kEps);
+    const int64_t row = (b * N + j0 + r) * ts;
+    float m = -INFINITY;
+    for (int u = lane; u < tw; u += 32) {
+      const bool on = u < tr && cl.tok[u];
+      const float s = on ? sum_ranks(own + u) * invp * cl.invt[u] : 0.f;
+      if (on) m = fmaxf(m, s);
+      own[u] = s;
+      a.S[row + u] = s;
+    }
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int u = lane; u < tw; u += 32) {
+      const float x = u < tr && cl.tok[u] ? __expf((own[u] - m) * a.inv_sqrt_d) : 0.f;
+      own[u] = x;
+      sum += x;
+    }
+    const float inv = 1.f / warp_sum(sum);
+    for (int u = lane; u < tw; u += 32) a.A[row + u] = own[u] * inv;
+  }
+  fp_cluster_sync_relaxed();  // no block exits while another may still read its shared memory
+}
+
 // The 16-byte variant is held to 128 registers, 2 blocks per SM, without spills (kMinBlocks 2);
 // where the grid is one wave of one block per SM (pi05 at B=1: 132 blocks), its variant at one
 // block per SM has the registers to batch the finishing step's loads. The scalar variant
 // (unaligned inputs) needs 192-246 (sm_90) for its wider register sets: one block per SM.
-template <typename T, bool kVec, int kMinBlocks>
+// kCluster: the cluster variant above (its shared memory is all dynamic).
+template <typename T, bool kVec, int kMinBlocks, bool kCluster>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   using Ld = Loader<T, kVec>;
   constexpr int kBK = ATile<T>::kBK, kSlots = Ld::kSlots;
-  __shared__ __align__(128) unsigned char smem_raw[sizeof(SmemA<T>)];
-  SmemA<T>& sm = *reinterpret_cast<SmemA<T>*>(smem_raw);
+  __shared__ __align__(128) unsigned char smem_raw[kCluster ? 16 : sizeof(SmemA<T>)];
+  unsigned char* const smem = kCluster ? fp_dyn_smem() : smem_raw;
+  SmemA<T>& sm = *reinterpret_cast<SmemA<T>*>(smem);
+  const ClusterSmem cl = cluster_smem(smem, cluster_smem_head<T>(), a.ts);  // kCluster only
 
   // Kernel B may be scheduled as soon as every block of this kernel runs (it waits for our
   // writes in pdl_wait). Kernel A itself follows the workspace memset, a plain stream dependency.
@@ -648,13 +803,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
       const int r = e / kBT, c = e % kBT;
       const int64_t j = j0 + r;
       const int u = u0 + c;
-      if (j < N && u < tr) part[j * ts + u] = sm.cs[r][c];
+      if (j < N && u < tr) {
+        if constexpr (kCluster) cl.part[r * ts + u] = sm.cs[r][c];
+        else part[j * ts + u] = sm.cs[r][c];
+      }
     }
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) {
       const float v = Ld::reduce(tsq[k]);
       const int u = u0 + Ld::row(k);
-      if (Ld::leader() && u < tr) tsq_out[u] = v;
+      if (Ld::leader() && u < tr) {
+        if constexpr (kCluster) cl.tsq[u] = v;
+        else tsq_out[u] = v;
+      }
     }
     __syncthreads();  // cs is rewritten by the next token tile
   }
@@ -662,7 +823,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   for (int k = 0; k < kSlots; ++k) {
     const float v = Ld::reduce(psq[k]);
     const int64_t j = j0 + Ld::row(k);
-    if (Ld::leader() && j < N) a.psq[(static_cast<int64_t>(ks) * B + b) * N + j] = v;
+    if (Ld::leader() && j < N) {
+      if constexpr (kCluster) cl.psq[Ld::row(k)] = v;
+      else a.psq[(static_cast<int64_t>(ks) * B + b) * N + j] = v;
+    }
+  }
+  if constexpr (kCluster) {
+    finish_cluster(a, cl, b, j0, tr, t_lo, all_t, tm);
+    return;
   }
 
   // 3. The last of the ksplit blocks of (row tile, sample) to arrive finalises the tile.
@@ -1384,9 +1552,12 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
                    reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
   auto launch_a = [&](auto t) {
     using T = decltype(t);
-    if (!vec) fp_launch(scores_kernel<T, false, 1>, grid_a, kThreads, stream, false, a);
-    else if (plan.a_one_wave) fp_launch(scores_kernel<T, true, 1>, grid_a, kThreads, stream, false, a);
-    else fp_launch(scores_kernel<T, true, 2>, grid_a, kThreads, stream, false, a);
+    if (!vec) fp_launch(scores_kernel<T, false, 1, false>, grid_a, kThreads, stream, false, a);
+    else if (plan.cluster)
+      fp_launch_cluster(scores_kernel<T, true, 1, true>, grid_a, kThreads, static_cast<unsigned>(plan.ksplit),
+                        cluster_smem_bytes(cluster_smem_head<T>(), plan.ts), stream, a);
+    else if (plan.a_one_wave) fp_launch(scores_kernel<T, true, 1, false>, grid_a, kThreads, stream, false, a);
+    else fp_launch(scores_kernel<T, true, 2, false>, grid_a, kThreads, stream, false, a);
   };
   switch (p.dtype) {
     case DType::kFloat32:
@@ -1411,7 +1582,7 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
 
 }  // namespace
 
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit) {
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit, bool cluster) {
   Plan plan;
   plan.pdl = pdl;
   plan.B = B;
@@ -1426,10 +1597,13 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   const int64_t most = ceil_div(D, kChunkAlign);
   if (want > most) want = most;
   if (want > kMaxSplit) want = kMaxSplit;
+  if (cluster && ksplit <= 0 && want > kMaxCluster) want = kMaxCluster;
   if (want < 1) want = 1;
   plan.kchunk = ceil_div(ceil_div(D, want), kChunkAlign) * kChunkAlign;
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
   plan.a_one_wave = num_sms > 0 && base * plan.ksplit <= num_sms;
+  plan.cluster = cluster && plan.ksplit >= 2 && plan.ksplit <= kMaxCluster && plan.a_one_wave &&
+                 plan.ts <= kClusterMaxTs;
   // Kernel B: column splits for about two waves at its 4 blocks per SM, with the same number of
   // column tiles in every block (pi05: 12 splits of one tile at B=1, 6 of 2 at B=8, 2 of 6 at
   // B=64).
@@ -1463,7 +1637,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
 }
 
 #ifndef FASTPRUNE_CUDA_EMU
-bool kernels_have_pdl() {
+bool kernels_have_sm90() {
   cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, select_kernel) != cudaSuccess) {
     (void)cudaGetLastError();  // a failed query is no launch error: plain launches then

@@ -10,7 +10,9 @@
 //            row sums of squares over one slice of D; the last block of
 //            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
 //            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32, zeros past the prompt
-//            range up to 64 columns), and zeroes its argmax keys;
+//            range up to 64 columns), and zeroes its argmax keys. With plan.cluster (sm_90,
+//            opt-in) the D splits of a row tile are one thread block cluster instead: the
+//            partials stay in shared memory and every block finishes a share of the rows;
 //   kernel B grid (row tiles, column splits, B): score' = A S^T tiles with fp32 accumulation
 //            (3xTF32 tensor-core wmma at sm_80+, fp32 FMA otherwise), each block looping over
 //            its split's column tiles; per-row argmax merged across the splits by a packed
@@ -60,6 +62,7 @@ struct Plan {
   int64_t col_splits = 0;   // kernel B's blocks per row tile, each taking every col_splits-th column tile
   int64_t kchunk = 0;     // width of one slice of D (a multiple of 32)
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
+  bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
   // Byte offsets into the workspace (all 16-byte aligned).
   size_t off_zero = 0, zero_bytes = 0;  // counters_a [B*row_tiles] int, counters_b [B] int, max_count int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
@@ -84,11 +87,16 @@ constexpr int kMaxSplit = 32;
 // while its predecessor finishes (compute capability 9.0+ only).
 // ksplit > 0: split D into that many slices (at most kMaxSplit and D / 64) instead of about one
 // wave's worth of kernel A blocks; for benchmark sweeps (FASTPRUNE_CUDA_KSPLIT).
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit = 0);
+// cluster: kernel A as thread block clusters (compute capability 9.0+ only) where it applies:
+// 2-8 D slices in one wave of blocks, prompts of at most 512 tokens, 16-byte aligned inputs. An
+// automatic D split is then held to 8 slices (the portable cluster size).
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit = 0,
+               bool cluster = false);
 
 // Whether the kernels loaded for the current device were compiled for compute_90+, so that
-// they carry the wait of a dependent launch; code JIT-compiled from older PTX does not.
-bool kernels_have_pdl();
+// they carry the wait of a dependent launch and the cluster instructions; code JIT-compiled
+// from older PTX does not.
+bool kernels_have_sm90();
 
 // Row argmax idx [B, N] int64 (contiguous); -1 for non-voters when mask_voters and a
 // patch_mask is given. Memset + kernels A and B.

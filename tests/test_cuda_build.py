@@ -299,11 +299,12 @@ class Emulated:
         f = self.lib.fp_emu_run
         f.restype = ctypes.c_int
         I, P, C = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        f.argtypes = [C, C, I, I, I, I, P, I, I, P, I, I, P, P, C, I, I, C, P, P, P, P, P, I, P]
+        f.argtypes = [C, C, I, I, I, I, P, I, I, P, I, I, P, P, C, I, I, C, P, P, P, P, P, P, I, P]
 
     def __call__(self, op, patches, task, task_mask=None, patch_mask=None, *, mask_voters=False,
-                 keep_tokens=None, max_tokens=None, num_sms=132):
-        """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit)."""
+                 keep_tokens=None, max_tokens=None, num_sms=132, cluster=False):
+        """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit).
+        cluster: ask for kernel A's cluster variant; self.clustered says whether it ran."""
         assert patches.stride(2) == 1 and task.stride(2) == 1
         B, N, D = patches.shape
         T = task.shape[1]
@@ -319,12 +320,14 @@ class Emulated:
         kidx = torch.full((B * cap,), -7, dtype=torch.int64)
         k_out = torch.zeros(1, dtype=torch.int64)
         code = {"select": 0, "prune": 1, "padded": 2}[op]
+        clustered = ctypes.c_int(int(cluster))
         rc = self.lib.fp_emu_run(
             code, _DT[patches.dtype], B, N, T, D, ptr(patches), patches.stride(0), patches.stride(1),
             ptr(task), task.stride(0), task.stride(1), ptr(tm), ptr(pm), int(mask_voters), keep_tokens or 0,
-            max_tokens or 0, num_sms, ptr(idx), ptr(counts), ptr(pruned), ptr(kmask), ptr(kidx), cap, ptr(k_out),
+            max_tokens or 0, num_sms, ctypes.byref(clustered), ptr(idx), ptr(counts), ptr(pruned), ptr(kmask), ptr(kidx), cap, ptr(k_out),
         )
         assert rc >= 1, f"emulated launch failed with code {rc} (-4: wrote past the workspace)"
+        self.clustered = bool(clustered.value)
         if op == "select":
             return idx, rc
         K = int(k_out)
@@ -388,6 +391,69 @@ def test_emulated_select_matches_truth(emu, B, N, T, D, sms, dtype):
         if N > 1:  # where the float64 top-2 gap is clear, exactly the reference's choice
             sep = (top2[..., 0] - top2[..., 1]) > 1e-4
             assert torch.equal(idx[sep], R.select_ref(patches, task, task_mask, patch_mask)[sep])
+
+
+# Kernel A's cluster variant (FASTPRUNE_CUDA_CLUSTER=1): B, N, T, D, num_sms, D slices.
+EMU_CLUSTER = [
+    (1, 65, 9, 256, 64, 4),      # 2 row tiles, a 1-row last tile: rows for only one block of the cluster
+    (2, 70, 20, 192, 16, 3),     # 3 slices, 2 samples
+    (2, 192, 13, 128, 12, 2),    # 2 slices, 3 full row tiles each
+    (1, 130, 150, 512, 132, 8),  # the automatic split held to 8 slices; 3 token tiles
+    (1, 9, 6, 1024, 132, 8),     # 9 rows for 8 blocks: rank 0 finishes 2, the others 1
+]
+
+
+@pytest.mark.parametrize("B,N,T,D,sms,ksplit", EMU_CLUSTER)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masks", ["all", "invalid_prompt"])
+def test_emulated_cluster_matches_truth(emu, B, N, T, D, sms, ksplit, dtype, masks):
+    """The cluster variant of kernel A: the blocks of a row tile keep their partials in shared
+    memory and finish interleaved rows through distributed shared memory (the emulator gives each
+    block of a cluster its own, NaN-filled). The selection matches the float64 truth, the pruned
+    outputs follow from it, and on clear top-2 gaps it is the plain kernels' selection."""
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, masks, seed=N + D)
+    for build in ("mma", "fma"):
+        lib = emu[build]
+        out, idx, got_split = lib("padded", patches, task, task_mask, patch_mask, max_tokens=N, num_sms=sms,
+                                  cluster=True)
+        assert lib.clustered and got_split == ksplit
+        check_selection(idx, patches, task, task_mask, patch_mask)
+        check_prune(out, patches, idx, patch_mask, None, False, N)
+        plain, _ = lib("select", patches, task, task_mask, patch_mask, num_sms=sms)
+        assert not lib.clustered
+        if N > 1:
+            top2 = R.truth_scores(patches, task, task_mask, patch_mask).topk(2, dim=-1).values
+            sep = (top2[..., 0] - top2[..., 1]) > 1e-3
+            assert torch.equal(idx[sep], plain[sep])
+
+
+@pytest.mark.parametrize("T,spans", [(20, [(5, 13), (3, 16)]), (150, [(70, 141), (1, 149)])])
+def test_emulated_cluster_prompt_range_after_token_0(emu, T, spans):
+    """The cluster variant with prompt ranges that start past token 0, holes inside the range,
+    and (T = 150) a second token tile."""
+    B, N, D = 2, 70, 256
+    patches, task, _, patch_mask = make_inputs(B, N, T, D, torch.bfloat16, "absent_camera", seed=T)
+    task_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (lo, hi) in enumerate(spans):
+        task_mask[b, lo:hi] = True
+    task_mask[1, spans[1][0] + 1 : spans[1][1] - 1 : 3] = False
+    out, idx, _ = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=20, num_sms=16, cluster=True)
+    assert emu["mma"].clustered
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, None, False, 20)
+
+
+@pytest.mark.parametrize("B,N,T,D,sms", [
+    (1, 65, 9, 64, 132),    # one slice of D: nothing to reduce
+    (1, 65, 9, 256, 7),     # 8 blocks on 7 SMs: not one wave
+    (1, 65, 600, 256, 64),  # 600 prompt tokens: the partial S tile would not fit shared memory
+])
+def test_emulated_cluster_declined(emu, B, N, T, D, sms):
+    """Where the cluster variant does not apply, the plan keeps the plain kernel A."""
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, torch.float16, "all", seed=1)
+    idx, _ = emu["mma"]("select", patches, task, task_mask, patch_mask, num_sms=sms, cluster=True)
+    assert not emu["mma"].clustered
+    check_selection(idx, patches, task, task_mask, patch_mask)
 
 
 @pytest.mark.parametrize("T,spans", [(20, [(5, 13), (3, 16)]), (150, [(70, 141), (1, 149)])])

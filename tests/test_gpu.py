@@ -413,12 +413,17 @@ def test_cuda_graph_static_cap(backend, batch):
 
 
 _PDL_CHILD = """
-import sys, torch, pi05_fastprune  # noqa: E401,F401
+import os, sys, torch, pi05_fastprune  # noqa: E401,F401
 from pi05_fastprune.structured import structured_inputs
 out = {}
+profile = "FASTPRUNE_CUDA_CLUSTER" in os.environ  # record the kernels' names: which kernel A ran
 for batch in (1, 8):
     p, t, tm, pm = structured_inputs(batch=batch, dtype=torch.bfloat16, seed=batch, device="cuda",
                                      absent_cameras=((batch - 1, 2),))
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.ops.fastprune.select(p, t, tm, pm, False, "cuda")
+        out[f"kernels{batch}"] = sorted({e.name for e in prof.events() if "scores_kernel<" in e.name})
     out[f"select{batch}"] = torch.ops.fastprune.select(p, t, tm, pm, False, "cuda").cpu()
     run = lambda: torch.ops.fastprune.prune_padded(p, t, tm, pm, 96, 256, True, "cuda")  # noqa: E731
     out[f"eager{batch}"] = [x.cpu() for x in run()]
@@ -461,22 +466,19 @@ def test_cuda_dependent_launches_give_the_same_results(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(plain, with_pdl)), key
 
 
-def test_cuda_ksplit_override(tmp_path):
-    """FASTPRUNE_CUDA_KSPLIT (gpu_check's bench_ksplit sweep) fixes kernel A's D slices: the
-    selections are still the float64 truth's row argmax and the outputs the pruning of them,
-    eager and from a CUDA graph; a bad value is an error that names the variable."""
+def _child_matches_truth(tmp_path, **env):
+    """_PDL_CHILD under the environment variables `env`: its selections are the float64 truth's
+    row argmax and its outputs the pruning of them, eager and from a CUDA graph. Returns what it
+    saved."""
     import os
     import subprocess
     import sys
 
     from pi05_fastprune import reference as R
 
-    why = _backend_available("cuda")
-    if why:
-        pytest.skip(why)
-    path = tmp_path / "ksplit4.pt"
+    path = tmp_path / "child.pt"
     proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(path)], capture_output=True, text=True,
-                          env=dict(os.environ, FASTPRUNE_CUDA_KSPLIT="4"), timeout=300)
+                          env=dict(os.environ, **env), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(path)
     for batch in (1, 8):
@@ -486,9 +488,40 @@ def test_cuda_ksplit_override(tmp_path):
         check_selection_truth(idx, p, t, tm, pm)
         for key in (f"eager{batch}", f"graph{batch}"):
             check_prune(R.PruneResult(*[x.cuda() for x in got[key]]), p, idx, pm, 96, True, 256)
+    return got
+
+
+def test_cuda_ksplit_override(tmp_path):
+    """FASTPRUNE_CUDA_KSPLIT (gpu_check's bench_ksplit sweep) fixes kernel A's D slices: the
+    selections are still the float64 truth's row argmax and the outputs the pruning of them,
+    eager and from a CUDA graph; a bad value is an error that names the variable."""
+    import os
+    import subprocess
+    import sys
+
+    why = _backend_available("cuda")
+    if why:
+        pytest.skip(why)
+    _child_matches_truth(tmp_path, FASTPRUNE_CUDA_KSPLIT="4")
     proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(tmp_path / "bad.pt")], capture_output=True,
                           text=True, env=dict(os.environ, FASTPRUNE_CUDA_KSPLIT="0"), timeout=300)
     assert proc.returncode != 0 and "FASTPRUNE_CUDA_KSPLIT must be an integer in [1, 32]" in proc.stderr
+
+
+def test_cuda_cluster_variant(tmp_path):
+    """FASTPRUNE_CUDA_CLUSTER=1 (opt-in until gpu_check's bench_cluster measures it) runs kernel A
+    as thread block clusters where the plan allows it: at pi05 B=1 (8 D slices, one wave), not at
+    B=8 (not one wave). The selections are the float64 truth's row argmax and the outputs the
+    pruning of them, eager and from a CUDA graph."""
+    why = _backend_available("cuda")
+    if why:
+        pytest.skip(why)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need compute capability 9.0")
+    got = _child_matches_truth(tmp_path, FASTPRUNE_CUDA_CLUSTER="1")
+    # scores_kernel<T, kVec, kMinBlocks, kCluster>
+    assert len(got["kernels1"]) == 1 and "true>" in got["kernels1"][0], got["kernels1"]
+    assert len(got["kernels8"]) == 1 and "false>" in got["kernels8"][0], got["kernels8"]
 
 
 def test_pi05_model_prunes_on_gpu(backend, monkeypatch):

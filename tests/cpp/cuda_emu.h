@@ -1,11 +1,14 @@
 // A small CUDA emulator for testing kernels/prune_cuda.cu on a machine without a GPU.
 //
-// Every CUDA thread of a block is a fiber on one host thread; blocks of a launch run one after
-// the other (so `__shared__` becomes `static`), __syncthreads is a barrier of the block's
-// fibers (a divergent one deadlocks and aborts), warp shuffles exchange through per-warp slots
-// between two warp barriers, and wmma fragments are whole 16x16 tiles held by every lane (lane
-// 0 stores). It checks index/bound/synchronisation logic and results; it says nothing about
-// timing, memory-model subtleties across blocks that run concurrently, or the real wmma layout.
+// Every CUDA thread of a block is a fiber on one host thread; clusters of a launch run one after
+// the other (a plain launch: clusters of one block, so `__shared__` becomes `static`), the blocks
+// of a cluster run together, each with its own dynamic shared memory (fp_dyn_smem; a cluster
+// kernel keeps all of its shared memory there), __syncthreads is a barrier of the block's fibers
+// and fp_cluster_sync one of the cluster's (a divergent one deadlocks and aborts), warp shuffles
+// exchange through per-warp slots between two warp barriers, and wmma fragments are whole 16x16
+// tiles held by every lane (lane 0 stores). It checks index/bound/synchronisation logic and
+// results; it says nothing about timing, memory-model subtleties across blocks that run
+// concurrently, or the real wmma layout.
 #pragma once
 
 #include <ucontext.h>
@@ -54,25 +57,37 @@ namespace emu {
 // (e.g. a __syncthreads not reached by the whole block): it aborts.
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // not zero-filled: untouched pages of a cluster's stacks stay free
   bool done = false;
   dim3 tid;
+  int blk = 0;  // index of its block in g_blocks
 };
-inline dim3 g_block_dim, g_grid_dim, g_block;
-inline std::vector<Fiber> g_fibers;
-inline int g_cur = 0;
-inline ucontext_t g_sched;
-inline std::function<void()> g_body;
-inline uint64_t g_progress = 0;
-inline std::vector<uint64_t> g_slots;  // 32 per warp
-inline int g_sync_acc = 0;
+constexpr size_t kStack = 256 * 1024;
 
 struct Barrier {
   int count = 0, arrived = 0;
   uint64_t gen = 0;
 };
-inline Barrier g_block_barrier;
-inline std::vector<Barrier> g_warp_barriers;
+
+// One running block: its index, barriers, shuffle slots and dynamic shared memory.
+struct Block {
+  dim3 idx;
+  Barrier barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<uint64_t> slots;  // 32 per warp
+  int sync_acc = 0;
+  std::vector<unsigned char> smem_buf;
+  unsigned char* smem = nullptr;  // 128-byte aligned, as CUDA's dynamic shared memory
+  size_t smem_bytes = 0;
+};
+inline dim3 g_block_dim, g_grid_dim;
+inline std::vector<Fiber> g_fibers;
+inline std::vector<Block> g_blocks;  // the running cluster, by rank
+inline Barrier g_cluster_barrier;
+inline int g_cur = 0;
+inline ucontext_t g_sched;
+inline std::function<void()> g_body;
+inline uint64_t g_progress = 0;
 
 inline void yield() { swapcontext(&g_fibers[g_cur].ctx, &g_sched); }
 inline void wait(Barrier& b) {
@@ -91,50 +106,103 @@ inline void fiber_entry() {
   ++g_progress;
 }
 inline dim3& cur_thread() { return g_fibers[g_cur].tid; }
+inline Block& cur_block() { return g_blocks[g_fibers[g_cur].blk]; }
 
-// Runs one block to completion.
-inline void run_block() {
-  const int nt = static_cast<int>(g_fibers.size());
+// Runs the blocks in g_blocks (one cluster) to completion, blockDim fibers each.
+inline void run_cluster() {
+  const int per = static_cast<int>(g_block_dim.x * g_block_dim.y * g_block_dim.z);
+  const int nt = per * static_cast<int>(g_blocks.size());
+  if (static_cast<int>(g_fibers.size()) < nt) g_fibers.resize(nt);
   for (int t = 0; t < nt; ++t) {
     Fiber& f = g_fibers[t];
+    if (!f.stack) f.stack.reset(new char[kStack]);
+    f.tid = dim3(t % per, 0, 0);
+    f.blk = t / per;
     f.done = false;
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = &g_sched;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  int live = nt;
-  while (live > 0) {
+  g_cluster_barrier = Barrier{nt, 0, 0};
+  // Block by block: each runs as far as it can (to a cluster barrier, or to its end) before the
+  // next one starts, so a read of another block's shared memory that no cluster barrier orders
+  // after its writes sees the NaN fill. A block that has ended gets its shared memory refilled,
+  // so a read after its owner left (no cluster barrier before the exit) sees NaN too.
+  std::vector<bool> ended(g_blocks.size(), false);
+  for (int left = nt; left > 0;) {
     const uint64_t before = g_progress;
-    live = 0;
-    for (int t = 0; t < nt; ++t) {
-      if (g_fibers[t].done) continue;
-      g_cur = t;
-      swapcontext(&g_sched, &g_fibers[t].ctx);
-      if (!g_fibers[t].done) ++live;
+    for (size_t blk = 0; blk < g_blocks.size(); ++blk) {
+      for (uint64_t pass = g_progress + 1; pass != g_progress;) {
+        pass = g_progress;
+        for (int t = static_cast<int>(blk) * per; t < static_cast<int>(blk + 1) * per; ++t) {
+          if (g_fibers[t].done) continue;
+          g_cur = t;
+          swapcontext(&g_sched, &g_fibers[t].ctx);
+          if (g_fibers[t].done) --left;
+        }
+      }
+      bool all_done = true;
+      for (int t = static_cast<int>(blk) * per; t < static_cast<int>(blk + 1) * per; ++t) all_done &= g_fibers[t].done;
+      if (all_done && !ended[blk]) {
+        ended[blk] = true;
+        std::memset(g_blocks[blk].smem, 0xff, g_blocks[blk].smem_bytes);
+      }
     }
-    if (live > 0 && g_progress == before) {
-      std::fprintf(stderr, "cuda_emu: deadlock in block (%u, %u, %u)\n", g_block.x, g_block.y, g_block.z);
+    if (left > 0 && g_progress == before) {
+      const dim3 b = g_blocks[0].idx;
+      std::fprintf(stderr, "cuda_emu: deadlock in the cluster of block (%u, %u, %u)\n", b.x, b.y, b.z);
       std::abort();
     }
   }
 }
+
+// Runs every cluster of the grid in turn: cluster_y blocks along y (grid.y a multiple of it),
+// smem_bytes of dynamic shared memory each, filled with 0xff bytes (NaN as floats) so that a
+// read of shared memory nobody wrote shows up in the results.
+inline void launch(const std::function<void()>& body, dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes) {
+  if (cluster_y == 0 || grid.y % cluster_y != 0) {
+    std::fprintf(stderr, "cuda_emu: grid.y %u is not a multiple of the cluster's %u blocks\n", grid.y, cluster_y);
+    std::abort();
+  }
+  const int per = static_cast<int>(block.x * block.y * block.z), warps = (per + 31) / 32;
+  g_block_dim = block;
+  g_grid_dim = grid;
+  g_body = body;
+  g_blocks.assign(cluster_y, Block{});
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y0 = 0; y0 < grid.y; y0 += cluster_y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        for (unsigned r = 0; r < cluster_y; ++r) {
+          Block& b = g_blocks[r];
+          b.idx = dim3(x, y0 + r, z);
+          b.barrier = Barrier{per, 0, 0};
+          b.warp_barriers.assign(warps, Barrier{32, 0, 0});
+          b.slots.assign(warps * 32, 0);
+          b.sync_acc = 0;
+          b.smem_buf.assign(smem_bytes + 128, 0xff);
+          b.smem = b.smem_buf.data() + (128 - reinterpret_cast<uintptr_t>(b.smem_buf.data()) % 128);
+          b.smem_bytes = smem_bytes;
+        }
+        run_cluster();
+      }
+}
 }  // namespace emu
 
 #define threadIdx (::emu::cur_thread())
-#define blockIdx (::emu::g_block)
+#define blockIdx (::emu::cur_block().idx)
 #define blockDim (::emu::g_block_dim)
 #define gridDim (::emu::g_grid_dim)
 
-inline void __syncthreads() { emu::wait(emu::g_block_barrier); }
+inline void __syncthreads() { emu::wait(emu::cur_block().barrier); }
 inline int __syncthreads_or(int p) {
   __syncthreads();
-  if (p) emu::g_sync_acc = 1;
+  if (p) emu::cur_block().sync_acc = 1;
   __syncthreads();
-  const int r = emu::g_sync_acc;
+  const int r = emu::cur_block().sync_acc;
   __syncthreads();
-  if (threadIdx.x == 0) emu::g_sync_acc = 0;
+  if (threadIdx.x == 0) emu::cur_block().sync_acc = 0;
   return r;  // the next barrier of the block orders the reset before any later use
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -145,10 +213,11 @@ T emu_shfl(T v, int src) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  emu::g_slots[warp * 32 + lane] = bits;
-  emu::wait(emu::g_warp_barriers[warp]);
-  uint64_t got = emu::g_slots[warp * 32 + src];
-  emu::wait(emu::g_warp_barriers[warp]);
+  emu::Block& blk = emu::cur_block();
+  blk.slots[warp * 32 + lane] = bits;
+  emu::wait(blk.warp_barriers[warp]);
+  uint64_t got = blk.slots[warp * 32 + src];
+  emu::wait(blk.warp_barriers[warp]);
   T out;
   std::memcpy(&out, &got, sizeof(T));
   return out;
@@ -322,33 +391,38 @@ void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& 
   if ((threadIdx.x & 31) == 0)
     for (int i = 0; i < 16; ++i)
       for (int n = 0; n < 16; ++n) p[i * ldm + n] = f.x[i * 16 + n];
-  emu::wait(emu::g_warp_barriers[threadIdx.x >> 5]);  // warp-collective
+  emu::wait(emu::cur_block().warp_barriers[threadIdx.x >> 5]);  // warp-collective
 }
 }  // namespace wmma
 }  // namespace nvcuda
 
+// Distributed shared memory: the cluster kernel's dynamic shared memory, a cluster-wide
+// barrier, and a pointer into this block's dynamic shared memory mapped to block `rank` of the
+// cluster (it must point into that memory: the GPU maps only shared-memory addresses).
+inline unsigned char* fp_dyn_smem() { return emu::cur_block().smem; }
+inline void fp_cluster_sync() { emu::wait(emu::g_cluster_barrier); }
+inline void fp_cluster_sync_relaxed() { fp_cluster_sync(); }
+template <typename X>
+X* fp_cluster_map(X* p, int rank) {
+  const emu::Block& own = emu::cur_block();
+  const auto* c = reinterpret_cast<const unsigned char*>(p);
+  if (c < own.smem || c >= own.smem + own.smem_bytes || rank < 0 || rank >= static_cast<int>(emu::g_blocks.size())) {
+    std::fprintf(stderr, "emu: fp_cluster_map of %p to rank %d: not in this block's shared memory\n",
+                 static_cast<const void*>(p), rank);
+    std::abort();
+  }
+  return reinterpret_cast<X*>(emu::g_blocks[rank].smem + (c - own.smem));
+}
+
 namespace fastprune_cuda {
-// Runs every block of the grid in turn, each with blockDim fibers.
 template <typename... Params, typename... Actual>
 void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, bool /*pdl: launches are in order here*/,
                Actual... args) {
-  const int nt = static_cast<int>(block.x * block.y * block.z);
-  emu::g_block_dim = block;
-  emu::g_grid_dim = grid;
-  emu::g_fibers.resize(nt);
-  for (int t = 0; t < nt; ++t) {
-    emu::g_fibers[t].tid = dim3(t, 0, 0);
-    emu::g_fibers[t].stack.resize(256 * 1024);
-  }
-  emu::g_block_barrier = emu::Barrier{nt, 0, 0};
-  emu::g_warp_barriers.assign((nt + 31) / 32, emu::Barrier{32, 0, 0});
-  emu::g_slots.assign(((nt + 31) / 32) * 32, 0);
-  emu::g_body = [&] { kernel(args...); };
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        emu::g_block = dim3(x, y, z);
-        emu::run_block();
-      }
+  emu::launch([&] { kernel(args...); }, grid, block, 1, 0);
+}
+template <typename... Params, typename... Actual>
+void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
+                       cudaStream_t, Actual... args) {
+  emu::launch([&] { kernel(args...); }, grid, block, cluster_y, smem_bytes);
 }
 }  // namespace fastprune_cuda
