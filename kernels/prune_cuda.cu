@@ -16,7 +16,10 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
+#include <set>
 #include <type_traits>
+#include <utility>
 
 #ifndef FASTPRUNE_CUDA_EMU
 namespace fastprune_cuda {
@@ -44,13 +47,25 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t st
 
 // kernel<<<grid, block, smem_bytes, stream>>>(args...) as thread block clusters of cluster_y
 // blocks along y (sm_90+; grid.y a multiple of it). Dynamic shared memory past 48 KB needs the
-// kernel's opt-in first.
+// kernel's opt-in, given once per kernel and device for smem_max bytes: it is no stream work, so
+// it need not (and inside CUDA-graph capture may not) be repeated per launch.
 template <typename... Params, typename... Actual>
 void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
-                       cudaStream_t stream, Actual... args) {
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)) !=
-      cudaSuccess)
-    return;  // the error surfaces through cudaGetLastError()
+                       size_t smem_max, cudaStream_t stream, Actual... args) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> opted;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return;  // errors surface through cudaGetLastError()
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+    if (opted.count(key) == 0) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max)) !=
+          cudaSuccess)
+        return;
+      opted.insert(key);
+    }
+  }
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = 1;
@@ -648,6 +663,10 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
     cl.tok[u] = all_t || tm[t_lo + u] ? 1 : 0;
   }
   if (rank == 0 && tid < rows_here) a.keys[b * N + j0 + tid] = 0ull;
+  if (rank == 0 && blockIdx.x == 0 && tid == 0) {  // what the plain launch's memset zeroes for kernel B
+    a.counters_b[b] = 0;
+    if (b == 0) *a.max_count = 0;
+  }
   __syncthreads();  // invt, tok
   for (int r = rank + ks * warp; r < rows_here; r += ks * kWarps) {
     float* own = cl.part + r * ts;
@@ -690,7 +709,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   const ClusterSmem cl = cluster_smem(smem, cluster_smem_head<T>(), a.ts);  // kCluster only
 
   // Kernel B may be scheduled as soon as every block of this kernel runs (it waits for our
-  // writes in pdl_wait). Kernel A itself follows the workspace memset, a plain stream dependency.
+  // writes in pdl_wait). Kernel A itself is a plain launch: it follows the workspace memset (the
+  // cluster variant has none) or the previous call in stream order.
   pdl_launch_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t rt = blockIdx.x, b = blockIdx.z;
@@ -1541,21 +1561,26 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
 }
 
 cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* ws, cudaStream_t stream) {
-  cudaError_t err = cudaMemsetAsync(ws_at<unsigned char>(ws, plan.off_zero), 0, plan.zero_bytes, stream);
-  if (err != cudaSuccess) return err;
-  const dim3 grid_a(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.ksplit),
-                    static_cast<unsigned>(p.B));
   // 16-byte loads in kernel A when every task/patch row start is 16-byte aligned.
   const int64_t ve = p.dtype == DType::kFloat32 ? 4 : 8;
   const bool vec = p.D % ve == 0 && p.patches_sb % ve == 0 && p.patches_sr % ve == 0 && p.task_sb % ve == 0 &&
                    p.task_sr % ve == 0 && reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
+  // The cluster variant has no arrival counters and zeroes kernel B's itself: no memset.
+  const bool cluster = plan.cluster && vec;
+  if (!cluster) {
+    const cudaError_t err = cudaMemsetAsync(ws_at<unsigned char>(ws, plan.off_zero), 0, plan.zero_bytes, stream);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid_a(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.ksplit),
+                    static_cast<unsigned>(p.B));
   auto launch_a = [&](auto t) {
     using T = decltype(t);
     if (!vec) fp_launch(scores_kernel<T, false, 1, false>, grid_a, kThreads, stream, false, a);
-    else if (plan.cluster)
+    else if (cluster)
       fp_launch_cluster(scores_kernel<T, true, 1, true>, grid_a, kThreads, static_cast<unsigned>(plan.ksplit),
-                        cluster_smem_bytes(cluster_smem_head<T>(), plan.ts), stream, a);
+                        cluster_smem_bytes(cluster_smem_head<T>(), plan.ts),
+                        cluster_smem_bytes(cluster_smem_head<T>(), kClusterMaxTs), stream, a);
     else if (plan.a_one_wave) fp_launch(scores_kernel<T, true, 1, false>, grid_a, kThreads, stream, false, a);
     else fp_launch(scores_kernel<T, true, 2, false>, grid_a, kThreads, stream, false, a);
   };
@@ -1572,7 +1597,7 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
     default:
       return cudaErrorInvalidValue;
   }
-  err = cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const dim3 grid_b(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.col_splits),
                     static_cast<unsigned>(p.B));

@@ -422,7 +422,7 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, b
 }
 template <typename... Params, typename... Actual>
 void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
-                       cudaStream_t, Actual... args) {
+                       size_t /*smem_max: no opt-in here*/, cudaStream_t, Actual... args) {
   emu::launch([&] { kernel(args...); }, grid, block, cluster_y, smem_bytes);
 }
 }  // namespace fastprune_cuda
