@@ -213,6 +213,28 @@ def test_wmma_loads_are_shared(builds, arch):
     assert [x for x in loads if ".shared." not in x] == [], sorted(set(loads))
 
 
+def test_cluster_barriers_in_ptx(builds):
+    """Only kernel A's cluster variant (PERF_LOG v45) uses cluster instructions, one per dtype, each
+    with two cluster barriers: the first releases the block's partials and acquires the others'
+    before any is read through distributed shared memory (mapa); the last only keeps every block
+    resident until the others are done reading its shared memory, so its arrive is relaxed (a
+    release arrive compiles to MEMBAR.ALL.GPU, which would wait for the block's S and A stores)."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (no CUDA toolkit)")
+    import re
+
+    found = {}
+    for entry in re.split(r"(?=\.entry )", kept_ptx(builds, "sm_90"))[1:]:
+        name = re.match(r"\.entry\s+(\w+)", entry).group(1)
+        barriers = re.findall(r"barrier\.cluster\.[\w.]+", entry)
+        if barriers or re.search(r"\bmapa\b", entry):
+            found[name] = barriers
+    assert len(found) == 3 and all("scores_kernel" in k for k in found), sorted(found)
+    for name, barriers in found.items():
+        assert barriers == ["barrier.cluster.arrive.release.aligned", "barrier.cluster.wait.acquire.aligned",
+                            "barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (name, barriers)
+
+
 def test_kernels_have_no_64bit_division(builds):
     """No 64-bit division or remainder in the kernels' PTX (PERF_LOG v30, v40): ptxas makes each a
     call of about 100 instructions, which sat in kernel A's last pass (16 per thread at pi05) and
