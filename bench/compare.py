@@ -5,7 +5,7 @@
 
 BASE and NEW are results.json files or the folders that hold them, e.g. two gpu_check runs
 (``bench/results/<dir>/run5/bench run6/bench``) or one run's default against a variant
-(``run6/bench run6/bench_cluster/k8``). Rows match on their labels (provider, shape, mode,
+(``run6/bench run6/bench_cluster/auto``). Rows match on their labels (provider, shape, mode,
 dtype, ...); for each match the table gives the times that both have (median, CUDA-graph replay,
 host per call, each kernel's CUPTI time) as BASE -> NEW and NEW / BASE. Rows only one side has are
 listed after the table. A comparison is meaningful only on the same card: both files' GPU names

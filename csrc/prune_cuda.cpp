@@ -40,7 +40,8 @@ void check_launch(cudaError_t err, const char* what) {
 // FASTPRUNE_CUDA_KSPLIT=k fixes the number of D slices of kernel A, for benchmark sweeps
 // (bench/gpu_check step bench_ksplit); unset, the plan fills about one wave.
 // FASTPRUNE_CUDA_CLUSTER=1 (opt-in until measured: gpu_check step bench_cluster) runs kernel A
-// as thread block clusters where the plan allows it, on the same conditions as PDL.
+// as thread block clusters where the plan allows it (pi05: every batch size), on the same
+// conditions as PDL.
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;

@@ -605,9 +605,14 @@ struct Loader<T, true> {
 // ksplit, ... of the tile from every block's partials, read through distributed shared memory.
 // The plain kernel writes the partials to global memory, and the last block of the ksplit to
 // arrive finishes all 64 rows alone, on 12 of 132 SMs at pi05 B=1 (run 5's ncu: 49.8 k cycles
-// elapsed, SMs active 17.4 k on average).
+// elapsed, SMs active 17.4 k on average). Without a D split (B >= 64 at pi05) the cluster is one
+// block, which finishes its tile from its own shared memory instead of an L2 round trip of its
+// partials.
 constexpr int kMaxCluster = 8;      // blocks per cluster (the portable limit)
-constexpr int64_t kClusterMaxTs = 512;  // prompt width: the partial S tile takes 64 * ts floats
+// Prompt widths: the partial S tile takes 64 * ts floats of shared memory, 93 KB in all at pi05
+// (ts = 200, bf16). At one block per SM up to 512; at two (kernel A's variant for more than one
+// wave of blocks) 256, so that two blocks' 108 KB each still fit an SM's 227 KB.
+constexpr int64_t kClusterMaxTs = 512, kClusterMaxTs2 = 256;
 
 struct ClusterSmem {
   float* part;  // [kBM][ts] partial S, then this block's finished rows (S, exp)
@@ -1578,10 +1583,14 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
   auto launch_a = [&](auto t) {
     using T = decltype(t);
     if (!vec) fp_launch(scores_kernel<T, false, 1, false>, grid_a, kThreads, stream, false, a);
-    else if (cluster)
+    else if (cluster && plan.a_one_wave)
       fp_launch_cluster(scores_kernel<T, true, 1, true>, grid_a, kThreads, static_cast<unsigned>(plan.ksplit),
                         cluster_smem_bytes(cluster_smem_head<T>(), plan.ts),
                         cluster_smem_bytes(cluster_smem_head<T>(), kClusterMaxTs), stream, a);
+    else if (cluster)
+      fp_launch_cluster(scores_kernel<T, true, 2, true>, grid_a, kThreads, static_cast<unsigned>(plan.ksplit),
+                        cluster_smem_bytes(cluster_smem_head<T>(), plan.ts),
+                        cluster_smem_bytes(cluster_smem_head<T>(), kClusterMaxTs2), stream, a);
     else if (plan.a_one_wave) fp_launch(scores_kernel<T, true, 1, false>, grid_a, kThreads, stream, false, a);
     else fp_launch(scores_kernel<T, true, 2, false>, grid_a, kThreads, stream, false, a);
   };
@@ -1628,8 +1637,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   plan.kchunk = ceil_div(ceil_div(D, want), kChunkAlign) * kChunkAlign;
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
   plan.a_one_wave = num_sms > 0 && base * plan.ksplit <= num_sms;
-  plan.cluster = cluster && plan.ksplit >= 2 && plan.ksplit <= kMaxCluster && plan.a_one_wave &&
-                 plan.ts <= kClusterMaxTs;
+  plan.cluster = cluster && plan.ksplit <= kMaxCluster && plan.ts <= (plan.a_one_wave ? kClusterMaxTs : kClusterMaxTs2);
   // Kernel B: column splits for about two waves at its 4 blocks per SM, with the same number of
   // column tiles in every block (pi05: 12 splits of one tile at B=1, 6 of 2 at B=8, 2 of 6 at
   // B=64).

@@ -88,9 +88,10 @@ constexpr int kMaxSplit = 32;
 // while its predecessor finishes (compute capability 9.0+ only).
 // ksplit > 0: split D into that many slices (at most kMaxSplit and D / 64) instead of about one
 // wave's worth of kernel A blocks; for benchmark sweeps (FASTPRUNE_CUDA_KSPLIT).
-// cluster: kernel A as thread block clusters (compute capability 9.0+ only) where it applies:
-// 2-8 D slices in one wave of blocks, prompts of at most 512 tokens, 16-byte aligned inputs. An
-// automatic D split is then held to 8 slices (the portable cluster size).
+// cluster: kernel A as thread block clusters (compute capability 9.0+ only) where it applies: at
+// most 8 D slices, prompts of at most 512 tokens (256 when the blocks take more than one wave),
+// 16-byte aligned inputs. An automatic D split is then held to 8 slices (the portable cluster
+// size).
 Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit = 0,
                bool cluster = false);
 

@@ -214,8 +214,8 @@ def test_wmma_loads_are_shared(builds, arch):
 
 
 def test_cluster_barriers_in_ptx(builds):
-    """Only kernel A's cluster variant (PERF_LOG v45) uses cluster instructions, one per dtype, each
-    with two cluster barriers: the first releases the block's partials and acquires the others'
+    """Only kernel A's cluster variant (PERF_LOG v45) uses cluster instructions, at one and two blocks
+    per SM for each dtype, each with two cluster barriers: the first releases the block's partials and acquires the others'
     before any is read through distributed shared memory (mapa); the last only keeps every block
     resident until the others are done reading its shared memory, so its arrive is relaxed (a
     release arrive compiles to MEMBAR.ALL.GPU, which would wait for the block's S and A stores)."""
@@ -229,7 +229,7 @@ def test_cluster_barriers_in_ptx(builds):
         barriers = re.findall(r"barrier\.cluster\.[\w.]+", entry)
         if barriers or re.search(r"\bmapa\b", entry):
             found[name] = barriers
-    assert len(found) == 3 and all("scores_kernel" in k for k in found), sorted(found)
+    assert len(found) == 6 and all("scores_kernel" in k for k in found), sorted(found)
     for name, barriers in found.items():
         assert barriers == ["barrier.cluster.arrive.release.aligned", "barrier.cluster.wait.acquire.aligned",
                             "barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (name, barriers)
@@ -422,6 +422,9 @@ EMU_CLUSTER = [
     (2, 192, 13, 128, 12, 2),    # 2 slices, 3 full row tiles each
     (1, 130, 150, 512, 132, 8),  # the automatic split held to 8 slices; 3 token tiles
     (1, 9, 6, 1024, 132, 8),     # 9 rows for 8 blocks: rank 0 finishes 2, the others 1
+    (3, 70, 20, 64, 132, 1),     # no D split: clusters of one block finish from their own shared memory
+    (1, 65, 9, 256, 7, 4),       # 8 blocks on 7 SMs: the variant at two blocks per SM
+    (2, 130, 40, 128, 2, 1),     # no D split, 6 blocks on 2 SMs
 ]
 
 
@@ -466,12 +469,11 @@ def test_emulated_cluster_prompt_range_after_token_0(emu, T, spans):
 
 
 @pytest.mark.parametrize("B,N,T,D,sms", [
-    (1, 65, 9, 64, 132),    # one slice of D: nothing to reduce
-    (1, 65, 9, 256, 7),     # 8 blocks on 7 SMs: not one wave
     (1, 65, 600, 256, 64),  # 600 prompt tokens: the partial S tile would not fit shared memory
+    (1, 65, 300, 256, 7),   # 300 at two blocks per SM (8 blocks on 7 SMs): two would not fit an SM
 ])
 def test_emulated_cluster_declined(emu, B, N, T, D, sms):
-    """Where the cluster variant does not apply, the plan keeps the plain kernel A."""
+    """Where the cluster variant does not fit, the plan keeps the plain kernel A."""
     patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, torch.float16, "all", seed=1)
     idx, _ = emu["mma"]("select", patches, task, task_mask, patch_mask, num_sms=sms, cluster=True)
     assert not emu["mma"].clustered

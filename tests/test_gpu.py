@@ -413,10 +413,10 @@ def test_cuda_graph_static_cap(backend, batch):
 
 
 _PDL_CHILD = """
-import os, sys, torch, pi05_fastprune  # noqa: E401,F401
+import sys, torch, pi05_fastprune  # noqa: E401,F401
 from pi05_fastprune.structured import structured_inputs
 out = {}
-profile = "FASTPRUNE_CUDA_CLUSTER" in os.environ  # record the device work: which kernel A ran, a memset?
+profile = sys.argv[2:] == ["profile"]  # record the device work: which kernel A ran, a memset?
 for batch in (1, 8):
     p, t, tm, pm = structured_inputs(batch=batch, dtype=torch.bfloat16, seed=batch, device="cuda",
                                      absent_cameras=((batch - 1, 2),))
@@ -467,10 +467,10 @@ def test_cuda_dependent_launches_give_the_same_results(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(plain, with_pdl)), key
 
 
-def _child_matches_truth(tmp_path, **env):
-    """_PDL_CHILD under the environment variables `env`: its selections are the float64 truth's
-    row argmax and its outputs the pruning of them, eager and from a CUDA graph. Returns what it
-    saved."""
+def _child_matches_truth(tmp_path, *args, **env):
+    """_PDL_CHILD (with `args`) under the environment variables `env`: its selections are the
+    float64 truth's row argmax and its outputs the pruning of them, eager and from a CUDA graph.
+    Returns what it saved."""
     import os
     import subprocess
     import sys
@@ -478,7 +478,7 @@ def _child_matches_truth(tmp_path, **env):
     from pi05_fastprune import reference as R
 
     path = tmp_path / "child.pt"
-    proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(path), *args], capture_output=True, text=True,
                           env=dict(os.environ, **env), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(path)
@@ -511,9 +511,9 @@ def test_cuda_ksplit_override(tmp_path):
 
 def test_cuda_cluster_variant(tmp_path):
     """FASTPRUNE_CUDA_CLUSTER=1 (opt-in until gpu_check's bench_cluster measures it) runs kernel A
-    as thread block clusters, without the memset, where the plan allows it: at pi05 B=1 (8 D
-    slices, one wave), not at B=8 (not one wave). The selections are the float64 truth's row
-    argmax and the outputs the pruning of them, eager and from a CUDA graph."""
+    as thread block clusters, without the memset: at pi05 B=1 8 D slices in one wave, at B=8 2 at
+    two blocks per SM. The selections are the float64 truth's row argmax and the outputs the
+    pruning of them, eager and from a CUDA graph."""
     why = _backend_available("cuda")
     if why:
         pytest.skip(why)
@@ -521,13 +521,14 @@ def test_cuda_cluster_variant(tmp_path):
         pytest.skip("thread block clusters need compute capability 9.0")
     import re
 
-    got = _child_matches_truth(tmp_path, FASTPRUNE_CUDA_CLUSTER="1")
-    for batch, cluster in ((1, True), (8, False)):
-        work = got[f"kernels{batch}"]
-        scores = [k for k in work if "scores_kernel<" in k]  # scores_kernel<T, kVec, kMinBlocks, kCluster>
-        last = r",\s*(true|1)>\(" if cluster else r",\s*(false|0)>\("  # demanglers write bools either way
-        assert len(scores) == 1 and re.search(last, scores[0]), work
-        assert any("memset" in k.lower() for k in work) != cluster, work  # the cluster kernel zeroes B's counters
+    for cluster in (True, False):  # the plain launches show that the profile names the memset
+        got = _child_matches_truth(tmp_path, "profile", FASTPRUNE_CUDA_CLUSTER=str(int(cluster)))
+        for batch in (1, 8):
+            work = got[f"kernels{batch}"]
+            scores = [k for k in work if "scores_kernel<" in k]  # scores_kernel<T, kVec, kMinBlocks, kCluster>
+            last = r",\s*(true|1)>\(" if cluster else r",\s*(false|0)>\("  # demanglers write bools either way
+            assert len(scores) == 1 and re.search(last, scores[0]), work
+            assert any("memset" in k.lower() for k in work) != cluster, work  # the cluster kernel zeroes B's counters
 
 
 def test_pi05_model_prunes_on_gpu(backend, monkeypatch):
