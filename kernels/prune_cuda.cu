@@ -1582,15 +1582,14 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
                     static_cast<unsigned>(p.B));
   auto launch_a = [&](auto t) {
     using T = decltype(t);
+    const size_t head = cluster_smem_head<T>();
+    auto clusters = [&](auto kernel, int64_t max_ts) {
+      fp_launch_cluster(kernel, grid_a, kThreads, static_cast<unsigned>(plan.ksplit), cluster_smem_bytes(head, plan.ts),
+                        cluster_smem_bytes(head, max_ts), stream, a);
+    };
     if (!vec) fp_launch(scores_kernel<T, false, 1, false>, grid_a, kThreads, stream, false, a);
-    else if (cluster && plan.a_one_wave)
-      fp_launch_cluster(scores_kernel<T, true, 1, true>, grid_a, kThreads, static_cast<unsigned>(plan.ksplit),
-                        cluster_smem_bytes(cluster_smem_head<T>(), plan.ts),
-                        cluster_smem_bytes(cluster_smem_head<T>(), kClusterMaxTs), stream, a);
-    else if (cluster)
-      fp_launch_cluster(scores_kernel<T, true, 2, true>, grid_a, kThreads, static_cast<unsigned>(plan.ksplit),
-                        cluster_smem_bytes(cluster_smem_head<T>(), plan.ts),
-                        cluster_smem_bytes(cluster_smem_head<T>(), kClusterMaxTs2), stream, a);
+    else if (cluster && plan.a_one_wave) clusters(scores_kernel<T, true, 1, true>, kClusterMaxTs);
+    else if (cluster) clusters(scores_kernel<T, true, 2, true>, kClusterMaxTs2);
     else if (plan.a_one_wave) fp_launch(scores_kernel<T, true, 1, false>, grid_a, kThreads, stream, false, a);
     else fp_launch(scores_kernel<T, true, 2, false>, grid_a, kThreads, stream, false, a);
   };
