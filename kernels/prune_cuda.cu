@@ -700,17 +700,27 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
   fp_cluster_sync_relaxed();  // no block exits while another may still read its shared memory
 }
 
+// Kernel A's shared memory: a static SmemA for the plain kernel, dynamic for the cluster variant.
+template <typename T, bool kCluster>
+__device__ __forceinline__ unsigned char* smem_a() {
+  if constexpr (kCluster) {
+    return fp_dyn_smem();
+  } else {
+    __shared__ __align__(128) unsigned char raw[sizeof(SmemA<T>)];
+    return raw;
+  }
+}
+
 // The 16-byte variant is held to 128 registers, 2 blocks per SM, without spills (kMinBlocks 2);
 // where the grid is one wave of one block per SM (pi05 at B=1: 132 blocks), its variant at one
 // block per SM has the registers to batch the finishing step's loads. The scalar variant
 // (unaligned inputs) needs 192-246 (sm_90) for its wider register sets: one block per SM.
-// kCluster: the cluster variant above (its shared memory is all dynamic).
+// kCluster: the cluster variant above.
 template <typename T, bool kVec, int kMinBlocks, bool kCluster>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   using Ld = Loader<T, kVec>;
   constexpr int kBK = ATile<T>::kBK, kSlots = Ld::kSlots;
-  __shared__ __align__(128) unsigned char smem_raw[kCluster ? 16 : sizeof(SmemA<T>)];
-  unsigned char* const smem = kCluster ? fp_dyn_smem() : smem_raw;
+  unsigned char* const smem = smem_a<T, kCluster>();
   SmemA<T>& sm = *reinterpret_cast<SmemA<T>*>(smem);
   const ClusterSmem cl = cluster_smem(smem, cluster_smem_head<T>(), a.ts);  // kCluster only
 

@@ -452,22 +452,6 @@ def test_emulated_cluster_matches_truth(emu, B, N, T, D, sms, ksplit, dtype, mas
             assert torch.equal(idx[sep], plain[sep])
 
 
-@pytest.mark.parametrize("T,spans", [(20, [(5, 13), (3, 16)]), (150, [(70, 141), (1, 149)])])
-def test_emulated_cluster_prompt_range_after_token_0(emu, T, spans):
-    """The cluster variant with prompt ranges that start past token 0, holes inside the range,
-    and (T = 150) a second token tile."""
-    B, N, D = 2, 70, 256
-    patches, task, _, patch_mask = make_inputs(B, N, T, D, torch.bfloat16, "absent_camera", seed=T)
-    task_mask = torch.zeros(B, T, dtype=torch.bool)
-    for b, (lo, hi) in enumerate(spans):
-        task_mask[b, lo:hi] = True
-    task_mask[1, spans[1][0] + 1 : spans[1][1] - 1 : 3] = False
-    out, idx, _ = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=20, num_sms=16, cluster=True)
-    assert emu["mma"].clustered
-    check_selection(idx, patches, task, task_mask, patch_mask)
-    check_prune(out, patches, idx, patch_mask, None, False, 20)
-
-
 @pytest.mark.parametrize("B,N,T,D,sms", [
     (1, 65, 600, 256, 64),  # 600 prompt tokens: the partial S tile would not fit shared memory
     (1, 65, 300, 256, 7),   # 300 at two blocks per SM (8 blocks on 7 SMs): two would not fit an SM
@@ -482,11 +466,12 @@ def test_emulated_cluster_declined(emu, B, N, T, D, sms):
 
 @pytest.mark.parametrize("T,spans", [(20, [(5, 13), (3, 16)]), (150, [(70, 141), (1, 149)])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype):
+@pytest.mark.parametrize("cluster", [False, True])
+def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype, cluster):
     """Prompt masks whose first valid token is not token 0 (the other tests' masks are prefixes):
     kernel A loads the first prompt rows before it knows the range, guessing token 0, and must
     load them again. Sample 1 has holes inside its range. T = 150: more than 64 tokens, so a
-    second token tile."""
+    second token tile. With `cluster`, kernel A's cluster variant."""
     B, N, D = 2, 70, 256
     patches, task, _, patch_mask = make_inputs(B, N, T, D, dtype, "absent_camera", seed=T)
     task_mask = torch.zeros(B, T, dtype=torch.bool)
@@ -494,8 +479,9 @@ def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype):
         task_mask[b, lo:hi] = True
     task_mask[1, spans[1][0] + 1 : spans[1][1] - 1 : 3] = False
     for build in ("mma", "fma"):
-        out, idx, ksplit = emu[build]("padded", patches, task, task_mask, patch_mask, max_tokens=20, num_sms=16)
-        assert ksplit > 1
+        out, idx, ksplit = emu[build]("padded", patches, task, task_mask, patch_mask, max_tokens=20, num_sms=16,
+                                      cluster=cluster)
+        assert ksplit > 1 and emu[build].clustered == cluster
         check_selection(idx, patches, task, task_mask, patch_mask)
         check_prune(out, patches, idx, patch_mask, None, False, 20)
 
