@@ -41,11 +41,14 @@ void check_launch(cudaError_t err, const char* what) {
 // (bench/gpu_check step bench_ksplit); unset, the plan fills about one wave.
 // FASTPRUNE_CUDA_CLUSTER=1 (opt-in until measured: gpu_check step bench_cluster) runs kernel A
 // as thread block clusters where the plan allows it (pi05: every batch size), on the same
-// conditions as PDL.
+// conditions as PDL. FASTPRUNE_CUDA_CP_ASYNC=1 (opt-in until measured: gpu_check step
+// bench_cp_async) loads kernel A's tiles with cp.async (16-bit inputs), on compute capability
+// 8.0+ with kernels built for it.
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;
   bool cluster = false;
+  bool cp_async = false;
   int ksplit = 0;
 };
 
@@ -64,9 +67,11 @@ DeviceFacts device_facts(int device) {
     int n = 0, major = 0;
     check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "device query");
     check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
-    const bool sm90 = major >= 9 && fastprune_cuda::kernels_have_sm90();
+    const int ptx = fastprune_cuda::kernels_ptx_version();
+    const bool sm90 = major >= 9 && ptx >= 90, sm80 = major >= 8 && ptx >= 80;
     f.pdl = sm90 && env_on("FASTPRUNE_CUDA_PDL");
     f.cluster = sm90 && env_on("FASTPRUNE_CUDA_CLUSTER");
+    f.cp_async = sm80 && env_on("FASTPRUNE_CUDA_CP_ASYNC");
     if (const char* k = std::getenv("FASTPRUNE_CUDA_KSPLIT")) {
       char* end = nullptr;
       const long v = std::strtol(k, &end, 10);
@@ -133,7 +138,7 @@ Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
   p.patch_mask = r.patch_mask.defined() ? r.patch_mask.data_ptr<bool>() : nullptr;
   p.mask_voters = mask_voters;
   const DeviceFacts dev = device_facts(patches.get_device());
-  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit, dev.cluster);
+  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit, dev.cluster, dev.cp_async);
   r.workspace = at::empty({static_cast<int64_t>(r.plan.workspace_bytes)},
                           patches.options().dtype(at::kByte));
   return r;

@@ -519,16 +519,52 @@ def test_cuda_cluster_variant(tmp_path):
         pytest.skip(why)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread block clusters need compute capability 9.0")
-    import re
-
     for cluster in (True, False):  # the plain launches show that the profile names the memset
         got = _child_matches_truth(tmp_path, "profile", FASTPRUNE_CUDA_CLUSTER=str(int(cluster)))
         for batch in (1, 8):
             work = got[f"kernels{batch}"]
-            scores = [k for k in work if "scores_kernel<" in k]  # scores_kernel<T, kVec, kMinBlocks, kCluster>
-            last = r",\s*(true|1)>\(" if cluster else r",\s*(false|0)>\("  # demanglers write bools either way
-            assert len(scores) == 1 and re.search(last, scores[0]), work
+            assert _scores_variant(work) == (cluster, False), work
             assert any("memset" in k.lower() for k in work) != cluster, work  # the cluster kernel zeroes B's counters
+
+
+def _scores_variant(kernels):
+    """(kCluster, kAsync) of the one scores_kernel<T, kVec, kMinBlocks, kCluster, kAsync> among the
+    profiled kernel names (demanglers write bools as true/false, 1/0 or (bool)1)."""
+    import re
+
+    scores = [re.search(r"scores_kernel<([^>]*)>", k) for k in kernels if "scores_kernel<" in k]
+    assert len(scores) == 1, kernels
+    flags = [x.strip().removeprefix("(bool)") in ("true", "1") for x in scores[0].group(1).split(",")[3:]]
+    assert len(flags) == 2, kernels
+    return tuple(flags)
+
+
+def test_cuda_cp_async_variant(tmp_path):
+    """FASTPRUNE_CUDA_CP_ASYNC=1 (opt-in until gpu_check's bench_cp_async measures it) loads kernel
+    A's tiles with cp.async into 4 step buffers: at pi05 B=1 and B=8 (bf16). With clusters too
+    (sm_90) it runs where their blocks fit one per SM (B=1), and B=8's two per SM run clusters
+    without it. It adds in the same order as the register-staged loads, so selections and
+    outputs are those of the same run without it, bit for bit, and the float64 truth's."""
+    why = _backend_available("cuda")
+    if why:
+        pytest.skip(why)
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("cp.async needs compute capability 8.0")
+    on = {"FASTPRUNE_CUDA_CP_ASYNC": "1"}
+    # (environment without and with cp.async, the (kCluster, kAsync) of each at B=1 and B=8)
+    pairs = [({}, {1: (False, True), 8: (False, True)})]
+    if torch.cuda.get_device_capability()[0] >= 9:
+        pairs.append(({"FASTPRUNE_CUDA_CLUSTER": "1"}, {1: (True, True), 8: (True, False)}))
+    for env, want in pairs:
+        base = _child_matches_truth(tmp_path, "profile", **env)
+        got = _child_matches_truth(tmp_path, "profile", **env, **on)
+        for batch in (1, 8):
+            assert _scores_variant(base[f"kernels{batch}"]) == (bool(env), False), (env, base[f"kernels{batch}"])
+            assert _scores_variant(got[f"kernels{batch}"]) == want[batch], (env, got[f"kernels{batch}"])
+        for key, plain in base.items():
+            if not key.startswith("kernels"):
+                plain, other = (plain, got[key]) if isinstance(plain, list) else ([plain], [got[key]])
+                assert all(torch.equal(a, b) for a, b in zip(plain, other)), (env, key)
 
 
 def test_pi05_model_prunes_on_gpu(backend, monkeypatch):
