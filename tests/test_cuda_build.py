@@ -502,6 +502,7 @@ EMU_CP_ASYNC = [
     (2, 192, 150, 640, 2, False),  # 3 token tiles x 10 steps; 6 blocks on 2 SMs (two per SM)
     (2, 70, 20, 448, 12, True),    # 3 slices of 3, 3 and 1 steps
     (3, 70, 20, 64, 132, True),    # one step, no split
+    (1, 130, 150, 512, 132, True), # 8 slices of 1 step, 3 token tiles (with clusters: the partial tile's 152 columns)
 ]
 
 
