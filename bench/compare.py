@@ -48,15 +48,17 @@ def times(row: dict) -> dict[str, float]:
 
 
 def card(res: dict) -> str:
+    """The device, the commit and the FASTPRUNE_* settings (results before they were recorded
+    have none)."""
     env = res.get("environment", {})
-    return str(env.get("gpu") or env.get("device") or "unknown device")
+    out = f"{env.get('gpu') or env.get('device') or 'unknown device'} (commit {env.get('git_commit', '?')})"
+    return out + "".join(f" {k}={v}" for k, v in (env.get("settings") or {}).items())
 
 
 def compare(base: dict, new: dict) -> str:
     b_rows = {label(r): r for r in base["rows"]}
     n_rows = {label(r): r for r in new["rows"]}
-    commit = lambda res: res.get("environment", {}).get("git_commit", "?")  # noqa: E731
-    lines = [f"BASE: {card(base)} (commit {commit(base)})", f"NEW:  {card(new)} (commit {commit(new)})", "",
+    lines = [f"BASE: {card(base)}", f"NEW:  {card(new)}", "",
              "| row | time | BASE µs | NEW µs | NEW / BASE |", "|---|---|---|---|---|"]
     for key in [k for k in b_rows if k in n_rows]:
         name = " ".join(key)

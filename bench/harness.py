@@ -15,7 +15,7 @@ no-op without it — ``torch.cuda.nvtx`` raises on CPU builds), so Nsight filter
 see bench/README.md for the exact ``nsys``/``ncu`` command lines (``--profile`` mode runs each
 config a few times between ``cudaProfilerStart``/``Stop`` instead of timing it).
 
-Results: ``results.json`` (environment: GPU name, torch/triton/python versions, git commit;
+Results: ``results.json`` (environment: GPU name, torch/triton/python versions, git commit, FASTPRUNE_* settings;
 one row per measurement), ``results.md`` (a Markdown table) and PNG plots (matplotlib if
 installed) in the output folder.
 """
@@ -98,7 +98,14 @@ def environment(device: torch.device) -> dict:
     else:
         env["gpu"] = None
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
+    env["settings"] = settings()
     return env
+
+
+def settings() -> dict:
+    """The FASTPRUNE_* variables that select kernel variants or launch parameters (gpu_check's
+    variant steps set them), so that a result says what it measured."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTPRUNE_") and k != "FASTPRUNE_COMMIT"}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -393,7 +400,8 @@ class Harness:
             f"# {self.name}",
             "",
             f"{env.get('gpu') or env.get('cpu')} · torch {env['torch']} · triton {env.get('triton')} · "
-            f"commit {env['git_commit'][:12]} · {env['date']}",
+            f"commit {env['git_commit'][:12]} · {env['date']}"
+            + "".join(f" · {k}={v}" for k, v in env.get("settings", {}).items()),
             "",
             "| " + " | ".join(cols) + " |",
             "|" + "|".join("---" for _ in cols) + "|",

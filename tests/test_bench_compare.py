@@ -35,13 +35,15 @@ def test_variant_rows_only_on_one_side(tmp_path):
 
 
 def test_made_up_rows(tmp_path):
-    def res(rows):
-        return {"environment": {"gpu": "G", "git_commit": "abc"}, "rows": rows}
+    def res(rows, settings=None):
+        return {"environment": {"gpu": "G", "git_commit": "abc", "settings": settings or {}}, "rows": rows}
 
     base = res([{"provider": "p", "shape": "s", "median_us": 10.0, "graph_us": 4.0, "kernels_us": {"k": 2.0}},
                 {"provider": "q", "shape": "s", "median_us": 1.0}])
-    new = res([{"provider": "p", "shape": "s", "median_us": 5.0, "kernels_us": {"k": 3.0, "k2": 1.0}}])
+    new = res([{"provider": "p", "shape": "s", "median_us": 5.0, "kernels_us": {"k": 3.0, "k2": 1.0}}],
+              {"FASTPRUNE_CUDA_CP_ASYNC": "1"})
     lines = compare.compare(base, new).splitlines()
+    assert lines[:2] == ["BASE: G (commit abc)", "NEW:  G (commit abc) FASTPRUNE_CUDA_CP_ASYNC=1"]
     assert "| p s | median_us | 10.0 | 5.0 | 0.50 |" in lines
     assert "| p s | kernel k | 2.0 | 3.0 | 1.50 |" in lines
     assert not any("graph_us" in line or "k2" in line for line in lines)  # only times both sides have
