@@ -943,9 +943,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     AccA<T, UseMma<T>::value> acc;
     acc.zero();
     if constexpr (kAsync) {
-      // Step s waits for its own group (kAsyncStages - 2 younger ones may stay pending), and the
+      // Step st waits for its own group (kAsyncStages - 2 younger ones may stay pending), and the
       // barrier for everyone's; the barrier also ends every thread's reads of the buffer of step
-      // s - 1, which step s + kAsyncStages - 1 then overwrites.
+      // st - 1, which the copies of step st + kAsyncStages - 1 then overwrite.
       if (tt > 0 || t_lo != 0) {  // the first token tile's guess at the range was wrong
         if (tt == 0) fp_cp_async_wait<0>();
         at.prologue(n_steps, P, Q, a, j0, t_lo, u0, tr, d0, d1);
