@@ -43,7 +43,8 @@ KERNELS = ("_scores_kernel", "_select_kernel", "_gather_kernel")
 GPU_VARIANTS = {
     "_scores_kernel": [dict(ksplit=1), dict(ksplit="x2"), dict(ksplit="x4"), dict(bk=64, ksplit="x2"),
                        dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
-                       dict(warps1=8), dict(stages1=2), dict(stages1=3), dict(stages1=4), dict(prefetch1=0)],
+                       dict(warps1=8), dict(stages1=1), dict(stages1=2), dict(stages1=3), dict(stages1=4),
+                       dict(prefetch1=0)],
     # The last five came from the default's 284 B of sm_90 spills with tf32x3 dots (PERF_LOG v27;
     # since v36 nothing spills); 4 warps at <= 255 registers fit 2 programs per SM.
     "_select_kernel": [dict(bm2=32), dict(bn2=32), dict(warps2=4), dict(stages2=2), dict(n_split="x0.5"),

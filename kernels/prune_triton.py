@@ -840,10 +840,8 @@ class _Cfg:
             # spilled nothing. With tf32x3 dots (the default since run 4's sweep measured them
             # 1.6-2.7x faster) it needs 232-255 and, since S rows load as 16-byte vectors (v36),
             # spills nothing (tests/test_triton_sm90.py). One such program fills an SM's register
-            # file.
-            # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
-            # H200 (run4/tune): its few D steps per program leave a deep pipeline nothing to hide.
-            self.warps1, self.warps2, self.stages1, self.stages2 = 4, 8, 1, 1
+            # file. (The scores kernel's stages follow its tile rows: below, after any tuning.)
+            self.warps1, self.warps2, self.stages2 = 4, 8, 1
             self.br = 8
             self.bd = min(512 if elem_size == 2 else 256, triton.next_power_of_2(D))
         else:
@@ -871,6 +869,14 @@ class _Cfg:
             # The scores kernel loads each D step's tiles one step ahead, in registers, where its
             # tiles have 16 rows (pi05 at B=1); with 32 or 64 rows that spills on sm_90 (264-520 B).
             self.prefetch1 = int(self.bm1 == 16)
+        if on_gpu and "stages1" not in dict(tuned):
+            # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
+            # H200 with 16/32-row tiles (run4/tune): its few D steps per program leave a deep
+            # pipeline nothing to hide. 64-row tiles keep the 3 stages they were measured with
+            # (run4/tune: 83.4 us at B=64, 20.2 us at B=8; PERF_LOG v47), where triton's
+            # pipeliner copies the next steps' tiles with cp.async (sm_90: 249-255 registers, no
+            # spills); at 1 stage they were never measured.
+            self.stages1 = 3 if self.bm1 == 64 else 1
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)

@@ -256,6 +256,24 @@ def test_eval_kernels_compile_for_sm90(dtype):
     assert not fenced, fenced
 
 
+def test_scores_kernel_stages_follow_tile_rows():
+    """GPU tiles of the scores kernel (PERF_LOG v47): 3 stages with 64-row tiles (16-bit inputs at
+    B >= 8 on an H100), the combination run 4 measured; 1 stage with 16 and 32 rows, also where a
+    sweep sets the rows; a swept stage count stays as set."""
+    from pi05_fastprune.kernels import prune_triton as K
+
+    def cfg(B, dtype, **tuned):
+        with K.tuning(**tuned):
+            return K._config(torch.empty(B, 768, 2048, dtype=dtype), 200, gpu_sms=H100_SMS)
+
+    assert (cfg(64, torch.bfloat16).bm1, cfg(64, torch.bfloat16).stages1) == (64, 3)
+    assert (cfg(8, torch.float16).bm1, cfg(8, torch.float16).stages1) == (64, 3)
+    assert (cfg(1, torch.bfloat16).bm1, cfg(1, torch.bfloat16).stages1) == (16, 1)
+    assert (cfg(64, torch.float32).bm1, cfg(64, torch.float32).stages1) == (32, 1)
+    assert cfg(64, torch.bfloat16, bm1=32).stages1 == 1
+    assert cfg(64, torch.bfloat16, stages1=1).stages1 == 1
+
+
 # ----------------------------------------------------------------------------- eager launches
 
 
