@@ -7,9 +7,9 @@
 // and fp_cluster_sync one of the cluster's (a divergent one deadlocks and aborts), warp shuffles
 // exchange through per-warp slots between two warp barriers, wmma fragments are whole 16x16
 // tiles held by every lane (lane 0 stores), and a cp.async copy poisons its destination (NaN)
-// when issued and lands only when its thread waits for its group (newest group first). It checks index/bound/synchronisation logic and
-// results; it says nothing about timing, memory-model subtleties across blocks that run
-// concurrently, or the real wmma layout.
+// when issued and lands only when its thread waits for its group (newest group first). It
+// checks index/bound/synchronisation logic and results; it says nothing about timing,
+// memory-model subtleties across blocks that run concurrently, or the real wmma layout.
 #pragma once
 
 #include <ucontext.h>
@@ -53,15 +53,15 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
 }
 
 namespace emu {
-// Cooperative fibers (ucontext) on one host thread: a CUDA thread runs until it waits at a
-// barrier, then the next one runs. A pass in which no fiber makes progress is a deadlock
-// (e.g. a __syncthreads not reached by the whole block): it aborts.
 // A cp.async copy not yet landed: its destination and the 16 bytes it will write (read when
 // issued: kernels copy only from inputs that no kernel writes).
 struct AsyncCopy {
   unsigned char* dst;
   unsigned char bytes[16];
 };
+// Cooperative fibers (ucontext) on one host thread: a CUDA thread runs until it waits at a
+// barrier, then the next one runs. A pass in which no fiber makes progress is a deadlock
+// (e.g. a __syncthreads not reached by the whole block): it aborts.
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;  // not zero-filled: untouched pages of a cluster's stacks stay free
