@@ -215,7 +215,8 @@ def test_wmma_loads_are_shared(builds, arch):
 
 def test_cluster_barriers_in_ptx(builds):
     """Only kernel A's cluster variant (PERF_LOG v45) uses cluster instructions, at one and two blocks
-    per SM for each dtype and with cp.async at one for the 16-bit ones, each with two cluster barriers: the first releases the block's partials and acquires the others'
+    per SM for each dtype and with cp.async at one for the 16-bit ones, each with two cluster
+    barriers: the first releases the block's partials and acquires the others'
     before any is read through distributed shared memory (mapa); the last only keeps every block
     resident until the others are done reading its shared memory, so its arrive is relaxed (a
     release arrive compiles to MEMBAR.ALL.GPU, which would wait for the block's S and A stores)."""
