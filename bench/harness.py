@@ -15,9 +15,9 @@ no-op without it — ``torch.cuda.nvtx`` raises on CPU builds), so Nsight filter
 see bench/README.md for the exact ``nsys``/``ncu`` command lines (``--profile`` mode runs each
 config a few times between ``cudaProfilerStart``/``Stop`` instead of timing it).
 
-Results: ``results.json`` (environment: GPU name, torch/triton/python versions, git commit, FASTPRUNE_* settings;
-one row per measurement), ``results.md`` (a Markdown table) and PNG plots (matplotlib if
-installed) in the output folder.
+Results: ``results.json`` (environment: GPU name, torch/triton/python versions, git commit,
+FASTPRUNE_* settings; one row per measurement), ``results.md`` (a Markdown table) and PNG plots
+(matplotlib if installed) in the output folder.
 """
 
 from __future__ import annotations
