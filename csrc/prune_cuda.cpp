@@ -42,8 +42,8 @@ void check_launch(cudaError_t err, const char* what) {
 // FASTPRUNE_CUDA_CLUSTER=1 (opt-in until measured: gpu_check step bench_cluster) runs kernel A
 // as thread block clusters where the plan allows it (pi05: every batch size), on the same
 // conditions as PDL. FASTPRUNE_CUDA_CP_ASYNC=1 (opt-in until measured: gpu_check step
-// bench_cp_async) loads kernel A's tiles with cp.async (16-bit inputs), on compute capability
-// 8.0+ with kernels built for it.
+// bench_cp_async) copies kernels A's (16-bit inputs) and B's tiles with cp.async, on compute
+// capability 8.0+ with kernels built for it.
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;

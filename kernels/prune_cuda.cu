@@ -23,13 +23,14 @@
 
 #ifndef FASTPRUNE_CUDA_EMU
 namespace fastprune_cuda {
-// kernel<<<grid, block, 0, stream>>>(args...), or with `pdl` a programmatic dependent launch
-// (sm_90+): the kernel may start while the previous kernel of the stream is still running, and
-// waits for it in pdl_wait(). The emulator provides its own fp_launch.
+// kernel<<<grid, block, smem_bytes, stream>>>(args...), or with `pdl` a programmatic dependent
+// launch (sm_90+): the kernel may start while the previous kernel of the stream is still running,
+// and waits for it in pdl_wait(). The emulator provides its own fp_launch and fp_launch_smem.
 template <typename... Params, typename... Actual>
-void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Actual... args) {
+void fp_launch_bytes(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                     bool pdl, Actual... args) {
   if (!pdl) {
-    kernel<<<grid, block, 0, stream>>>(args...);
+    kernel<<<grid, block, smem_bytes, stream>>>(args...);
     return;
   }
   cudaLaunchAttribute attr[1];
@@ -38,11 +39,15 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t st
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem_bytes;
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   cudaLaunchKernelEx(&cfg, kernel, args...);  // errors surface through cudaGetLastError()
+}
+template <typename... Params, typename... Actual>
+void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Actual... args) {
+  fp_launch_bytes(kernel, grid, block, 0, stream, pdl, args...);
 }
 
 // Dynamic shared memory past 48 KB needs the kernel's opt-in, given once per kernel and device
@@ -66,11 +71,11 @@ bool fp_opt_in_smem(void (*kernel)(Params...), size_t smem_max) {
   return true;
 }
 
-// kernel<<<grid, block, smem_bytes, stream>>>(args...) with dynamic shared memory past 48 KB.
+// fp_launch with dynamic shared memory past 48 KB.
 template <typename... Params, typename... Actual>
 void fp_launch_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, size_t smem_max,
-                    cudaStream_t stream, Actual... args) {
-  if (fp_opt_in_smem(kernel, smem_max)) kernel<<<grid, block, smem_bytes, stream>>>(args...);
+                    cudaStream_t stream, bool pdl, Actual... args) {
+  if (fp_opt_in_smem(kernel, smem_max)) fp_launch_bytes(kernel, grid, block, smem_bytes, stream, pdl, args...);
 }
 
 // kernel<<<grid, block, smem_bytes, stream>>>(args...) as thread block clusters of cluster_y
@@ -815,14 +820,15 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
   fp_cluster_sync_relaxed();  // no block exits while another may still read its shared memory
 }
 
-// Kernel A's shared memory: a static SmemA for the plain kernel, dynamic for the cluster and
-// cp.async variants (past the 48 KB of static shared memory).
-template <typename T, bool kDyn>
-__device__ __forceinline__ unsigned char* smem_a() {
+// A kernel's shared memory: kStatic bytes of static shared memory, or the dynamic shared memory
+// (kDyn: kernel A's cluster and cp.async variants, kernel B's cp.async variant, past the 48 KB of
+// static shared memory).
+template <size_t kStatic, bool kDyn>
+__device__ __forceinline__ unsigned char* block_smem() {
   if constexpr (kDyn) {
     return fp_dyn_smem();
   } else {
-    __shared__ __align__(128) unsigned char raw[sizeof(SmemA<T>)];
+    __shared__ __align__(128) unsigned char raw[kStatic];
     return raw;
   }
 }
@@ -847,7 +853,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   using Ld = Loader<T, kVec>;
   constexpr int kBK = ATile<T>::kBK, kSlots = Ld::kSlots, kStages = kAsync ? kAsyncStages : 1;
   static_assert(!kAsync || kVec, "cp.async copies 16-byte vectors");
-  unsigned char* const smem = smem_a<T, kCluster || kAsync>();
+  unsigned char* const smem = block_smem<sizeof(SmemA<T>), kCluster || kAsync>();
   SmemA<T, kStages>& sm = *reinterpret_cast<SmemA<T, kStages>*>(smem);
   const ClusterSmem cl = cluster_smem(smem, cluster_smem_head<T, kStages>(), a.ts);  // kCluster only
 
@@ -1236,10 +1242,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 // aligned, its fragments start every 16 rows (16 x 68 floats = 4352 B) and every 8 columns (32 B).
 constexpr int kLdu = kBU + 4;
 static_assert((16 * kLdu * sizeof(float)) % 32 == 0, "fragment rows stay 32-byte aligned");
+// kSBuf: S tiles held at once (2 in the cp.async variant, which copies the next column tile's
+// while the current one's product runs).
+template <int kSBuf>
 union SelectSmem {
   struct {
     alignas(128) float as[kBM][kLdu];
-    alignas(128) float ss[kBM][kLdu];
+    alignas(128) float ss[kSBuf][kBM][kLdu];
   } tile;
   int tail[2 * kBM * kLdu];
 };
@@ -1457,10 +1466,17 @@ struct SelectMma {
 // per block, not once per 64 x 64 tile (Plan::col_splits).
 // 4 blocks per SM: the tensor-core product (sm_80+) fits 64 registers without spills (at 48 it
 // spilled); left free, nvcc took 77-80, which fits only 3.
+// kAsync (opt-in with kernel A's: FASTPRUNE_CUDA_CP_ASYNC=1, plan.cp_async; sm_80+): the tiles
+// are copied with cp.async instead of loaded through registers, and with a prompt range of one
+// 64-token step (pi0.5's; the A tile then serves every column tile) the next column tile's S is
+// copied into a second buffer while the current tile's product runs. 52 KB of dynamic shared
+// memory: 4 blocks still fit an sm_90 SM. The tiles hold what the register loads put there, so
+// the results are the same, bit for bit.
+template <bool kAsync>
 __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
-  __shared__ SelectSmem sm;
+  using Smem = SelectSmem<kAsync ? 2 : 1>;
+  Smem& sm = *reinterpret_cast<Smem*>(block_smem<sizeof(Smem), kAsync>());
   auto& as = sm.tile.as;
-  auto& ss = sm.tile.ss;
   __shared__ int s_warp[kWarps];
   __shared__ long long s_warp64[kWarps];
   __shared__ int s_last, s_vstar, s_above;
@@ -1487,10 +1503,28 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   };
   unsigned col_mask = load_col_mask(blockIdx.y);
   pdl_wait();  // everything below reads or updates what kernel A wrote
-  const int tr = a.trange[2 * b + 1] - a.trange[2 * b];
-  const bool anyp = a.anyp[b] != 0;
   const float* Ab = a.A + b * N * ts;
   const float* Sb = a.S + b * N * ts;
+  // The cp.async variant's copies of one tile: what fetch_tile below loads (zeros where it has
+  // them), tokens below u_end. The first step's go out before the prompt range is read.
+  auto copy_tile = [&](float (*dst)[kLdu], const float* src, int64_t row0, int u0, int u_end) {
+    const int u = u0 + 4 * tx;
+    const float* at = src + (row0 + ty) * ts + u;
+    const int64_t rows = N - row0 - ty;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const bool in = 16 * k < rows && u < u_end;
+      fp_cp_async16(&dst[ty + 16 * k][4 * tx], in ? at + 16 * k * ts : src, in);
+    }
+  };
+  const int u_end0 = static_cast<int>(mn<int64_t>(ts, kBU));
+  if constexpr (kAsync) {
+    copy_tile(as, Ab, i0, 0, u_end0);
+    copy_tile(sm.tile.ss[0], Sb, static_cast<int64_t>(blockIdx.y) * kBM, 0, u_end0);
+    fp_cp_async_commit();
+  }
+  const int tr = a.trange[2 * b + 1] - a.trange[2 * b];
+  const bool anyp = a.anyp[b] != 0;
 
   // Tiles of 64 tokens of A (rows i) and S (rows j) in shared memory, zeros from u_end on. The
   // first tile's loads do not wait for the prompt range: kernel A wrote zeros past it up to
@@ -1501,8 +1535,9 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   // and kernel A's zeros past the range reach a multiple of 4, so the bound rounds up to 4. With
   // 4-byte loads (32 per thread) the compiler kept a few in flight at this kernel's 64
   // registers, each store waiting on its load: about 10 waits per step, now 1 (sm_90 SASS).
+  auto u_end_of = [&](int u0) { return u0 == 0 ? u_end0 : (tr + 3) & ~3; };
   auto fetch_tile = [&](float4 (&v)[4], const float* src, int64_t row0, int u0) {
-    const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 3) & ~3;
+    const int u_end = u_end_of(u0);
     const int u = u0 + 4 * tx;
     const float* at = src + (row0 + ty) * ts + u;
     const int64_t rows = N - row0 - ty;  // rows ty + 16 k below it exist
@@ -1522,8 +1557,12 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) s_best[ty + 16 * r] = 0ull;
   }
+  // cp.async: with one token step, S tiles alternate between the two buffers (buf).
+  const bool ahead = tr <= kBU;
+  int buf = 0;
   for (int ct = blockIdx.y; ct < n_ct; ct += ct_step) {
     const int64_t c0 = static_cast<int64_t>(ct) * kBM;
+    float (*ss)[kLdu] = sm.tile.ss[buf];
     // This thread's 4 x 4 outputs: rows ty + 16 r, columns tx + 16 c of the tile.
     float acc[4][4];
 #if FP_HAVE_MMA
@@ -1537,19 +1576,39 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 #endif
     int u0 = 0;
     do {
-      // With one token step the A tile of the first column tile serves all of them. The S fetch
-      // is written in both branches: with the A tile's fetch and store each under its own `if`,
-      // the select kernel spilled 16 B at its 64 registers (sm_90).
-      float4 vs[4];
-      if (ct == static_cast<int>(blockIdx.y) || tr > kBU) {
-        float4 va[4];
-        fetch_tile(va, Ab, i0, u0);
-        fetch_tile(vs, Sb, c0, u0);
-        put_tile(as, va);
+      if constexpr (kAsync) {
+        // One group per step. Ahead: the next column tile's S into the other buffer (its last
+        // reader, the previous tile's product, is done: the barrier before this tile), then the
+        // wait leaves that one pending. Otherwise this step's A and S tiles (the first step's
+        // are the prologue's), all waited for.
+        if (ahead) {
+          if (ct + ct_step < n_ct)
+            copy_tile(sm.tile.ss[buf ^ 1], Sb, static_cast<int64_t>(ct + ct_step) * kBM, 0, u_end0);
+          fp_cp_async_commit();
+          fp_cp_async_wait<1>();
+        } else {
+          if (ct != static_cast<int>(blockIdx.y) || u0 != 0) {
+            copy_tile(as, Ab, i0, u0, u_end_of(u0));
+            copy_tile(ss, Sb, c0, u0, u_end_of(u0));
+          }
+          fp_cp_async_commit();
+          fp_cp_async_wait<0>();
+        }
       } else {
-        fetch_tile(vs, Sb, c0, u0);
+        // With one token step the A tile of the first column tile serves all of them. The S
+        // fetch is written in both branches: with the A tile's fetch and store each under its
+        // own `if`, the select kernel spilled 16 B at its 64 registers (sm_90).
+        float4 vs[4];
+        if (ct == static_cast<int>(blockIdx.y) || tr > kBU) {
+          float4 va[4];
+          fetch_tile(va, Ab, i0, u0);
+          fetch_tile(vs, Sb, c0, u0);
+          put_tile(as, va);
+        } else {
+          fetch_tile(vs, Sb, c0, u0);
+        }
+        put_tile(sm.tile.ss[0], vs);
       }
-      put_tile(ss, vs);
       __syncthreads();
       const int ku = mn(kBU, tr - u0);
 #if FP_HAVE_MMA
@@ -1590,6 +1649,7 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
       for (int c = 0; c < 4; ++c) acc[r][c] = ss[ty + 16 * r][tx + 16 * c];
     if (ct + ct_step < n_ct) __syncthreads();  // before the next tile's S loads overwrite the product
 #endif
+    if (kAsync && ahead) buf ^= 1;
 
     // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
     bool allowed[4];
@@ -1623,7 +1683,7 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   if (tid == 0) s_last = arrive(&a.counters_b[b]) == static_cast<int>(gridDim.x * gridDim.y) - 1;
   __syncthreads();
   if (!s_last) return;
-  if (N <= kTailSmemMaxN) {
+  if (N <= kTailSmemMaxN) {  // (the cp.async variant's last group is empty: nothing lands here)
     keep_tail<true>(a, b, sm.tail, sm.tail + N + 1, s_warp, s_warp64, &s_vstar, &s_above);
   } else {
     keep_tail<false>(a, b, a.votes + b * (N + 1), a.hist + b * (N + 1), s_warp, s_warp64, &s_vstar,
@@ -1731,8 +1791,9 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
 }
 
 // Which kernel A runs: 16-byte loads when every task/patch row start is 16-byte aligned; the
-// cluster and cp.async variants where the plan asks for them and the loads are 16-byte (cp.async:
-// 16-bit inputs only).
+// cluster and cp.async variants where the plan asks for them and the loads are 16-byte. cp.async
+// takes 16-bit inputs, and with clusters only at one block per SM (at two, the step buffers would
+// not fit beside the partial tile).
 struct VariantA {
   bool vec, cluster, cp_async;
 };
@@ -1741,7 +1802,9 @@ VariantA variant_a(const Problem& p, const Plan& plan) {
   const bool vec = p.D % ve == 0 && p.patches_sb % ve == 0 && p.patches_sr % ve == 0 && p.task_sb % ve == 0 &&
                    p.task_sr % ve == 0 && reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
-  return {vec, plan.cluster && vec, plan.cp_async && vec && p.dtype != DType::kFloat32};
+  const bool cluster = plan.cluster && vec;
+  return {vec, cluster,
+          plan.cp_async && vec && p.dtype != DType::kFloat32 && (!cluster || plan.a_one_wave)};
 }
 
 cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* ws, cudaStream_t stream) {
@@ -1760,14 +1823,14 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
                         cluster_smem_bytes(head, max_ts), stream, a);
     };
     if constexpr (sizeof(T) == 2) {
-      if (v.cp_async) {  // the plan takes it with clusters only at one block per SM
+      if (v.cp_async) {  // with clusters only at one block per SM
         constexpr size_t bytes = sizeof(SmemA<T, kAsyncStages>);
         if (v.cluster)
           clusters(scores_kernel<T, true, 1, true, true>, cluster_smem_head<T, kAsyncStages>(), kClusterMaxTs);
         else if (plan.a_one_wave)
-          fp_launch_smem(scores_kernel<T, true, 1, false, true>, grid_a, kThreads, bytes, bytes, stream, a);
+          fp_launch_smem(scores_kernel<T, true, 1, false, true>, grid_a, kThreads, bytes, bytes, stream, false, a);
         else
-          fp_launch_smem(scores_kernel<T, true, 2, false, true>, grid_a, kThreads, bytes, bytes, stream, a);
+          fp_launch_smem(scores_kernel<T, true, 2, false, true>, grid_a, kThreads, bytes, bytes, stream, false, a);
         return;
       }
     }
@@ -1795,7 +1858,12 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
   if (err != cudaSuccess) return err;
   const dim3 grid_b(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.col_splits),
                     static_cast<unsigned>(p.B));
-  fp_launch(select_kernel, grid_b, kThreads, stream, plan.pdl, a);
+  if (plan.cp_async) {  // kernel B reads only the fp32 workspace: any dtype, any alignment
+    constexpr size_t bytes = sizeof(SelectSmem<2>);
+    fp_launch_smem(select_kernel<true>, grid_b, kThreads, bytes, bytes, stream, plan.pdl, a);
+  } else {
+    fp_launch(select_kernel<false>, grid_b, kThreads, stream, plan.pdl, a);
+  }
   return cudaGetLastError();
 }
 
@@ -1823,8 +1891,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
   plan.a_one_wave = num_sms > 0 && base * plan.ksplit <= num_sms;
   plan.cluster = cluster && plan.ksplit <= kMaxCluster && plan.ts <= (plan.a_one_wave ? kClusterMaxTs : kClusterMaxTs2);
-  // With clusters at two blocks per SM, the step buffers would not fit beside the partial tile.
-  plan.cp_async = cp_async && (!plan.cluster || plan.a_one_wave);
+  plan.cp_async = cp_async;
   // Kernel B: column splits for about two waves at its 4 blocks per SM, with the same number of
   // column tiles in every block (pi05: 12 splits of one tile at B=1, 6 of 2 at B=8, 2 of 6 at
   // B=64).
@@ -1860,7 +1927,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
 #ifndef FASTPRUNE_CUDA_EMU
 int kernels_ptx_version() {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, select_kernel) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, select_kernel<false>) != cudaSuccess) {
     (void)cudaGetLastError();  // a failed query is no launch error: plain launches then
     return 0;
   }

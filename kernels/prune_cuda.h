@@ -64,7 +64,7 @@ struct Plan {
   int64_t kchunk = 0;     // width of one slice of D (a multiple of 32)
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
-  bool cp_async = false;  // kernel A's tiles through cp.async step buffers (sm_80+, 16-bit inputs)
+  bool cp_async = false;  // kernels A and B copy their tiles with cp.async (sm_80+; A: 16-bit inputs)
   // Byte offsets into the workspace (all 16-byte aligned).
   size_t off_zero = 0, zero_bytes = 0;  // counters_a [B*row_tiles] int, counters_b [B] int, max_count int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
@@ -93,9 +93,9 @@ constexpr int kMaxSplit = 32;
 // most 8 D slices, prompts of at most 512 tokens (256 when the blocks take more than one wave),
 // 16-byte aligned inputs. An automatic D split is then held to 8 slices (the portable cluster
 // size).
-// cp_async: kernel A's tiles through cp.async step buffers (compute capability 8.0+ only) where it
-// applies: 16-bit, 16-byte aligned inputs; with the cluster variant only where its blocks fit one
-// per SM.
+// cp_async: kernels A and B copy their tiles with cp.async (compute capability 8.0+ only); kernel A
+// where it applies: 16-bit, 16-byte aligned inputs, with the cluster variant only where its blocks
+// fit one per SM.
 Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit = 0,
                bool cluster = false, bool cp_async = false);
 

@@ -185,9 +185,10 @@ def test_cu_kernels_do_not_spill_on_sm90(builds):
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     res = ptxas_resources(builds.require("nvcc:prune_cuda.cu:sm_90"))
-    assert any(k.startswith("select_kernel") for k in res) and len(res) >= 13, res
+    select = {k: v for k, v in res.items() if k.startswith("select_kernel")}
+    assert len(select) == 2 and len(res) >= 13, res  # kernel B and its cp.async variant
     assert {k: v for k, v in res.items() if v[1] != 0} == {}, res
-    assert res["select_kernel"][0] <= 64, res
+    assert all(regs <= 64 for regs, _ in select.values()), res
 
 
 def kept_ptx(builds, arch):
@@ -238,12 +239,13 @@ def test_cluster_barriers_in_ptx(builds):
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_cp_async_in_ptx(builds, arch):
-    """Only kernel A's cp.async variant (PERF_LOG v46) copies with cp.async: the 16-bit types at one
-    and two blocks per SM and with clusters. Each copy is 16 bytes through L2 only (.cg: the tiles
-    are read once per block) with a source size, so that rows past the tile are zero-filled; a
-    step waits with 2 groups still pending (4 buffers, 3 steps in flight), and the first token
-    tile's copies on a wrong guess at the prompt range are waited for (0 pending) before they are
-    issued again."""
+    """Only the cp.async variants (PERF_LOG v46) copy with cp.async: kernel A's for the 16-bit types
+    at one and two blocks per SM and with clusters, and kernel B's. Each copy is 16 bytes through
+    L2 only (.cg: a block reads its tiles once) with a source size, so that rows past the tile are
+    zero-filled. Kernel A's step waits with 2 groups still pending (4 buffers, 3 steps in flight),
+    and the first token tile's copies on a wrong guess at the prompt range are waited for (0
+    pending) before they are issued again; kernel B's leaves the next column tile's S pending (1)
+    with one token step, and waits for all (0) with more."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
@@ -254,13 +256,14 @@ def test_cp_async_in_ptx(builds, arch):
         copies = re.findall(r"cp\.async\.[^;]*;", entry)
         if copies:
             found[name] = copies
-    assert len(found) == 6 and all("scores_kernel" in k for k in found), sorted(found)
+    assert len(found) == 7 and sum("scores_kernel" in k for k in found) == 6, sorted(found)
     for name, ops in found.items():
         copies = [op for op in ops if "shared.global" in op]
         assert copies and all(re.fullmatch(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", op)
                               for op in copies), (name, sorted(set(copies)))
         waits = {op for op in ops if "wait_group" in op}
-        assert waits == {"cp.async.wait_group 2;", "cp.async.wait_group 0;"}, (name, waits)
+        pending = 2 if "scores_kernel" in name else 1  # kernel B: the next column tile's S
+        assert waits == {f"cp.async.wait_group {pending};", "cp.async.wait_group 0;"}, (name, waits)
 
 
 def test_kernels_have_no_64bit_division(builds):
@@ -354,8 +357,8 @@ class Emulated:
     def __call__(self, op, patches, task, task_mask=None, patch_mask=None, *, mask_voters=False,
                  keep_tokens=None, max_tokens=None, num_sms=132, cluster=False, cp_async=False):
         """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit).
-        cluster, cp_async: ask for kernel A's cluster or cp.async variant; self.clustered and
-        self.cp_async say whether it ran."""
+        cluster, cp_async: ask for the cluster variant (kernel A) or the cp.async one (kernels A
+        and B); self.clustered, self.cp_async (kernel A) and self.cp_async_b say what ran."""
         assert patches.stride(2) == 1 and task.stride(2) == 1
         B, N, D = patches.shape
         T = task.shape[1]
@@ -380,6 +383,7 @@ class Emulated:
         assert rc >= 1, f"emulated launch failed with code {rc} (-4: wrote past the workspace)"
         self.clustered = bool(variants.value & 1)
         self.cp_async = bool(variants.value & 2)
+        self.cp_async_b = bool(variants.value & 4)
         if op == "select":
             return idx, rc
         K = int(k_out)
@@ -494,16 +498,18 @@ def test_emulated_cluster_declined(emu, B, N, T, D, sms):
     check_selection(idx, patches, task, task_mask, patch_mask)
 
 
-# Kernel A's cp.async variant (FASTPRUNE_CUDA_CP_ASYNC=1): B, N, T, D, num_sms, and whether its
+# The cp.async variant (FASTPRUNE_CUDA_CP_ASYNC=1): B, N, T, D, num_sms, and whether kernel A's
 # blocks fit one per SM (only then does it combine with clusters: test_emulated_cp_async_declined).
-# 4 step buffers, 3 steps in flight.
+# Kernel A: 4 step buffers, 3 steps in flight. Kernel B: with one token step, the next column
+# tile's S in a second buffer (at 1-2 SMs each block takes 2-3 column tiles).
 EMU_CP_ASYNC = [
     (1, 20, 5, 320, 1, True),      # no D split: 5 steps, more than the 3 in flight
     (1, 65, 9, 256, 64, True),     # 4 slices of 1 step: fewer steps than the prologue's 3 (empty groups)
-    (2, 192, 150, 640, 2, False),  # 3 token tiles x 10 steps; 6 blocks on 2 SMs (two per SM)
+    (2, 192, 150, 640, 2, False),  # 3 token tiles x 10 steps; 6 blocks on 2 SMs (two per SM); B: 3 token steps
     (2, 70, 20, 448, 12, True),    # 3 slices of 3, 3 and 1 steps
     (3, 70, 20, 64, 132, True),    # one step, no split
     (1, 130, 150, 512, 132, True), # 8 slices of 1 step, 3 token tiles (with clusters: the partial tile's 152 columns)
+    (3, 160, 20, 64, 1, False),    # B: 3 column tiles per block, S alternating between the two buffers
 ]
 
 
@@ -512,9 +518,9 @@ EMU_CP_ASYNC = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("masks", ["all", "after_token_0"])
 def test_emulated_cp_async_matches_plain(emu, B, N, T, D, sms, cluster, dtype, masks):
-    """The cp.async variant of kernel A (the emulator poisons a copy's destination until its
-    thread waits for it) adds the same products and sums of squares in the same order as the
-    register-staged loads: the same selection and outputs, bit for bit, as the same call
+    """The cp.async variant of kernels A and B (the emulator poisons a copy's destination until
+    its thread waits for it) puts in shared memory what the register-staged loads put there, and
+    adds in the same order: the same selection and outputs, bit for bit, as the same call
     without it, with and without clusters. "after_token_0": prompt ranges that start past token
     0 (kernel A's first copies guess token 0 and are issued again), one with holes."""
     patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, "absent_camera", seed=D + T)
@@ -527,12 +533,12 @@ def test_emulated_cp_async_matches_plain(emu, B, N, T, D, sms, cluster, dtype, m
         lib = emu[build]
         out, idx, ksplit = lib("padded", patches, task, task_mask, patch_mask, max_tokens=N, num_sms=sms,
                                cluster=cluster, cp_async=True)
-        assert lib.cp_async and lib.clustered == cluster
+        assert lib.cp_async and lib.cp_async_b and lib.clustered == cluster
         check_selection(idx, patches, task, task_mask, patch_mask)
         check_prune(out, patches, idx, patch_mask, None, False, N)
         out0, idx0, ksplit0 = lib("padded", patches, task, task_mask, patch_mask, max_tokens=N, num_sms=sms,
                                   cluster=cluster)
-        assert not lib.cp_async and lib.clustered == cluster and ksplit0 == ksplit
+        assert not lib.cp_async and not lib.cp_async_b and lib.clustered == cluster and ksplit0 == ksplit
         assert torch.equal(idx, idx0)
         for name, got, want in zip(out._fields, out, out0):
             assert torch.equal(got, want), name
@@ -544,10 +550,11 @@ def test_emulated_cp_async_matches_plain(emu, B, N, T, D, sms, cluster, dtype, m
     (torch.bfloat16, 256, 7, True, "clusters at two blocks per SM leave no room for the step buffers"),
 ])
 def test_emulated_cp_async_declined(emu, dtype, D, sms, cluster, why):
-    """Where the cp.async variant does not apply, kernel A runs without it."""
+    """Where kernel A's cp.async variant does not apply, it runs without it; kernel B's reads only
+    the fp32 workspace and runs everywhere."""
     patches, task, task_mask, patch_mask = make_inputs(1, 65, 9, D, dtype, "all", seed=2)
     idx, _ = emu["mma"]("select", patches, task, task_mask, patch_mask, num_sms=sms, cluster=cluster, cp_async=True)
-    assert not emu["mma"].cp_async, why
+    assert not emu["mma"].cp_async and emu["mma"].cp_async_b, why
     assert emu["mma"].clustered == cluster, why
     check_selection(idx, patches, task, task_mask, patch_mask)
 

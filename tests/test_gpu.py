@@ -527,24 +527,31 @@ def test_cuda_cluster_variant(tmp_path):
             assert any("memset" in k.lower() for k in work) != cluster, work  # the cluster kernel zeroes B's counters
 
 
-def _scores_variant(kernels):
-    """(kCluster, kAsync) of the one scores_kernel<T, kVec, kMinBlocks, kCluster, kAsync> among the
-    profiled kernel names (demanglers write bools as true/false, 1/0 or (bool)1)."""
+def _template_flags(kernels, name):
+    """The bool template arguments of the one `name`<...> among the profiled kernel names
+    (demanglers write them as true/false, 1/0 or (bool)1), from the first bool on."""
     import re
 
-    scores = [re.search(r"scores_kernel<([^>]*)>", k) for k in kernels if "scores_kernel<" in k]
-    assert len(scores) == 1, kernels
-    flags = [x.strip().removeprefix("(bool)") in ("true", "1") for x in scores[0].group(1).split(",")[3:]]
+    found = [re.search(name + r"<([^>]*)>", k) for k in kernels if name + "<" in k]
+    assert len(found) == 1, kernels
+    args = [x.strip().removeprefix("(bool)") for x in found[0].group(1).split(",")]
+    return [x in ("true", "1") for x in args]
+
+
+def _scores_variant(kernels):
+    """(kCluster, kAsync) of scores_kernel<T, kVec, kMinBlocks, kCluster, kAsync>."""
+    flags = _template_flags(kernels, "scores_kernel")[3:]
     assert len(flags) == 2, kernels
     return tuple(flags)
 
 
 def test_cuda_cp_async_variant(tmp_path):
-    """FASTPRUNE_CUDA_CP_ASYNC=1 (opt-in until gpu_check's bench_cp_async measures it) loads kernel
-    A's tiles with cp.async into 4 step buffers: at pi05 B=1 and B=8 (bf16). With clusters too
-    (sm_90) it runs where their blocks fit one per SM (B=1), and B=8's two per SM run clusters
-    without it. It adds in the same order as the register-staged loads, so selections and
-    outputs are those of the same run without it, bit for bit, and the float64 truth's."""
+    """FASTPRUNE_CUDA_CP_ASYNC=1 (opt-in until gpu_check's bench_cp_async measures it) copies the
+    tiles of kernel A (into 4 step buffers) and of kernel B (select_kernel<true>) with cp.async:
+    at pi05 B=1 and B=8 (bf16). With clusters too (sm_90), kernel A's runs where their blocks fit
+    one per SM (B=1), and B=8's two per SM run clusters without it. The tiles hold what the
+    register loads put there, so selections and outputs are those of the same run without it,
+    bit for bit, and the float64 truth's."""
     why = _backend_available("cuda")
     if why:
         pytest.skip(why)
@@ -561,6 +568,8 @@ def test_cuda_cp_async_variant(tmp_path):
         for batch in (1, 8):
             assert _scores_variant(base[f"kernels{batch}"]) == (bool(env), False), (env, base[f"kernels{batch}"])
             assert _scores_variant(got[f"kernels{batch}"]) == want[batch], (env, got[f"kernels{batch}"])
+            assert _template_flags(base[f"kernels{batch}"], "select_kernel") == [False], base[f"kernels{batch}"]
+            assert _template_flags(got[f"kernels{batch}"], "select_kernel") == [True], got[f"kernels{batch}"]
         for key, plain in base.items():
             if not key.startswith("kernels"):
                 plain, other = (plain, got[key]) if isinstance(plain, list) else ([plain], [got[key]])

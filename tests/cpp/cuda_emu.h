@@ -475,7 +475,7 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, b
 }
 template <typename... Params, typename... Actual>
 void fp_launch_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                    size_t /*smem_max: no opt-in here*/, cudaStream_t, Actual... args) {
+                    size_t /*smem_max: no opt-in here*/, cudaStream_t, bool /*pdl*/, Actual... args) {
   emu::launch([&] { kernel(args...); }, grid, block, 1, smem_bytes);
 }
 template <typename... Params, typename... Actual>

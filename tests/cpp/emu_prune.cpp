@@ -30,10 +30,11 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
   p.task_mask = task_mask;
   p.patch_mask = patch_mask;
   p.mask_voters = mask_voters != 0;
-  // variants, in: the kernel A variants asked for, out: those that ran (1: clusters, 2: cp.async).
+  // variants, in: the variants asked for (1: clusters, 2: cp.async); out: those that ran (1: kernel
+  // A as clusters, 2: kernel A with cp.async, 4: kernel B with cp.async).
   const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true, /*ksplit=*/0, (*variants & 1) != 0, (*variants & 2) != 0);
   const VariantA ran = variant_a(p, plan);
-  *variants = (ran.cluster ? 1 : 0) | (ran.cp_async ? 2 : 0);
+  *variants = (ran.cluster ? 1 : 0) | (ran.cp_async ? 2 : 0) | (plan.cp_async ? 4 : 0);
   constexpr size_t kGuard = 4096;
   std::vector<unsigned char> ws(plan.workspace_bytes + kGuard, 0xff);
   if (op == 0) {
