@@ -23,6 +23,20 @@
 
 #ifndef FASTPRUNE_CUDA_EMU
 namespace fastprune_cuda {
+// kernel<<<grid, block, smem_bytes, stream>>>(args...) with one launch attribute.
+template <typename... Params, typename... Actual>
+void fp_launch_attr(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                    cudaLaunchAttribute attr, Actual... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, args...);  // errors surface through cudaGetLastError()
+}
+
 // kernel<<<grid, block, smem_bytes, stream>>>(args...), or with `pdl` a programmatic dependent
 // launch (sm_90+): the kernel may start while the previous kernel of the stream is still running,
 // and waits for it in pdl_wait(). The emulator provides its own fp_launch and fp_launch_smem.
@@ -33,17 +47,10 @@ void fp_launch_bytes(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sm
     kernel<<<grid, block, smem_bytes, stream>>>(args...);
     return;
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem_bytes;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kernel, args...);  // errors surface through cudaGetLastError()
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  fp_launch_attr(kernel, grid, block, smem_bytes, stream, attr, args...);
 }
 template <typename... Params, typename... Actual>
 void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Actual... args) {
@@ -84,19 +91,12 @@ template <typename... Params, typename... Actual>
 void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
                        size_t smem_max, cudaStream_t stream, Actual... args) {
   if (!fp_opt_in_smem(kernel, smem_max)) return;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = cluster_y;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem_bytes;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kernel, args...);
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1;
+  attr.val.clusterDim.y = cluster_y;
+  attr.val.clusterDim.z = 1;
+  fp_launch_attr(kernel, grid, block, smem_bytes, stream, attr, args...);
 }
 
 // Distributed shared memory of a thread block cluster (sm_90+; the emulator has its own): the
