@@ -861,6 +861,9 @@ class _Cfg:
             # what bounds them at B=1. Each keeps 2+ BLOCK_K steps.
             row_programs = B * triton.cdiv(N, self.bm1)
             self.ksplit = max(1, min(triton.cdiv(want // 2, row_programs), D // (2 * self.bk)))
+            if self.bm1 == 64:
+                # 64-row tiles pipeline their loads in 3 stages, which needs a D split (below).
+                self.ksplit = max(self.ksplit, min(2, D // (2 * self.bk)))
         else:
             self.ksplit = 2  # interpreter: the slices' partials are added in every test
         for name, value in tuned:
@@ -869,17 +872,19 @@ class _Cfg:
             # The scores kernel loads each D step's tiles one step ahead, in registers, where its
             # tiles have 16 rows (pi05 at B=1); with 32 or 64 rows that spills on sm_90 (264-520 B).
             self.prefetch1 = int(self.bm1 == 16)
-        if on_gpu and "stages1" not in dict(tuned):
-            # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
-            # H200 with 16/32-row tiles (run4/tune): its few D steps per program leave a deep
-            # pipeline nothing to hide. 64-row tiles keep the 3 stages they were measured with
-            # (run4/tune: 83.4 us at B=64, 20.2 us at B=8; PERF_LOG v47), where triton's
-            # pipeliner copies the next steps' tiles with cp.async (sm_90: 249-255 registers, no
-            # spills); at 1 stage they were never measured.
-            self.stages1 = 3 if self.bm1 == 64 else 1
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
+        if on_gpu and "stages1" not in dict(tuned):
+            # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
+            # H200 with 16/32-row tiles (run4/tune): its few D steps per program leave a deep
+            # pipeline nothing to hide. 64-row tiles run 3 stages, where triton's pipeliner copies
+            # the next steps' tiles with cp.async (sm_90: 249-255 registers, no spills), but only
+            # with a D split: at one slice (S written straight from the pipelined loop) 2 or 3
+            # stages gave S that changed from call to call, 162-733 selections off the float64
+            # truth at pi05 B=64 (H200, triton 3.6, run6/tune). There, at 3 stages, 2 slices
+            # took 112 us and one slice at 1 stage 119 us (PERF_LOG v49).
+            self.stages1 = 3 if self.bm1 == 64 and self.ksplit > 1 else 1
         self.n_score_tiles = triton.cdiv(N, self.bm1)
         # The scratch's token stride: T rounded up to 16. Triton specialises an int argument
         # divisible by 16, so the kernels know that S rows start 64-byte aligned, and load and

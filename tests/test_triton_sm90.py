@@ -257,21 +257,25 @@ def test_eval_kernels_compile_for_sm90(dtype):
 
 
 def test_scores_kernel_stages_follow_tile_rows():
-    """GPU tiles of the scores kernel (PERF_LOG v47): 3 stages with 64-row tiles (16-bit inputs at
-    B >= 8 on an H100), the combination run 4 measured; 1 stage with 16 and 32 rows, also where a
-    sweep sets the rows; a swept stage count stays as set."""
+    """GPU tiles of the scores kernel (PERF_LOG v47, v49): 64-row tiles (16-bit inputs at B >= 8
+    on an H100) split D in 2+ slices and run 3 stages; 1 stage with 16 and 32 rows, also where a
+    sweep sets the rows, and wherever D is left in one slice (one slice at 3 stages raced on an
+    H200); a swept stage count stays as set."""
     from pi05_fastprune.kernels import prune_triton as K
 
-    def cfg(B, dtype, **tuned):
+    def cfg(B, dtype, D=2048, **tuned):
         with K.tuning(**tuned):
-            return K._config(torch.empty(B, 768, 2048, dtype=dtype), 200, gpu_sms=H100_SMS)
+            c = K._config(torch.empty(B, 768, D, dtype=dtype), 200, gpu_sms=H100_SMS)
+            return c.bm1, c.ksplit, c.stages1
 
-    assert (cfg(64, torch.bfloat16).bm1, cfg(64, torch.bfloat16).stages1) == (64, 3)
-    assert (cfg(8, torch.float16).bm1, cfg(8, torch.float16).stages1) == (64, 3)
-    assert (cfg(1, torch.bfloat16).bm1, cfg(1, torch.bfloat16).stages1) == (16, 1)
-    assert (cfg(64, torch.float32).bm1, cfg(64, torch.float32).stages1) == (32, 1)
-    assert cfg(64, torch.bfloat16, bm1=32).stages1 == 1
-    assert cfg(64, torch.bfloat16, stages1=1).stages1 == 1
+    assert cfg(64, torch.bfloat16) == (64, 2, 3)
+    assert cfg(8, torch.float16) == (64, 2, 3)
+    assert cfg(1, torch.bfloat16)[::2] == (16, 1)
+    assert cfg(64, torch.float32) == (32, 1, 1)
+    assert cfg(64, torch.bfloat16, D=128) == (64, 1, 1)
+    assert cfg(64, torch.bfloat16, ksplit=1) == (64, 1, 1)
+    assert cfg(64, torch.bfloat16, bm1=32)[2] == 1
+    assert cfg(64, torch.bfloat16, stages1=1)[2] == 1
 
 
 # ----------------------------------------------------------------------------- eager launches
