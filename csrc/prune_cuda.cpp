@@ -39,22 +39,24 @@ void check_launch(cudaError_t err, const char* what) {
 // (bench/results/h200-2026-11-26/run4 and run5, bench against bench_nopdl).
 // FASTPRUNE_CUDA_KSPLIT=k fixes the number of D slices of kernel A, for benchmark sweeps
 // (bench/gpu_check step bench_ksplit); unset, the plan fills about one wave.
-// FASTPRUNE_CUDA_CLUSTER=1 (opt-in until measured: gpu_check step bench_cluster) runs kernel A
-// as thread block clusters where the plan allows it (pi05: every batch size), on the same
-// conditions as PDL. FASTPRUNE_CUDA_CP_ASYNC=1 (opt-in until measured: gpu_check step
-// bench_cp_async) copies kernels A's (16-bit inputs) and B's tiles with cp.async, on compute
-// capability 8.0+ with kernels built for it.
+// Kernel A runs as thread block clusters where the plan allows it (pi05: every batch size), on
+// the same conditions as PDL; FASTPRUNE_CUDA_CLUSTER=0 turns that off. On an H200 the clusters
+// took kernel A from 13.7 to 8.0 us at pi05 B=1 and from 145 to 140 us at B=64
+// (bench/results/h200-2026-11-27/run6, bench_cluster against bench).
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;
   bool cluster = false;
-  bool cp_async = false;
   int ksplit = 0;
 };
 
-bool env_on(const char* name) {
+// A switch read from the environment: "1" on, "0" off, unset the default.
+bool env_flag(const char* name, bool unset) {
   const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "1") == 0;
+  if (v == nullptr) return unset;
+  FASTPRUNE_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "fastprune: %s must be 0 or 1, got '%s'",
+                  name, v);
+  return v[0] == '1';
 }
 
 DeviceFacts device_facts(int device) {
@@ -67,11 +69,9 @@ DeviceFacts device_facts(int device) {
     int n = 0, major = 0;
     check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "device query");
     check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
-    const int ptx = fastprune_cuda::kernels_ptx_version();
-    const bool sm90 = major >= 9 && ptx >= 90, sm80 = major >= 8 && ptx >= 80;
-    f.pdl = sm90 && env_on("FASTPRUNE_CUDA_PDL");
-    f.cluster = sm90 && env_on("FASTPRUNE_CUDA_CLUSTER");
-    f.cp_async = sm80 && env_on("FASTPRUNE_CUDA_CP_ASYNC");
+    const bool sm90 = major >= 9 && fastprune_cuda::kernels_have_sm90();
+    f.pdl = sm90 && env_flag("FASTPRUNE_CUDA_PDL", false);
+    f.cluster = sm90 && env_flag("FASTPRUNE_CUDA_CLUSTER", true);
     if (const char* k = std::getenv("FASTPRUNE_CUDA_KSPLIT")) {
       char* end = nullptr;
       const long v = std::strtol(k, &end, 10);
@@ -138,7 +138,7 @@ Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
   p.patch_mask = r.patch_mask.defined() ? r.patch_mask.data_ptr<bool>() : nullptr;
   p.mask_voters = mask_voters;
   const DeviceFacts dev = device_facts(patches.get_device());
-  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit, dev.cluster, dev.cp_async);
+  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit, dev.cluster);
   r.workspace = at::empty({static_cast<int64_t>(r.plan.workspace_bytes)},
                           patches.options().dtype(at::kByte));
   return r;

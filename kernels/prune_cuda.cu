@@ -37,60 +37,42 @@ void fp_launch_attr(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sme
   cudaLaunchKernelEx(&cfg, kernel, args...);  // errors surface through cudaGetLastError()
 }
 
-// kernel<<<grid, block, smem_bytes, stream>>>(args...), or with `pdl` a programmatic dependent
-// launch (sm_90+): the kernel may start while the previous kernel of the stream is still running,
-// and waits for it in pdl_wait(). The emulator provides its own fp_launch and fp_launch_smem.
+// kernel<<<grid, block, 0, stream>>>(args...), or with `pdl` a programmatic dependent launch
+// (sm_90+): the kernel may start while the previous kernel of the stream is still running, and
+// waits for it in pdl_wait(). The emulator provides its own fp_launch.
 template <typename... Params, typename... Actual>
-void fp_launch_bytes(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
-                     bool pdl, Actual... args) {
+void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Actual... args) {
   if (!pdl) {
-    kernel<<<grid, block, smem_bytes, stream>>>(args...);
+    kernel<<<grid, block, 0, stream>>>(args...);
     return;
   }
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
-  fp_launch_attr(kernel, grid, block, smem_bytes, stream, attr, args...);
-}
-template <typename... Params, typename... Actual>
-void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Actual... args) {
-  fp_launch_bytes(kernel, grid, block, 0, stream, pdl, args...);
-}
-
-// Dynamic shared memory past 48 KB needs the kernel's opt-in, given once per kernel and device
-// for smem_max bytes: it is no stream work, so it need not (and inside CUDA-graph capture may
-// not) be repeated per launch. False when it failed (the error surfaces through
-// cudaGetLastError()).
-template <typename... Params>
-bool fp_opt_in_smem(void (*kernel)(Params...), size_t smem_max) {
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> opted;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
-  if (opted.count(key) == 0) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max)) !=
-        cudaSuccess)
-      return false;
-    opted.insert(key);
-  }
-  return true;
-}
-
-// fp_launch with dynamic shared memory past 48 KB.
-template <typename... Params, typename... Actual>
-void fp_launch_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, size_t smem_max,
-                    cudaStream_t stream, bool pdl, Actual... args) {
-  if (fp_opt_in_smem(kernel, smem_max)) fp_launch_bytes(kernel, grid, block, smem_bytes, stream, pdl, args...);
+  fp_launch_attr(kernel, grid, block, 0, stream, attr, args...);
 }
 
 // kernel<<<grid, block, smem_bytes, stream>>>(args...) as thread block clusters of cluster_y
-// blocks along y (sm_90+; grid.y a multiple of it).
+// blocks along y (sm_90+; grid.y a multiple of it). Dynamic shared memory past 48 KB needs the
+// kernel's opt-in, given once per kernel and device for smem_max bytes: it is no stream work, so
+// it need not (and inside CUDA-graph capture may not) be repeated per launch.
 template <typename... Params, typename... Actual>
 void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
                        size_t smem_max, cudaStream_t stream, Actual... args) {
-  if (!fp_opt_in_smem(kernel, smem_max)) return;
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> opted;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return;  // errors surface through cudaGetLastError()
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+    if (opted.count(key) == 0) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max)) !=
+          cudaSuccess)
+        return;
+      opted.insert(key);
+    }
+  }
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeClusterDimension;
   attr.val.clusterDim.x = 1;
@@ -131,37 +113,6 @@ __device__ __forceinline__ X* fp_cluster_map(X* p, int rank) {
 #else
   __trap();
   return p;
-#endif
-}
-
-// cp.async (sm_80+): a 16-byte copy from global to shared memory that does not pass through
-// registers. With `pred` false it reads nothing and writes 16 zero bytes (src-size 0). A thread's
-// copies are committed in groups; fp_cp_async_wait<n>() returns once at most n of its groups are
-// pending. A thread then sees its own copies; other threads' copies need a __syncthreads after
-// their waits. Code compiled for an older architecture traps: the host launches kernels that
-// use it only on kernels built for sm_80+.
-__device__ __forceinline__ void fp_cp_async16(void* smem, const void* gmem, bool pred) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))),
-               "l"(gmem), "r"(pred ? 16 : 0)
-               : "memory");
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ void fp_cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#else
-  __trap();
-#endif
-}
-template <int kPending>
-__device__ __forceinline__ void fp_cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-#else
-  __trap();
 #endif
 }
 }  // namespace fastprune_cuda
@@ -389,17 +340,10 @@ struct ATile {
   static constexpr int kLds = sizeof(T) == 2 ? kBK + 8 : kBK + 1;  // wmma: ldm % 8 == 0
 };
 
-// One D step of the patch and prompt tiles in shared memory.
 template <typename T>
-struct TileBuf {
+struct SmemA {
   alignas(128) T ps[kBM][ATile<T>::kLds];
   alignas(128) T ts[kBT][ATile<T>::kLds];
-};
-
-// kStages: D steps held at once (1, or kAsyncStages for the cp.async variant below).
-template <typename T, int kStages = 1>
-struct SmemA {
-  TileBuf<T> tile[kStages];
   alignas(128) float cs[kBM][kBT + 4];
   float invp[kBM], rowm[kBM], rowinv[kBM];
   float invt[kBT];
@@ -419,7 +363,7 @@ struct AccA {
       for (int c = 0; c < 4; ++c) v[r][c] = 0.f;
   }
   // Thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 16 r, columns tx + 16 c.
-  __device__ __forceinline__ void step(const TileBuf<T>& sm, int /*u0*/, int /*tr*/) {
+  __device__ __forceinline__ void step(SmemA<T>& sm, int /*u0*/, int /*tr*/) {
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll 8
     for (int k = 0; k < ATile<T>::kBK; ++k) {
@@ -434,8 +378,7 @@ struct AccA {
         for (int c = 0; c < 4; ++c) v[r][c] = fmaf(a[r], b[c], v[r][c]);
     }
   }
-  template <int kStages>
-  __device__ __forceinline__ void store(SmemA<T, kStages>& sm) {
+  __device__ __forceinline__ void store(SmemA<T>& sm) {
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll
     for (int r = 0; r < 4; ++r)
@@ -502,7 +445,7 @@ struct AccA<T, true> {
     nvcuda::wmma::fill_fragment(acc[0], 0.f);
     nvcuda::wmma::fill_fragment(acc[1], 0.f);
   }
-  __device__ __forceinline__ void step(const TileBuf<T>& sm, int u0, int tr) {
+  __device__ __forceinline__ void step(SmemA<T>& sm, int u0, int tr) {
     using namespace nvcuda;
     const int warp = threadIdx.x >> 5;
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
@@ -520,8 +463,7 @@ struct AccA<T, true> {
         if (u0 + cb + 16 * c < tr) wmma::mma_sync(acc[c], fa, fb[c], acc[c]);
     }
   }
-  template <int kStages>
-  __device__ __forceinline__ void store(SmemA<T, kStages>& sm) {
+  __device__ __forceinline__ void store(SmemA<T>& sm) {
     using namespace nvcuda;
     const int warp = threadIdx.x >> 5;
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
@@ -572,7 +514,7 @@ struct Loader {
                                          int64_t d1) {
     load_rows(q, Q + t_lo * a.t_sr, u0, tr, a.t_sr, d, d1);
   }
-  __device__ __forceinline__ void store(TileBuf<T>& sm, float* psq, float* tsq, bool with_p) const {
+  __device__ __forceinline__ void store(SmemA<T>& sm, float* psq, float* tsq, bool with_p) const {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -622,7 +564,7 @@ struct Loader<T, true> {
   // stays aligned, and the 8 lanes of a row write 128 contiguous bytes (no bank conflict). Per
   // element (STS.U16) that was 32 stores per thread and step instead of 4. fp32 rows are 33
   // floats apart (the FMA product reads columns), so fp32 stores per element.
-  __device__ __forceinline__ void store(TileBuf<T>& sm, float* psq, float* tsq, bool with_p) const {
+  __device__ __forceinline__ void store(SmemA<T>& sm, float* psq, float* tsq, bool with_p) const {
     constexpr bool kWhole = sizeof(T) == 2;
     static_assert(!kWhole || (ATile<T>::kLds * sizeof(T)) % 16 == 0, "16-bit tile rows keep 16-byte vectors aligned");
     const int c = col();
@@ -655,69 +597,8 @@ struct Loader<T, true> {
   __device__ __forceinline__ static bool leader() { return (threadIdx.x & 7) == 0; }
 };
 
-// Kernel A's tile loads as cp.async copies (opt-in: FASTPRUNE_CUDA_CP_ASYNC=1, plan.cp_async;
-// sm_80+, 16-bit inputs with 16-byte rows). The register-staged loads above keep two D steps in
-// flight and wait for each before storing it to shared memory. These copy into kAsyncStages
-// step buffers directly, with kAsyncStages - 1 steps in flight while the product of the oldest
-// runs, one block barrier per step instead of two: pi05's D slice of 4 steps at B=1 goes out at
-// once. Each thread reads its own vectors back for the sums of squares, in the register path's
-// order of addition. Thread t copies the vectors Loader<T, true> would load.
-constexpr int kAsyncStages = 4;
-
-template <typename T>
-struct AsyncTiles {
-  using Ld = Loader<T, true>;
-  TileBuf<T>* buf;  // [kAsyncStages]
-  // Step s (columns d0 + s kBK ..) of patch rows j0 + r and prompt rows t_lo + u0 + r (r < 64;
-  // zeros past N, tr or d1) into buf[s % kAsyncStages]. The caller commits the group.
-  __device__ __forceinline__ void issue(int s, const T* P, const T* Q, const Args& a, int64_t j0, int t_lo, int u0,
-                                        int tr, int64_t d0, int64_t d1) const {
-    static_assert(sizeof(T) == 2, "fp32 tile rows (kLds odd) are not 16-byte aligned");
-    TileBuf<T>& t = buf[s % kAsyncStages];
-    const int c = Ld::col();
-    const int64_t dd = d0 + static_cast<int64_t>(s) * ATile<T>::kBK + c;
-#pragma unroll
-    for (int k = 0; k < Ld::kSlots; ++k) {
-      const int r = Ld::row(k);
-      const bool pj = j0 + r < a.N && dd < d1, pu = u0 + r < tr && dd < d1;
-      fp_cp_async16(&t.ps[r][c], pj ? P + (j0 + r) * a.p_sr + dd : P, pj);
-      fp_cp_async16(&t.ts[r][c], pu ? Q + (t_lo + u0 + r) * a.t_sr + dd : Q, pu);
-    }
-  }
-  // Steps 0 .. kAsyncStages - 2 (those below n_steps), one group each (empty past n_steps, so
-  // that a wait counts groups the same way in every step).
-  __device__ __forceinline__ void prologue(int n_steps, const T* P, const T* Q, const Args& a, int64_t j0, int t_lo,
-                                           int u0, int tr, int64_t d0, int64_t d1) const {
-#pragma unroll
-    for (int s = 0; s < kAsyncStages - 1; ++s) {
-      if (s < n_steps) issue(s, P, Q, a, j0, t_lo, u0, tr, d0, d1);
-      fp_cp_async_commit();
-    }
-  }
-  // The sums of squares of this thread's rows over its own vectors of step s (completed by its
-  // own wait).
-  __device__ __forceinline__ void sums(int s, float* psq, float* tsq, bool with_p) const {
-    const TileBuf<T>& t = buf[s % kAsyncStages];
-    const int c = Ld::col();
-#pragma unroll
-    for (int k = 0; k < Ld::kSlots; ++k) {
-      const int r = Ld::row(k);
-      const uint4 pv = *reinterpret_cast<const uint4*>(&t.ps[r][c]);
-      const uint4 qv = *reinterpret_cast<const uint4*>(&t.ts[r][c]);
-      const T* pe = reinterpret_cast<const T*>(&pv);
-      const T* qe = reinterpret_cast<const T*>(&qv);
-#pragma unroll
-      for (int e = 0; e < Ld::kVE; ++e) {
-        const float x = to_f32(pe[e]), y = to_f32(qe[e]);
-        if (with_p) psq[k] = fmaf(x, x, psq[k]);
-        tsq[k] = fmaf(y, y, tsq[k]);
-      }
-    }
-  }
-};
-
 // ------------------------------------------------------------------------------------------
-// Kernel A's cluster variant (sm_90, opt-in: FASTPRUNE_CUDA_CLUSTER=1, plan.cluster). The ksplit
+// Kernel A's cluster variant (sm_90, plan.cluster; FASTPRUNE_CUDA_CLUSTER=0 turns it off). The ksplit
 // blocks of a (row tile, sample) form one thread block cluster. Each keeps its partials over its
 // slice of D in its own shared memory instead of the workspace: S [64][ts], the patch sums of
 // squares [64] and the prompt's [ts]. After a cluster barrier, block q finishes rows q, q +
@@ -730,8 +611,7 @@ struct AsyncTiles {
 constexpr int kMaxCluster = 8;      // blocks per cluster (the portable limit)
 // Prompt widths: the partial S tile takes 64 * ts floats of shared memory, 93 KB in all at pi05
 // (ts = 200, bf16). At one block per SM up to 512; at two (kernel A's variant for more than one
-// wave of blocks) 256, so that two blocks' 108 KB each still fit an SM's 227 KB. With the
-// cp.async variant's 4 step buffers (148 KB at pi05) only at one block per SM.
+// wave of blocks) 256, so that two blocks' 108 KB each still fit an SM's 227 KB.
 constexpr int64_t kClusterMaxTs = 512, kClusterMaxTs2 = 256;
 
 struct ClusterSmem {
@@ -742,11 +622,11 @@ struct ClusterSmem {
   int* tok;     // [ts] valid token of the range
 };
 // Dynamic shared memory of the cluster variant: SmemA first, then ClusterSmem's arrays.
-template <typename T, int kStages>
+template <typename T>
 __host__ __device__ constexpr size_t cluster_smem_head() {
-  return (sizeof(SmemA<T, kStages>) + 127) / 128 * 128;
+  return (sizeof(SmemA<T>) + 127) / 128 * 128;
 }
-__host__ __device__ constexpr size_t cluster_smem_bytes(size_t head, int64_t ts) {
+__host__ __device__ inline size_t cluster_smem_bytes(size_t head, int64_t ts) {
   return head + static_cast<size_t>(kBM * ts + kBM + 3 * ts) * sizeof(float);
 }
 __device__ __forceinline__ ClusterSmem cluster_smem(unsigned char* base, size_t head, int64_t ts) {
@@ -820,42 +700,29 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
   fp_cluster_sync_relaxed();  // no block exits while another may still read its shared memory
 }
 
-// A kernel's shared memory: kStatic bytes of static shared memory, or the dynamic shared memory
-// (kDyn: kernel A's cluster and cp.async variants, kernel B's cp.async variant, past the 48 KB of
-// static shared memory).
-template <size_t kStatic, bool kDyn>
-__device__ __forceinline__ unsigned char* block_smem() {
-  if constexpr (kDyn) {
+// Kernel A's shared memory: a static SmemA for the plain kernel, dynamic for the cluster variant.
+template <typename T, bool kCluster>
+__device__ __forceinline__ unsigned char* smem_a() {
+  if constexpr (kCluster) {
     return fp_dyn_smem();
   } else {
-    __shared__ __align__(128) unsigned char raw[kStatic];
+    __shared__ __align__(128) unsigned char raw[sizeof(SmemA<T>)];
     return raw;
   }
 }
-
-// What the variants take per block (sm_90: 227 KB at most per block, 228 KB per SM with 1 KB
-// reserved per block), for the 16-bit types (fp32 tiles are smaller; fp32 has no cp.async variant).
-constexpr size_t kSmemPerBlock = 227 * 1024, kSmemPerSm = 228 * 1024, kSmemReserved = 1024;
-using Bf16 = __nv_bfloat16;
-static_assert(sizeof(SmemA<Bf16, kAsyncStages>) <= (kSmemPerSm / 2 - kSmemReserved), "cp.async: 2 blocks per SM");
-static_assert(cluster_smem_bytes(cluster_smem_head<Bf16, 1>(), kClusterMaxTs2) <= kSmemPerSm / 2 - kSmemReserved,
-              "cluster: 2 blocks per SM");
-static_assert(cluster_smem_bytes(cluster_smem_head<Bf16, kAsyncStages>(), kClusterMaxTs) <= kSmemPerBlock,
-              "cluster with cp.async: 1 block per SM");
 
 // The 16-byte variant is held to 128 registers, 2 blocks per SM, without spills (kMinBlocks 2);
 // where the grid is one wave of one block per SM (pi05 at B=1: 132 blocks), its variant at one
 // block per SM has the registers to batch the finishing step's loads. The scalar variant
 // (unaligned inputs) needs 192-246 (sm_90) for its wider register sets: one block per SM.
-// kCluster: the cluster variant above. kAsync: the cp.async tile loads (AsyncTiles).
-template <typename T, bool kVec, int kMinBlocks, bool kCluster, bool kAsync>
+// kCluster: the cluster variant above.
+template <typename T, bool kVec, int kMinBlocks, bool kCluster>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   using Ld = Loader<T, kVec>;
-  constexpr int kBK = ATile<T>::kBK, kSlots = Ld::kSlots, kStages = kAsync ? kAsyncStages : 1;
-  static_assert(!kAsync || kVec, "cp.async copies 16-byte vectors");
-  unsigned char* const smem = block_smem<sizeof(SmemA<T>), kCluster || kAsync>();
-  SmemA<T, kStages>& sm = *reinterpret_cast<SmemA<T, kStages>*>(smem);
-  const ClusterSmem cl = cluster_smem(smem, cluster_smem_head<T, kStages>(), a.ts);  // kCluster only
+  constexpr int kBK = ATile<T>::kBK, kSlots = Ld::kSlots;
+  unsigned char* const smem = smem_a<T, kCluster>();
+  SmemA<T>& sm = *reinterpret_cast<SmemA<T>*>(smem);
+  const ClusterSmem cl = cluster_smem(smem, cluster_smem_head<T>(), a.ts);  // kCluster only
 
   // Kernel B may be scheduled as soon as every block of this kernel runs (it waits for our
   // writes in pdl_wait). Kernel A itself is a plain launch: it follows the workspace memset (the
@@ -879,19 +746,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   // T. Rows past the range are loaded but unused (partials and norms are kept for u < tr only).
   // Loaded after the scan, they waited for it: one more L2 round trip before the first step. A
   // range that starts later loads them again after the scan.
-  // The cp.async variant issues its first kAsyncStages - 1 steps on the same guess.
   Ld ld0, ld1;
-  const AsyncTiles<T> at{sm.tile};  // kAsync only
-  const int n_steps = static_cast<int>((d1 - d0 + kBK - 1) / kBK);
+  if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
+  if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
   const int t_all = static_cast<int>(T_);
-  if constexpr (kAsync) {
-    at.prologue(n_steps, P, Q, a, j0, 0, 0, t_all, d0, d1);
-  } else {
-    if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
-    if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
-    if (d0 < d1) ld0.load_q(Q, a, 0, 0, t_all, d0, d1);
-    if (d0 + kBK < d1) ld1.load_q(Q, a, 0, 0, t_all, d0 + kBK, d1);
-  }
+  if (d0 < d1) ld0.load_q(Q, a, 0, 0, t_all, d0, d1);
+  if (d0 + kBK < d1) ld1.load_q(Q, a, 0, 0, t_all, d0 + kBK, d1);
 
   // 1. The prompt range [t_lo, t_hi): first to last valid token, or all T when none is valid.
   if (tid == 0) {
@@ -948,50 +808,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     for (int k = 0; k < kSlots; ++k) tsq[k] = 0.f;
     AccA<T, UseMma<T>::value> acc;
     acc.zero();
-    if constexpr (kAsync) {
-      // Step st waits for its own group (kAsyncStages - 2 younger ones may stay pending), and the
-      // barrier for everyone's; the barrier also ends every thread's reads of the buffer of step
-      // st - 1, which the copies of step st + kAsyncStages - 1 then overwrite.
-      if (tt > 0 || t_lo != 0) {  // the first token tile's guess at the range was wrong
-        if (tt == 0) fp_cp_async_wait<0>();
-        at.prologue(n_steps, P, Q, a, j0, t_lo, u0, tr, d0, d1);
+    // The step at d + 2 kBK is loaded into the registers just stored to shared memory, before
+    // the multiply of step d. The loop runs two steps per trip so that each register set is
+    // named at compile time (a run-time index would put it in local memory).
+    auto step = [&](Ld& ld, int64_t d) {
+      ld.store(sm, psq, tsq, tt == 0);
+      __syncthreads();
+      if (d + 2 * kBK < d1) {
+        ld.load_p(P, a, j0, d + 2 * kBK, d1);
+        ld.load_q(Q, a, t_lo, u0, tr, d + 2 * kBK, d1);
       }
-      for (int st = 0; st < n_steps; ++st) {
-        fp_cp_async_wait<kAsyncStages - 2>();
-        __syncthreads();
-        if (st + kAsyncStages - 1 < n_steps) at.issue(st + kAsyncStages - 1, P, Q, a, j0, t_lo, u0, tr, d0, d1);
-        fp_cp_async_commit();
-        at.sums(st, psq, tsq, tt == 0);
-        acc.step(sm.tile[st % kAsyncStages], u0, tr);
-      }
-      // Only empty groups are left pending. The tile's closing barrier below ends the reads of
-      // the buffers before the next tile's prologue.
-    } else {
-      // The step at d + 2 kBK is loaded into the registers just stored to shared memory, before
-      // the multiply of step d. The loop runs two steps per trip so that each register set is
-      // named at compile time (a run-time index would put it in local memory).
-      auto step = [&](Ld& ld, int64_t d) {
-        ld.store(sm.tile[0], psq, tsq, tt == 0);
-        __syncthreads();
-        if (d + 2 * kBK < d1) {
-          ld.load_p(P, a, j0, d + 2 * kBK, d1);
-          ld.load_q(Q, a, t_lo, u0, tr, d + 2 * kBK, d1);
-        }
-        acc.step(sm.tile[0], u0, tr);
-        __syncthreads();
-      };
-      if (tt > 0) {  // the first token tile's patch loads went out before the mask scan
-        if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
-        if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
-      }
-      if (tt > 0 || t_lo != 0) {  // and its prompt loads, if the range starts at token 0
-        if (d0 < d1) ld0.load_q(Q, a, t_lo, u0, tr, d0, d1);
-        if (d0 + kBK < d1) ld1.load_q(Q, a, t_lo, u0, tr, d0 + kBK, d1);
-      }
-      for (int64_t d = d0; d < d1; d += 2 * kBK) {
-        step(ld0, d);
-        if (d + kBK < d1) step(ld1, d + kBK);
-      }
+      acc.step(sm, u0, tr);
+      __syncthreads();
+    };
+    if (tt > 0) {  // the first token tile's patch loads went out before the mask scan
+      if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
+      if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
+    }
+    if (tt > 0 || t_lo != 0) {  // and its prompt loads, if the range starts at token 0
+      if (d0 < d1) ld0.load_q(Q, a, t_lo, u0, tr, d0, d1);
+      if (d0 + kBK < d1) ld1.load_q(Q, a, t_lo, u0, tr, d0 + kBK, d1);
+    }
+    for (int64_t d = d0; d < d1; d += 2 * kBK) {
+      step(ld0, d);
+      if (d + kBK < d1) step(ld1, d + kBK);
     }
     acc.store(sm);
     __syncthreads();
@@ -1013,7 +853,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
         else tsq_out[u] = v;
       }
     }
-    __syncthreads();  // cs and (cp.async) the step buffers are rewritten by the next token tile
+    __syncthreads();  // cs is rewritten by the next token tile
   }
 #pragma unroll
   for (int k = 0; k < kSlots; ++k) {
@@ -1242,13 +1082,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 // aligned, its fragments start every 16 rows (16 x 68 floats = 4352 B) and every 8 columns (32 B).
 constexpr int kLdu = kBU + 4;
 static_assert((16 * kLdu * sizeof(float)) % 32 == 0, "fragment rows stay 32-byte aligned");
-// kSBuf: S tiles held at once (2 in the cp.async variant, which copies the next column tile's
-// while the current one's product runs).
-template <int kSBuf>
 union SelectSmem {
   struct {
     alignas(128) float as[kBM][kLdu];
-    alignas(128) float ss[kSBuf][kBM][kLdu];
+    alignas(128) float ss[kBM][kLdu];
   } tile;
   int tail[2 * kBM * kLdu];
 };
@@ -1466,17 +1303,10 @@ struct SelectMma {
 // per block, not once per 64 x 64 tile (Plan::col_splits).
 // 4 blocks per SM: the tensor-core product (sm_80+) fits 64 registers without spills (at 48 it
 // spilled); left free, nvcc took 77-80, which fits only 3.
-// kAsync (opt-in with kernel A's: FASTPRUNE_CUDA_CP_ASYNC=1, plan.cp_async; sm_80+): the tiles
-// are copied with cp.async instead of loaded through registers, and with a prompt range of one
-// 64-token step (pi0.5's; the A tile then serves every column tile) the next column tile's S is
-// copied into a second buffer while the current tile's product runs. 52 KB of dynamic shared
-// memory: 4 blocks still fit an sm_90 SM. The tiles hold what the register loads put there, so
-// the results are the same, bit for bit.
-template <bool kAsync>
 __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
-  using Smem = SelectSmem<kAsync ? 2 : 1>;
-  Smem& sm = *reinterpret_cast<Smem*>(block_smem<sizeof(Smem), kAsync>());
+  __shared__ SelectSmem sm;
   auto& as = sm.tile.as;
+  auto& ss = sm.tile.ss;
   __shared__ int s_warp[kWarps];
   __shared__ long long s_warp64[kWarps];
   __shared__ int s_last, s_vstar, s_above;
@@ -1503,28 +1333,10 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   };
   unsigned col_mask = load_col_mask(blockIdx.y);
   pdl_wait();  // everything below reads or updates what kernel A wrote
-  const float* Ab = a.A + b * N * ts;
-  const float* Sb = a.S + b * N * ts;
-  // The cp.async variant's copies of one tile: what fetch_tile below loads (zeros where it has
-  // them), tokens below u_end. The first step's go out before the prompt range is read.
-  auto copy_tile = [&](float (*dst)[kLdu], const float* src, int64_t row0, int u0, int u_end) {
-    const int u = u0 + 4 * tx;
-    const float* at = src + (row0 + ty) * ts + u;
-    const int64_t rows = N - row0 - ty;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const bool in = 16 * k < rows && u < u_end;
-      fp_cp_async16(&dst[ty + 16 * k][4 * tx], in ? at + 16 * k * ts : src, in);
-    }
-  };
-  const int u_end0 = static_cast<int>(mn<int64_t>(ts, kBU));
-  if constexpr (kAsync) {
-    copy_tile(as, Ab, i0, 0, u_end0);
-    copy_tile(sm.tile.ss[0], Sb, static_cast<int64_t>(blockIdx.y) * kBM, 0, u_end0);
-    fp_cp_async_commit();
-  }
   const int tr = a.trange[2 * b + 1] - a.trange[2 * b];
   const bool anyp = a.anyp[b] != 0;
+  const float* Ab = a.A + b * N * ts;
+  const float* Sb = a.S + b * N * ts;
 
   // Tiles of 64 tokens of A (rows i) and S (rows j) in shared memory, zeros from u_end on. The
   // first tile's loads do not wait for the prompt range: kernel A wrote zeros past it up to
@@ -1535,9 +1347,8 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   // and kernel A's zeros past the range reach a multiple of 4, so the bound rounds up to 4. With
   // 4-byte loads (32 per thread) the compiler kept a few in flight at this kernel's 64
   // registers, each store waiting on its load: about 10 waits per step, now 1 (sm_90 SASS).
-  auto u_end_of = [&](int u0) { return u0 == 0 ? u_end0 : (tr + 3) & ~3; };
   auto fetch_tile = [&](float4 (&v)[4], const float* src, int64_t row0, int u0) {
-    const int u_end = u_end_of(u0);
+    const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 3) & ~3;
     const int u = u0 + 4 * tx;
     const float* at = src + (row0 + ty) * ts + u;
     const int64_t rows = N - row0 - ty;  // rows ty + 16 k below it exist
@@ -1557,12 +1368,8 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) s_best[ty + 16 * r] = 0ull;
   }
-  // cp.async: with one token step, S tiles alternate between the two buffers (buf).
-  const bool ahead = tr <= kBU;
-  int buf = 0;
   for (int ct = blockIdx.y; ct < n_ct; ct += ct_step) {
     const int64_t c0 = static_cast<int64_t>(ct) * kBM;
-    float (*ss)[kLdu] = sm.tile.ss[buf];
     // This thread's 4 x 4 outputs: rows ty + 16 r, columns tx + 16 c of the tile.
     float acc[4][4];
 #if FP_HAVE_MMA
@@ -1576,39 +1383,19 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 #endif
     int u0 = 0;
     do {
-      if constexpr (kAsync) {
-        // One group per step. Ahead: the next column tile's S into the other buffer (its last
-        // reader, the previous tile's product, is done: the barrier before this tile), then the
-        // wait leaves that one pending. Otherwise this step's A and S tiles (the first step's
-        // are the prologue's), all waited for.
-        if (ahead) {
-          if (ct + ct_step < n_ct)
-            copy_tile(sm.tile.ss[buf ^ 1], Sb, static_cast<int64_t>(ct + ct_step) * kBM, 0, u_end0);
-          fp_cp_async_commit();
-          fp_cp_async_wait<1>();
-        } else {
-          if (ct != static_cast<int>(blockIdx.y) || u0 != 0) {
-            copy_tile(as, Ab, i0, u0, u_end_of(u0));
-            copy_tile(ss, Sb, c0, u0, u_end_of(u0));
-          }
-          fp_cp_async_commit();
-          fp_cp_async_wait<0>();
-        }
+      // With one token step the A tile of the first column tile serves all of them. The S fetch
+      // is written in both branches: with the A tile's fetch and store each under its own `if`,
+      // the select kernel spilled 16 B at its 64 registers (sm_90).
+      float4 vs[4];
+      if (ct == static_cast<int>(blockIdx.y) || tr > kBU) {
+        float4 va[4];
+        fetch_tile(va, Ab, i0, u0);
+        fetch_tile(vs, Sb, c0, u0);
+        put_tile(as, va);
       } else {
-        // With one token step the A tile of the first column tile serves all of them. The S
-        // fetch is written in both branches: with the A tile's fetch and store each under its
-        // own `if`, the select kernel spilled 16 B at its 64 registers (sm_90).
-        float4 vs[4];
-        if (ct == static_cast<int>(blockIdx.y) || tr > kBU) {
-          float4 va[4];
-          fetch_tile(va, Ab, i0, u0);
-          fetch_tile(vs, Sb, c0, u0);
-          put_tile(as, va);
-        } else {
-          fetch_tile(vs, Sb, c0, u0);
-        }
-        put_tile(sm.tile.ss[0], vs);
+        fetch_tile(vs, Sb, c0, u0);
       }
+      put_tile(ss, vs);
       __syncthreads();
       const int ku = mn(kBU, tr - u0);
 #if FP_HAVE_MMA
@@ -1649,7 +1436,6 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
       for (int c = 0; c < 4; ++c) acc[r][c] = ss[ty + 16 * r][tx + 16 * c];
     if (ct + ct_step < n_ct) __syncthreads();  // before the next tile's S loads overwrite the product
 #endif
-    if (kAsync && ahead) buf ^= 1;
 
     // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
     bool allowed[4];
@@ -1683,7 +1469,7 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   if (tid == 0) s_last = arrive(&a.counters_b[b]) == static_cast<int>(gridDim.x * gridDim.y) - 1;
   __syncthreads();
   if (!s_last) return;
-  if (N <= kTailSmemMaxN) {  // (the cp.async variant's last group is empty: nothing lands here)
+  if (N <= kTailSmemMaxN) {
     keep_tail<true>(a, b, sm.tail, sm.tail + N + 1, s_warp, s_warp64, &s_vstar, &s_above);
   } else {
     keep_tail<false>(a, b, a.votes + b * (N + 1), a.hist + b * (N + 1), s_warp, s_warp64, &s_vstar,
@@ -1790,27 +1576,15 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
   return a;
 }
 
-// Which kernel A runs: 16-byte loads when every task/patch row start is 16-byte aligned; the
-// cluster and cp.async variants where the plan asks for them and the loads are 16-byte. cp.async
-// takes 16-bit inputs, and with clusters only at one block per SM (at two, the step buffers would
-// not fit beside the partial tile).
-struct VariantA {
-  bool vec, cluster, cp_async;
-};
-VariantA variant_a(const Problem& p, const Plan& plan) {
+cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* ws, cudaStream_t stream) {
+  // 16-byte loads in kernel A when every task/patch row start is 16-byte aligned.
   const int64_t ve = p.dtype == DType::kFloat32 ? 4 : 8;
   const bool vec = p.D % ve == 0 && p.patches_sb % ve == 0 && p.patches_sr % ve == 0 && p.task_sb % ve == 0 &&
                    p.task_sr % ve == 0 && reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
-  const bool cluster = plan.cluster && vec;
-  return {vec, cluster,
-          plan.cp_async && vec && p.dtype != DType::kFloat32 && (!cluster || plan.a_one_wave)};
-}
-
-cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* ws, cudaStream_t stream) {
-  const VariantA v = variant_a(p, plan);
   // The cluster variant has no arrival counters and zeroes kernel B's itself: no memset.
-  if (!v.cluster) {
+  const bool cluster = plan.cluster && vec;
+  if (!cluster) {
     const cudaError_t err = cudaMemsetAsync(ws_at<unsigned char>(ws, plan.off_zero), 0, plan.zero_bytes, stream);
     if (err != cudaSuccess) return err;
   }
@@ -1818,28 +1592,16 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
                     static_cast<unsigned>(p.B));
   auto launch_a = [&](auto t) {
     using T = decltype(t);
-    auto clusters = [&](auto kernel, size_t head, int64_t max_ts) {
+    const size_t head = cluster_smem_head<T>();
+    auto clusters = [&](auto kernel, int64_t max_ts) {
       fp_launch_cluster(kernel, grid_a, kThreads, static_cast<unsigned>(plan.ksplit), cluster_smem_bytes(head, plan.ts),
                         cluster_smem_bytes(head, max_ts), stream, a);
     };
-    if constexpr (sizeof(T) == 2) {
-      if (v.cp_async) {  // with clusters only at one block per SM
-        constexpr size_t bytes = sizeof(SmemA<T, kAsyncStages>);
-        if (v.cluster)
-          clusters(scores_kernel<T, true, 1, true, true>, cluster_smem_head<T, kAsyncStages>(), kClusterMaxTs);
-        else if (plan.a_one_wave)
-          fp_launch_smem(scores_kernel<T, true, 1, false, true>, grid_a, kThreads, bytes, bytes, stream, false, a);
-        else
-          fp_launch_smem(scores_kernel<T, true, 2, false, true>, grid_a, kThreads, bytes, bytes, stream, false, a);
-        return;
-      }
-    }
-    const size_t head = cluster_smem_head<T, 1>();
-    if (!v.vec) fp_launch(scores_kernel<T, false, 1, false, false>, grid_a, kThreads, stream, false, a);
-    else if (v.cluster && plan.a_one_wave) clusters(scores_kernel<T, true, 1, true, false>, head, kClusterMaxTs);
-    else if (v.cluster) clusters(scores_kernel<T, true, 2, true, false>, head, kClusterMaxTs2);
-    else if (plan.a_one_wave) fp_launch(scores_kernel<T, true, 1, false, false>, grid_a, kThreads, stream, false, a);
-    else fp_launch(scores_kernel<T, true, 2, false, false>, grid_a, kThreads, stream, false, a);
+    if (!vec) fp_launch(scores_kernel<T, false, 1, false>, grid_a, kThreads, stream, false, a);
+    else if (cluster && plan.a_one_wave) clusters(scores_kernel<T, true, 1, true>, kClusterMaxTs);
+    else if (cluster) clusters(scores_kernel<T, true, 2, true>, kClusterMaxTs2);
+    else if (plan.a_one_wave) fp_launch(scores_kernel<T, true, 1, false>, grid_a, kThreads, stream, false, a);
+    else fp_launch(scores_kernel<T, true, 2, false>, grid_a, kThreads, stream, false, a);
   };
   switch (p.dtype) {
     case DType::kFloat32:
@@ -1858,19 +1620,13 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* w
   if (err != cudaSuccess) return err;
   const dim3 grid_b(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.col_splits),
                     static_cast<unsigned>(p.B));
-  if (plan.cp_async) {  // kernel B reads only the fp32 workspace: any dtype, any alignment
-    constexpr size_t bytes = sizeof(SelectSmem<2>);
-    fp_launch_smem(select_kernel<true>, grid_b, kThreads, bytes, bytes, stream, plan.pdl, a);
-  } else {
-    fp_launch(select_kernel<false>, grid_b, kThreads, stream, plan.pdl, a);
-  }
+  fp_launch(select_kernel, grid_b, kThreads, stream, plan.pdl, a);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit, bool cluster,
-               bool cp_async) {
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit, bool cluster) {
   Plan plan;
   plan.pdl = pdl;
   plan.B = B;
@@ -1891,7 +1647,6 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
   plan.a_one_wave = num_sms > 0 && base * plan.ksplit <= num_sms;
   plan.cluster = cluster && plan.ksplit <= kMaxCluster && plan.ts <= (plan.a_one_wave ? kClusterMaxTs : kClusterMaxTs2);
-  plan.cp_async = cp_async;
   // Kernel B: column splits for about two waves at its 4 blocks per SM, with the same number of
   // column tiles in every block (pi05: 12 splits of one tile at B=1, 6 of 2 at B=8, 2 of 6 at
   // B=64).
@@ -1925,13 +1680,13 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
 }
 
 #ifndef FASTPRUNE_CUDA_EMU
-int kernels_ptx_version() {
+bool kernels_have_sm90() {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, select_kernel<false>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, select_kernel) != cudaSuccess) {
     (void)cudaGetLastError();  // a failed query is no launch error: plain launches then
-    return 0;
+    return false;
   }
-  return attr.ptxVersion;
+  return attr.ptxVersion >= 90;
 }
 #endif
 

@@ -11,7 +11,7 @@
 //            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
 //            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32, zeros past the prompt
 //            range up to 64 columns), and zeroes its argmax keys. With plan.cluster (sm_90,
-//            opt-in) the D splits of a row tile are one thread block cluster instead: the
+//            the default there) the D splits of a row tile are one thread block cluster instead: the
 //            partials stay in shared memory, every block finishes a share of the rows, and
 //            kernel A zeroes kernel B's counters (no memset: 3 launches);
 //   kernel B grid (row tiles, column splits, B): score' = A S^T tiles with fp32 accumulation
@@ -64,7 +64,6 @@ struct Plan {
   int64_t kchunk = 0;     // width of one slice of D (a multiple of 32)
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
-  bool cp_async = false;  // kernels A and B copy their tiles with cp.async (sm_80+; A: 16-bit inputs)
   // Byte offsets into the workspace (all 16-byte aligned).
   size_t off_zero = 0, zero_bytes = 0;  // counters_a [B*row_tiles] int, counters_b [B] int, max_count int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
@@ -93,16 +92,13 @@ constexpr int kMaxSplit = 32;
 // most 8 D slices, prompts of at most 512 tokens (256 when the blocks take more than one wave),
 // 16-byte aligned inputs. An automatic D split is then held to 8 slices (the portable cluster
 // size).
-// cp_async: kernels A and B copy their tiles with cp.async (compute capability 8.0+ only); kernel A
-// where it applies: 16-bit, 16-byte aligned inputs, with the cluster variant only where its blocks
-// fit one per SM.
 Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit = 0,
-               bool cluster = false, bool cp_async = false);
+               bool cluster = false);
 
-// The PTX version (e.g. 90) of the kernels loaded for the current device, 0 if the query fails:
-// code compiled for compute_90+ carries the wait of a dependent launch and the cluster
-// instructions, compute_80+ the cp.async copies; code JIT-compiled from older PTX does not.
-int kernels_ptx_version();
+// Whether the kernels loaded for the current device were compiled for compute_90+, so that
+// they carry the wait of a dependent launch and the cluster instructions; code JIT-compiled
+// from older PTX does not.
+bool kernels_have_sm90();
 
 // Row argmax idx [B, N] int64 (contiguous); -1 for non-voters when mask_voters and a
 // patch_mask is given. Memset + kernels A and B.

@@ -41,9 +41,9 @@ def test_made_up_rows(tmp_path):
     base = res([{"provider": "p", "shape": "s", "median_us": 10.0, "graph_us": 4.0, "kernels_us": {"k": 2.0}},
                 {"provider": "q", "shape": "s", "median_us": 1.0}])
     new = res([{"provider": "p", "shape": "s", "median_us": 5.0, "kernels_us": {"k": 3.0, "k2": 1.0}}],
-              {"FASTPRUNE_CUDA_CP_ASYNC": "1"})
+              {"FASTPRUNE_CUDA_CLUSTER": "0"})
     lines = compare.compare(base, new).splitlines()
-    assert lines[:2] == ["BASE: G (commit abc)", "NEW:  G (commit abc) FASTPRUNE_CUDA_CP_ASYNC=1"]
+    assert lines[:2] == ["BASE: G (commit abc)", "NEW:  G (commit abc) FASTPRUNE_CUDA_CLUSTER=0"]
     assert "| p s | median_us | 10.0 | 5.0 | 0.50 |" in lines
     assert "| p s | kernel k | 2.0 | 3.0 | 1.50 |" in lines
     assert not any("graph_us" in line or "k2" in line for line in lines)  # only times both sides have

@@ -14,13 +14,13 @@ import harness  # noqa: E402
 
 
 def test_bench_prune_quick(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTPRUNE_CUDA_CP_ASYNC", "1")  # recorded (the CPU provider ignores it)
+    monkeypatch.setenv("FASTPRUNE_CUDA_CLUSTER", "0")  # recorded (the CPU provider ignores it)
     monkeypatch.setenv("FASTPRUNE_COMMIT", "abc")  # the commit, not a setting
     assert bench_prune.main(["--quick", "--providers", "eager-ref,fastprune-cpu", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     settings = result["environment"]["settings"]
-    assert settings["FASTPRUNE_CUDA_CP_ASYNC"] == "1" and "FASTPRUNE_COMMIT" not in settings
-    assert "· FASTPRUNE_CUDA_CP_ASYNC=1" in (tmp_path / "results.md").read_text().splitlines()[2]
+    assert settings["FASTPRUNE_CUDA_CLUSTER"] == "0" and "FASTPRUNE_COMMIT" not in settings
+    assert "· FASTPRUNE_CUDA_CLUSTER=0" in (tmp_path / "results.md").read_text().splitlines()[2]
     rows = result["rows"]
     assert {r["provider"] for r in rows} == {"eager-ref", "fastprune-cpu"}
     assert not [r for r in rows if "error" in r]

@@ -185,10 +185,9 @@ def test_cu_kernels_do_not_spill_on_sm90(builds):
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     res = ptxas_resources(builds.require("nvcc:prune_cuda.cu:sm_90"))
-    select = {k: v for k, v in res.items() if k.startswith("select_kernel")}
-    assert len(select) == 2 and len(res) >= 13, res  # kernel B and its cp.async variant
+    assert any(k.startswith("select_kernel") for k in res) and len(res) >= 13, res
     assert {k: v for k, v in res.items() if v[1] != 0} == {}, res
-    assert all(regs <= 64 for regs, _ in select.values()), res
+    assert res["select_kernel"][0] <= 64, res
 
 
 def kept_ptx(builds, arch):
@@ -215,12 +214,12 @@ def test_wmma_loads_are_shared(builds, arch):
 
 
 def test_cluster_barriers_in_ptx(builds):
-    """Only kernel A's cluster variant (PERF_LOG v45) uses cluster instructions, at one and two blocks
-    per SM for each dtype and with cp.async at one for the 16-bit ones, each with two cluster
-    barriers: the first releases the block's partials and acquires the others'
-    before any is read through distributed shared memory (mapa); the last only keeps every block
-    resident until the others are done reading its shared memory, so its arrive is relaxed (a
-    release arrive compiles to MEMBAR.ALL.GPU, which would wait for the block's S and A stores)."""
+    """Only kernel A's cluster variant (PERF_LOG v45) uses cluster instructions, at one and two
+    blocks per SM for each dtype, each with two cluster barriers: the first releases the block's
+    partials and acquires the others' before any is read through distributed shared memory
+    (mapa); the last only keeps every block resident until the others are done reading its shared
+    memory, so its arrive is relaxed (a release arrive compiles to MEMBAR.ALL.GPU, which would
+    wait for the block's S and A stores)."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
@@ -231,39 +230,10 @@ def test_cluster_barriers_in_ptx(builds):
         barriers = re.findall(r"barrier\.cluster\.[\w.]+", entry)
         if barriers or re.search(r"\bmapa\b", entry):
             found[name] = barriers
-    assert len(found) == 8 and all("scores_kernel" in k for k in found), sorted(found)  # +2: with cp.async
+    assert len(found) == 6 and all("scores_kernel" in k for k in found), sorted(found)
     for name, barriers in found.items():
         assert barriers == ["barrier.cluster.arrive.release.aligned", "barrier.cluster.wait.acquire.aligned",
                             "barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (name, barriers)
-
-
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-def test_cp_async_in_ptx(builds, arch):
-    """Only the cp.async variants (PERF_LOG v46) copy with cp.async: kernel A's for the 16-bit types
-    at one and two blocks per SM and with clusters, and kernel B's. Each copy is 16 bytes through
-    L2 only (.cg: a block reads its tiles once) with a source size, so that rows past the tile are
-    zero-filled. Kernel A's step waits with 2 groups still pending (4 buffers, 3 steps in flight),
-    and the first token tile's copies on a wrong guess at the prompt range are waited for (0
-    pending) before they are issued again; kernel B's leaves the next column tile's S pending (1)
-    with one token step, and waits for all (0) with more."""
-    if NVCC is None:
-        pytest.skip("nvcc not found (no CUDA toolkit)")
-    import re
-
-    found = {}
-    for entry in re.split(r"(?=\.entry )", kept_ptx(builds, arch))[1:]:
-        name = re.match(r"\.entry\s+(\w+)", entry).group(1)
-        copies = re.findall(r"cp\.async\.[^;]*;", entry)
-        if copies:
-            found[name] = copies
-    assert len(found) == 7 and sum("scores_kernel" in k for k in found) == 6, sorted(found)
-    for name, ops in found.items():
-        copies = [op for op in ops if "shared.global" in op]
-        assert copies and all(re.fullmatch(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", op)
-                              for op in copies), (name, sorted(set(copies)))
-        waits = {op for op in ops if "wait_group" in op}
-        pending = 2 if "scores_kernel" in name else 1  # kernel B: the next column tile's S
-        assert waits == {f"cp.async.wait_group {pending};", "cp.async.wait_group 0;"}, (name, waits)
 
 
 def test_kernels_have_no_64bit_division(builds):
@@ -355,10 +325,9 @@ class Emulated:
         f.argtypes = [C, C, I, I, I, I, P, I, I, P, I, I, P, P, C, I, I, C, P, P, P, P, P, P, I, P]
 
     def __call__(self, op, patches, task, task_mask=None, patch_mask=None, *, mask_voters=False,
-                 keep_tokens=None, max_tokens=None, num_sms=132, cluster=False, cp_async=False):
+                 keep_tokens=None, max_tokens=None, num_sms=132, cluster=False):
         """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit).
-        cluster, cp_async: ask for the cluster variant (kernel A) or the cp.async one (kernels A
-        and B); self.clustered, self.cp_async (kernel A) and self.cp_async_b say what ran."""
+        cluster: ask for kernel A's cluster variant; self.clustered says whether it ran."""
         assert patches.stride(2) == 1 and task.stride(2) == 1
         B, N, D = patches.shape
         T = task.shape[1]
@@ -374,16 +343,14 @@ class Emulated:
         kidx = torch.full((B * cap,), -7, dtype=torch.int64)
         k_out = torch.zeros(1, dtype=torch.int64)
         code = {"select": 0, "prune": 1, "padded": 2}[op]
-        variants = ctypes.c_int(int(cluster) | 2 * int(cp_async))
+        clustered = ctypes.c_int(int(cluster))
         rc = self.lib.fp_emu_run(
             code, _DT[patches.dtype], B, N, T, D, ptr(patches), patches.stride(0), patches.stride(1),
             ptr(task), task.stride(0), task.stride(1), ptr(tm), ptr(pm), int(mask_voters), keep_tokens or 0,
-            max_tokens or 0, num_sms, ctypes.byref(variants), ptr(idx), ptr(counts), ptr(pruned), ptr(kmask), ptr(kidx), cap, ptr(k_out),
+            max_tokens or 0, num_sms, ctypes.byref(clustered), ptr(idx), ptr(counts), ptr(pruned), ptr(kmask), ptr(kidx), cap, ptr(k_out),
         )
         assert rc >= 1, f"emulated launch failed with code {rc} (-4: wrote past the workspace)"
-        self.clustered = bool(variants.value & 1)
-        self.cp_async = bool(variants.value & 2)
-        self.cp_async_b = bool(variants.value & 4)
+        self.clustered = bool(clustered.value)
         if op == "select":
             return idx, rc
         K = int(k_out)
@@ -449,7 +416,7 @@ def test_emulated_select_matches_truth(emu, B, N, T, D, sms, dtype):
             assert torch.equal(idx[sep], R.select_ref(patches, task, task_mask, patch_mask)[sep])
 
 
-# Kernel A's cluster variant (FASTPRUNE_CUDA_CLUSTER=1): B, N, T, D, num_sms, D slices.
+# Kernel A's cluster variant (plan.cluster, the sm_90 default): B, N, T, D, num_sms, D slices.
 EMU_CLUSTER = [
     (1, 65, 9, 256, 64, 4),      # 2 row tiles, a 1-row last tile: rows for only one block of the cluster
     (2, 70, 20, 192, 16, 3),     # 3 slices, 2 samples
@@ -495,67 +462,6 @@ def test_emulated_cluster_declined(emu, B, N, T, D, sms):
     patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, torch.float16, "all", seed=1)
     idx, _ = emu["mma"]("select", patches, task, task_mask, patch_mask, num_sms=sms, cluster=True)
     assert not emu["mma"].clustered
-    check_selection(idx, patches, task, task_mask, patch_mask)
-
-
-# The cp.async variant (FASTPRUNE_CUDA_CP_ASYNC=1): B, N, T, D, num_sms, and whether kernel A's
-# blocks fit one per SM (only then does it combine with clusters: test_emulated_cp_async_declined).
-# Kernel A: 4 step buffers, 3 steps in flight. Kernel B: with one token step, the next column
-# tile's S in a second buffer (at 1-2 SMs each block takes 2-3 column tiles).
-EMU_CP_ASYNC = [
-    (1, 20, 5, 320, 1, True),      # no D split: 5 steps, more than the 3 in flight
-    (1, 65, 9, 256, 64, True),     # 4 slices of 1 step: fewer steps than the prologue's 3 (empty groups)
-    (2, 192, 150, 640, 2, False),  # 3 token tiles x 10 steps; 6 blocks on 2 SMs (two per SM); B: 3 token steps
-    (2, 70, 20, 448, 12, True),    # 3 slices of 3, 3 and 1 steps
-    (3, 70, 20, 64, 132, True),    # one step, no split
-    (1, 130, 150, 512, 132, True), # 8 slices of 1 step, 3 token tiles (with clusters: the partial tile's 152 columns)
-    (3, 160, 20, 64, 1, False),    # B: 3 column tiles per block, S alternating between the two buffers
-]
-
-
-@pytest.mark.parametrize("B,N,T,D,sms,cluster",
-                         [(*c[:5], cl) for c in EMU_CP_ASYNC for cl in (False, True) if c[5] or not cl])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("masks", ["all", "after_token_0"])
-def test_emulated_cp_async_matches_plain(emu, B, N, T, D, sms, cluster, dtype, masks):
-    """The cp.async variant of kernels A and B (the emulator poisons a copy's destination until
-    its thread waits for it) puts in shared memory what the register-staged loads put there, and
-    adds in the same order: the same selection and outputs, bit for bit, as the same call
-    without it, with and without clusters. "after_token_0": prompt ranges that start past token
-    0 (kernel A's first copies guess token 0 and are issued again), one with holes."""
-    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, "absent_camera", seed=D + T)
-    if masks == "after_token_0":
-        task_mask = torch.zeros(B, T, dtype=torch.bool)
-        for b in range(B):
-            task_mask[b, b + 1 : T - b] = True
-        task_mask[-1, 2 : T - 2 : 3] = False
-    for build in ("mma", "fma") if masks == "after_token_0" else ("mma",):
-        lib = emu[build]
-        out, idx, ksplit = lib("padded", patches, task, task_mask, patch_mask, max_tokens=N, num_sms=sms,
-                               cluster=cluster, cp_async=True)
-        assert lib.cp_async and lib.cp_async_b and lib.clustered == cluster
-        check_selection(idx, patches, task, task_mask, patch_mask)
-        check_prune(out, patches, idx, patch_mask, None, False, N)
-        out0, idx0, ksplit0 = lib("padded", patches, task, task_mask, patch_mask, max_tokens=N, num_sms=sms,
-                                  cluster=cluster)
-        assert not lib.cp_async and not lib.cp_async_b and lib.clustered == cluster and ksplit0 == ksplit
-        assert torch.equal(idx, idx0)
-        for name, got, want in zip(out._fields, out, out0):
-            assert torch.equal(got, want), name
-
-
-@pytest.mark.parametrize("dtype,D,sms,cluster,why", [
-    (torch.float32, 256, 64, False, "fp32 tile rows are not 16-byte aligned"),
-    (torch.bfloat16, 203, 64, False, "unaligned rows take the scalar loads"),
-    (torch.bfloat16, 256, 7, True, "clusters at two blocks per SM leave no room for the step buffers"),
-])
-def test_emulated_cp_async_declined(emu, dtype, D, sms, cluster, why):
-    """Where kernel A's cp.async variant does not apply, it runs without it; kernel B's reads only
-    the fp32 workspace and runs everywhere."""
-    patches, task, task_mask, patch_mask = make_inputs(1, 65, 9, D, dtype, "all", seed=2)
-    idx, _ = emu["mma"]("select", patches, task, task_mask, patch_mask, num_sms=sms, cluster=cluster, cp_async=True)
-    assert not emu["mma"].cp_async and emu["mma"].cp_async_b, why
-    assert emu["mma"].clustered == cluster, why
     check_selection(idx, patches, task, task_mask, patch_mask)
 
 

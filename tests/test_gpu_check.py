@@ -11,8 +11,8 @@ import sys
 import tarfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GPU_STEPS = ["build", "bench", "bench_pdl", "bench_ksplit", "bench_cluster", "bench_cp_async", "host", "tune", "ncu_src",
-             "gpu_tests", "memcheck", "racecheck", "sanitize_cluster", "sanitize_cp_async", "bench_train", "bench_pi05"]
+GPU_STEPS = ["build", "bench", "bench_pdl", "bench_ksplit", "bench_nocluster", "host", "tune", "ncu_src", "gpu_tests",
+             "memcheck", "racecheck", "sanitize_nocluster", "bench_train", "bench_pi05"]
 
 
 def run_gpu_check(out, archive, **env):

@@ -5,11 +5,10 @@
 // of a cluster run together, each with its own dynamic shared memory (fp_dyn_smem; a cluster
 // kernel keeps all of its shared memory there), __syncthreads is a barrier of the block's fibers
 // and fp_cluster_sync one of the cluster's (a divergent one deadlocks and aborts), warp shuffles
-// exchange through per-warp slots between two warp barriers, wmma fragments are whole 16x16
-// tiles held by every lane (lane 0 stores), and a cp.async copy poisons its destination (NaN)
-// when issued and lands only when its thread waits for its group (newest group first). It
-// checks index/bound/synchronisation logic and results; it says nothing about timing,
-// memory-model subtleties across blocks that run concurrently, or the real wmma layout.
+// exchange through per-warp slots between two warp barriers, and wmma fragments are whole 16x16
+// tiles held by every lane (lane 0 stores). It checks index/bound/synchronisation logic and
+// results; it says nothing about timing, memory-model subtleties across blocks that run
+// concurrently, or the real wmma layout.
 #pragma once
 
 #include <ucontext.h>
@@ -53,12 +52,6 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
 }
 
 namespace emu {
-// A cp.async copy not yet landed: its destination and the 16 bytes it will write (read when
-// issued: kernels copy only from inputs that no kernel writes).
-struct AsyncCopy {
-  unsigned char* dst;
-  unsigned char bytes[16];
-};
 // Cooperative fibers (ucontext) on one host thread: a CUDA thread runs until it waits at a
 // barrier, then the next one runs. A pass in which no fiber makes progress is a deadlock
 // (e.g. a __syncthreads not reached by the whole block): it aborts.
@@ -68,8 +61,6 @@ struct Fiber {
   bool done = false;
   dim3 tid;
   int blk = 0;  // index of its block in g_blocks
-  std::vector<AsyncCopy> open;                 // cp.async copies since the last commit
-  std::vector<std::vector<AsyncCopy>> groups;  // committed groups, oldest first
 };
 constexpr size_t kStack = 256 * 1024;
 
@@ -111,14 +102,7 @@ inline void wait(Barrier& b) {
 }
 inline void fiber_entry() {
   g_body();
-  Fiber& f = g_fibers[g_cur];
-  bool pending = !f.open.empty();
-  for (const auto& g : f.groups) pending |= !g.empty();
-  if (pending) {
-    std::fprintf(stderr, "cuda_emu: thread %u ended with cp.async copies it never waited for\n", f.tid.x);
-    std::abort();
-  }
-  f.done = true;
+  g_fibers[g_cur].done = true;
   ++g_progress;
 }
 inline dim3& cur_thread() { return g_fibers[g_cur].tid; }
@@ -135,8 +119,6 @@ inline void run_cluster() {
     f.tid = dim3(t % per, 0, 0);
     f.blk = t / per;
     f.done = false;
-    f.open.clear();
-    f.groups.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.get();
     f.ctx.uc_stack.ss_size = kStack;
@@ -432,51 +414,11 @@ X* fp_cluster_map(X* p, int rank) {
   return reinterpret_cast<X*>(emu::g_blocks[rank].smem + (c - own.smem));
 }
 
-// cp.async: 16 bytes from global memory (zeros where !pred) into this block's dynamic shared
-// memory, landing when the thread waits for the group (poison until then), so that a read that
-// no wait (own copies) or wait and barrier (others' copies) orders after it sees NaN.
-inline void fp_cp_async16(void* smem, const void* gmem, bool pred) {
-  emu::Block& own = emu::cur_block();
-  auto* dst = static_cast<unsigned char*>(smem);
-  if (dst < own.smem || dst + 16 > own.smem + own.smem_bytes || reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
-      (pred && reinterpret_cast<uintptr_t>(gmem) % 16 != 0)) {
-    std::fprintf(stderr, "emu: cp.async from %p to %p: not 16-byte aligned or not in dynamic shared memory\n", gmem,
-                 smem);
-    std::abort();
-  }
-  emu::AsyncCopy c;
-  c.dst = dst;
-  if (pred) std::memcpy(c.bytes, gmem, 16);
-  else std::memset(c.bytes, 0, 16);
-  std::memset(dst, 0xff, 16);
-  emu::g_fibers[emu::g_cur].open.push_back(c);
-}
-inline void fp_cp_async_commit() {
-  emu::Fiber& f = emu::g_fibers[emu::g_cur];
-  f.groups.push_back(std::move(f.open));
-  f.open.clear();
-}
-// The groups a wait completes land newest first: nothing orders copies of different groups to
-// one address, so an older one landing last must not break the kernel.
-template <int kPending>
-void fp_cp_async_wait() {
-  auto& groups = emu::g_fibers[emu::g_cur].groups;
-  const int land = static_cast<int>(groups.size()) - kPending;
-  for (int g = land - 1; g >= 0; --g)
-    for (const emu::AsyncCopy& c : groups[g]) std::memcpy(c.dst, c.bytes, 16);
-  if (land > 0) groups.erase(groups.begin(), groups.begin() + land);
-}
-
 namespace fastprune_cuda {
 template <typename... Params, typename... Actual>
 void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, bool /*pdl: launches are in order here*/,
                Actual... args) {
   emu::launch([&] { kernel(args...); }, grid, block, 1, 0);
-}
-template <typename... Params, typename... Actual>
-void fp_launch_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                    size_t /*smem_max: no opt-in here*/, cudaStream_t, bool /*pdl*/, Actual... args) {
-  emu::launch([&] { kernel(args...); }, grid, block, 1, smem_bytes);
 }
 template <typename... Params, typename... Actual>
 void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,

@@ -12,7 +12,7 @@
 extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, int64_t D, const void* patches,
                           int64_t p_sb, int64_t p_sr, const void* task, int64_t t_sb, int64_t t_sr,
                           const bool* task_mask, const bool* patch_mask, int mask_voters, int64_t keep_tokens,
-                          int64_t max_tokens, int num_sms, int* variants, int64_t* idx_out, int64_t* counts_out, void* pruned,
+                          int64_t max_tokens, int num_sms, int* cluster, int64_t* idx_out, int64_t* counts_out, void* pruned,
                           bool* kept_mask, int64_t* kept_idx, int64_t k_capacity, int64_t* k_out) {
   using namespace fastprune_cuda;
   Problem p;
@@ -30,11 +30,8 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
   p.task_mask = task_mask;
   p.patch_mask = patch_mask;
   p.mask_voters = mask_voters != 0;
-  // variants, in: the variants asked for (1: clusters, 2: cp.async); out: those that ran (1: kernel
-  // A as clusters, 2: kernel A with cp.async, 4: kernel B with cp.async).
-  const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true, /*ksplit=*/0, (*variants & 1) != 0, (*variants & 2) != 0);
-  const VariantA ran = variant_a(p, plan);
-  *variants = (ran.cluster ? 1 : 0) | (ran.cp_async ? 2 : 0) | (plan.cp_async ? 4 : 0);
+  const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true, /*ksplit=*/0, *cluster != 0);
+  *cluster = plan.cluster ? 1 : 0;  // in: asked for, out: kernel A ran as clusters
   constexpr size_t kGuard = 4096;
   std::vector<unsigned char> ws(plan.workspace_bytes + kGuard, 0xff);
   if (op == 0) {
