@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Launch-parameter sweep of the Triton eval kernels (prune_padded, the CUDA-graph serving mode).
 
-For each shape it runs the call with the defaults of ``_Cfg``, then once per variant of one
-kernel's launch parameters (``prune_triton.tuning``), the others at their defaults. Per variant:
-- the default's own selection is checked against the float64 truth (``rows_off_truth``);
+For each shape it runs the call with the defaults of ``_Cfg``, whose selection must be the
+float64 truth's (``rows_off_truth``) and repeat itself, then once per variant of one kernel's
+launch parameters (``prune_triton.tuning``), the others at their defaults. Per variant:
 - the outputs must equal the default's bit for bit (``same``). Where they differ, the variant's
   own selection is checked against the float64 truth (``rows_off_truth``: rows that miss the
   SPEC tolerance), and its outputs against the reference's pruning of that selection

@@ -882,7 +882,7 @@ class _Cfg:
             # the next steps' tiles with cp.async (sm_90: 249-255 registers, no spills), but only
             # with a D split: at one slice (S written straight from the pipelined loop) 2 or 3
             # stages gave S that changed from call to call, 162-733 selections off the float64
-            # truth at pi05 B=64 (H200, triton 3.6, run6/tune). There, at 3 stages, 2 slices
+            # truth at pi05 B=64 (H200, triton 3.6, run7/tune). There, at 3 stages, 2 slices
             # took 112 us and one slice at 1 stage 119 us (PERF_LOG v49).
             self.stages1 = 3 if self.bm1 == 64 and self.ksplit > 1 else 1
         self.n_score_tiles = triton.cdiv(N, self.bm1)

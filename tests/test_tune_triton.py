@@ -23,7 +23,37 @@ def test_quick_sweep_under_the_interpreter(tmp_path):
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
     assert {r["kernel"] for r in rows} == {None, "_scores_kernel", "_select_kernel", "_gather_kernel"}
     assert all(r["same"] is True for r in rows), [r for r in rows if not r.get("same")]
+    assert all(r["rows_off_truth"] == 0 and r["consistent"] for r in rows if r["kernel"] is None)  # the defaults
     assert "| _select_kernel | bm2=32, bn2=16 |" in (tmp_path / "tune.md").read_text()
+
+
+def test_chosen_shapes_and_variants(tmp_path):
+    """--batches and --variant narrow a run to one shape and the variants named (gpu_check's
+    GPU_CHECK_TUNE_ARGS); a malformed variant is an error naming it."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, str(ROOT / "bench" / "tune_triton.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd + ["--batches", "2", "--variant", "scores:ksplit=1", "--variant", "select:n_split=1,bm2=32"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert [(r["shape"], r["kernel"], r["variant"]) for r in rows] == [
+        ("B2xN48xT24(8)xD64", None, {}), ("B2xN48xT24(8)xD64", "_scores_kernel", {"ksplit": 1}),
+        ("B2xN48xT24(8)xD64", "_select_kernel", {"n_split": 1, "bm2": 32})]
+    for bad, says in [("scores", "expected KERNEL:name=value"), ("scores:bm9=2", "'bm9' is not one of"),
+                      ("fused:bm1=2", "KERNEL one of scores, select, gather")]:
+        proc = subprocess.run(cmd + ["--variant", bad], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and says in proc.stderr, (bad, proc.stderr[-500:])
+
+
+def test_a_wrong_default_fails_the_sweep():
+    """The default's own selection is checked too: one off the truth, or not the same twice, fails."""
+    import tune_triton as T
+
+    base = {"shape": "s", "kernel": None, "variant": {}, "same": True, "rows_off_truth": 0, "consistent": True}
+    assert T.correct(base)
+    assert not T.correct(dict(base, rows_off_truth=162))
+    assert not T.correct(dict(base, same=False))
+    assert T.correct(dict(base, kernel="_scores_kernel", variant={"bk": 64}, same=False))
 
 
 def test_report_names_the_fastest_variant_with_equal_outputs():
