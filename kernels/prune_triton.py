@@ -861,9 +861,6 @@ class _Cfg:
             # what bounds them at B=1. Each keeps 2+ BLOCK_K steps.
             row_programs = B * triton.cdiv(N, self.bm1)
             self.ksplit = max(1, min(triton.cdiv(want // 2, row_programs), D // (2 * self.bk)))
-            if self.bm1 == 64:
-                # 64-row tiles pipeline their loads in 3 stages, which needs a D split (below).
-                self.ksplit = max(self.ksplit, min(2, D // (2 * self.bk)))
         else:
             self.ksplit = 2  # interpreter: the slices' partials are added in every test
         for name, value in tuned:
@@ -878,12 +875,12 @@ class _Cfg:
         if on_gpu and "stages1" not in dict(tuned):
             # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
             # H200 with 16/32-row tiles (run4/tune): its few D steps per program leave a deep
-            # pipeline nothing to hide. 64-row tiles run 3 stages, where triton's pipeliner copies
-            # the next steps' tiles with cp.async (sm_90: 249-255 registers, no spills), but only
-            # with a D split: at one slice (S written straight from the pipelined loop) 2 or 3
-            # stages gave S that changed from call to call, 162-733 selections off the float64
-            # truth at pi05 B=64 (H200, triton 3.6, run7/tune). There, at 3 stages, 2 slices
-            # took 112 us and one slice at 1 stage 119 us (PERF_LOG v49).
+            # pipeline nothing to hide. 64-row tiles with a D split (pi05 B=8: 20 us) run 3 stages,
+            # where triton's pipeliner copies the next steps' tiles with cp.async (sm_90: 249-255
+            # registers, no spills). With D in one slice (S written straight from the pipelined
+            # loop), 2 or 3 stages gave S that changed from call to call, 162-733 selections off
+            # the float64 truth at pi05 B=64 (H200, triton 3.6, run7/tune); there 1 stage took
+            # 119 us, and 2 slices at 3 stages 112 us but a fill launch more (PERF_LOG v49).
             self.stages1 = 3 if self.bm1 == 64 and self.ksplit > 1 else 1
         self.n_score_tiles = triton.cdiv(N, self.bm1)
         # The scratch's token stride: T rounded up to 16. Triton specialises an int argument

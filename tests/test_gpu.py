@@ -300,7 +300,7 @@ def test_ties_and_determinism(backend):
     out = fp.prune_tokens(patches, task, keep_tokens=16, backend=backend)
     assert torch.equal(out.kept_idx[0].cpu(), torch.arange(16))
     # B=1 is where the Triton scores kernel splits D and its slices arrive in any order; B=64 is
-    # where its 64-row tiles pipeline 3 stages (at one D slice, S changed from call to call).
+    # where its 64-row tiles take D in one slice (at 3 stages there S changed from call to call).
     for batch in (1, 3, 64):
         p, t, tm, pm = structured_inputs(batch=batch, dtype=torch.bfloat16, seed=9, device="cuda")
         outs = [fp.prune_tokens(p, t, task_mask=tm, patch_mask=pm, backend=backend) for _ in range(5)]
