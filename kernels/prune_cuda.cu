@@ -598,8 +598,8 @@ struct Loader<T, true> {
 };
 
 // ------------------------------------------------------------------------------------------
-// Kernel A's cluster variant (sm_90, plan.cluster; FASTPRUNE_CUDA_CLUSTER=0 turns it off). The ksplit
-// blocks of a (row tile, sample) form one thread block cluster. Each keeps its partials over its
+// Kernel A's cluster variant (sm_90, plan.cluster; FASTPRUNE_CUDA_CLUSTER=0 turns it off). The
+// ksplit blocks of a (row tile, sample) form one thread block cluster. Each keeps its partials over its
 // slice of D in its own shared memory instead of the workspace: S [64][ts], the patch sums of
 // squares [64] and the prompt's [ts]. After a cluster barrier, block q finishes rows q, q +
 // ksplit, ... of the tile from every block's partials, read through distributed shared memory.

@@ -11,9 +11,9 @@
 //            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
 //            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32, zeros past the prompt
 //            range up to 64 columns), and zeroes its argmax keys. With plan.cluster (sm_90,
-//            the default there) the D splits of a row tile are one thread block cluster instead: the
-//            partials stay in shared memory, every block finishes a share of the rows, and
-//            kernel A zeroes kernel B's counters (no memset: 3 launches);
+//            the default there) the D splits of a row tile are one thread block cluster
+//            instead: the partials stay in shared memory, every block finishes a share of the
+//            rows, and kernel A zeroes kernel B's counters (no memset: 3 launches);
 //   kernel B grid (row tiles, column splits, B): score' = A S^T tiles with fp32 accumulation
 //            (3xTF32 tensor-core wmma at sm_80+, fp32 FMA otherwise), each block looping over
 //            its split's column tiles; per-row argmax merged across the splits by a packed

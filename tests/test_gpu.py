@@ -493,21 +493,27 @@ def _child_matches_truth(tmp_path, *args, **env):
     return got
 
 
-def test_cuda_ksplit_override(tmp_path):
-    """FASTPRUNE_CUDA_KSPLIT (gpu_check's bench_ksplit sweep) fixes kernel A's D slices: the
-    selections are still the float64 truth's row argmax and the outputs the pruning of them,
-    eager and from a CUDA graph; a bad value is an error that names the variable."""
+def _child_error(tmp_path, **env):
+    """_PDL_CHILD under the environment variables `env`, which must make it fail: its stderr."""
     import os
     import subprocess
     import sys
 
+    proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(tmp_path / "bad.pt")], capture_output=True,
+                          text=True, env=dict(os.environ, **env), timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stderr
+
+
+def test_cuda_ksplit_override(tmp_path):
+    """FASTPRUNE_CUDA_KSPLIT (gpu_check's bench_ksplit sweep) fixes kernel A's D slices: the
+    selections are still the float64 truth's row argmax and the outputs the pruning of them,
+    eager and from a CUDA graph; a bad value is an error that names the variable."""
     why = _backend_available("cuda")
     if why:
         pytest.skip(why)
     _child_matches_truth(tmp_path, FASTPRUNE_CUDA_KSPLIT="4")
-    proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(tmp_path / "bad.pt")], capture_output=True,
-                          text=True, env=dict(os.environ, FASTPRUNE_CUDA_KSPLIT="0"), timeout=300)
-    assert proc.returncode != 0 and "FASTPRUNE_CUDA_KSPLIT must be an integer in [1, 32]" in proc.stderr
+    assert "FASTPRUNE_CUDA_KSPLIT must be an integer in [1, 32]" in _child_error(tmp_path, FASTPRUNE_CUDA_KSPLIT="0")
 
 
 def test_cuda_cluster_variant(tmp_path):
@@ -535,9 +541,7 @@ def test_cuda_cluster_variant(tmp_path):
             scores = [m.group(1) in ("true", "1") for m in scores if m]
             assert scores == [cluster], (env, work)
             assert any("memset" in k.lower() for k in work) != cluster, work  # the cluster kernel zeroes B's counters
-    proc = subprocess.run([sys.executable, "-c", _PDL_CHILD, str(tmp_path / "bad.pt")], capture_output=True,
-                          text=True, env=dict(os.environ, FASTPRUNE_CUDA_CLUSTER="yes"), timeout=300)
-    assert proc.returncode != 0 and "FASTPRUNE_CUDA_CLUSTER must be 0 or 1, got 'yes'" in proc.stderr
+    assert "FASTPRUNE_CUDA_CLUSTER must be 0 or 1, got 'yes'" in _child_error(tmp_path, FASTPRUNE_CUDA_CLUSTER="yes")
 
 
 def test_pi05_model_prunes_on_gpu(backend, monkeypatch):
