@@ -47,11 +47,10 @@ GPU_VARIANTS = {
                        dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
                        dict(warps1=8), dict(stages1=1), dict(stages1=2), dict(stages1=3), dict(stages1=4),
                        dict(prefetch1=0)],
-    # The last five came from the default's 284 B of sm_90 spills with tf32x3 dots (PERF_LOG v27;
-    # since v36 nothing spills); 4 warps at <= 255 registers fit 2 programs per SM.
-    "_select_kernel": [dict(bm2=32), dict(bn2=32), dict(warps2=4), dict(stages2=2), dict(n_split="x0.5"),
-                       dict(n_split="x2"), dict(dot_prec="ieee"), dict(a_once=0), dict(a_once=0, stages2=2),
-                       dict(bm2=32, stages2=2), dict(warps2=4, bn2=32), dict(warps2=4, bn2=32, n_split="x2")],
+    # Around run 8's 64 x 32 tiles at 4 warps; the first is the default before it.
+    "_select_kernel": [dict(bn2=64, warps2=8), dict(bn2=64), dict(warps2=8), dict(bn2=16), dict(bm2=32),
+                       dict(bm2=128, warps2=8), dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"),
+                       dict(dot_prec="ieee"), dict(a_once=0)],
     "_gather_kernel": [dict(br=4), dict(br=16), dict(br=32), dict(bd=256), dict(bd=1024), dict(bd=2048),
                        dict(warps3=2), dict(warps3=8)],
 }

@@ -834,14 +834,15 @@ class _Cfg:
                 self.bm1 = 16 if B * triton.cdiv(N, 16) <= 4 * want else 32
             self.bt = min(64, max(16, triton.next_power_of_2(T)))
             self.bk = 128 if elem_size == 2 else 64
-            self.bm2, self.bn2 = 64, 64
-            # The select kernel at 4 warps and 3 stages used 255 registers and spilled ~390 B per
-            # thread on sm_90; at 8 warps and 1 stage with exact fp32 dots it needed ~175-195 and
-            # spilled nothing. With tf32x3 dots (the default since run 4's sweep measured them
-            # 1.6-2.7x faster) it needs 232-255 and, since S rows load as 16-byte vectors (v36),
-            # spills nothing (tests/test_triton_sm90.py). One such program fills an SM's register
-            # file. (The scores kernel's stages follow its tile rows: below, after any tuning.)
-            self.warps1, self.warps2, self.stages2 = 4, 8, 1
+            # Select tiles of 64 rows x 32 columns at 4 warps: run 8's sweep (H200, bf16, tf32x3
+            # dots) timed them 1.77x faster than 64 x 64 at 8 warps at pi05 B=64 (141 vs 250 us),
+            # 1.25x at B=1 and 1.09x at N=1536, all on the float64 truth. Half the columns per
+            # product halve the accumulator, so 4 warps hold it: 128-190 registers at N=768 and no
+            # spills (tests/test_triton_sm90.py); at N=1536 the finishing step's 2048-wide arrays
+            # take 255 and spill 12 B in implicit mode (the 1.09x above includes that).
+            # (The scores kernel's stages follow its tile rows: below, after any tuning.)
+            self.bm2, self.bn2 = 64, 32
+            self.warps1, self.warps2, self.stages2 = 4, 4, 1
             self.br = 8
             self.bd = min(512 if elem_size == 2 else 256, triton.next_power_of_2(D))
         else:
@@ -894,7 +895,8 @@ class _Cfg:
         self.n_row_tiles = n_row_tiles
         if "n_split" not in dict(tuned):
             # Column splits so that the select programs fill the GPU in one wave: one program per
-            # SM (8 warps, see above); in the interpreter a few splits, so the merge is exercised.
+            # SM (run 8 timed the 64 x 32 tiles with this split); in the interpreter a few splits,
+            # so the merge is exercised.
             select_programs = want // 2 if on_gpu else want
             self.n_split = max(1, min(n_col_tiles, select_programs // max(1, n_row_tiles * B)))
         self.n_split = min(self.n_split, n_col_tiles)
