@@ -1317,21 +1317,10 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int n_ct = static_cast<int>(a.row_tiles), ct_step = static_cast<int>(gridDim.y);
   pdl_launch_dependents();  // the gather kernel, launched the same way, waits for the tail
-  // The patch mask of this thread's 4 columns of a tile (an input, not kernel A's): the first
-  // tile's before the wait, each next one's beside the current tile's loads, unpredicated, so the
-  // merge does not wait on them one by one.
   const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
-  // Bit c: column tx + 16 c of tile ct is a valid patch (one register across the tile loop).
-  auto load_col_mask = [&](int ct) {
-    unsigned bits = 0u;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int64_t j = static_cast<int64_t>(ct) * kBM + tx + 16 * c;
-      bits |= (pm == nullptr || pm[j < N ? j : 0]) ? 1u << c : 0u;
-    }
-    return bits;
-  };
-  unsigned col_mask = load_col_mask(blockIdx.y);
+  // Column indices in 32 bits (the plan admits N < INT_MAX only): the merge below is the
+  // kernel's busiest code after the product, and a 64-bit compare is two instructions.
+  const int n32 = static_cast<int>(N);
   pdl_wait();  // everything below reads or updates what kernel A wrote
   const int tr = a.trange[2 * b + 1] - a.trange[2 * b];
   const bool anyp = a.anyp[b] != 0;
@@ -1361,21 +1350,31 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
     for (int k = 0; k < 4; ++k) *reinterpret_cast<float4*>(&dst[ty + 16 * k][4 * tx]) = v[k];
   };
 
-  // The best packed key so far of each row over the tiles done, kept by the row's thread tx = 0
-  // (in shared memory: 8 more registers spilled at this kernel's 64).
-  __shared__ unsigned long long s_best[kBM];
-  if (tx == 0) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) s_best[ty + 16 * r] = 0ull;
-  }
+  // The merge reads the tile's product from shared memory in its own layout: thread (mr, mq)
+  // takes row mr and columns mq + 4 k (k < 16), so a row's 64 scores are 4 lanes' and one warp's
+  // loads hit 32 distinct banks (row stride kLdu = 4 mod 32 banks). In the product's layout (4
+  // rows x 4 columns a thread) each row's merge took 4 shuffle rounds of 64-bit keys; here 2.
+  const int mr = tid >> 2, mq = tid & 3;
+  // The best packed key of row mr over the tiles done (0 below every key), the same in the 4
+  // threads of the row.
+  unsigned long long row_best = 0ull;
+  // The allowed columns of the tile, bit c for column c: warps 0 and 1 ballot one column a lane.
+  __shared__ unsigned s_cols[2];
   for (int ct = blockIdx.y; ct < n_ct; ct += ct_step) {
     const int64_t c0 = static_cast<int64_t>(ct) * kBM;
-    // This thread's 4 x 4 outputs: rows ty + 16 r, columns tx + 16 c of the tile.
-    float acc[4][4];
+    // Allowed columns: all; or the valid patches; or column 0 alone when none is valid (anyp is
+    // set without a mask). The mask loads here and is used after the product.
+    bool col_ok = false;
+    if (tid < kBM) {
+      const int j = ct * kBM + tid;
+      col_ok = j < n32 && (anyp ? pm == nullptr || pm[j] : j == 0);
+    }
 #if FP_HAVE_MMA
     SelectMma tc;
     tc.zero();
 #else
+    // This thread's 4 x 4 outputs: rows ty + 16 r, columns tx + 16 c of the tile.
+    float acc[4][4];
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
@@ -1427,43 +1426,46 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
       __syncthreads();
       u0 += kBU;
     } while (u0 < tr);
+    // The product into the S tile, which is dead (the A tile may serve the next column tile).
 #if FP_HAVE_MMA
-    tc.store(ss);  // the S tile is dead (the A tile may serve the next column tile): the product
-    __syncthreads();
+    tc.store(ss);
+#else
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[r][c] = ss[ty + 16 * r][tx + 16 * c];
-    if (ct + ct_step < n_ct) __syncthreads();  // before the next tile's S loads overwrite the product
+      for (int c = 0; c < 4; ++c) ss[ty + 16 * r][tx + 16 * c] = acc[r][c];
 #endif
-
-    // Allowed columns: all; or the valid patches; or column 0 alone when none is valid.
-    bool allowed[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int64_t j = c0 + tx + 16 * c;
-      allowed[c] = j < N && (pm == nullptr || (anyp ? (col_mask >> c) & 1u : j == 0));
+    if (tid < kBM) {
+      const unsigned bits = __ballot_sync(kFull, col_ok);
+      if ((tid & 31) == 0) s_cols[tid >> 5] = bits;
     }
-    if (ct + ct_step < n_ct) col_mask = load_col_mask(ct + ct_step);
+    __syncthreads();
+    {
+      // The row's best of this thread's 16 columns by fp32 compares, packed once (a key per score
+      // and 64-bit maxima took ~116 instructions a row in v49's layout, sm_90 SASS). Columns rise
+      // with k, so the strict compare keeps the lowest on a tie. pack_key's order: -0 ties +0 (the
+      // compare), and NaN ranks below every number but above a disallowed column: bv starts as NaN
+      // with no column, any allowed score replaces it, and a number replaces a NaN.
+      const unsigned lo = s_cols[0] >> mq, hi = s_cols[1] >> mq;
+      const float* row = &ss[mr][mq];
+      int bk = -1;
+      float bv = __int_as_float(0x7fffffff);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      unsigned long long best = 0ull;
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        if (allowed[c]) best = max_u64(best, pack_key(acc[r][c], c0 + tx + 16 * c));
-      // The 16 threads of a row are lanes 0-15 or 16-31 of one warp.
-#pragma unroll
-      for (int o = 8; o > 0; o >>= 1) best = max_u64(best, __shfl_xor_sync(kFull, best, o));
-      if (tx == 0) s_best[ty + 16 * r] = max_u64(s_best[ty + 16 * r], best);
+      for (int k = 0; k < 16; ++k) {
+        const float v = row[4 * k];
+        const bool ok = (((k < 8 ? lo : hi) >> (4 * (k & 7))) & 1u) != 0u;
+        const bool take = ok & ((v > bv) | ((bv != bv) & ((v == v) | (bk < 0))));
+        bv = take ? v : bv;
+        bk = take ? k : bk;
+      }
+      unsigned long long best = bk < 0 ? 0ull : pack_key(bv, ct * kBM + mq + 4 * bk);
+      best = max_u64(best, __shfl_xor_sync(kFull, best, 1));  // the row's 4 lanes
+      best = max_u64(best, __shfl_xor_sync(kFull, best, 2));
+      row_best = max_u64(row_best, best);
     }
+    if (ct + ct_step < n_ct) __syncthreads();  // before the next tile's S loads overwrite the product
   }
-  if (tx == 0) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int64_t i = i0 + ty + 16 * r;
-      if (i < N && s_best[ty + 16 * r] != 0ull) atomicMax(&a.keys[b * N + i], s_best[ty + 16 * r]);
-    }
-  }
+  if (mq == 0 && i0 + mr < N && row_best != 0ull) atomicMax(&a.keys[b * N + i0 + mr], row_best);
 
   __syncthreads();
   if (tid == 0) s_last = arrive(&a.counters_b[b]) == static_cast<int>(gridDim.x * gridDim.y) - 1;

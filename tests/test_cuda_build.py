@@ -586,6 +586,29 @@ def test_emulated_nonfinite_inputs(emu, value):
         assert ((idx >= 0) & (idx < 40)).all()
 
 
+@pytest.mark.parametrize("path", ["mma", "fma"])
+def test_emulated_nan_column_never_wins(emu, path):
+    """A NaN patch makes its column's scores NaN in every row (and its own row all NaN). NaN
+    ranks below every number: each other row picks what it picks with that column masked out,
+    and the NaN row the lowest allowed column. The NaN columns are the first a merge thread reads
+    in their tiles (columns 1 and 66: thread mq = 1 of tile 0, mq = 2 of tile 1), so a merge that
+    kept a NaN it met first would show; the ties among the NaN row's columns pick column 0."""
+    g = torch.Generator().manual_seed(3)
+    patches, task = torch.randn(2, 70, 64, generator=g), torch.randn(2, 9, 64, generator=g)
+    nan_cols = [1, 66]
+    for j in nan_cols:
+        patches[:, j, 5] = float("nan")
+    masked = torch.ones(2, 70, dtype=torch.bool)
+    masked[:, nan_cols] = False
+    idx, _ = emu[path]("select", patches, task)
+    want, _ = emu[path]("select", patches, task, None, masked)
+    other = torch.ones(70, dtype=torch.bool)
+    other[nan_cols] = False
+    assert torch.equal(idx[:, other], want[:, other])
+    assert (idx[:, nan_cols] == 0).all()
+    assert not torch.isin(idx, torch.tensor(nan_cols)).any()
+
+
 def test_emulated_pi05_shape_bf16(emu):
     """The pi0.5 shape (768 patches, 200 prompt slots with 48 valid, D=2048), tensor-core path,
     D split over 11 slices as on an H100; a missing camera keeps nothing."""

@@ -226,6 +226,17 @@ template <typename T>
 T __shfl_xor_sync(unsigned, T v, int o) {
   return emu_shfl(v, (threadIdx.x & 31) ^ o);
 }
+// Every lane of the warp takes part (a full mask), as in the kernels.
+inline unsigned __ballot_sync(unsigned, int p) {
+  const int warp = threadIdx.x >> 5;
+  emu::Block& blk = emu::cur_block();
+  blk.slots[threadIdx.x] = p != 0;
+  emu::wait(blk.warp_barriers[warp]);
+  unsigned bits = 0u;
+  for (int l = 0; l < 32; ++l) bits |= blk.slots[warp * 32 + l] != 0 ? 1u << l : 0u;
+  emu::wait(blk.warp_barriers[warp]);
+  return bits;
+}
 template <typename T>
 T __shfl_up_sync(unsigned, T v, int d) {
   const int lane = threadIdx.x & 31;
@@ -268,6 +279,11 @@ inline unsigned __float_as_uint(float f) {
   unsigned u;
   std::memcpy(&u, &f, 4);
   return u;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
 }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
