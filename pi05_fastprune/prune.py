@@ -75,11 +75,20 @@ def cuda_kernels_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastprune::prune", "CUDA")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "cpu" on CPU; on CUDA the environment variable FASTPRUNE_BACKEND, else "cuda"
-    where the CUDA C++ kernels are built and "triton" otherwise. The CUDA C++ kernels measured
-    faster than the Triton ones at every shape and mode of the op benchmark on an H200
-    (2.0-4.7x by device median, 1.3-2.8x in CUDA-graph replay; bench/results/h200-2026-11-26)."""
+# "auto" on CUDA sends calls of at least this many patch rows (B * N) to the Triton kernels when
+# both backends are there. Run 9 (H200, pi0.5 bf16, CUDA-graph replay): the CUDA C++ kernels are
+# faster at B=1 (22.9 vs 27.1 us), N=1536 (37.2 vs 47.7) and B=8 (65.0 vs 69.1), the Triton ones
+# at B=64 (288 vs 345). Between B=8 and B=64 nothing is measured; a straight line through both
+# backends' times crosses at B ~ 12, 9216 rows of 768 patches.
+AUTO_TRITON_ROWS = 9216
+
+
+def resolve_backend(backend: str, device: torch.device, rows: Optional[int] = None) -> str:
+    """"auto" -> "cpu" on CPU; on CUDA the environment variable FASTPRUNE_BACKEND, else the
+    faster backend measured (bench/results/h200-2026-11-27/run9): the CUDA C++ kernels where
+    built, except for calls of ``rows`` >= AUTO_TRITON_ROWS patch rows (B * N) when triton is
+    installed; Triton where the CUDA C++ kernels are not built. The ops' own "auto" (C++, also
+    for LibTorch users) is the CUDA C++ kernels."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -91,7 +100,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if env not in ("triton", "cuda"):
             raise ValueError(f"FASTPRUNE_BACKEND must be 'triton' or 'cuda', got {env!r}")
         return env
-    return "cuda" if cuda_kernels_built() else "triton"
+    if not cuda_kernels_built():
+        return "triton"
+    from pi05_fastprune import triton_ops
+
+    return "triton" if rows is not None and rows >= AUTO_TRITON_ROWS and triton_ops.HAVE_TRITON else "cuda"
 
 
 def resolve_keep_tokens(keep_tokens: Optional[int], keep_ratio: Optional[float], n: int) -> Optional[int]:
@@ -118,7 +131,7 @@ def select_tokens(
     With ``mask_voters`` the rows of invalid patches do not vote and hold -1.
     """
     check_inputs(patches, task, task_mask, patch_mask)
-    backend = resolve_backend(backend, patches.device)
+    backend = resolve_backend(backend, patches.device, patches.shape[0] * patches.shape[1])
     if backend == "triton":
         from pi05_fastprune import triton_ops
 
@@ -148,7 +161,7 @@ def prune_tokens(
     """
     keep_tokens = resolve_keep_tokens(keep_tokens, keep_ratio, patches.shape[1] if patches.dim() == 3 else 0)
     check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
-    backend = resolve_backend(backend, patches.device)
+    backend = resolve_backend(backend, patches.device, patches.shape[0] * patches.shape[1])
     if backend == "triton":
         # The Triton ops (not fastprune::prune's dispatch to them), so that Inductor sees their
         # kernels under torch.compile; eager calls launch the kernels directly.
