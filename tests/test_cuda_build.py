@@ -586,6 +586,28 @@ def test_emulated_nonfinite_inputs(emu, value):
         assert ((idx >= 0) & (idx < 40)).all()
 
 
+def test_emulator_orders_warps_only_at_barriers(emu):
+    """The emulator runs a block's warps one at a time up to a block barrier, in increasing
+    order in even blocks and decreasing in odd ones: a read of another warp's shared-memory write
+    with no barrier between gets the value from before the write, whichever warp runs first. (It
+    once ran every thread to its first wait in turn, and a kernel whose reads all came before a
+    warp shuffle passed every emulated test without the barrier that orders them before the next
+    tile's writes.)"""
+    out = torch.zeros(128)
+    lib = emu["fma"].lib
+    lib.fp_emu_barrier_probe.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.fp_emu_barrier_probe(1, out.data_ptr())
+    t = torch.arange(64)
+    want = torch.cat([1000 + (t + 32) % 64, 2000 + (t + 32) % 64]).float()
+    assert torch.equal(out, want)
+    lib.fp_emu_barrier_probe(0, out.data_ptr())
+    # Block 0, warp 0 first: its reads of warp 1's slots see the previous launch's block 1 stamps.
+    # Block 1, warp 1 first: its reads of warp 0's slots see block 0's stamps.
+    stale = torch.cat([t < 32, t >= 32])
+    assert torch.equal(out[~stale], want[~stale])
+    assert torch.equal(out[stale] - want[stale], torch.full((64,), 1000.0) * torch.cat([torch.ones(32), -torch.ones(32)]))
+
+
 @pytest.mark.parametrize("path", ["mma", "fma"])
 def test_emulated_nan_column_never_wins(emu, path):
     """A NaN patch makes its column's scores NaN in every row (and its own row all NaN). NaN

@@ -13,6 +13,7 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -130,17 +131,34 @@ inline void run_cluster() {
   // next one starts, so a read of another block's shared memory that no cluster barrier orders
   // after its writes sees the NaN fill. A block that has ended gets its shared memory refilled,
   // so a read after its owner left (no cluster barrier before the exit) sees NaN too.
+  //
+  // Inside a block, warp by warp: a warp runs as far as it can (to a block or cluster barrier, or
+  // to its end) before the next one starts, in increasing warp order in blocks of even
+  // x + y + z and decreasing in the others. So a warp's shared-memory writes that no barrier
+  // orders after another warp's reads (or its reads before another's writes) land on the wrong
+  // side of them, whichever warp should have come first; running every fiber to its first wait
+  // in turn hid a missing barrier after a loop whose reads come before a warp shuffle.
   std::vector<bool> ended(g_blocks.size(), false);
+  const int warps = (per + 31) / 32;
   for (int left = nt; left > 0;) {
     const uint64_t before = g_progress;
     for (size_t blk = 0; blk < g_blocks.size(); ++blk) {
-      for (uint64_t pass = g_progress + 1; pass != g_progress;) {
-        pass = g_progress;
-        for (int t = static_cast<int>(blk) * per; t < static_cast<int>(blk + 1) * per; ++t) {
-          if (g_fibers[t].done) continue;
-          g_cur = t;
-          swapcontext(&g_sched, &g_fibers[t].ctx);
-          if (g_fibers[t].done) --left;
+      const dim3 bi = g_blocks[blk].idx;
+      const bool down = (bi.x + bi.y + bi.z) % 2 != 0;
+      for (uint64_t block_pass = g_progress + 1; block_pass != g_progress;) {
+        block_pass = g_progress;
+        for (int k = 0; k < warps; ++k) {
+          const int w = down ? warps - 1 - k : k;
+          const int t0 = static_cast<int>(blk) * per + 32 * w, t1 = std::min(t0 + 32, static_cast<int>(blk + 1) * per);
+          for (uint64_t pass = g_progress + 1; pass != g_progress;) {
+            pass = g_progress;
+            for (int t = t0; t < t1; ++t) {
+              if (g_fibers[t].done) continue;
+              g_cur = t;
+              swapcontext(&g_sched, &g_fibers[t].ctx);
+              if (g_fibers[t].done) --left;
+            }
+          }
         }
       }
       bool all_done = true;

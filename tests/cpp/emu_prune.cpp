@@ -53,3 +53,21 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
     if (ws[plan.workspace_bytes + i] != 0xff) return -4;
   return plan.ksplit;
 }
+
+// The emulator's own check (test_emulator_orders_warps_only_at_barriers): each thread of 2 blocks
+// of 2 warps writes its shared slot, then, after a block barrier or without one, reads the slot
+// of the lane 32 away, in the other warp. Stamps differ by block, so a read that comes before
+// the other warp's write returns what the block before left there.
+namespace {
+__global__ void barrier_probe_kernel(int with_barrier, float* out) {
+  __shared__ float slot[64];
+  const int t = static_cast<int>(threadIdx.x);
+  slot[t] = static_cast<float>(1000 * (blockIdx.x + 1) + t);
+  if (with_barrier) __syncthreads();
+  out[blockIdx.x * 64 + t] = slot[(t + 32) % 64];
+}
+}  // namespace
+
+extern "C" void fp_emu_barrier_probe(int with_barrier, float* out) {
+  emu::launch([&] { barrier_probe_kernel(with_barrier, out); }, dim3(2), dim3(64), 1, 0);
+}
