@@ -3,7 +3,8 @@
 // Every CUDA thread of a block is a fiber on one host thread; clusters of a launch run one after
 // the other (a plain launch: clusters of one block, so `__shared__` becomes `static`), the blocks
 // of a cluster run together, each with its own dynamic shared memory (fp_dyn_smem; a cluster
-// kernel keeps all of its shared memory there), __syncthreads is a barrier of the block's fibers
+// kernel keeps all of its shared memory there), a block's warps run one at a time between its
+// barriers (so a missing one shows), __syncthreads is a barrier of the block's fibers
 // and fp_cluster_sync one of the cluster's (a divergent one deadlocks and aborts), warp shuffles
 // exchange through per-warp slots between two warp barriers, and wmma fragments are whole 16x16
 // tiles held by every lane (lane 0 stores). It checks index/bound/synchronisation logic and
