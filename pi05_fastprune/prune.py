@@ -102,9 +102,11 @@ def resolve_backend(backend: str, device: torch.device, rows: Optional[int] = No
         return env
     if not cuda_kernels_built():
         return "triton"
-    from pi05_fastprune import triton_ops
+    if rows is None or rows < AUTO_TRITON_ROWS:
+        return "cuda"  # pi0.5 at small batches: no import on this path
+    from pi05_fastprune import triton_ops  # imports this module: not at its top
 
-    return "triton" if rows is not None and rows >= AUTO_TRITON_ROWS and triton_ops.HAVE_TRITON else "cuda"
+    return "triton" if triton_ops.HAVE_TRITON else "cuda"
 
 
 def resolve_keep_tokens(keep_tokens: Optional[int], keep_ratio: Optional[float], n: int) -> Optional[int]:

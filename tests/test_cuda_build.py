@@ -323,6 +323,7 @@ class Emulated:
         f.restype = ctypes.c_int
         I, P, C = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         f.argtypes = [C, C, I, I, I, I, P, I, I, P, I, I, P, P, C, I, I, C, P, P, P, P, P, P, I, P]
+        self.lib.fp_emu_barrier_probe.argtypes = [C, P]
 
     def __call__(self, op, patches, task, task_mask=None, patch_mask=None, *, mask_voters=False,
                  keep_tokens=None, max_tokens=None, num_sms=132, cluster=False):
@@ -595,7 +596,6 @@ def test_emulator_orders_warps_only_at_barriers(emu):
     tile's writes.)"""
     out = torch.zeros(128)
     lib = emu["fma"].lib
-    lib.fp_emu_barrier_probe.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.fp_emu_barrier_probe(1, out.data_ptr())
     t = torch.arange(64)
     want = torch.cat([1000 + (t + 32) % 64, 2000 + (t + 32) % 64]).float()
