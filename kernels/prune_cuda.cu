@@ -1122,8 +1122,37 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
   // reads item N - 1, unused): a loop that loads and then updates `votes` waited for each load
   // in turn. A masked patch starts at kMasked votes, so no pass reads the mask again: it stays
   // negative whatever it gets (all votes go to column 0 when no patch is valid).
+  //
+  // The first batch of keys is loaded before the vote counts are cleared, so that its L2 round
+  // trip overlaps the mask's: the tail waited for one, then the other (the finishing step is
+  // the kernel's serial end at pi05 B=1; run 10's ncu put about 8 k cycles on its one SM).
   constexpr int kBatch = 4;
   constexpr int kMasked = INT_MIN / 2;
+  unsigned long long key[kBatch];
+  bool voter[kBatch];
+  auto load_rows = [&](int i0) {
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      key[k] = __ldcg(&keys[mn(i0 + tid + k * kThreads, N - 1)]);
+      voter[k] = true;
+    }
+    if (mask_rows) {
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) voter[k] = pm[mn(i0 + tid + k * kThreads, N - 1)];
+    }
+  };
+  auto vote_rows = [&](int i0) {
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = i0 + tid + k * kThreads;
+      if (i >= N) break;
+      int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key[k] & 0xffffffffull));
+      if (j >= N) j = 0;  // unreachable: every row has an allowed column
+      if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter[k] ? j : -1;
+      if (a.want_keep && voter[k]) atomicAdd(&votes[j], 1);
+    }
+  };
+  load_rows(0);
   if (a.want_keep) {
     for (int j0 = 0; j0 <= N; j0 += kBatch * kThreads) {
       bool on[kBatch];
@@ -1144,27 +1173,10 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
     }
   }
   __syncthreads();
-  for (int i0 = 0; i0 < N; i0 += kBatch * kThreads) {
-    unsigned long long key[kBatch];
-    bool voter[kBatch];
-#pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      key[k] = __ldcg(&keys[mn(i0 + tid + k * kThreads, N - 1)]);
-      voter[k] = true;
-    }
-    if (mask_rows) {
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) voter[k] = pm[mn(i0 + tid + k * kThreads, N - 1)];
-    }
-#pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      const int i = i0 + tid + k * kThreads;
-      if (i >= N) break;
-      int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key[k] & 0xffffffffull));
-      if (j >= N) j = 0;  // unreachable: every row has an allowed column
-      if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter[k] ? j : -1;
-      if (a.want_keep && voter[k]) atomicAdd(&votes[j], 1);
-    }
+  vote_rows(0);
+  for (int i0 = kBatch * kThreads; i0 < N; i0 += kBatch * kThreads) {
+    load_rows(i0);
+    vote_rows(i0);
   }
   if (!a.want_keep) return;
   __syncthreads();
@@ -1179,68 +1191,70 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
   int cnt = 0;
   for (int j = j_lo; j < j_hi; ++j) cnt += eligible(j, vload<kSmem>(&votes[j])) ? 1 : 0;
   int n_elig = 0;
-  block_excl_scan(cnt, s_warp, &n_elig);
-  const bool thresh = n_elig > limit;  // block-uniform
+  const int elig_before = block_excl_scan(cnt, s_warp, &n_elig);
+  int* list = a.list + b * a.N;
+  auto finish = [&](int count) {
+    if (tid == 0) {
+      a.counts_out[b] = count;
+      atomicMax(a.max_count, count);
+    }
+  };
+  if (n_elig <= limit) {  // block-uniform: every eligible patch is kept, placed by the scan above
+    int pos = elig_before;
+    for (int j = j_lo; j < j_hi; ++j) {
+      if (eligible(j, vload<kSmem>(&votes[j]))) list[pos++] = j;
+    }
+    finish(n_elig);
+    return;
+  }
 
   // Budget: keep the `limit` eligible patches with most votes, lower index first. v* is the
   // vote count at the cut: all with votes > v* (fewer than limit) and the lowest-index `need`
   // of those with votes == v*. Bins are walked from v = N down, position p = N - v.
-  int vstar = -1;
-  int need = 0;
-  if (thresh) {
-    for (int j = tid; j < N; j += kThreads) {
-      const int v = vload<kSmem>(&votes[j]);
-      if (eligible(j, v)) atomicAdd(&hist[v], 1);
-    }
-    __syncthreads();
-    int p_lo, p_hi;
-    segment(N + 1, &p_lo, &p_hi);
-    int h_seg = 0;
-    for (int p = p_lo; p < p_hi; ++p) h_seg += vload<kSmem>(&hist[N - p]);
-    int tot = 0;
-    int above = block_excl_scan(h_seg, s_warp, &tot);  // eligible with votes > N - p_lo
-    for (int p = p_lo; p < p_hi; ++p) {
-      const int h = vload<kSmem>(&hist[N - p]);
-      if (above < limit && above + h >= limit) {  // exactly one bin in the block
-        *s_vstar = N - p;
-        *s_above = above;
-      }
-      above += h;
-    }
-    __syncthreads();
-    vstar = *s_vstar;
-    need = limit - *s_above;
+  for (int j = tid; j < N; j += kThreads) {
+    const int v = vload<kSmem>(&votes[j]);
+    if (eligible(j, v)) atomicAdd(&hist[v], 1);
   }
+  __syncthreads();
+  int p_lo, p_hi;
+  segment(N + 1, &p_lo, &p_hi);
+  int h_seg = 0;
+  for (int p = p_lo; p < p_hi; ++p) h_seg += vload<kSmem>(&hist[N - p]);
+  int tot = 0;
+  int above = block_excl_scan(h_seg, s_warp, &tot);  // eligible with votes > N - p_lo
+  for (int p = p_lo; p < p_hi; ++p) {
+    const int h = vload<kSmem>(&hist[N - p]);
+    if (above < limit && above + h >= limit) {  // exactly one bin in the block
+      *s_vstar = N - p;
+      *s_above = above;
+    }
+    above += h;
+  }
+  __syncthreads();
+  const int vstar = *s_vstar;
+  const int need = limit - *s_above;
 
   // The kept list in increasing j. One scan of packed counts per segment: ties (votes == v*)
   // in the high 32 bits, the other kept patches in the low 32. A tie is kept when fewer than
   // `need` ties precede it, so the patches kept before j are the non-ties before it plus
-  // min(need, ties before it).
-  auto tie_of = [&](bool e, int v) { return thresh && e && v == vstar; };
-  auto sure_of = [&](bool e, int v) { return e && (!thresh || v > vstar); };
+  // min(need, ties before it). Exactly `limit` are kept.
   long long packed = 0;
   for (int j = j_lo; j < j_hi; ++j) {
     const int v = vload<kSmem>(&votes[j]);
-    const bool e = eligible(j, v);
-    packed += (tie_of(e, v) ? (1ll << 32) : 0ll) + (sure_of(e, v) ? 1ll : 0ll);
+    if (eligible(j, v)) packed += v == vstar ? (1ll << 32) : (v > vstar ? 1ll : 0ll);
   }
   long long packed_tot = 0;
   const long long before = block_excl_scan(packed, s_warp64, &packed_tot);
   int sure = static_cast<int>(before & 0xffffffffll), ties = static_cast<int>(before >> 32);
-  int* list = a.list + b * a.N;
   for (int j = j_lo; j < j_hi; ++j) {
     const int v = vload<kSmem>(&votes[j]);
     const bool e = eligible(j, v);
-    const bool tie = tie_of(e, v);
-    if (sure_of(e, v) || (tie && ties < need)) list[sure + mn(ties, need)] = j;
-    sure += sure_of(e, v) ? 1 : 0;
+    const bool tie = e && v == vstar, keep_sure = e && v > vstar;
+    if (keep_sure || (tie && ties < need)) list[sure + mn(ties, need)] = j;
+    sure += keep_sure ? 1 : 0;
     ties += tie ? 1 : 0;
   }
-  if (tid == 0) {
-    const int pos = static_cast<int>(packed_tot & 0xffffffffll) + mn(static_cast<int>(packed_tot >> 32), need);
-    a.counts_out[b] = pos;
-    atomicMax(a.max_count, pos);
-  }
+  finish(limit);
 }
 
 #if FP_HAVE_MMA
