@@ -95,7 +95,8 @@ def _r4(x):
 # Regions start on 16-byte boundaries. _scratch_sizes sizes them.
 @triton.jit
 def _i32_scratch(WS, B, N):
-    """int32: merge keys [B, N] (int64) | order [B, N] | per-sample arrival counters [B], kmax."""
+    """int32: merge keys [B, N] (int64) | order [B, N] (the select kernel's vote counts, then its
+    kept list) | per-sample arrival counters [B], kmax."""
     bn = B.to(tl.int64) * N
     WSI = WS.to(tl.pointer_type(tl.int32), bitcast=True)
     KEYS = WS.to(tl.pointer_type(tl.int64), bitcast=True)
@@ -270,10 +271,11 @@ def _scores_kernel(
                 m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
             tl.store(M + b * N + rows64, m, mask=rmask)
 
-    # This call's merge state: keys below every real score, zero counters.
+    # This call's merge state: keys below every real score, zero vote counts and counters.
     if ks == 0:
         key_init = tl.full([BLOCK_M], -2147483648, tl.int64) << 32
         tl.store(KEYS + b * N + rows64, key_init, mask=rmask)
+        tl.store(ORDER + b * N + rows64, tl.zeros([BLOCK_M], tl.int32), mask=rmask)  # vote counts
         if pid_m == 0:
             tl.store(COUNTER + b, 0)
             if b == 0:
@@ -449,9 +451,17 @@ def _select_kernel(
         if SELECT_ONLY:
             tl.store(IDX + b * N + offs64, tl.where(voter, idx, -1), mask=inb)
         else:
-            # In the program (shared memory on the GPU), not with global atomics: one pass instead
-            # of scattered adds, a barrier and a read back.
-            votes = tl.histogram(idx.to(tl.int32), BLOCK_NALL, mask=voter)
+            # The votes are counted in the order region (zeroed by kernel 1; the kept list
+            # overwrites it below): relaxed adds, the CTA barrier, which makes every thread's
+            # adds visible to the block, and volatile (L2) reads. tl.histogram counted them in
+            # the program with ballots (v22), about 1200 sm_90 instructions per warp at
+            # BLOCK_NALL = 1024 on the kernel's serial tail: run 10's ncu had the busiest SM of
+            # the pi05 B=1 call active 15.6 k cycles longer than the idlest.
+            votes_at = ORDER + b * N
+            tl.atomic_add(votes_at + idx, 1, mask=voter, sem="relaxed", scope="gpu")
+            tl.debug_barrier()
+            votes = tl.load(votes_at + offs64, mask=inb, other=0, volatile=True)
+            tl.debug_barrier()  # every count is read before the kept list overwrites the region
             if BUDGET:
                 elig = valid
             else:
@@ -894,11 +904,11 @@ class _Cfg:
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
         if "n_split" not in dict(tuned):
-            # Column splits so that the select programs fill the GPU in one wave: one program per
-            # SM (run 8 timed the 64 x 32 tiles with this split); in the interpreter a few splits,
-            # so the merge is exercised.
-            select_programs = want // 2 if on_gpu else want
-            self.n_split = max(1, min(n_col_tiles, select_programs // max(1, n_row_tiles * B)))
+            # Column splits so that the select programs fill the GPU in one wave of two 4-warp
+            # programs per SM (run 10's sweep, pi05 bf16 on an H200: 42.2 -> 30.1 µs at B=8, 30.3
+            # -> 26.0 at N=1536, 12.5 -> 12.3 at B=1, against one program per SM); in the
+            # interpreter a few splits, so the merge is exercised.
+            self.n_split = max(1, min(n_col_tiles, want // max(1, n_row_tiles * B)))
         self.n_split = min(self.n_split, n_col_tiles)
 
 
