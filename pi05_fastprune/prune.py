@@ -76,16 +76,18 @@ def cuda_kernels_built() -> bool:
 
 
 # "auto" on CUDA sends calls of at least this many patch rows (B * N) to the Triton kernels when
-# both backends are there. Run 9 (H200, pi0.5 bf16, CUDA-graph replay): the CUDA C++ kernels are
-# faster at B=1 (22.9 vs 27.1 us), N=1536 (37.2 vs 47.7) and B=8 (65.0 vs 69.1), the Triton ones
-# at B=64 (288 vs 345). Between B=8 and B=64 nothing is measured; a straight line through both
-# backends' times crosses at B ~ 12, 9216 rows of 768 patches.
-AUTO_TRITON_ROWS = 9216
+# both backends are there. Run 11 (H200, pi0.5 bf16, static cap; CUDA-graph replay / eager
+# median): the CUDA C++ kernels are faster at B=1 (20.8 vs 23.4 us / 26.5 vs 27.6), the Triton
+# ones at B=8 (52.5 vs 61.4 / 57.6 vs 69.3) and B=64 (270 vs 341). At B=1 with 1536 patches
+# Triton is faster in graph replay (31.6 vs 34.9) and slower eager (57.3 vs 41.2: host time), so
+# the threshold is the smallest shape measured where Triton wins both: B=8, 6144 rows of 768
+# patches. B=2..7 are not measured.
+AUTO_TRITON_ROWS = 6144
 
 
 def resolve_backend(backend: str, device: torch.device, rows: Optional[int] = None) -> str:
     """"auto" -> "cpu" on CPU; on CUDA the environment variable FASTPRUNE_BACKEND, else the
-    faster backend measured (bench/results/h200-2026-11-27/run9): the CUDA C++ kernels where
+    faster backend measured (bench/results/h200-2026-11-27/run11): the CUDA C++ kernels where
     built, except for calls of ``rows`` >= AUTO_TRITON_ROWS patch rows (B * N) when triton is
     installed; Triton where the CUDA C++ kernels are not built. The ops' own "auto" (C++, also
     for LibTorch users) is the CUDA C++ kernels."""
