@@ -13,7 +13,7 @@ launch parameters (``prune_triton.tuning``), the others at their defaults. Per v
   time in a CUDA-graph replay.
 
     python bench/tune_triton.py --out DIR              # GPU: pi05 at B=1/8/64 and N=1536, bf16
-    python bench/tune_triton.py --batches 64 --variant scores:stages1=1 --out DIR   # chosen variants
+    python bench/tune_triton.py --batches 64 --variant scores:stages1=3 --out DIR   # chosen variants
     TRITON_INTERPRET=1 python bench/tune_triton.py --quick --out DIR   # CPU: tiny shapes, outputs only
 
 Writes DIR/tune.json (every row, environment) and DIR/tune.md (per shape and kernel: default,
@@ -45,7 +45,7 @@ KERNELS = ("_scores_kernel", "_select_kernel", "_gather_kernel")
 GPU_VARIANTS = {
     "_scores_kernel": [dict(ksplit=1), dict(ksplit="x2"), dict(ksplit="x4"), dict(bk=64, ksplit="x2"),
                        dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
-                       dict(warps1=8), dict(stages1=1), dict(stages1=2), dict(stages1=3), dict(stages1=4),
+                       dict(warps1=8), dict(stages1=2), dict(stages1=3), dict(stages1=4),
                        dict(prefetch1=0)],
     # Around run 8's 64 x 32 tiles at 4 warps; the first is the default before it.
     "_select_kernel": [dict(bn2=64, warps2=8), dict(bn2=64), dict(warps2=8), dict(bn2=16), dict(bm2=32),

@@ -850,9 +850,16 @@ class _Cfg:
             # product halve the accumulator, so 4 warps hold it: 128-190 registers at N=768 and no
             # spills (tests/test_triton_sm90.py); at N=1536 the finishing step's 2048-wide arrays
             # take 255 and spill 12 B in implicit mode (the 1.09x above includes that).
-            # (The scores kernel's stages follow its tile rows: below, after any tuning.)
             self.bm2, self.bn2 = 64, 32
-            self.warps1, self.warps2, self.stages2 = 4, 4, 1
+            # The scores kernel runs 1 stage. Its 64-row tiles at 3 stages (triton's pipeliner
+            # copying the next steps' tiles with cp.async) gave wrong S on an H200 with triton 3.6
+            # at two of the four D-step counts measured (bk = 128, pi05 bf16): 16 steps (B=64, D
+            # in one slice: 162 selections off the float64 truth, not the same twice; run 7) and 4
+            # steps (B=8, 4 slices: 175 off; run 12); 8 and 2 steps were right. The cause is not
+            # known, so no step count is trusted. 1 stage was right at every shape measured, and
+            # 1.56x (B=1) and 1.36x (B=64) faster than 3 with 16/32-row tiles (run 4); at B=64 with
+            # 64 rows it costs 1.4x against the wrong 3-stage kernel (119 vs 85 us, run 7).
+            self.warps1, self.warps2, self.stages1, self.stages2 = 4, 4, 1, 1
             self.br = 8
             self.bd = min(512 if elem_size == 2 else 256, triton.next_power_of_2(D))
         else:
@@ -883,16 +890,6 @@ class _Cfg:
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
-        if on_gpu and "stages1" not in dict(tuned):
-            # The scores kernel at 1 stage: 1.56x (B=1) and 1.36x (B=64) faster than at 3 on an
-            # H200 with 16/32-row tiles (run4/tune): its few D steps per program leave a deep
-            # pipeline nothing to hide. 64-row tiles with a D split (pi05 B=8: 20 us) run 3 stages,
-            # where triton's pipeliner copies the next steps' tiles with cp.async (sm_90: 249-255
-            # registers, no spills). With D in one slice (S written straight from the pipelined
-            # loop), 2 or 3 stages gave S that changed from call to call, 162-733 selections off
-            # the float64 truth at pi05 B=64 (H200, triton 3.6, run7/tune); there 1 stage took
-            # 119 us, and 2 slices at 3 stages 112 us but a fill launch more (PERF_LOG v49).
-            self.stages1 = 3 if self.bm1 == 64 and self.ksplit > 1 else 1
         self.n_score_tiles = triton.cdiv(N, self.bm1)
         # The scratch's token stride: T rounded up to 16. Triton specialises an int argument
         # divisible by 16, so the kernels know that S rows start 64-byte aligned, and load and
