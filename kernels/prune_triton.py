@@ -322,13 +322,20 @@ def _a_of(si, rmask, vt, scale, m_row):
 
 
 @triton.jit
-def _allowed(cols, cmask, PMASK, b, N, no_patch, HAS_PMASK: tl.constexpr):
-    """The columns a row may pick: all; or the valid patches; or column 0 alone when none is
-    valid. Called before a tile's product, so that the mask's load overlaps it."""
-    allowed = cmask
+def _pm_tile(cols, PMASK, b, N, HAS_PMASK: tl.constexpr):
+    """The patch mask at columns ``cols`` (False past N), as loaded: _allowed reads it."""
     if HAS_PMASK:
-        pm = tl.load(PMASK + b * N + cols, mask=cmask, other=0) != 0
-        allowed = cmask & (pm | ((cols == 0) & no_patch))
+        return tl.load(PMASK + b * N + cols, mask=cols < N, other=0)
+    return tl.zeros(cols.shape, tl.int1)
+
+
+@triton.jit
+def _allowed(cols, pm, no_patch, N, HAS_PMASK: tl.constexpr):
+    """The columns a row may pick: all; or the valid patches (``pm``: _pm_tile); or column 0
+    alone when none is valid."""
+    allowed = cols < N
+    if HAS_PMASK:
+        allowed = allowed & ((pm != 0) | ((cols == 0) & no_patch))
     return allowed
 
 
@@ -392,22 +399,25 @@ def _select_kernel(
         vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
         a = _a_of(si_first, rmask, vt, scale, m_row)
         sj = sj_first
+        pm = _pm_tile(cols_first, PMASK, b, N, HAS_PMASK)
         for ct in range(split, n_col_tiles, n_split):
             cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            # The next column tile of the split loads before this one's product and merge (zeros
-            # past the last), so its L2 round trip overlaps them.
+            # The next column tile of the split and its patch mask load before this one's
+            # product and merge (zeros past the last), so their L2 round trips overlap them. (The
+            # mask loaded in its own iteration, the product waited for it: sm_90 SASS at B=64,
+            # where run 11's ncu put 6.6 % of the kernel's warp samples on that wait.)
             cols_next = cols + n_split * BLOCK_N
             sj_next = _load_s(s_base, cols_next, cols_next < N, tt, TS)
-            allowed = _allowed(cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
+            pm_next = _pm_tile(cols_next, PMASK, b, N, HAS_PMASK)
             acc = tl.dot(a, tl.trans(sj), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), input_precision=DOT_PREC)
-            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, allowed)
+            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, _allowed(cols, pm, no_patch, N, HAS_PMASK))
             sj = sj_next
+            pm = pm_next
     else:
         for ct in range(split, n_col_tiles, n_split):
             cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
             cmask = cols < N
-            allowed = _allowed(cols, cmask, PMASK, b, N, no_patch, HAS_PMASK)
+            allowed = _allowed(cols, _pm_tile(cols, PMASK, b, N, HAS_PMASK), no_patch, N, HAS_PMASK)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
