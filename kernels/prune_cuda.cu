@@ -664,6 +664,15 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
     return sum;
   };
   fp_cluster_sync();  // every block's partials are in its shared memory
+  // The warp's first row (its only one at pi05 B=1: 8 slices, 8 warps, 64 rows): its patch sums
+  // and its first 64 tokens' partials load here, beside the prompt sums below. Loaded after the
+  // barrier that publishes invt and tok, they were two more rounds of cluster loads on the
+  // kernel's serial end (tokens past the range are read and not used).
+  const int r0 = rank + ks * warp;
+  const bool have_r0 = r0 < rows_here;
+  const float p_r0 = have_r0 && lane < ks ? *fp_cluster_map(cl.psq + r0, lane) : 0.f;
+  const float part_r0_lo = have_r0 && lane < tw ? sum_ranks(cl.part + r0 * ts + lane) : 0.f;
+  const float part_r0_hi = have_r0 && lane + 32 < tw ? sum_ranks(cl.part + r0 * ts + lane + 32) : 0.f;
   for (int u = tid; u < tr; u += kThreads) {
     cl.invt[u] = rsqrtf(sum_ranks(cl.tsq + u) * a.inv_d + kEps);
     cl.tok[u] = all_t || tm[t_lo + u] ? 1 : 0;
@@ -674,15 +683,16 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
     if (b == 0) *a.max_count = 0;
   }
   __syncthreads();  // invt, tok
-  for (int r = rank + ks * warp; r < rows_here; r += ks * kWarps) {
+  for (int r = r0; r < rows_here; r += ks * kWarps) {
     float* own = cl.part + r * ts;
-    const float p = lane < ks ? *fp_cluster_map(cl.psq + r, lane) : 0.f;
+    const float p = r == r0 ? p_r0 : lane < ks ? *fp_cluster_map(cl.psq + r, lane) : 0.f;
     const float invp = rsqrtf(warp_sum(p) * a.inv_d + kEps);
     const int64_t row = (b * N + j0 + r) * ts;
     float m = -INFINITY;
     for (int u = lane; u < tw; u += 32) {
       const bool on = u < tr && cl.tok[u];
-      const float s = on ? sum_ranks(own + u) * invp * cl.invt[u] : 0.f;
+      const bool pre = r == r0 && u < lane + 64;  // loaded above
+      const float s = on ? (pre ? (u == lane ? part_r0_lo : part_r0_hi) : sum_ranks(own + u)) * invp * cl.invt[u] : 0.f;
       if (on) m = fmaxf(m, s);
       own[u] = s;
       a.S[row + u] = s;
