@@ -38,7 +38,6 @@ import os
 from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from pi05_fastprune.prune import _prune_fake, _prune_padded_fake, _select_fake, check_inputs
 
@@ -167,7 +166,21 @@ if HAVE_TRITON and not hasattr(torch.ops.fastprune, "triton_select"):
 def _replays_on_cuda() -> bool:
     """Whether the op library has its CUDA kernels, and so replays the Triton backend's launch
     plans on CUDA tensors (only with CUDA torch and nvcc at build time)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastprune::prune_padded", "CUDA")
+    return not INTERPRET and torch._C._dispatch_has_kernel_for_dispatch_key("fastprune::prune_padded", "CUDA")
+
+
+def _plain(t: Optional[torch.Tensor]) -> bool:
+    return t is None or type(t) is torch.Tensor
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> bool:
+    return t is None or t.is_contiguous()
+
+
+# The ops' overloads, looked up once (as in prune.py).
+_REPLAY = {name: getattr(torch.ops.fastprune, name).default for name in ("select", "prune", "prune_padded")}
+_TRITON_OPS = {name: getattr(torch.ops.fastprune, "triton_" + name).default
+               for name in _REPLAY} if HAVE_TRITON else {}
 
 
 def call(name: str, *args):
@@ -178,18 +191,22 @@ def call(name: str, *args):
     the op library has its CUDA kernels; otherwise the launch code runs in Python. Calls that
     something traces or intercepts (torch.compile, export, fake or other tensor subclasses,
     dispatch modes, functorch transforms) go through the Triton op, so Inductor sees the
-    kernels."""
+    kernels. The checks are written out, cheapest first: they run on every eager call."""
     if not HAVE_TRITON:
         raise RuntimeError(f"backend='triton' needs triton installed (fastprune::triton_{name} is not registered)")
+    patches, task, task_mask, patch_mask = args[:4]
     if (
-        not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None
+        type(patches) is torch.Tensor
+        and type(task) is torch.Tensor
+        and _plain(task_mask)
+        and _plain(patch_mask)
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0  # no dispatch mode
         and torch._C._functorch.peek_interpreter_stack() is None
-        and all(a is None or type(a) is torch.Tensor for a in args[:4])
     ):
         # Only contiguous inputs have a plan (the launch code copies the others).
-        if args[0].is_cuda and not INTERPRET and _replays_on_cuda() and all(
-                a is None or a.is_contiguous() for a in args[:4]):
-            return getattr(torch.ops.fastprune, name)(*args, "triton")
+        if (patches.is_cuda and _replays_on_cuda() and patches.is_contiguous() and task.is_contiguous()
+                and _contiguous(task_mask) and _contiguous(patch_mask)):
+            return _REPLAY[name](*args, "triton")
         return getattr(_k, name)(*args)
-    return getattr(torch.ops.fastprune, "triton_" + name)(*args)
+    return _TRITON_OPS[name](*args)
