@@ -177,12 +177,6 @@ def _contiguous(t: Optional[torch.Tensor]) -> bool:
     return t is None or t.is_contiguous()
 
 
-# The ops' overloads, looked up once (as in prune.py).
-_REPLAY = {name: getattr(torch.ops.fastprune, name).default for name in ("select", "prune", "prune_padded")}
-_TRITON_OPS = {name: getattr(torch.ops.fastprune, "triton_" + name).default
-               for name in _REPLAY} if HAVE_TRITON else {}
-
-
 def call(name: str, *args):
     """``torch.ops.fastprune.triton_<name>(*args)`` for the Python API (``prune_tokens``,
     ``select_tokens``; checked inputs). An eager call on plain tensors skips the Triton op's
@@ -207,6 +201,6 @@ def call(name: str, *args):
         # Only contiguous inputs have a plan (the launch code copies the others).
         if (patches.is_cuda and _replays_on_cuda() and patches.is_contiguous() and task.is_contiguous()
                 and _contiguous(task_mask) and _contiguous(patch_mask)):
-            return _REPLAY[name](*args, "triton")
+            return getattr(torch.ops.fastprune, name)(*args, "triton")
         return getattr(_k, name)(*args)
-    return _TRITON_OPS[name](*args)
+    return getattr(torch.ops.fastprune, "triton_" + name)(*args)
