@@ -62,6 +62,8 @@ def shape_list(args) -> list[dict]:
         return [pi05, dict(pi05, B=64)]
     if args.shapes == "b64":  # the B=64 target alone (gpu_check's ncu_src step)
         return [dict(pi05, B=64)]
+    if args.shapes == "batches":  # where "auto" switches backend (gpu_check's bench_auto step)
+        return [dict(pi05, B=B) for B in (1, 2, 4, 8)]
     if args.shapes == "short":
         return [pi05, dict(pi05, B=8), dict(pi05, B=64), dict(pi05, cams=6)]
     return [dict(pi05, B=B, cams=N // 256) for B in (1, 8, 64) for N in (256, 768, 1536)]
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few reps (CPU smoke test)")
     ap.add_argument("--short", action="store_true", help="same as --shapes short")
-    ap.add_argument("--shapes", choices=("pi05", "pi05_b64", "b64", "short", "grid"), default="grid")
+    ap.add_argument("--shapes", choices=("pi05", "pi05_b64", "b64", "batches", "short", "grid"), default="grid")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="bf16 on GPU, fp32 on CPU by default")
     ap.add_argument("--providers", default=None, help="comma-separated subset")
     ap.add_argument("--modes", default=",".join(MODES))

@@ -11,7 +11,7 @@ import sys
 import tarfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GPU_STEPS = ["build", "bench", "bench_pdl", "bench_ksplit", "bench_nocluster", "host", "tune", "ncu_src", "gpu_tests",
+GPU_STEPS = ["build", "bench", "bench_pdl", "bench_ksplit", "bench_nocluster", "bench_auto", "host", "tune", "ncu_src", "gpu_tests",
              "memcheck", "racecheck", "sanitize_nocluster", "bench_train", "bench_pi05"]
 
 
