@@ -46,7 +46,7 @@ GPU_VARIANTS = {
     "_scores_kernel": [dict(ksplit=1), dict(ksplit="x2"), dict(ksplit="x4"), dict(bk=64, ksplit="x2"),
                        dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
                        dict(warps1=8), dict(stages1=2), dict(stages1=3), dict(stages1=4),
-                       dict(prefetch1=0)],
+                       dict(prefetch1=0), dict(stages1=3, ssq_loads=1)],
     # Around run 8's 64 x 32 tiles at 4 warps; the first is the default before it.
     "_select_kernel": [dict(bn2=64, warps2=8), dict(bn2=64), dict(warps2=8), dict(bn2=16), dict(bm2=32),
                        dict(bm2=128, warps2=8), dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"),
@@ -56,7 +56,7 @@ GPU_VARIANTS = {
 }
 # The interpreter: tiles its tiny shapes cross (and 1 split, no merge across programs).
 CPU_VARIANTS = {
-    "_scores_kernel": [dict(bm1=32), dict(bk=64), dict(ksplit=1)],
+    "_scores_kernel": [dict(bm1=32), dict(bk=64), dict(ksplit=1), dict(ssq_loads=1)],
     "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1), dict(dot_prec="ieee")],
     "_gather_kernel": [dict(br=4, bd=64)],
 }

@@ -160,17 +160,16 @@ def _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m):
 
 
 @triton.jit
-def _scores_step(p, q, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One D step of the scores kernel: the patch and prompt rows' sums of squares, and their
-    dot products added to ``acc``."""
-    pf = p.to(tl.float32)
-    qf = q.to(tl.float32)
-    ssp += tl.sum(pf * pf, 1)
-    sst += tl.sum(qf * qf, 1)
+def _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One D step of the scores kernel: the sums of squares of the patch and prompt tiles ``ps``
+    and ``qs`` (``p`` and ``q`` themselves, or the same tiles loaded again, see SSQ_LOADS), and
+    the dot products of ``p`` and ``q`` added to ``acc``."""
+    ssp += tl.sum(ps.to(tl.float32) * ps.to(tl.float32), 1)
+    sst += tl.sum(qs.to(tl.float32) * qs.to(tl.float32), 1)
     if DOT_NATIVE:
         acc = tl.dot(p, tl.trans(q), acc)
     else:
-        acc = tl.dot(pf, tl.trans(qf), acc, input_precision=DOT_PREC)
+        acc = tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision=DOT_PREC)
     return acc, ssp, sst
 
 
@@ -181,6 +180,7 @@ def _scores_kernel(
     KSPLIT: tl.constexpr, HAS_TMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_TALL: tl.constexpr, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
+    SSQ_LOADS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     ks = tl.program_id(1)
@@ -223,7 +223,7 @@ def _scores_kernel(
                 kmn = kn < d_hi
                 p_next = tl.load(p_base + kn[None, :], mask=rmask[:, None] & kmn[None, :], other=0.0)
                 q_next = tl.load(t_base + kn[None, :], mask=vt[:, None] & kmn[None, :], other=0.0)
-                acc, ssp, sst = _scores_step(p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
                 p = p_next
                 q = q_next
         else:
@@ -232,7 +232,19 @@ def _scores_kernel(
                 km = kk < d_hi
                 p = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
                 q = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0)
-                acc, ssp, sst = _scores_step(p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                if SSQ_LOADS:
+                    # The sums of squares from loads of their own (another cache policy, so they
+                    # are not merged with the operands'): at 2+ stages, an operand tile that is
+                    # also read into registers gets one shared-memory buffer too few in triton
+                    # 3.6/3.7's pipeline, and the next tiles' copies overwrite the buffer the
+                    # asynchronous warpgroup MMA still reads (PERF_LOG v58).
+                    ps = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0,
+                                 cache_modifier=".cg")
+                    qs = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0,
+                                 cache_modifier=".cg")
+                    acc, ssp, sst = _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                else:
+                    acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
         if KSPLIT == 1:
             m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
         else:
@@ -792,9 +804,9 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
-TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "bm2", "bn2", "warps2", "stages2", "n_split",
-           "a_once", "br", "bd", "warps3", "dot_prec")
-FLAGS = ("a_once", "prefetch1")  # 0 or 1
+TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "bm2", "bn2", "warps2", "stages2",
+           "n_split", "a_once", "br", "bd", "warps3", "dot_prec")
+FLAGS = ("a_once", "prefetch1", "ssq_loads")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
 DOT_PRECS = ("ieee", "tf32x3")
@@ -883,6 +895,10 @@ class _Cfg:
         # exact fp32 dots). With tf32x3 dots that branch spilled 284 B on sm_90 until v36; the
         # sweep times a_once=0, which recomputes A' per column tile (PERF_LOG v27).
         self.a_once = 1
+        # The scores kernel's sums of squares from the operand tiles' own registers (0), or from
+        # loads of their own (1): the candidate fix of the 3-stage race (PERF_LOG v58), for the
+        # sweep to time and check against the float64 truth.
+        self.ssq_loads = 0
         self.dot_prec = DOT_PREC
         if on_gpu:
             # Split D so that the score programs fill about one wave: their serial loop over D is
@@ -970,7 +986,7 @@ def _run_select(
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
         DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=bool(cfg.prefetch1),
-        num_warps=cfg.warps1, num_stages=cfg.stages1,
+        SSQ_LOADS=bool(cfg.ssq_loads), num_warps=cfg.warps1, num_stages=cfg.stages1,
     )
     n_programs = cfg.n_row_tiles * cfg.n_split
     _launcher(wrap, _select_kernel)[(n_programs, B)](

@@ -276,6 +276,43 @@ def test_scores_kernel_runs_one_stage():
     assert cfg(8, torch.bfloat16, stages1=3)[2] == 3
 
 
+def _scores_ttgir(**tuned) -> str:
+    """The sm_90 TTGIR of the scores kernel at pi05 B=64 (bf16, 64-row tiles) under ``tuned``."""
+    from pi05_fastprune.kernels import prune_triton as K
+
+    rec = Recorder()
+    real_config = K._config
+    K._config = functools.partial(real_config, gpu_sms=H100_SMS)
+    try:
+        with K.tuning(**tuned):
+            p = torch.empty(64, 768, 2048, dtype=torch.bfloat16)
+            K.prune_padded(p, torch.empty(64, 200, 2048, dtype=torch.bfloat16), None, None, None, 128, False, wrap=rec)
+    finally:
+        K._config = real_config
+    kernel, _, args, kwargs = next(launch for launch in rec.launches if launch[0].fn.__name__ == "_scores_kernel")
+    target, _ = _target_backend()
+    signature, constexprs, attrs = specialise(kernel, args, kwargs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages")}
+    return tcompile(src, target=target, options=opts).asm["ttgir"]
+
+
+def test_scores_pipeline_buffers():
+    """PERF_LOG v58, the 3-stage race (runs 7 and 12): at 3 stages the pipeline copies each D
+    step's tiles 2 steps ahead and leaves one warpgroup MMA in flight (``pendings = 1``). With
+    the tiles also read into registers (their sums of squares) it gives them only 2 shared-memory
+    buffers, so the copy 2 steps ahead lands in the buffer the MMA in flight reads. With
+    SSQ_LOADS (the sums from loads of their own) they get 3. If this triton allocates 3 either
+    way, or waits for every MMA, the race is gone: measure 3 stages again (v54)."""
+    def buffers_and_pendings(ttgir):
+        allocs = {int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x128xbf16", ttgir)}
+        pendings = {int(n) for n in re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", ttgir)}
+        return allocs, max(pendings)
+
+    assert buffers_and_pendings(_scores_ttgir(stages1=3)) == ({2}, 1)
+    assert buffers_and_pendings(_scores_ttgir(stages1=3, ssq_loads=1)) == ({3}, 1)
+
+
 # ----------------------------------------------------------------------------- eager launches
 
 

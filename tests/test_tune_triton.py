@@ -86,3 +86,29 @@ def test_a_differing_variant_is_judged_by_the_float64_truth():
     assert "| _scores_kernel | bk=64 | 4.0 | 5.00x | 30.0 | False (3 rows off truth) |" in md
     assert "| _scores_kernel | bk=256 | 3.0 | 6.67x | 30.0 | False (0 rows off truth, pruning inconsistent) |" in md
     assert "| **_scores_kernel best** | {'bm1': 64} | **5.0** |" in md  # the faster two are wrong
+
+
+def test_pipeline_repro_under_the_interpreter(tmp_path):
+    """bench/triton_pipeline_repro.py (PERF_LOG v58) on tiny shapes: every variant matches
+    float64 and repeats itself (the interpreter has no pipeline); its check flags a wrong output
+    and one never written."""
+    import torch
+    import triton_pipeline_repro as R
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "triton_pipeline_repro.py"), "--quick", "--calls", "2",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "repro.json").read_text())["rows"]
+    assert {(r["stages"], r["sums"]) for r in rows} == {(s, m) for s in (1, 3) for m in R.SUMS}
+    assert not [r for r in rows if r["wrong"]]
+
+    want = (torch.rand(2, 3, 4, dtype=torch.float64) + 1, torch.rand(2, 3, dtype=torch.float64) + 1,
+            torch.rand(2, 4, dtype=torch.float64) + 1)
+    assert R.rel_error(tuple(w.float() for w in want), want, "before") < 1e-6
+    off = [w.float() for w in want]
+    off[1][0, 0] += 0.1
+    assert R.rel_error(tuple(off), want, "after") > R.WRONG
+    assert R.rel_error(tuple(off), want, "none") < 1e-6  # without sums only the dot products count
+    off[0][1, 2, 3] = float("nan")
+    assert R.rel_error(tuple(off), want, "none") == float("inf")
