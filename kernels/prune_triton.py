@@ -235,9 +235,10 @@ def _scores_kernel(
                 if SSQ_LOADS:
                     # The sums of squares from loads of their own (another cache policy, so they
                     # are not merged with the operands'): at 2+ stages, an operand tile that is
-                    # also read into registers gets one shared-memory buffer too few in triton
-                    # 3.6/3.7's pipeline, and the next tiles' copies overwrite the buffer the
-                    # asynchronous warpgroup MMA still reads (PERF_LOG v58).
+                    # also read into registers gets one shared-memory buffer too few in triton's
+                    # pipeline (3.7.1's sm_90 TTGIR; the race was seen with 3.6 on an H200), and
+                    # the next tiles' copies overwrite the buffer the asynchronous warpgroup MMA
+                    # still reads (PERF_LOG v58).
                     ps = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0,
                                  cache_modifier=".cg")
                     qs = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0,
