@@ -28,7 +28,8 @@ the SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
 lives in global memory: the largest buffers are ``S`` (``N x TS`` fp32) and its partials
 (``ksplit x N x TS``). Every load is upcast to
 fp32 before arithmetic (16-bit inputs of ``S``'s ``tl.dot`` stay 16-bit on the GPU: their
-products are exact in the fp32 accumulator); offsets are int64.
+products are exact in the fp32 accumulator; ``A' S^T`` multiplies fp16 halves ``hi + lo`` of its
+fp32 operands, ~22 bits, see ``_tile_product``); offsets are int64.
 
 The launchers take a ``wrap`` callable (``torch.library.wrap_triton`` inside a
 ``triton_op``, identity otherwise) so the same code serves eager, the interpreter and Inductor.
@@ -55,10 +56,10 @@ from triton.runtime import driver
 
 EPS = 1e-6
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# fp32 tl.dot precision: "tf32x3" (three tf32 tensor-core products, close to fp32) or "ieee"
-# (exact fp32 FMA). On an H200 (bench/results/h200-2026-11-26/run4/tune) tf32x3 made the select
-# kernel 1.6x (B=1) to 2.7x (B=64) faster with the same selections. 16-bit inputs of the S
-# product use the native tensor-core dot regardless.
+# fp32 tl.dot precision of the S product of fp32 inputs: "tf32x3" (three tf32 tensor-core
+# products, close to fp32) or "ieee" (exact fp32 FMA); 16-bit inputs use the native tensor-core
+# dot. (The select kernel's A' S^T has its own, _Cfg.sel_prec. As that product, tf32x3 was 1.6x
+# (B=1) to 2.7x (B=64) faster than ieee on an H200 with the same selections, run 4's sweep.)
 DOT_PREC = os.environ.get("FASTPRUNE_TRITON_DOT_PREC", "tf32x3")
 
 __all__ = ["select", "prune", "prune_padded", "INTERPRET"]
@@ -335,6 +336,42 @@ def _a_of(si, rmask, vt, scale, m_row):
 
 
 @triton.jit
+def _split_f16(x):
+    """fp32 ``x`` as ``hi + lo``, two fp16 tiles: 22 significant bits where |x| is in fp16's
+    normal range, and an absolute error under 3e-8 below it."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _a_operand(a, SEL_PREC: tl.constexpr):
+    """The product's operands for A' (see _tile_product): its fp16 halves, or A' itself twice."""
+    hi, lo = a, a
+    if SEL_PREC == "f16x3":
+        hi, lo = _split_f16(a)
+    return hi, lo
+
+
+@triton.jit
+def _tile_product(a_hi, a_lo, sj, acc, SEL_PREC: tl.constexpr, S_SHIFT: tl.constexpr):
+    """``acc + A' S_j^T`` of one column tile, A' given by _a_operand. "f16x3": three fp16
+    tensor-core products of the halves (small terms first; the dropped lo x lo is ~2^-22 of a
+    term), as close to fp32 as "tf32x3" at half its tensor-core work. A' is in [0, 1] and
+    |S| <= D (RMS-normalised rows): S times 2^-S_SHIFT (exact; it scales every score of the row
+    alike) stays within 32768, so its halves fit fp16 (largest 65504) at every D."""
+    if SEL_PREC == "f16x3":
+        if S_SHIFT > 0:
+            sj = sj * (1.0 / (1 << S_SHIFT))
+        s_hi, s_lo = _split_f16(sj)
+        acc = tl.dot(a_hi, tl.trans(s_lo), acc)
+        acc = tl.dot(a_lo, tl.trans(s_hi), acc)
+        acc = tl.dot(a_hi, tl.trans(s_hi), acc)
+    else:
+        acc = tl.dot(a_hi, tl.trans(sj), acc, input_precision=SEL_PREC)
+    return acc
+
+
+@triton.jit
 def _pm_tile(cols, PMASK, b, N, HAS_PMASK: tl.constexpr):
     """The patch mask at columns ``cols`` (False past N), as loaded: _allowed reads it."""
     if HAS_PMASK:
@@ -372,7 +409,7 @@ def _select_kernel(
     SELECT_ONLY: tl.constexpr, BUDGET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_TALL: tl.constexpr, BLOCK_NALL: tl.constexpr, SEARCH_ITERS: tl.constexpr,
-    DOT_PREC: tl.constexpr, A_ONCE: tl.constexpr,
+    SEL_PREC: tl.constexpr, S_SHIFT: tl.constexpr, A_ONCE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -410,7 +447,7 @@ def _select_kernel(
         # made the unmasked kernel spill, and pi0.5 always passes a mask.)
         tt = tl.arange(0, BLOCK_T)
         vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-        a = _a_of(si_first, rmask, vt, scale, m_row)
+        a_hi, a_lo = _a_operand(_a_of(si_first, rmask, vt, scale, m_row), SEL_PREC)
         sj = sj_first
         pm = _pm_tile(cols_first, PMASK, b, N, HAS_PMASK)
         for ct in range(split, n_col_tiles, n_split):
@@ -422,7 +459,7 @@ def _select_kernel(
             cols_next = cols + n_split * BLOCK_N
             sj_next = _load_s(s_base, cols_next, cols_next < N, tt, TS)
             pm_next = _pm_tile(cols_next, PMASK, b, N, HAS_PMASK)
-            acc = tl.dot(a, tl.trans(sj), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), input_precision=DOT_PREC)
+            acc = _tile_product(a_hi, a_lo, sj, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC, S_SHIFT)
             best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, _allowed(cols, pm, no_patch, N, HAS_PMASK))
             sj = sj_next
             pm = pm_next
@@ -435,9 +472,9 @@ def _select_kernel(
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
                 vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-                a = _a_of(_load_s(s_base, rows64, rmask, tt, TS), rmask, vt, scale, m_row)
-                sj = _load_s(s_base, cols, cmask, tt, TS)
-                acc = tl.dot(a, tl.trans(sj), acc, input_precision=DOT_PREC)
+                a_hi, a_lo = _a_operand(_a_of(_load_s(s_base, rows64, rmask, tt, TS), rmask, vt, scale, m_row),
+                                        SEL_PREC)
+                acc = _tile_product(a_hi, a_lo, _load_s(s_base, cols, cmask, tt, TS), acc, SEL_PREC, S_SHIFT)
             best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, allowed)
     KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)  # computed after the loop
     # Relaxed: triton's default (acq_rel) puts a MEMBAR.ALL.GPU before the atomic and a CCTL.IVALL
@@ -806,11 +843,13 @@ def _programs_wanted(device: torch.device) -> int:
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
 TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "bm2", "bn2", "warps2", "stages2",
-           "n_split", "a_once", "br", "bd", "warps3", "dot_prec")
+           "n_split", "a_once", "br", "bd", "warps3", "dot_prec", "sel_prec")
 FLAGS = ("a_once", "prefetch1", "ssq_loads")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
 DOT_PRECS = ("ieee", "tf32x3")
+# The select kernel's A' S^T product: those, or 3 fp16 products of fp16 halves (_tile_product).
+SEL_PRECS = ("f16x3",) + DOT_PRECS
 _tuning: tuple = ()  # (name, value) pairs over the defaults of _Cfg, set by tuning()
 
 
@@ -824,10 +863,11 @@ def tuning(**overrides: int | str):
     if unknown:
         raise ValueError(f"tuning: unknown launch parameter(s) {unknown}; tunable: {TUNABLE}")
     bad = {k: v for k, v in overrides.items()
-           if not (v in DOT_PRECS if k == "dot_prec" else v in (0, 1) if k in FLAGS else isinstance(v, int) and v >= 1)}
+           if not (v in DOT_PRECS if k == "dot_prec" else v in SEL_PRECS if k == "sel_prec"
+                   else v in (0, 1) if k in FLAGS else isinstance(v, int) and v >= 1)}
     if bad:
         raise ValueError(f"tuning: launch parameters must be positive ints ({', '.join(FLAGS)}: 0 or 1; dot_prec "
-                         f"one of {DOT_PRECS}), got {bad}")
+                         f"one of {DOT_PRECS}; sel_prec one of {SEL_PRECS}), got {bad}")
     saved = _tuning
     _tuning = tuple(sorted({**dict(saved), **overrides}.items()))
     # Launch plans replay what a call launched with the parameters of their recording.
@@ -901,6 +941,11 @@ class _Cfg:
         # sweep to time and check against the float64 truth.
         self.ssq_loads = 0
         self.dot_prec = DOT_PREC
+        # The select product as fp16 halves: as close to fp32 as tf32x3 (PERF_LOG v59) with half
+        # the tensor-core work, operand loads and stores to shared memory (sm_90 SASS).
+        self.sel_prec = "f16x3"
+        # |S| <= D: S scaled by 2^-s_shift stays within 32768 for fp16 (0 up to D = 32768).
+        self.s_shift = max(0, (D - 1).bit_length() - 15)
         if on_gpu:
             # Split D so that the score programs fill about one wave: their serial loop over D is
             # what bounds them at B=1. Each keeps 2+ BLOCK_K steps.
@@ -996,7 +1041,8 @@ def _run_select(
         HAS_TMASK=task_mask is not None, HAS_PMASK=patch_mask is not None,
         MASK_VOTERS=bool(mask_voters), SELECT_ONLY=select_only, BUDGET=budget,
         BLOCK_M=cfg.bm2, BLOCK_N=cfg.bn2, BLOCK_T=cfg.bt, BLOCK_TALL=cfg.block_tall,
-        BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, DOT_PREC=cfg.dot_prec, A_ONCE=bool(cfg.a_once),
+        BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, SEL_PREC=cfg.sel_prec, S_SHIFT=cfg.s_shift,
+        A_ONCE=bool(cfg.a_once),
         num_warps=cfg.warps2, num_stages=cfg.stages2,
     )
     return out, ws, cfg

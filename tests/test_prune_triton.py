@@ -374,7 +374,8 @@ def test_launch_parameters_do_not_change_results():
     want = ops.triton_prune_padded(*args, 5, 9, False)
     for tuned in (dict(bm1=32, bk=64, n_split=1), dict(bm2=32, bn2=16, n_split=3, warps2=2),
                   dict(br=4, bd=64, warps3=1, stages1=2), dict(ksplit=1), dict(ksplit=3, bk=16),
-                  dict(dot_prec="tf32x3"), dict(a_once=0), dict(prefetch1=0), dict(ksplit=1, bk=16, prefetch1=0)):
+                  dict(dot_prec="tf32x3"), dict(sel_prec="tf32x3"), dict(sel_prec="ieee", a_once=0),
+                  dict(a_once=0), dict(prefetch1=0), dict(ksplit=1, bk=16, prefetch1=0)):
         with K.tuning(**tuned):
             assert torch.equal(ops.triton_select(*args, True), want_idx), tuned
             assert_same(ops.triton_prune_padded(*args, 5, 9, False), want)
@@ -387,9 +388,58 @@ def test_launch_parameters_do_not_change_results():
     with pytest.raises(ValueError, match="dot_prec one of"):
         with K.tuning(dot_prec="tf32"):
             pass
+    with pytest.raises(ValueError, match="sel_prec one of"):
+        with K.tuning(sel_prec="f16"):
+            pass
     with pytest.raises(ValueError, match="0 or 1"):
         with K.tuning(a_once=2):
             pass
+
+
+def _rna_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to tf32's 10 mantissa bits (cvt.rna)."""
+    return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+
+@interp
+def test_select_product_holds_the_margin_where_10_bit_operands_miss_it():
+    """PERF_LOG v59: the select kernel's A' S^T as three fp16 products of fp16 halves keeps ~22
+    bits. Patches close to one common vector (spread 1e-4) give every column nearly the same
+    score, so the SPEC margin (1e-3 of a row's score range) is ~1e-7 of the scores: operands
+    rounded to 10 bits (plain tf32) miss it on every row, the kernel on none."""
+    g = torch.Generator().manual_seed(0)
+    B, N, T, D = 2, 40, 12, 48
+    patches = torch.randn(1, 1, D, generator=g) + 1e-4 * torch.randn(B, N, D, generator=g)
+    task = torch.randn(B, T, D, generator=g)
+    assert _K._config(patches, T).sel_prec == "f16x3"
+    idx = ops.triton_select(patches, task, None, None, False)
+    assert not R.selection_errors(idx, patches, task).any()
+
+    # The same product with 10-bit operands (S and A' as the kernels build them, in float32).
+    def rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    S = rms(patches) @ rms(task).transpose(1, 2)
+    logits = S / D**0.5
+    A = torch.exp(logits - logits.amax(-1, keepdim=True))
+    coarse = (_rna_tf32(A) @ _rna_tf32(S).transpose(1, 2)).argmax(-1)
+    assert R.selection_errors(coarse, patches, task).all()
+
+
+@interp
+def test_select_product_scales_wide_rows_into_the_fp16_range():
+    """|S| <= D, and the fp16 halves hold up to 65504: from D = 32769 on, S enters the product
+    scaled by a power of 2 (exact), which keeps the choices. Rows of D = 66000 along one
+    direction give |S| near D, past 65504 here."""
+    assert [_K._config(torch.empty(1, 2, D), 4).s_shift for D in (48, 32768, 32769, 65536, 65537)] == [0, 0, 1, 1, 2]
+    g = torch.Generator().manual_seed(1)
+    B, N, T, D = 1, 6, 3, 66000
+    u = torch.randn(D, generator=g)
+    patches = u * torch.randn(B, N, 1, generator=g) + 1e-2 * torch.randn(B, N, D, generator=g)
+    task = u * torch.randn(B, T, 1, generator=g) + 1e-2 * torch.randn(B, T, D, generator=g)
+    idx = ops.triton_select(patches, task, None, None, False)
+    assert not R.selection_errors(idx, patches, task).any()
+    assert torch.equal(idx, R.select_ref(patches, task))
 
 
 @interp
