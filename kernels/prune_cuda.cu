@@ -172,6 +172,7 @@ struct Args {
   int64_t row_tiles, ts, kchunk;
   int ksplit;
   float inv_d, inv_sqrt_d;
+  float s_scale;  // 2^-k with |S| * s_scale <= 32768: kernel B's fp16 halves of S (1 up to D = 32768)
   // workspace
   int* counters_a;
   int* counters_b;
@@ -388,29 +389,25 @@ struct AccA {
 };
 
 #if FP_HAVE_MMA
-// wmma::load_matrix_sync of a fragment from a shared-memory tile. Its bf16 and tf32 forms hand the
-// pointer to wmma.load as a generic address (its fp16 form does not), and ptxas then loads the
-// fragment with 32-bit generic loads: 96 LD.E per two D steps in kernel A's bf16 loop, where the
-// fp16 loop has 24 LDSM (sm_90 SASS). Here those forms issue the same wmma.load, so the same
-// fragment registers, in the .shared state space.
+// wmma::load_matrix_sync of a fragment from a shared-memory tile. Its bf16 form hands the pointer
+// to wmma.load as a generic address (its fp16 form does not), and ptxas then loads the fragment
+// with 32-bit generic loads: 96 LD.E per two D steps in kernel A's bf16 loop, where the fp16 loop
+// has 24 LDSM (sm_90 SASS). Here that form issues the same wmma.load, so the same fragment
+// registers, in the .shared state space.
 template <typename Frag, typename E>
 __device__ __forceinline__ void load_frag(Frag& f, const E* p, unsigned ldm) {
 #if defined(__CUDA_ARCH__)
   using namespace nvcuda::wmma;
   constexpr bool a_bf16 = std::is_same_v<Frag, fragment<matrix_a, 16, 16, 16, __nv_bfloat16, row_major>>;
   constexpr bool b_bf16 = std::is_same_v<Frag, fragment<matrix_b, 16, 16, 16, __nv_bfloat16, col_major>>;
-  constexpr bool a_tf32 = std::is_same_v<Frag, fragment<matrix_a, 16, 16, 8, precision::tf32, row_major>>;
-  constexpr bool b_tf32 = std::is_same_v<Frag, fragment<matrix_b, 16, 16, 8, precision::tf32, col_major>>;
-  if constexpr (a_bf16 || b_bf16 || a_tf32 || b_tf32) {
+  if constexpr (a_bf16 || b_bf16) {
     static_assert(sizeof(f.x) == 16, "these fragments are 4 registers");
     int* x = reinterpret_cast<int*>(&f.x[0]);
     const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
 #define FP_WMMA_LOAD4(op) \
   asm volatile(op " {%0, %1, %2, %3}, [%4], %5;" : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at), "r"(ldm))
     if constexpr (a_bf16) FP_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
-    else if constexpr (b_bf16) FP_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
-    else if constexpr (a_tf32) FP_WMMA_LOAD4("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32");
-    else FP_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32");
+    else FP_WMMA_LOAD4("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
 #undef FP_WMMA_LOAD4
     return;
   }
@@ -418,15 +415,15 @@ __device__ __forceinline__ void load_frag(Frag& f, const E* p, unsigned ldm) {
   nvcuda::wmma::load_matrix_sync(f, p, ldm);
 }
 
-// wmma::store_matrix_sync (row-major) of kernel B's m16n16k8 accumulator into a shared tile: the
-// headers' form stores through a generic address (8 ST.E.64), so the same wmma.store is issued
-// with .shared.
+// wmma::store_matrix_sync (row-major) of kernel B's m16n16k16 accumulator into a shared tile:
+// the headers' form stores through a generic address (8 ST.E.64), so the same wmma.store is
+// issued with .shared.
 template <typename Frag>
-__device__ __forceinline__ void store_acc_k8(float* p, const Frag& f, unsigned ldm) {
+__device__ __forceinline__ void store_acc_k16(float* p, const Frag& f, unsigned ldm) {
 #if defined(__CUDA_ARCH__)
-  static_assert(sizeof(f.x) == 32, "an m16n16k8 fp32 accumulator is 8 registers");
+  static_assert(sizeof(f.x) == 32, "an m16n16k16 fp32 accumulator is 8 registers");
   const float* x = &f.x[0];
-  asm volatile("wmma.store.d.sync.aligned.row.m16n16k8.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;"
+  asm volatile("wmma.store.d.sync.aligned.row.m16n16k16.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;"
                :: "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))), "f"(x[0]), "f"(x[1]), "f"(x[2]),
                   "f"(x[3]), "f"(x[4]), "f"(x[5]), "f"(x[6]), "f"(x[7]), "r"(ldm)
                : "memory");
@@ -1088,10 +1085,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 //
 // Tile rows are padded to kLdu = kBU + 4 floats: the FMA product reads 4 consecutive tokens of
 // a row as one 16-byte load, and 8 threads reading 8 rows hit 32 distinct banks. The tensor-core
-// product's fragment loads and stores need 32-byte aligned addresses: the tiles are 128-byte
-// aligned, its fragments start every 16 rows (16 x 68 floats = 4352 B) and every 8 columns (32 B).
+// product's fragment stores into such a tile need 32-byte aligned addresses: the tiles are
+// 128-byte aligned, its fragments start every 16 rows (16 x 68 floats = 4352 B) and every 16
+// columns (64 B).
 constexpr int kLdu = kBU + 4;
 static_assert((16 * kLdu * sizeof(float)) % 32 == 0, "fragment rows stay 32-byte aligned");
+#if FP_HAVE_MMA
+// The tensor-core product takes both tiles as fp16 halves x = hi + lo (SelectMma), split once when
+// a tile is stored. Their rows are kLdh = kBU + 8 halves (144 B): a fragment's 16 rows start 32-byte
+// aligned, and the 8 rows of each of its shared loads hit distinct banks. The product goes to
+// `prod` over the S halves, dead by then.
+constexpr int kLdh = kBU + 8;
+static_assert((16 * kLdh * sizeof(__half)) % 32 == 0 && kBU % 16 == 0, "fragment rows stay 32-byte aligned");
+union SelectSmem {
+  struct {
+    alignas(128) __half ah[kBM][kLdh];
+    alignas(128) __half al[kBM][kLdh];
+    union {
+      struct {
+        alignas(128) __half sh[kBM][kLdh];
+        alignas(128) __half sl[kBM][kLdh];
+      } s;
+      alignas(128) float prod[kBM][kLdu];
+    } out;
+  } tile;
+  int tail[2 * kBM * kLdu];
+};
+#else
 union SelectSmem {
   struct {
     alignas(128) float as[kBM][kLdu];
@@ -1099,6 +1119,7 @@ union SelectSmem {
   } tile;
   int tail[2 * kBM * kLdu];
 };
+#endif
 constexpr int kTailSmemInts = 2 * kBM * kLdu;
 constexpr int64_t kTailSmemMaxN = 2048;  // covers pi0.5's 768 patches and 6 cameras' 1536
 static_assert(2 * (kTailSmemMaxN + 1) <= kTailSmemInts, "votes and hist of N + 1 ints each fit");
@@ -1268,41 +1289,52 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
 }
 
 #if FP_HAVE_MMA
-// The 64 x 64 product A_i . S_j of kernel B on tensor cores, as three tf32 products (3xTF32):
-// x = hi + lo with hi = tf32(x) and lo = tf32(x - hi), and a.b ~ a_lo.b_hi + a_hi.b_lo +
-// a_hi.b_hi, small terms first. The dropped a_lo.b_lo is ~2^-22 of a.b, so the result stays
-// within fp32 rounding of the FMA product, far inside SPEC's 1e-3 of a row's score range.
+// Four values as fp16 halves at hi[0..3] and lo[0..3], x = hi + lo: hi = fp16(x) and
+// lo = fp16(x - hi) hold 22 significant bits in fp16's normal range (an absolute error under
+// 3e-8 below it), one 8-byte store each.
+struct alignas(8) Half4 {
+  __half h[4];
+};
+__device__ __forceinline__ void put_halves(__half* hi, __half* lo, float4 v) {
+  const float x[4] = {v.x, v.y, v.z, v.w};
+  Half4 h, l;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    h.h[e] = __float2half(x[e]);
+    l.h[e] = __float2half(x[e] - __half2float(h.h[e]));
+  }
+  *reinterpret_cast<Half4*>(hi) = h;
+  *reinterpret_cast<Half4*>(lo) = l;
+}
+
+// The 64 x 64 product A_i . S_j of kernel B on tensor cores, as three fp16 products of the
+// tiles' fp16 halves (SelectSmem): a.b ~ a_lo.b_hi + a_hi.b_lo + a_hi.b_hi, small terms first.
+// The dropped a_lo.b_lo is ~2^-22 of a.b, so the result stays within fp32 rounding of the FMA
+// product, far inside SPEC's 1e-3 of a row's score range: as 3xTF32 did (v15), with half its
+// tensor-core instructions and the split once per tile instead of per fragment (PERF_LOG v59).
+// A is in [0, 1] and |S| <= D (RMS-normalised rows), S scaled by Args::s_scale into fp16's range.
 // Warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32, two 16 x 16 accumulators.
 struct SelectMma {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc[2];
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
   __device__ __forceinline__ void zero() {
     nvcuda::wmma::fill_fragment(acc[0], 0.f);
     nvcuda::wmma::fill_fragment(acc[1], 0.f);
   }
-  template <typename F>
-  __device__ __forceinline__ static void split(F& hi, F& lo) {
-#pragma unroll
-    for (int e = 0; e < hi.num_elements; ++e) {
-      const float v = hi.x[e];
-      hi.x[e] = nvcuda::wmma::__float_to_tf32(v);
-      lo.x[e] = nvcuda::wmma::__float_to_tf32(v - hi.x[e]);
-    }
-  }
-  // Tokens [0, ku) of the tiles; ku is rounded up to 8 over their zero padding.
-  __device__ __forceinline__ void step(const float (*as)[kLdu], const float (*ss)[kLdu], int ku) {
+  // Tokens [0, ku) of the tiles; ku is rounded up to 16 over their zero padding.
+  __device__ __forceinline__ void step(const SelectSmem& sm, int ku) {
     using namespace nvcuda;
     const int warp = threadIdx.x >> 5;
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
-    for (int k = 0; k < ku; k += 8) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
-      load_frag(a_hi, &as[ra][k], kLdu);
-      split(a_hi, a_lo);
+    for (int k = 0; k < ku; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a_hi, a_lo;
+      load_frag(a_hi, &sm.tile.ah[ra][k], kLdh);
+      load_frag(a_lo, &sm.tile.al[ra][k], kLdh);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         // B[k][n] = S[j = n][k]: the S tile read column-major.
-        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b_hi, b_lo;
-        load_frag(b_hi, &ss[cb + 16 * c][k], kLdu);
-        split(b_hi, b_lo);
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_hi, b_lo;
+        load_frag(b_hi, &sm.tile.out.s.sh[cb + 16 * c][k], kLdh);
+        load_frag(b_lo, &sm.tile.out.s.sl[cb + 16 * c][k], kLdh);
         wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
         wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
         wmma::mma_sync(acc[c], a_hi, b_hi, acc[c]);
@@ -1313,8 +1345,8 @@ struct SelectMma {
   __device__ __forceinline__ void store(float (*out)[kLdu]) const {
     const int warp = threadIdx.x >> 5;
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
-    store_acc_k8(&out[ra][cb], acc[0], kLdu);
-    store_acc_k8(&out[ra][cb + 16], acc[1], kLdu);
+    store_acc_k16(&out[ra][cb], acc[0], kLdu);
+    store_acc_k16(&out[ra][cb + 16], acc[1], kLdu);
   }
 };
 #endif
@@ -1329,8 +1361,13 @@ struct SelectMma {
 // spilled); left free, nvcc took 77-80, which fits only 3.
 __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   __shared__ SelectSmem sm;
+#if FP_HAVE_MMA
+  auto& prod = sm.tile.out.prod;  // the tile's product, for the merge
+#else
   auto& as = sm.tile.as;
   auto& ss = sm.tile.ss;
+  auto& prod = ss;
+#endif
   __shared__ int s_warp[kWarps];
   __shared__ long long s_warp64[kWarps];
   __shared__ int s_last, s_vstar, s_above;
@@ -1369,10 +1406,27 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
     for (int k = 0; k < 4; ++k)
       v[k] = 16 * k < rows && u < u_end ? *reinterpret_cast<const float4*>(at + 16 * k * ts) : float4{0.f, 0.f, 0.f, 0.f};
   };
+#if FP_HAVE_MMA
+  // The A tile as it is, the S tile times s_scale (a power of 2: exact, the same for every score).
+  auto put_a = [&](const float4 (&v)[4]) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) put_halves(&sm.tile.ah[ty + 16 * k][4 * tx], &sm.tile.al[ty + 16 * k][4 * tx], v[k]);
+  };
+  auto put_s = [&](const float4 (&v)[4]) {
+    const float c = a.s_scale;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      put_halves(&sm.tile.out.s.sh[ty + 16 * k][4 * tx], &sm.tile.out.s.sl[ty + 16 * k][4 * tx],
+                 float4{v[k].x * c, v[k].y * c, v[k].z * c, v[k].w * c});
+  };
+#else
   auto put_tile = [&](float (&dst)[kBM][kLdu], const float4 (&v)[4]) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) *reinterpret_cast<float4*>(&dst[ty + 16 * k][4 * tx]) = v[k];
   };
+  auto put_a = [&](const float4 (&v)[4]) { put_tile(as, v); };
+  auto put_s = [&](const float4 (&v)[4]) { put_tile(ss, v); };
+#endif
 
   // The merge reads the tile's product from shared memory in its own layout: thread (mr, mq)
   // takes row mr and columns mq + 4 k (k < 16), so a row's 64 scores are 4 lanes' and one warp's
@@ -1414,15 +1468,15 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
         float4 va[4];
         fetch_tile(va, Ab, i0, u0);
         fetch_tile(vs, Sb, c0, u0);
-        put_tile(as, va);
+        put_a(va);
       } else {
         fetch_tile(vs, Sb, c0, u0);
       }
-      put_tile(ss, vs);
+      put_s(vs);
       __syncthreads();
       const int ku = mn(kBU, tr - u0);
 #if FP_HAVE_MMA
-      tc.step(as, ss, ku);
+      tc.step(sm, ku);
 #else
       // Four tokens per step, as float4 loads: a thread's 4 rows and 4 columns are 8 shared loads
       // per 64 FMAs. With one token per step they were 32, and by count the loop was bound by
@@ -1450,9 +1504,9 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
       __syncthreads();
       u0 += kBU;
     } while (u0 < tr);
-    // The product into the S tile, which is dead (the A tile may serve the next column tile).
+    // The product over the S tile, which is dead (the A tile may serve the next column tile).
 #if FP_HAVE_MMA
-    tc.store(ss);
+    tc.store(prod);
 #else
 #pragma unroll
     for (int r = 0; r < 4; ++r)
@@ -1471,7 +1525,7 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
       // compare), and NaN ranks below every number but above a disallowed column: bv starts as NaN
       // with no column, any allowed score replaces it, and a number replaces a NaN.
       const unsigned lo = s_cols[0] >> mq, hi = s_cols[1] >> mq;
-      const float* row = &ss[mr][mq];
+      const float* row = &prod[mr][mq];
       int bk = -1;
       float bv = __int_as_float(0x7fffffff);
 #pragma unroll
@@ -1584,6 +1638,9 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
   a.ksplit = plan.ksplit;
   a.inv_d = static_cast<float>(1.0 / static_cast<double>(p.D));
   a.inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.D)));
+  int s_shift = 0;  // |S| <= D: D * 2^-s_shift <= 32768
+  while ((int64_t{32768} << s_shift) < p.D) ++s_shift;
+  a.s_scale = std::ldexp(1.f, -s_shift);
   int* zero = ws_at<int>(ws, plan.off_zero);
   a.counters_a = zero;
   a.counters_b = zero + p.B * plan.row_tiles;

@@ -15,7 +15,7 @@
 //            instead: the partials stay in shared memory, every block finishes a share of the
 //            rows, and kernel A zeroes kernel B's counters (no memset: 3 launches);
 //   kernel B grid (row tiles, column splits, B): score' = A S^T tiles with fp32 accumulation
-//            (3xTF32 tensor-core wmma at sm_80+, fp32 FMA otherwise), each block looping over
+//            (tensor-core wmma on fp16 halves of A and S at sm_80+, fp32 FMA otherwise), each block looping over
 //            its split's column tiles; per-row argmax merged across the splits by a packed
 //            64-bit atomicMax (higher score, then lower index; NaN never wins); the last block of each sample decodes idx, counts votes,
 //            applies the implicit / budget / cap rule and writes the sorted kept list and counts;

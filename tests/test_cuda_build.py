@@ -199,9 +199,10 @@ def kept_ptx(builds, arch):
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_wmma_loads_are_shared(builds, arch):
     """Every tensor-core fragment load and store addresses shared memory as such (PERF_LOG v39):
-    the CUDA headers' bf16 and tf32 wmma::load_matrix_sync pass a generic address, which ptxas
+    the CUDA headers' bf16 (and tf32) wmma::load_matrix_sync passes a generic address, which ptxas
     turned into 32-bit generic loads (96 LD.E per two D steps of kernel A at bf16, pi0.5's dtype,
-    against 24 LDSM for fp16); their m16n16k8 store_matrix_sync likewise (8 ST.E.64)."""
+    against 24 LDSM for fp16); their accumulator store_matrix_sync likewise (8 ST.E.64). Kernel B's
+    product runs on fp16 halves since v59: no tf32 fragment is left."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
@@ -209,7 +210,8 @@ def test_wmma_loads_are_shared(builds, arch):
     ptx = kept_ptx(builds, arch)
     loads = re.findall(r"wmma\.(?:load|store)\.[\w.]+", ptx)
     kinds = {re.sub(r"\.shared", "", x) for x in loads}
-    assert any(".bf16" in k for k in kinds) and any(".tf32" in k for k in kinds), sorted(kinds)
+    assert any(".bf16" in k for k in kinds) and any(".f16" in k for k in kinds), sorted(kinds)
+    assert not any(".tf32" in k for k in kinds), sorted(kinds)
     assert [x for x in loads if ".shared." not in x] == [], sorted(set(loads))
 
 
@@ -415,6 +417,27 @@ def test_emulated_select_matches_truth(emu, B, N, T, D, sms, dtype):
         if N > 1:  # where the float64 top-2 gap is clear, exactly the reference's choice
             sep = (top2[..., 0] - top2[..., 1]) > 1e-4
             assert torch.equal(idx[sep], R.select_ref(patches, task, task_mask, patch_mask)[sep])
+
+
+def test_emulated_select_product_on_fp16_halves(emu):
+    """PERF_LOG v59: kernel B's product on the tiles' fp16 halves keeps ~22 bits. Patches within
+    1e-4 of one common vector give every column nearly the same score, so the SPEC margin is ~1e-7
+    of the scores (operands rounded to 10 bits miss it on every row). Rows of D = 66000 along one
+    direction give |S| near D, past fp16's 65504 unless S is scaled into its range."""
+    g = torch.Generator().manual_seed(0)
+    B, N, T, D = 2, 40, 12, 48
+    patches = torch.randn(1, 1, D, generator=g) + 1e-4 * torch.randn(B, N, D, generator=g)
+    task = torch.randn(B, T, D, generator=g)
+    idx, _ = emu["mma"]("select", patches, task)
+    assert not R.selection_errors(idx, patches, task).any()
+
+    B, N, T, D = 1, 6, 3, 66000
+    u = torch.randn(D, generator=g)
+    patches = u * torch.randn(B, N, 1, generator=g) + 1e-2 * torch.randn(B, N, D, generator=g)
+    task = u * torch.randn(B, T, 1, generator=g) + 1e-2 * torch.randn(B, T, D, generator=g)
+    idx, _ = emu["mma"]("select", patches, task)
+    assert not R.selection_errors(idx, patches, task).any()
+    assert torch.equal(idx, R.select_ref(patches, task))
 
 
 # Kernel A's cluster variant (plan.cluster, the sm_90 default): B, N, T, D, num_sms, D slices.

@@ -354,9 +354,6 @@ struct matrix_b {};
 struct accumulator {};
 struct row_major {};
 struct col_major {};
-namespace precision {
-struct tf32 {};
-}  // namespace precision
 enum layout_t { mem_row_major, mem_col_major };
 // Every lane holds the whole tile, row-major [rows][cols] of the operand (A: M x K, B: K x N,
 // accumulator: M x N); `x` / `num_elements` allow the element-wise updates real code makes.
@@ -368,14 +365,6 @@ struct fragment {
 template <typename F>
 void fill_fragment(F& f, float v) {
   for (float& e : f.x) e = v;
-}
-// tf32: round to nearest (ties away from zero) to 10 mantissa bits, as cvt.rna.tf32.f32.
-inline float __float_to_tf32(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & ~0x1fffu;
-  std::memcpy(&v, &u, 4);
-  return v;
 }
 // CUDA requires 256-bit aligned fragment pointers (and ldm a multiple of 16 bytes).
 inline void check_fragment_address(const void* p, unsigned ldm_bytes) {
@@ -395,18 +384,6 @@ void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* 
   check_fragment_address(p, ldm * sizeof(T));
   for (int k = 0; k < 16; ++k)
     for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = emu_to_f32(p[n * ldm + k]);
-}
-inline void load_matrix_sync(fragment<matrix_a, 16, 16, 8, precision::tf32, row_major>& f, const float* p,
-                             unsigned ldm) {
-  check_fragment_address(p, ldm * 4);
-  for (int i = 0; i < 16; ++i)
-    for (int k = 0; k < 8; ++k) f.x[i * 8 + k] = p[i * ldm + k];
-}
-inline void load_matrix_sync(fragment<matrix_b, 16, 16, 8, precision::tf32, col_major>& f, const float* p,
-                             unsigned ldm) {
-  check_fragment_address(p, ldm * 4);
-  for (int k = 0; k < 8; ++k)
-    for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[n * ldm + k];
 }
 template <int K, typename TA, typename TB, typename LA, typename LB>
 void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, TA, LA>& a,
