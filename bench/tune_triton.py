@@ -50,14 +50,14 @@ GPU_VARIANTS = {
     # Around run 8's 64 x 32 tiles at 4 warps; the first is the default before it.
     "_select_kernel": [dict(bn2=64, warps2=8), dict(bn2=64), dict(warps2=8), dict(bn2=16), dict(bm2=32),
                        dict(bm2=128, warps2=8), dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"),
-                       dict(sel_prec="tf32x3"), dict(sel_prec="ieee"), dict(a_once=0)],
+                       dict(sel_prec="f16x4"), dict(sel_prec="tf32x3"), dict(sel_prec="ieee"), dict(a_once=0)],
     "_gather_kernel": [dict(br=4), dict(br=16), dict(br=32), dict(bd=256), dict(bd=1024), dict(bd=2048),
                        dict(warps3=2), dict(warps3=8)],
 }
 # The interpreter: tiles its tiny shapes cross (and 1 split, no merge across programs).
 CPU_VARIANTS = {
     "_scores_kernel": [dict(bm1=32), dict(bk=64), dict(ksplit=1), dict(ssq_loads=1)],
-    "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1), dict(sel_prec="tf32x3")],
+    "_select_kernel": [dict(bm2=32, bn2=16), dict(n_split=1), dict(sel_prec="f16x4"), dict(sel_prec="tf32x3")],
     "_gather_kernel": [dict(br=4, bd=64)],
 }
 

@@ -374,7 +374,8 @@ def test_launch_parameters_do_not_change_results():
     want = ops.triton_prune_padded(*args, 5, 9, False)
     for tuned in (dict(bm1=32, bk=64, n_split=1), dict(bm2=32, bn2=16, n_split=3, warps2=2),
                   dict(br=4, bd=64, warps3=1, stages1=2), dict(ksplit=1), dict(ksplit=3, bk=16),
-                  dict(dot_prec="tf32x3"), dict(sel_prec="tf32x3"), dict(sel_prec="ieee", a_once=0),
+                  dict(dot_prec="tf32x3"), dict(sel_prec="f16x4"), dict(sel_prec="f16x4", a_once=0),
+                  dict(sel_prec="tf32x3"), dict(sel_prec="ieee", a_once=0),
                   dict(a_once=0), dict(prefetch1=0), dict(ksplit=1, bk=16, prefetch1=0)):
         with K.tuning(**tuned):
             assert torch.equal(ops.triton_select(*args, True), want_idx), tuned
@@ -402,17 +403,19 @@ def _rna_tf32(x: torch.Tensor) -> torch.Tensor:
 
 
 @interp
-def test_select_product_holds_the_margin_where_10_bit_operands_miss_it():
-    """PERF_LOG v59: the select kernel's A' S^T as three fp16 products of fp16 halves keeps ~22
-    bits. Patches close to one common vector (spread 1e-4) give every column nearly the same
-    score, so the SPEC margin (1e-3 of a row's score range) is ~1e-7 of the scores: operands
-    rounded to 10 bits (plain tf32) miss it on every row, the kernel on none."""
+@pytest.mark.parametrize("sel_prec", ["f16x3", "f16x4"])
+def test_select_product_holds_the_margin_where_10_bit_operands_miss_it(sel_prec):
+    """PERF_LOG v59: the select kernel's A' S^T as fp16 products of fp16 halves keeps ~22 bits
+    (f16x3, the default, and f16x4). Patches close to one common vector (spread 1e-4) give every
+    column nearly the same score, so the SPEC margin (1e-3 of a row's score range) is ~1e-7 of the
+    scores: operands rounded to 10 bits (plain tf32) miss it on every row, the kernel on none."""
     g = torch.Generator().manual_seed(0)
     B, N, T, D = 2, 40, 12, 48
     patches = torch.randn(1, 1, D, generator=g) + 1e-4 * torch.randn(B, N, D, generator=g)
     task = torch.randn(B, T, D, generator=g)
     assert _K._config(patches, T).sel_prec == "f16x3"
-    idx = ops.triton_select(patches, task, None, None, False)
+    with _K.tuning(sel_prec=sel_prec):
+        idx = ops.triton_select(patches, task, None, None, False)
     assert not R.selection_errors(idx, patches, task).any()
 
     # The same product with 10-bit operands (S and A' as the kernels build them, in float32).

@@ -276,8 +276,8 @@ def test_scores_kernel_runs_one_stage():
     assert cfg(8, torch.bfloat16, stages1=3)[2] == 3
 
 
-def _scores_ttgir(**tuned) -> str:
-    """The sm_90 TTGIR of the scores kernel at pi05 B=64 (bf16, 64-row tiles) under ``tuned``."""
+def _ttgir(kernel_name: str, **tuned) -> str:
+    """The sm_90 TTGIR of one eval kernel at pi05 B=64 (bf16, no masks) under ``tuned``."""
     from pi05_fastprune.kernels import prune_triton as K
 
     rec = Recorder()
@@ -289,7 +289,7 @@ def _scores_ttgir(**tuned) -> str:
             K.prune_padded(p, torch.empty(64, 200, 2048, dtype=torch.bfloat16), None, None, None, 128, False, wrap=rec)
     finally:
         K._config = real_config
-    kernel, _, args, kwargs = next(launch for launch in rec.launches if launch[0].fn.__name__ == "_scores_kernel")
+    kernel, _, args, kwargs = next(launch for launch in rec.launches if launch[0].fn.__name__ == kernel_name)
     target, _ = _target_backend()
     signature, constexprs, attrs = specialise(kernel, args, kwargs)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -309,8 +309,20 @@ def test_scores_pipeline_buffers():
         pendings = {int(n) for n in re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", ttgir)}
         return allocs, max(pendings)
 
-    assert buffers_and_pendings(_scores_ttgir(stages1=3)) == ({2}, 1)
-    assert buffers_and_pendings(_scores_ttgir(stages1=3, ssq_loads=1)) == ({3}, 1)
+    assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3)) == ({2}, 1)
+    assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, ssq_loads=1)) == ({3}, 1)
+
+
+def test_select_product_mmas_and_waits():
+    """PERF_LOG v59: the select kernel's product per column tile is three fp16 warpgroup MMAs,
+    each waited for before the next (f16x3, the default; tf32x3 the same with tf32 operands), or
+    one over the halves side by side with a single wait (f16x4, for the sweep)."""
+    def dots_and_waits(ttgir):
+        return len(re.findall(r"ttng\.warp_group_dot ", ttgir)), len(re.findall(r"ttng\.warp_group_dot_wait", ttgir))
+
+    assert dots_and_waits(_ttgir("_select_kernel")) == (3, 3)
+    assert dots_and_waits(_ttgir("_select_kernel", sel_prec="f16x4")) == (1, 1)
+    assert "f16" in _ttgir("_select_kernel") and "tf32" in _ttgir("_select_kernel", sel_prec="tf32x3")
 
 
 # ----------------------------------------------------------------------------- eager launches
