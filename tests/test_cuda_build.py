@@ -33,6 +33,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_prune import MASKS, make_inputs  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+import select_precision  # noqa: E402
+
 CU_FILES = sorted(glob.glob(str(ROOT / "kernels" / "*.cu")))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -424,13 +427,12 @@ def test_emulated_select_product_on_fp16_halves(emu):
     1e-4 of one common vector give every column nearly the same score, so the SPEC margin is ~1e-7
     of the scores (operands rounded to 10 bits miss it on every row). Rows of D = 66000 along one
     direction give |S| near D, past fp16's 65504 unless S is scaled into its range."""
-    g = torch.Generator().manual_seed(0)
-    B, N, T, D = 2, 40, 12, 48
-    patches = torch.randn(1, 1, D, generator=g) + 1e-4 * torch.randn(B, N, D, generator=g)
-    task = torch.randn(B, T, D, generator=g)
+    patches, task, _, _ = select_precision.near_common(1e-4, B=2, N=40, T=12, D=48)
+    assert select_precision.rows_off(patches, task, how="tf32") == 80
     idx, _ = emu["mma"]("select", patches, task)
     assert not R.selection_errors(idx, patches, task).any()
 
+    g = torch.Generator().manual_seed(0)
     B, N, T, D = 1, 6, 3, 66000
     u = torch.randn(D, generator=g)
     patches = u * torch.randn(B, N, 1, generator=g) + 1e-2 * torch.randn(B, N, D, generator=g)

@@ -37,6 +37,9 @@ except Exception:  # pragma: no cover
 import pi05_fastprune  # noqa: F401,E402
 from pi05_fastprune import reference as R  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+import select_precision  # noqa: E402
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
@@ -397,36 +400,20 @@ def test_launch_parameters_do_not_change_results():
             pass
 
 
-def _rna_tf32(x: torch.Tensor) -> torch.Tensor:
-    """fp32 rounded to tf32's 10 mantissa bits (cvt.rna)."""
-    return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
-
-
 @interp
 @pytest.mark.parametrize("sel_prec", ["f16x3", "f16x4"])
 def test_select_product_holds_the_margin_where_10_bit_operands_miss_it(sel_prec):
     """PERF_LOG v59: the select kernel's A' S^T as fp16 products of fp16 halves keeps ~22 bits
     (f16x3, the default, and f16x4). Patches close to one common vector (spread 1e-4) give every
     column nearly the same score, so the SPEC margin (1e-3 of a row's score range) is ~1e-7 of the
-    scores: operands rounded to 10 bits (plain tf32) miss it on every row, the kernel on none."""
-    g = torch.Generator().manual_seed(0)
-    B, N, T, D = 2, 40, 12, 48
-    patches = torch.randn(1, 1, D, generator=g) + 1e-4 * torch.randn(B, N, D, generator=g)
-    task = torch.randn(B, T, D, generator=g)
-    assert _K._config(patches, T).sel_prec == "f16x3"
+    scores: operands rounded to 10 bits (plain tf32, bench/select_precision.py) miss it on every
+    row, the kernel on none."""
+    patches, task, _, _ = select_precision.near_common(1e-4, B=2, N=40, T=12, D=48)
+    assert select_precision.rows_off(patches, task, how="tf32") == 80
+    assert _K._config(patches, 12).sel_prec == "f16x3"
     with _K.tuning(sel_prec=sel_prec):
         idx = ops.triton_select(patches, task, None, None, False)
     assert not R.selection_errors(idx, patches, task).any()
-
-    # The same product with 10-bit operands (S and A' as the kernels build them, in float32).
-    def rms(x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-    S = rms(patches) @ rms(task).transpose(1, 2)
-    logits = S / D**0.5
-    A = torch.exp(logits - logits.amax(-1, keepdim=True))
-    coarse = (_rna_tf32(A) @ _rna_tf32(S).transpose(1, 2)).argmax(-1)
-    assert R.selection_errors(coarse, patches, task).all()
 
 
 @interp
