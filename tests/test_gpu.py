@@ -21,7 +21,7 @@ import torch
 import pi05_fastprune as fp
 from pi05_fastprune.structured import structured_inputs
 
-from test_cuda_build import check_prune
+from test_cuda_build import check_prune, select_precision
 from test_cuda_build import check_selection as check_selection_truth
 from test_prune import MASKS, SHAPES, make_inputs
 
@@ -86,6 +86,29 @@ def test_select_matches_truth(backend, B, N, T, D, dtype):
     check_selection(idx, patches, task, task_mask, patch_mask)
     again = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend=backend)
     assert torch.equal(idx, again), "not reproducible"
+
+
+@pytest.mark.parametrize("B,N,T,D", [(2, 40, 12, 48), (1, 768, 48, 2048)])
+def test_select_product_on_the_tensor_cores(backend, B, N, T, D):
+    """PERF_LOG v59: the select kernels' product on fp16 halves, as the tensor cores compute it.
+    Patches within 1e-4 of one vector leave a SPEC margin of ~1e-7 of the scores: operands rounded
+    to 10 bits miss it on every row (checked here on the CPU), the kernels on none."""
+    patches, task, _, _ = select_precision.near_common(1e-4, B, N, T, D)
+    assert select_precision.rows_off(patches, task, how="tf32") == B * N
+    patches, task = cuda(patches, task)
+    check_selection(fp.select_tokens(patches, task, backend=backend), patches, task, None, None)
+
+
+def test_select_product_scales_wide_rows(backend):
+    """|S| <= D: at D = 66000 with rows along one direction, |S| passes fp16's 65504 unless the
+    kernels scale S into its range before taking its fp16 halves (v59)."""
+    g = torch.Generator().manual_seed(0)
+    B, N, T, D = 1, 6, 3, 66000
+    u = torch.randn(D, generator=g)
+    patches = u * torch.randn(B, N, 1, generator=g) + 1e-2 * torch.randn(B, N, D, generator=g)
+    task = u * torch.randn(B, T, 1, generator=g) + 1e-2 * torch.randn(B, T, D, generator=g)
+    patches, task = cuda(patches, task)
+    check_selection(fp.select_tokens(patches, task, backend=backend), patches, task, None, None)
 
 
 @pytest.mark.parametrize("masks", MASKS)
