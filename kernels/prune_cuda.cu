@@ -415,23 +415,6 @@ __device__ __forceinline__ void load_frag(Frag& f, const E* p, unsigned ldm) {
   nvcuda::wmma::load_matrix_sync(f, p, ldm);
 }
 
-// wmma::store_matrix_sync (row-major) of kernel B's m16n16k16 accumulator into a shared tile:
-// the headers' form stores through a generic address (8 ST.E.64), so the same wmma.store is
-// issued with .shared.
-template <typename Frag>
-__device__ __forceinline__ void store_acc_k16(float* p, const Frag& f, unsigned ldm) {
-#if defined(__CUDA_ARCH__)
-  static_assert(sizeof(f.x) == 32, "an m16n16k16 fp32 accumulator is 8 registers");
-  const float* x = &f.x[0];
-  asm volatile("wmma.store.d.sync.aligned.row.m16n16k16.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;"
-               :: "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))), "f"(x[0]), "f"(x[1]), "f"(x[2]),
-                  "f"(x[3]), "f"(x[4]), "f"(x[5]), "f"(x[6]), "f"(x[7]), "r"(ldm)
-               : "memory");
-#else
-  nvcuda::wmma::store_matrix_sync(p, f, ldm, nvcuda::wmma::mem_row_major);
-#endif
-}
-
 // Tensor cores (fp16/bf16 in, fp32 accumulate): warp w owns rows 16 (w % 4) .. +16 and token
 // columns 32 (w / 4) .. +32 as two 16 x 16 accumulators. Column blocks at or past the valid
 // range are skipped (warp-uniform) and stay zero.
@@ -1345,8 +1328,8 @@ struct SelectMma {
   __device__ __forceinline__ void store(float (*out)[kLdu]) const {
     const int warp = threadIdx.x >> 5;
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
-    store_acc_k16(&out[ra][cb], acc[0], kLdu);
-    store_acc_k16(&out[ra][cb + 16], acc[1], kLdu);
+    nvcuda::wmma::store_matrix_sync(&out[ra][cb], acc[0], kLdu, nvcuda::wmma::mem_row_major);
+    nvcuda::wmma::store_matrix_sync(&out[ra][cb + 16], acc[1], kLdu, nvcuda::wmma::mem_row_major);
   }
 };
 #endif

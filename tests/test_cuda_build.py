@@ -204,8 +204,9 @@ def test_wmma_loads_are_shared(builds, arch):
     """Every tensor-core fragment load and store addresses shared memory as such (PERF_LOG v39):
     the CUDA headers' bf16 (and tf32) wmma::load_matrix_sync passes a generic address, which ptxas
     turned into 32-bit generic loads (96 LD.E per two D steps of kernel A at bf16, pi0.5's dtype,
-    against 24 LDSM for fp16); their accumulator store_matrix_sync likewise (8 ST.E.64). Kernel B's
-    product runs on fp16 halves since v59: no tf32 fragment is left."""
+    against 24 LDSM for fp16); the m16n16k8 accumulator store of kernel B's tf32 product likewise
+    (8 ST.E.64). That product runs on fp16 halves since v59, whose m16n16k16 stores nvcc issues
+    with .shared: no tf32 fragment is left."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
