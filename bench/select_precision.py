@@ -91,6 +91,15 @@ def near_common(eps: float, B: int, N: int, T: int, D: int, seed: int = 0):
     return patches, torch.randn(B, T, D, generator=g), None, None
 
 
+def along_one_direction(B: int, N: int, T: int, D: int, seed: int = 0):
+    """Patches and prompt tokens along one direction (plus 1e-2 noise): |S| comes near D, past
+    fp16's largest value (65504) for D = 66000, which the kernels' fp16 halves must handle."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(D, generator=g)
+    patches = u * torch.randn(B, N, 1, generator=g) + 1e-2 * torch.randn(B, N, D, generator=g)
+    return patches, u * torch.randn(B, T, 1, generator=g) + 1e-2 * torch.randn(B, T, D, generator=g), None, None
+
+
 def random_masked(B: int, N: int, T: int, D: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     patches = torch.randn(B, N, D, generator=g).bfloat16()

@@ -433,11 +433,7 @@ def test_emulated_select_product_on_fp16_halves(emu):
     idx, _ = emu["mma"]("select", patches, task)
     assert not R.selection_errors(idx, patches, task).any()
 
-    g = torch.Generator().manual_seed(0)
-    B, N, T, D = 1, 6, 3, 66000
-    u = torch.randn(D, generator=g)
-    patches = u * torch.randn(B, N, 1, generator=g) + 1e-2 * torch.randn(B, N, D, generator=g)
-    task = u * torch.randn(B, T, 1, generator=g) + 1e-2 * torch.randn(B, T, D, generator=g)
+    patches, task, _, _ = select_precision.along_one_direction(B=1, N=6, T=3, D=66000)
     idx, _ = emu["mma"]("select", patches, task)
     assert not R.selection_errors(idx, patches, task).any()
     assert torch.equal(idx, R.select_ref(patches, task))

@@ -102,12 +102,7 @@ def test_select_product_on_the_tensor_cores(backend, B, N, T, D):
 def test_select_product_scales_wide_rows(backend):
     """|S| <= D: at D = 66000 with rows along one direction, |S| passes fp16's 65504 unless the
     kernels scale S into its range before taking its fp16 halves (v59)."""
-    g = torch.Generator().manual_seed(0)
-    B, N, T, D = 1, 6, 3, 66000
-    u = torch.randn(D, generator=g)
-    patches = u * torch.randn(B, N, 1, generator=g) + 1e-2 * torch.randn(B, N, D, generator=g)
-    task = u * torch.randn(B, T, 1, generator=g) + 1e-2 * torch.randn(B, T, D, generator=g)
-    patches, task = cuda(patches, task)
+    patches, task = cuda(*select_precision.along_one_direction(B=1, N=6, T=3, D=66000)[:2])
     check_selection(fp.select_tokens(patches, task, backend=backend), patches, task, None, None)
 
 

@@ -422,11 +422,7 @@ def test_select_product_scales_wide_rows_into_the_fp16_range():
     scaled by a power of 2 (exact), which keeps the choices. Rows of D = 66000 along one
     direction give |S| near D, past 65504 here."""
     assert [_K._config(torch.empty(1, 2, D), 4).s_shift for D in (48, 32768, 32769, 65536, 65537)] == [0, 0, 1, 1, 2]
-    g = torch.Generator().manual_seed(1)
-    B, N, T, D = 1, 6, 3, 66000
-    u = torch.randn(D, generator=g)
-    patches = u * torch.randn(B, N, 1, generator=g) + 1e-2 * torch.randn(B, N, D, generator=g)
-    task = u * torch.randn(B, T, 1, generator=g) + 1e-2 * torch.randn(B, T, D, generator=g)
+    patches, task, _, _ = select_precision.along_one_direction(B=1, N=6, T=3, D=66000)
     idx = ops.triton_select(patches, task, None, None, False)
     assert not R.selection_errors(idx, patches, task).any()
     assert torch.equal(idx, R.select_ref(patches, task))
