@@ -83,7 +83,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
         name, _, value = item.partition("=")
         if name not in K.TUNABLE or not value:
             raise argparse.ArgumentTypeError(f"--variant {text!r}: {name!r} is not one of {K.TUNABLE}")
-        variant[name] = value if name in ("dot_prec", "sel_prec") or value.startswith("x") else int(value)
+        variant[name] = value if name in K.PRECISIONS or value.startswith("x") else int(value)
     return kernel, variant
 
 

@@ -868,6 +868,10 @@ DOT_PRECS = ("ieee", "tf32x3")
 # The select kernel's A' S^T product: those, or fp16 products of fp16 halves (_tile_product):
 # three, each waited for in turn, or all four as one (f16x4, for the sweep).
 SEL_PRECS = ("f16x3", "f16x4") + DOT_PRECS
+# The tunable parameters with a fixed set of values (the precisions are strings); the others are
+# positive ints.
+PRECISIONS = {"dot_prec": DOT_PRECS, "sel_prec": SEL_PRECS}
+CHOICES = {**PRECISIONS, **{flag: (0, 1) for flag in FLAGS}}
 _tuning: tuple = ()  # (name, value) pairs over the defaults of _Cfg, set by tuning()
 
 
@@ -881,8 +885,7 @@ def tuning(**overrides: int | str):
     if unknown:
         raise ValueError(f"tuning: unknown launch parameter(s) {unknown}; tunable: {TUNABLE}")
     bad = {k: v for k, v in overrides.items()
-           if not (v in DOT_PRECS if k == "dot_prec" else v in SEL_PRECS if k == "sel_prec"
-                   else v in (0, 1) if k in FLAGS else isinstance(v, int) and v >= 1)}
+           if not (v in CHOICES[k] if k in CHOICES else isinstance(v, int) and v >= 1)}
     if bad:
         raise ValueError(f"tuning: launch parameters must be positive ints ({', '.join(FLAGS)}: 0 or 1; dot_prec "
                          f"one of {DOT_PRECS}; sel_prec one of {SEL_PRECS}), got {bad}")
