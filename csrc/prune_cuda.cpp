@@ -200,8 +200,8 @@ PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
   return {pruned, kept_mask, kept_idx, counts};
 }
 
-// backend="triton" with a launch plan for the call's key (triton_plan.h): the recorded memsets
-// and kernel launches, on the call's tensors and new buffers, on the current stream (so also
+// backend="triton" with a launch plan for the call's key (triton_plan.h): the recorded kernel
+// launches, on the call's tensors and new buffers, on the current stream (so also
 // under CUDA-graph capture); for prune, the host read of K between them, as its launch code does.
 // nullopt when there is no plan: the Python launch code runs the call and records one.
 std::optional<std::vector<at::Tensor>> replay_triton(triton_plan::Op op, const at::Tensor& patches,
@@ -217,10 +217,6 @@ std::optional<std::vector<at::Tensor>> replay_triton(triton_plan::Op op, const a
   check_launch(fastprune_cuda::make_context_current(patches.get_device()), "context of a Triton plan");
   triton_plan::Replay r(*plan, patches, task, task_mask, patch_mask);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  for (const triton_plan::Fill& f : plan->fills)
-    check_launch(cudaMemsetAsync(static_cast<char*>(r.buffers()[f.buffer].data_ptr()) + f.offset, 0,
-                                 static_cast<size_t>(f.bytes), stream),
-                 "memset of a Triton plan");
   for (size_t i = 0; i < plan->launches.size(); ++i) {
     if (static_cast<int64_t>(i) == plan->k_launch) {
       // prune's one host sync: the largest kept count sizes the output.

@@ -4,7 +4,7 @@
 //   _triton_plans_clear    drops every plan (bench/tune_triton.py's sweep changes what a key
 //                          launches, see prune_triton.tuning);
 //   _triton_plan_launches  what a replay of the call would launch, without launching it (tests).
-// The replay itself (device guard, stream, memset, cuLaunchKernel) is in prune_cuda.cpp.
+// The replay itself (device guard, stream, cuLaunchKernel) is in prune_cuda.cpp.
 #include "triton_plan.h"
 
 #include <torch/library.h>
@@ -66,7 +66,6 @@ Plan parse(Op op, c10::IntArrayRef encoded) {
                   static_cast<long long>(version), static_cast<long long>(kPlanVersion));
   Plan p;
   p.buffers.resize(r.count("buffers", 64));
-  p.fills.resize(r.count("fills", 64));
   p.launches.resize(r.count("launches", 16));
   p.outputs.resize(r.count("outputs", 64));
   p.k_launch = r.next("K launch");
@@ -98,15 +97,6 @@ Plan parse(Op op, c10::IntArrayRef encoded) {
     return buffer >= 0 && buffer < n_buffers && offset >= 0 && bytes >= 0 &&
            (buffer_bytes[buffer] < 0 ? offset == 0 && bytes == 0 : offset + bytes <= buffer_bytes[buffer]);
   };
-  for (Fill& f : p.fills) {
-    f.buffer = r.next("fill buffer");
-    f.offset = r.next("fill offset");
-    f.bytes = r.next("fill bytes");
-    FASTPRUNE_CHECK(in_buffer(f.buffer, f.offset, f.bytes) && !p.buffers[f.buffer].has_k,
-                    "fastprune: Triton launch plan zeroes bytes [%lld, %lld) of buffer %lld, outside it",
-                    static_cast<long long>(f.offset), static_cast<long long>(f.offset + f.bytes),
-                    static_cast<long long>(f.buffer));
-  }
   if (reads_k)
     FASTPRUNE_CHECK(p.k_launch < static_cast<int64_t>(p.launches.size()) && in_buffer(p.k_buffer, p.k_offset, 4) &&
                         p.k_offset % 4 == 0 && !p.buffers[p.k_buffer].has_k,

@@ -4,8 +4,8 @@
 //
 // Why: an eager Triton call spends most of its host time in Python (binding the launch
 // arguments, triton's launcher, torch.library's layers): 194.5 us per call on the H200 machine
-// in run 5, where the CUDA C++ backend's op took 23.5 us. A replay allocates the same buffers,
-// zeroes the same bytes and launches the same compiled kernels (their CUfunction handles) with
+// in run 5, where the CUDA C++ backend's op took 23.5 us. A replay allocates the same buffers
+// and launches the same compiled kernels (their CUfunction handles) with
 // the call's own tensors, as the CUDA backend does.
 //
 // A plan holds everything a call derives from its key: buffer shapes, kernel grids, integer
@@ -18,11 +18,10 @@
 // stay for the life of the process (well under a KB each; a serving loop has a few keys).
 //
 // Encoding (int64 list, written by kernels/prune_triton.py `plan_of`):
-//   [kPlanVersion, n_buffers, n_fills, n_launches, n_outputs,
+//   [kPlanVersion, n_buffers, n_launches, n_outputs,
 //    k_launch, k_buffer, k_offset   (prune: the first launch after the host read of K, and where
 //                                    K is, an int32 at a byte offset of a buffer; else -1, 0, 0),
 //    per buffer: scalar type (c10::ScalarType), ndim, sizes... (-1: K),
-//    per fill: buffer, byte offset, bytes                      (zeroed before the launches),
 //    per launch: CUfunction, grid x, y, z (-b: ceil(K / b)), threads per block, dynamic shared
 //                bytes, n_params,
 //                per param: kind, a, b                           (ParamKind),
@@ -39,7 +38,7 @@
 namespace fastprune {
 namespace triton_plan {
 
-constexpr int64_t kPlanVersion = 1;
+constexpr int64_t kPlanVersion = 2;  // 2: no fills (the kernels need no zeroed bytes)
 
 enum class Op : int64_t { kSelect = 0, kPrunePadded = 1, kPrune = 2 };
 
@@ -75,14 +74,9 @@ struct Buffer {
   bool has_k = false;
 };
 
-struct Fill {
-  int64_t buffer, offset, bytes;
-};
-
 struct Plan {
   int64_t k_launch = -1, k_buffer = 0, k_offset = 0;
   std::vector<Buffer> buffers;
-  std::vector<Fill> fills;
   std::vector<Launch> launches;
   std::vector<int64_t> outputs;
 };

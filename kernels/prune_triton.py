@@ -1,16 +1,16 @@
 """Fused Triton kernels of the fastprune eval ops (SPEC "Scoring", "Selection", "Output").
 
-Three kernels per call (with a D split, after a fill that zeroes the arrival counters), through
-the SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
+Three kernels per call, nothing else launched (no fill: see ``_arrive_tagged``), through the
+SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
 
 1. ``_scores_kernel``   grid (row tiles, D slices, B): one pass over ``patches`` (row norms on the
    fly), ``S = rms(P) rms(T)^T`` over the prompt tokens up to the last valid one (zeros at invalid
    ones), written fp32 ``[B, N, TS]`` (rows padded to TS, T rounded up to 16), and the row max
    ``m_i`` of ``S_i / sqrt(D)`` over valid tokens. At B=1 the serial loop over D bounds this
    kernel, so D is split into ``ksplit`` slices: each program writes its slice's partial dot
-   products and sums of squares, and the last slice of a row tile to arrive (an arrival counter,
-   zeroed per call) adds them in slice order, so S does not depend on the order of arrival. It also
-   initialises this call's merge keys and counters.
+   products and sums of squares, and the last slice of a row tile to arrive (a tagged arrival
+   counter that needs no zeroing) adds them in slice order, so S does not depend on the order of
+   arrival. It also initialises this call's merge keys and counters.
 2. ``_select_kernel``   grid (row tiles x column splits, B): ``C = A' S^T`` tile by tile with
    ``A' = exp(S_i / sqrt(D) - m_i)`` (the softmax without its positive row scale, which does
    not move an argmax) and an online row argmax over the split's column tiles, packed into one
@@ -34,7 +34,7 @@ fp32 operands, ~22 bits, see ``_tile_product``); offsets are int64.
 The launchers take a ``wrap`` callable (``torch.library.wrap_triton`` inside a
 ``triton_op``, identity otherwise) so the same code serves eager, the interpreter and Inductor.
 Eager launches go through a per-specialisation cache (``_CachedLaunch``). Inside ``recording()``
-an eager call also notes its allocations, fill and launches, from which ``plan_of`` builds the
+an eager call also notes its allocations and launches, from which ``plan_of`` builds the
 launch plan that the C++ ops replay on CUDA (csrc/triton_plan.h).
 """
 
@@ -68,6 +68,33 @@ __all__ = ["select", "prune", "prune_padded", "INTERPRET"]
 # --------------------------------------------------------------------------- device helpers
 
 
+# The scores kernel's row-tile arrival counters are int64 words ``TAG << 16 | arrivals``. A word
+# whose top 48 bits are not the tag counts as no arrival, and the last slice to arrive leaves
+# ``TAG << 16``: so the scratch needs no zeroing before the kernel (a 4th launch, the fill, until
+# v60), whatever the allocator hands out, in eager calls, under torch.compile and in CUDA-graph
+# replays alike. A stale word with a nonzero count could only come from a call still in flight,
+# whose memory no other call is given; other data matches the tag with odds of 2^-48 per word.
+ARRIVAL_TAG: tl.constexpr = tl.constexpr(0x5A17C3E90B6D)
+
+
+@triton.jit
+def _arrive_tagged(counter):
+    """One program's arrival at a tagged counter (see ARRIVAL_TAG): the number of arrivals
+    before it in this call. acq_rel at gpu scope (after a CTA barrier: it releases the program's
+    stores and acquires those of the programs before it). A compare-and-swap that expects a
+    fresh word, then the word it finds, until it lands: one round trip for the first arrival on a
+    word the previous call left, two for the others."""
+    fresh = tl.full([], ARRIVAL_TAG, tl.int64) << 16
+    expect = fresh
+    new = fresh + 1
+    seen = tl.atomic_cas(counter, expect, new, sem="acq_rel", scope="gpu")
+    while seen != expect:
+        expect = seen
+        new = tl.where((seen >> 16) == ARRIVAL_TAG, seen + 1, fresh + 1)
+        seen = tl.atomic_cas(counter, expect, new, sem="acq_rel", scope="gpu")
+    return (new & 0xFFFF) - 1
+
+
 @triton.jit
 def _prompt_extent(TMASK, b, T, HAS_TMASK: tl.constexpr, BLOCK_TALL: tl.constexpr):
     """(t_end, all_valid): one past the last valid prompt token of sample b, and whether the
@@ -92,7 +119,7 @@ def _r4(x):
 # The call's scratch is one fp32 buffer (one allocation: every torch.empty costs the eager call
 # ~2.6 µs of host time on an H200 machine, run5/host), whose regions the kernels derive from
 # (B, N, TS): the int32 regions first (their place depends on B and N alone, which the gather
-# knows), then the fp32 ones, then the score kernel's arrival counters (zeroed by the host).
+# knows), then the fp32 ones, then the score kernel's arrival counters (int64, tagged).
 # Regions start on 16-byte boundaries. _scratch_sizes sizes them.
 @triton.jit
 def _i32_scratch(WS, B, N):
@@ -111,7 +138,8 @@ def _i32_scratch(WS, B, N):
 def _f32_scratch(WS, B, N, TS, KSPLIT: tl.constexpr, n_tiles):
     """fp32, after the int32 regions: S [B, N, TS] | M [B, N] | with a D split, the slices' dot
     products [KSPLIT, B, N, TS], patch sums of squares [KSPLIT, B, N], prompt sums of squares
-    [KSPLIT, B, n_tiles, TS], and the row-tile arrival counters [B, n_tiles] (int32). TS is the
+    [KSPLIT, B, n_tiles, TS], and the row-tile arrival counters [B, n_tiles] (int64, tagged:
+    ARRIVAL_TAG). TS is the
     token stride, T rounded up to 16 (_Cfg.ts)."""
     bn = B.to(tl.int64) * N
     S = WS + _r4(2 * bn) + _r4(bn) + _r4(B + 1)
@@ -119,21 +147,20 @@ def _f32_scratch(WS, B, N, TS, KSPLIT: tl.constexpr, n_tiles):
     SP = M + _r4(bn)
     SSP = SP + _r4(KSPLIT * bn * TS)
     SST = SSP + _r4(KSPLIT * bn)
-    ARRIVED = (SST + _r4(KSPLIT * B * n_tiles * TS)).to(tl.pointer_type(tl.int32), bitcast=True)
+    ARRIVED = (SST + _r4(KSPLIT * B * n_tiles * TS)).to(tl.pointer_type(tl.int64), bitcast=True)
     return S, M, SP, SSP, SST, ARRIVED
 
 
-def _scratch_sizes(B: int, N: int, TS: int, ksplit: int, n_tiles: int) -> tuple[int, int, int]:
-    """Host side of _i32_scratch/_f32_scratch: (elements of the buffer, offset of the row-tile
-    arrival counters (the buffer's end without a D split), offset of kmax)."""
+def _scratch_sizes(B: int, N: int, TS: int, ksplit: int, n_tiles: int) -> tuple[int, int]:
+    """Host side of _i32_scratch/_f32_scratch: (elements of the buffer, offset of kmax)."""
     r4 = lambda x: -(-x // 4) * 4  # noqa: E731
     bn = B * N
     counter = r4(2 * bn) + r4(bn)
     m_at = counter + r4(B + 1) + r4(bn * TS)
     if ksplit == 1:
-        return m_at + bn, m_at + bn, counter + B
+        return m_at + bn, counter + B
     arrived = m_at + r4(bn) + r4(ksplit * bn * TS) + r4(ksplit * bn) + r4(ksplit * B * n_tiles * TS)
-    return arrived + B * n_tiles, arrived, counter + B
+    return arrived + 2 * B * n_tiles, counter + B
 
 
 @triton.jit
@@ -261,11 +288,13 @@ def _scores_kernel(
         tl.store(M + b * N + rows64, m, mask=rmask)
     else:
         # The last slice of this row tile to arrive adds the slices in order (the same memory
-        # order as the select kernel's finishing step: CTA barrier, one acq_rel gpu-scope
-        # arrival; the partials are then read from L2, never a stale L1 line).
+        # order as the select kernel's finishing step: CTA barrier, an acq_rel gpu-scope
+        # arrival; the partials are then read from L2, never a stale L1 line), and leaves the
+        # counter fresh for the next call on this memory (a CUDA-graph replay).
         tl.debug_barrier()
-        arrived = tl.atomic_add(ARRIVED + b * n_tiles + pid_m, 1, sem="acq_rel", scope="gpu")
-        if arrived == KSPLIT - 1:
+        arrived_at = ARRIVED + b * n_tiles + pid_m
+        if _arrive_tagged(arrived_at) == KSPLIT - 1:
+            tl.store(arrived_at, tl.full([], ARRIVAL_TAG, tl.int64) << 16)
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
                 vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
@@ -667,11 +696,10 @@ class _CachedLaunch:
 
 
 class _Recording:
-    """What one eager call allocated, zeroed and launched, in order (see ``recording``)."""
+    """What one eager call allocated and launched, in order (see ``recording``)."""
 
     def __init__(self):
         self.buffers: list[torch.Tensor] = []  # torch.empty'd by the call
-        self.fills: list[tuple[torch.Tensor, int]] = []  # (buffer, first zeroed element)
         # (compiled kernel, grid, positional args, constexprs, parameter names)
         self.launches: list[tuple] = []
         # prune's host read of K: (buffer, byte offset, launches and buffers before it)
@@ -690,7 +718,7 @@ _recorder = _Recorder()
 
 @contextlib.contextmanager
 def recording():
-    """Records this thread's eager allocations, fills and cached launches inside, for
+    """Records this thread's eager allocations and cached launches inside, for
     ``plan_of``."""
     saved, _recorder.current = _recorder.current, _Recording()
     try:
@@ -723,13 +751,6 @@ def _k_grid(axis: int, block: int) -> None:
     rec = _recorder.current
     if rec is not None:
         rec.k_grid[len(rec.launches)] = (axis, block)
-
-
-def _zero_from(buf: torch.Tensor, start: int) -> None:
-    buf[start:].zero_()
-    rec = _recorder.current
-    if rec is not None:
-        rec.fills.append((buf, start))
 
 
 # c10::ScalarType codes of the buffers' dtypes (csrc/triton_plan.h reads them).
@@ -767,7 +788,7 @@ def plan_of(rec: _Recording, inputs, outputs) -> Optional[list[int]]:
         k_buffer = buffer_index(holder)
         if k_buffer is None:
             return None
-    plan = [1, len(rec.buffers), len(rec.fills), len(rec.launches), len(outputs), k_launch, k_buffer, k_offset]
+    plan = [2, len(rec.buffers), len(rec.launches), len(outputs), k_launch, k_buffer, k_offset]
     for i, t in enumerate(rec.buffers):
         if t.dtype not in _SCALAR_TYPE:
             return None
@@ -777,11 +798,6 @@ def plan_of(rec: _Recording, inputs, outputs) -> Optional[list[int]]:
                 return None
             sizes[rec.k_dims[i]] = -1
         plan += [_SCALAR_TYPE[t.dtype], t.dim(), *sizes]
-    for t, start in rec.fills:
-        i = buffer_index(t)
-        if i is None:
-            return None
-        plan += [i, start * t.element_size(), (t.numel() - start) * t.element_size()]
     for n, (compiled, grid, flat, named, names) in enumerate(rec.launches):
         md = compiled.metadata
         if (md.num_ctas != 1 or md.launch_cooperative_grid or md.launch_pdl or md.global_scratch_size
@@ -989,7 +1005,7 @@ class _Cfg:
         # store them as 16-byte vectors (pi05 B=64 sm_90: the select kernel has 33 global loads in
         # its SASS instead of 93, and 11 % fewer instructions).
         self.ts = triton.cdiv(T, 16) * 16
-        self.n_ws, self.arrived_at, self.kmax_at = _scratch_sizes(B, N, self.ts, self.ksplit, self.n_score_tiles)
+        self.n_ws, self.kmax_at = _scratch_sizes(B, N, self.ts, self.ksplit, self.n_score_tiles)
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
@@ -1036,11 +1052,9 @@ def _run_select(
     T = task.shape[1]
     dev = patches.device
     cfg = _config(patches, T)
-    # torch.empty launches nothing; kernel 1 initialises the merge state (keys and counters)
-    # and the host zeroes only the row-tile arrival counters (a D split), as 0.0 (bits 0).
+    # torch.empty launches nothing; kernel 1 initialises the merge state (keys and counters), and
+    # its own arrival counters (a D split) need no initial value (ARRIVAL_TAG).
     ws = _empty(cfg.n_ws, torch.float32, dev)
-    if cfg.ksplit > 1:
-        _zero_from(ws, cfg.arrived_at)
     # select writes idx [B, N], prune counts [B]; the input stands in for the other, unused.
     out = _empty((B, N) if select_only else (B,), torch.int64, dev)
     tmask = patches if task_mask is None else task_mask.contiguous()

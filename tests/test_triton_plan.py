@@ -20,13 +20,11 @@ def inputs():
     return torch.zeros(2, 5, 8), torch.zeros(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), None
 
 
-def plan(launch_params, buffers=((F32, [40]), (I64, [2])), fills=(), outputs=(1,), k_read=(-1, 0, 0)):
+def plan(launch_params, buffers=((F32, [40]), (I64, [2])), outputs=(1,), k_read=(-1, 0, 0)):
     """One launch of kernel 77 on a (4, 2, 1) grid, 128 threads and 1024 shared bytes."""
-    out = [1, len(buffers), len(fills), 1, len(outputs), *k_read]
+    out = [2, len(buffers), 1, len(outputs), *k_read]
     for dtype, sizes in buffers:
         out += [dtype, len(sizes), *sizes]
-    for f in fills:
-        out += list(f)
     out += [77, 4, 2, 1, 128, 1024, len(launch_params) // 3, *launch_params]
     return out + list(outputs)
 
@@ -45,7 +43,7 @@ def test_a_replay_resolves_each_parameter_for_the_call():
               0, 2, 16,  # task_mask + 16 bytes
               1, 0, 32,  # buffer 0 + 32 bytes
               2, -7, 0, 3, 2**40, 0, 4, bits, 0, 5, 0, 0]
-    encoded = plan(params, buffers=((F32, [40]), (I64, [2]), (BOOL, [2, 3])), fills=((0, 8, 32),),
+    encoded = plan(params, buffers=((F32, [40]), (I64, [2]), (BOOL, [2, 3])),
                    outputs=(1, 0, 2, 1))
     assert ops._triton_plan_put("prune_padded", p, t, tm, pm, None, 3, False, encoded)
     for call in range(2):  # new buffers each replay; the same inputs
@@ -98,21 +96,20 @@ def test_non_contiguous_inputs_have_no_plan():
 
 
 @pytest.mark.parametrize("op,encoded,message", [(op, *case) for op, cases in (("select", [
-    ([2, 0, 0, 0, 1], "version 2"),
-    ([1, 1, 0, 0, 1, -1, 0, 0, F32], "ends early"),
+    ([1, 0, 0, 1], "version 1"),
+    ([2, 1, 0, 1, -1, 0, 0, F32], "ends early"),
     (plan([0, 0, 0], k_read=(1, 0, 0)), "of select cannot read K"),
     (plan([6, 0, 0]), "uses K in launch 0, before K is read"),
     (plan([0, 0, 0]) + [0], "values past its end"),
     (plan([0, 0, 0], outputs=(2,)), "returns buffer 2 of 2"),
     (plan([0, 0, 0], outputs=(0, 1)), "of select returns 1 tensors, got 2"),
-    (plan([0, 0, 0], fills=((0, 150, 16),)), r"zeroes bytes \[150, 166\) of buffer 0"),
     (plan([1, 1, 16]), "points at buffer 1 \\+ 16, outside it"),
     (plan([0, 4, 0]), "points at input 4"),
     (plan([9, 0, 0]), "unknown kind 9"),
     (plan([0, 0, 0], buffers=((99, [1]), (I64, [2]))), "unknown scalar type 99"),
 ]), ("prune", [
-    ([1, 1, 0, 0, 4, 0, 0, 40, F32, 1, 10, 0, 0, 0, 0], r"reads K at launch 0 from bytes 40 of buffer 0, outside it"),
-    ([1, 1, 0, 0, 4, -1, 0, 0, F32, 1, -1, 0, 0, 0, 0], "must read K"),
+    ([2, 1, 0, 4, 0, 0, 40, F32, 1, 10, 0, 0, 0, 0], r"reads K at launch 0 from bytes 40 of buffer 0, outside it"),
+    ([2, 1, 0, 4, -1, 0, 0, F32, 1, -1, 0, 0, 0, 0], "must read K"),
 ])) for case in cases])
 def test_malformed_plans_are_refused(op, encoded, message):
     p, t, tm, pm = inputs()
@@ -131,7 +128,7 @@ def test_prune_takes_k_from_the_host_read():
     """prune's plan: the launches from k_launch on, the buffers with a K dimension (-1) and the
     grids of -b (ceil(K / b)) take the K read on the host, which `_triton_plan_launches` takes as k."""
     p, t, tm, pm = inputs()
-    encoded = [1, 3, 0, 2, 4, 1, 0, 12,  # K read before launch 1, from bytes 12 of buffer 0
+    encoded = [2, 3, 2, 4, 1, 0, 12,  # K read before launch 1, from bytes 12 of buffer 0
                F32, 1, 40, I64, 2, 2, -1, BOOL, 3, 2, -1, 5]
     for grid, params in (([1, 2, 1], [1, 0, 0]), ([-8, 3, 2], [1, 1, 0, 6, 0, 0, 1, 2, 0, 3, 9, 0])):
         encoded += [50 + len(encoded), *grid, 64, 0, len(params) // 3, *params]
