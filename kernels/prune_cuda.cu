@@ -174,7 +174,7 @@ struct Args {
   float inv_d, inv_sqrt_d;
   float s_scale;  // 2^-k with |S| * s_scale <= 32768: kernel B's fp16 halves of S (1 up to D = 32768)
   // workspace
-  int* counters_a;
+  unsigned long long* counters_a;  // tagged (arrive_tagged)
   int* counters_b;
   int* max_count;
   float* part;
@@ -231,6 +231,49 @@ __device__ __forceinline__ int arrive(int* counter) {
 #else
   return atomicAdd(counter, 1);
 #endif
+}
+
+// Kernel A's row-tile counters are tagged words kArrivalTag << 16 | arrivals, so that no memset
+// has to zero them before the kernel: a word without the tag counts as no arrival, and the
+// last block stores kFreshCounter back (kernels/prune_triton.py's ARRIVAL_TAG does the same).
+// Other data carries the tag with odds of 2^-48 per word; a word with the tag and a nonzero
+// count could only be left by a call still running, whose workspace no other call is given.
+constexpr unsigned long long kArrivalTag = 0x5A17C3E90B6Dull;
+constexpr unsigned long long kFreshCounter = kArrivalTag << 16;
+
+__device__ __forceinline__ unsigned long long cas_acq_rel(unsigned long long* p, unsigned long long expect,
+                                                          unsigned long long desired) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  unsigned long long seen;
+  asm volatile("atom.acq_rel.gpu.global.cas.b64 %0, [%1], %2, %3;"
+               : "=l"(seen)
+               : "l"(p), "l"(expect), "l"(desired)
+               : "memory");
+  return seen;
+#else
+  return atomicCAS(p, expect, desired);
+#endif
+}
+
+// Kernel B's arrival counter of sample b and (sample 0) the max kept count, zeroed by kernel A:
+// kernel B reads them after kernel A (in stream order, or after its pdl_wait).
+__device__ __forceinline__ void zero_b_counters(const Args& a, int64_t b) {
+  a.counters_b[b] = 0;
+  if (b == 0) *a.max_count = 0;
+}
+
+// arrive() on a tagged counter: the arrivals before this one. A compare-and-swap that expects a
+// fresh word, then the word it finds, until it lands: one round trip for the first block on the
+// word the previous call left, two for the others.
+__device__ __forceinline__ int arrive_tagged(unsigned long long* counter) {
+  unsigned long long expect = kFreshCounter, desired = kFreshCounter + 1;
+  unsigned long long seen = cas_acq_rel(counter, expect, desired);
+  while (seen != expect) {
+    expect = seen;
+    desired = (seen >> 16) == kArrivalTag ? seen + 1 : kFreshCounter + 1;
+    seen = cas_acq_rel(counter, expect, desired);
+  }
+  return static_cast<int>(desired & 0xFFFFu) - 1;
 }
 
 // A 16-byte load through L2 (as __ldcg), or zeros where `pred` is false: a predicated load,
@@ -658,10 +701,7 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
     cl.tok[u] = all_t || tm[t_lo + u] ? 1 : 0;
   }
   if (rank == 0 && tid < rows_here) a.keys[b * N + j0 + tid] = 0ull;
-  if (rank == 0 && blockIdx.x == 0 && tid == 0) {  // what the plain launch's memset zeroes for kernel B
-    a.counters_b[b] = 0;
-    if (b == 0) *a.max_count = 0;
-  }
+  if (rank == 0 && blockIdx.x == 0 && tid == 0) zero_b_counters(a, b);
   __syncthreads();  // invt, tok
   for (int r = r0; r < rows_here; r += ks * kWarps) {
     float* own = cl.part + r * ts;
@@ -715,8 +755,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   const ClusterSmem cl = cluster_smem(smem, cluster_smem_head<T>(), a.ts);  // kCluster only
 
   // Kernel B may be scheduled as soon as every block of this kernel runs (it waits for our
-  // writes in pdl_wait). Kernel A itself is a plain launch: it follows the workspace memset (the
-  // cluster variant has none) or the previous call in stream order.
+  // writes in pdl_wait). Kernel A itself is a plain launch: it follows the previous call in
+  // stream order.
   pdl_launch_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t rt = blockIdx.x, b = blockIdx.z;
@@ -861,9 +901,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 
   // 3. The last of the ksplit blocks of (row tile, sample) to arrive finalises the tile.
   __syncthreads();
-  if (tid == 0) sm.is_last = arrive(&a.counters_a[b * a.row_tiles + rt]) == a.ksplit - 1;
+  unsigned long long* const counter = &a.counters_a[b * a.row_tiles + rt];
+  if (tid == 0) sm.is_last = arrive_tagged(counter) == a.ksplit - 1;
   __syncthreads();
   if (!sm.is_last) return;
+  if (tid == 0) {
+    *counter = kFreshCounter;  // for the next call on this workspace (a CUDA-graph replay)
+    if (rt == 0) zero_b_counters(a, b);
+  }
 
   // 4. S and A of the tile from the ksplit partials, one 64 x 64 token tile at a time.
   //
@@ -1624,9 +1669,8 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
   int s_shift = 0;  // |S| <= D: D * 2^-s_shift <= 32768
   while ((int64_t{32768} << s_shift) < p.D) ++s_shift;
   a.s_scale = std::ldexp(1.f, -s_shift);
-  int* zero = ws_at<int>(ws, plan.off_zero);
-  a.counters_a = zero;
-  a.counters_b = zero + p.B * plan.row_tiles;
+  a.counters_a = ws_at<unsigned long long>(ws, plan.off_counters);
+  a.counters_b = reinterpret_cast<int*>(a.counters_a + p.B * plan.row_tiles);
   a.max_count = a.counters_b + p.B;
   a.part = ws_at<float>(ws, plan.off_part);
   a.psq = ws_at<float>(ws, plan.off_psq);
@@ -1642,18 +1686,13 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
   return a;
 }
 
-cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, void* ws, cudaStream_t stream) {
+cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, cudaStream_t stream) {
   // 16-byte loads in kernel A when every task/patch row start is 16-byte aligned.
   const int64_t ve = p.dtype == DType::kFloat32 ? 4 : 8;
   const bool vec = p.D % ve == 0 && p.patches_sb % ve == 0 && p.patches_sr % ve == 0 && p.task_sb % ve == 0 &&
                    p.task_sr % ve == 0 && reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
-  // The cluster variant has no arrival counters and zeroes kernel B's itself: no memset.
   const bool cluster = plan.cluster && vec;
-  if (!cluster) {
-    const cudaError_t err = cudaMemsetAsync(ws_at<unsigned char>(ws, plan.off_zero), 0, plan.zero_bytes, stream);
-    if (err != cudaSuccess) return err;
-  }
   const dim3 grid_a(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.ksplit),
                     static_cast<unsigned>(p.B));
   auto launch_a = [&](auto t) {
@@ -1728,8 +1767,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
     off = align16(off + bytes);
     return at;
   };
-  plan.zero_bytes = align16((Bz * rtz + Bz + 1) * i);
-  plan.off_zero = take(plan.zero_bytes);
+  plan.off_counters = take(Bz * rtz * sizeof(unsigned long long) + (Bz + 1) * i);
   plan.off_part = take(ksz * Bz * Nz * ts * f);
   plan.off_psq = take(ksz * Bz * Nz * f);
   plan.off_tsq = take(ksz * Bz * rtz * ts * f);
@@ -1762,7 +1800,7 @@ cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, i
   Args a = make_args(p, plan, workspace);
   a.idx_out = idx_out;
   a.want_keep = 0;
-  return launch_ab(p, plan, a, workspace, stream);
+  return launch_ab(p, plan, a, stream);
 }
 
 cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
@@ -1773,12 +1811,13 @@ cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int
   a.want_keep = 1;
   a.keep_tokens = keep_tokens;
   a.max_tokens = max_tokens;
-  return launch_ab(p, plan, a, workspace, stream);
+  return launch_ab(p, plan, a, stream);
 }
 
 const int* max_count_ptr(const Plan& plan, const void* workspace) {
-  return reinterpret_cast<const int*>(static_cast<const unsigned char*>(workspace) + plan.off_zero) +
-         plan.B * plan.row_tiles + plan.B;
+  return reinterpret_cast<const int*>(static_cast<const unsigned char*>(workspace) + plan.off_counters +
+                                      plan.B * plan.row_tiles * sizeof(unsigned long long)) +
+         plan.B;
 }
 
 cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* workspace,

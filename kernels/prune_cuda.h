@@ -3,8 +3,8 @@
 // binding (csrc/prune_cuda.cpp) checks inputs, allocates the outputs and the workspace and
 // calls these functions on the current stream.
 //
-// Pipeline (SPEC), 3 kernels + 1 memset of a few counters:
-//   memset   zero the per-tile arrival counters and the max-count cell of the workspace;
+// Pipeline (SPEC), 3 kernels and nothing else (no memset: kernel A's arrival counters are tagged
+// words that need no zeroing, and kernel A zeroes kernel B's):
 //   kernel A grid (row tiles, D splits, B): partial S = P Tn^T (raw rows, 16-byte loads when
 //            aligned, tensor-core wmma on fp16/bf16 at sm_80+, fp32 FMA otherwise) and partial
 //            row sums of squares over one slice of D; the last block of
@@ -13,7 +13,7 @@
 //            range up to 64 columns), and zeroes its argmax keys. With plan.cluster (sm_90,
 //            the default there) the D splits of a row tile are one thread block cluster
 //            instead: the partials stay in shared memory, every block finishes a share of the
-//            rows, and kernel A zeroes kernel B's counters (no memset: 3 launches);
+//            rows;
 //   kernel B grid (row tiles, column splits, B): score' = A S^T tiles with fp32 accumulation
 //            (tensor-core wmma on fp16 halves of A and S at sm_80+, fp32 FMA otherwise), each block looping over
 //            its split's column tiles; per-row argmax merged across the splits by a packed
@@ -65,7 +65,7 @@ struct Plan {
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
   // Byte offsets into the workspace (all 16-byte aligned).
-  size_t off_zero = 0, zero_bytes = 0;  // counters_a [B*row_tiles] int, counters_b [B] int, max_count int
+  size_t off_counters = 0;  // counters_a [B*row_tiles] u64 (tagged), counters_b [B] int, max_count int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
   size_t off_psq = 0;                   // [ksplit][B][N] fp32 partial sums of squares of patches
   size_t off_tsq = 0;                   // [ksplit][B][ts] fp32 partial sums of squares of task rows
@@ -101,11 +101,11 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
 bool kernels_have_sm90();
 
 // Row argmax idx [B, N] int64 (contiguous); -1 for non-voters when mask_voters and a
-// patch_mask is given. Memset + kernels A and B.
+// patch_mask is given. Kernels A and B.
 cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, int64_t* idx_out,
                           cudaStream_t stream);
 
-// Selection up to the kept lists: memset + kernels A and B. keep_tokens <= 0: implicit mode;
+// Selection up to the kept lists: kernels A and B. keep_tokens <= 0: implicit mode;
 // max_tokens <= 0: no cap. Writes counts_out [B] int64 and the max count (max_count_ptr).
 cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
                         int64_t max_tokens, int64_t* counts_out, cudaStream_t stream);

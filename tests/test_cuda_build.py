@@ -328,13 +328,15 @@ class Emulated:
         f = self.lib.fp_emu_run
         f.restype = ctypes.c_int
         I, P, C = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        f.argtypes = [C, C, I, I, I, I, P, I, I, P, I, I, P, P, C, I, I, C, P, P, P, P, P, P, I, P]
+        f.argtypes = [C, C, I, I, I, I, P, I, I, P, I, I, P, P, C, I, I, C, P, P, P, P, P, P, I, P, ctypes.c_uint64, C]
         self.lib.fp_emu_barrier_probe.argtypes = [C, P]
 
     def __call__(self, op, patches, task, task_mask=None, patch_mask=None, *, mask_voters=False,
-                 keep_tokens=None, max_tokens=None, num_sms=132, cluster=False):
+                 keep_tokens=None, max_tokens=None, num_sms=132, cluster=False, ws_word=2**64 - 1, runs=1):
         """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit).
-        cluster: ask for kernel A's cluster variant; self.clustered says whether it ran."""
+        cluster: ask for kernel A's cluster variant; self.clustered says whether it ran.
+        ws_word: the 8-byte word the workspace starts filled with; runs: runs on that workspace,
+        each on what the run before left (the outputs are the last run's)."""
         assert patches.stride(2) == 1 and task.stride(2) == 1
         B, N, D = patches.shape
         T = task.shape[1]
@@ -355,8 +357,9 @@ class Emulated:
             code, _DT[patches.dtype], B, N, T, D, ptr(patches), patches.stride(0), patches.stride(1),
             ptr(task), task.stride(0), task.stride(1), ptr(tm), ptr(pm), int(mask_voters), keep_tokens or 0,
             max_tokens or 0, num_sms, ctypes.byref(clustered), ptr(idx), ptr(counts), ptr(pruned), ptr(kmask), ptr(kidx), cap, ptr(k_out),
+            ws_word, runs,
         )
-        assert rc >= 1, f"emulated launch failed with code {rc} (-4: wrote past the workspace)"
+        assert rc >= 1, f"emulated launch failed with code {rc} (-4: wrote past the workspace, -5: left a counter stale)"
         self.clustered = bool(clustered.value)
         if op == "select":
             return idx, rc
@@ -508,6 +511,28 @@ def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype, cluster):
         assert ksplit > 1 and emu[build].clustered == cluster
         check_selection(idx, patches, task, task_mask, patch_mask)
         check_prune(out, patches, idx, patch_mask, None, False, 20)
+
+
+@pytest.mark.parametrize("ws_word", [2, 2**64 - 1, 0x5A17C3E90B6D0000])
+@pytest.mark.parametrize("D", [256, 203])  # 16-byte and scalar loads in kernel A
+def test_emulated_workspace_needs_no_zeroing(emu, ws_word, D):
+    """Nothing zeroes the workspace before the kernels (v61): kernel A's D slices arrive at tagged
+    counters (arrive_tagged) and kernel A zeroes kernel B's. Whatever word the workspace starts
+    as, every int64 word 2 (an untagged counter's first arrival would take itself for the last of
+    2 slices and add partials not yet written), all ones, or a fresh counter, the outputs are
+    the same, also on a second run on the workspace the first left (a CUDA-graph replay); every
+    counter ends fresh (the emulator checks, code -5)."""
+    patches, task, task_mask, patch_mask = make_inputs(2, 70, 20, D, torch.bfloat16, "all", seed=D)
+    for build in ("mma", "fma"):
+        want, want_idx, ksplit = emu[build]("prune", patches, task, task_mask, patch_mask, keep_tokens=9, num_sms=8)
+        assert ksplit > 1
+        check_selection(want_idx, patches, task, task_mask, patch_mask)
+        for runs in (1, 2):
+            out, idx, _ = emu[build]("prune", patches, task, task_mask, patch_mask, keep_tokens=9, num_sms=8,
+                                     ws_word=ws_word, runs=runs)
+            assert torch.equal(idx, want_idx)
+            check_prune(out, patches, idx, patch_mask, 9, False, None)
+            assert all(torch.equal(a, b) for a, b in zip(out, want))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

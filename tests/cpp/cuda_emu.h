@@ -48,10 +48,6 @@ struct alignas(16) float4 {
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
-  std::memset(p, v, n);
-  return cudaSuccess;
-}
 
 namespace emu {
 // Cooperative fibers (ucontext) on one host thread: a CUDA thread runs until it waits at a
@@ -284,6 +280,10 @@ inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v)
   while (cur < v && !r.compare_exchange_weak(cur, v)) {
   }
   return cur;
+}
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long expect, unsigned long long desired) {
+  std::atomic_ref<unsigned long long>(*p).compare_exchange_strong(expect, desired);
+  return expect;  // the word found: the old value either way
 }
 template <typename T>
 T __ldcg(const T* p) {

@@ -1,19 +1,24 @@
 // C entry point of the CUDA-emulated kernels (tests/test_cuda_build.py loads it with ctypes):
-// kernels/prune_cuda.cu compiled as host C++ against cuda_emu.h. The workspace is filled with
-// NaN bytes first and followed by a guard zone, so a kernel that reads memory it did not write
-// or writes past its workspace shows up in the results.
+// kernels/prune_cuda.cu compiled as host C++ against cuda_emu.h. The workspace starts filled with
+// the 8-byte word ws_word (all ones, NaN bytes, by default) and is followed by a guard zone, so a
+// kernel that reads memory it did not write or writes past its workspace shows up in the
+// results. runs > 1 runs the op again on the workspace as the run before left it, as a CUDA-graph
+// replay does; the outputs are the last run's.
 #include "cuda_emu.h"
 
 #include "prune_cuda.cu"
 
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, int64_t D, const void* patches,
                           int64_t p_sb, int64_t p_sr, const void* task, int64_t t_sb, int64_t t_sr,
                           const bool* task_mask, const bool* patch_mask, int mask_voters, int64_t keep_tokens,
                           int64_t max_tokens, int num_sms, int* cluster, int64_t* idx_out, int64_t* counts_out, void* pruned,
-                          bool* kept_mask, int64_t* kept_idx, int64_t k_capacity, int64_t* k_out) {
+                          bool* kept_mask, int64_t* kept_idx, int64_t k_capacity, int64_t* k_out,
+                          uint64_t ws_word, int runs) {
   using namespace fastprune_cuda;
   Problem p;
   p.B = B;
@@ -33,24 +38,32 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
   const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true, /*ksplit=*/0, *cluster != 0);
   *cluster = plan.cluster ? 1 : 0;  // in: asked for, out: kernel A ran as clusters
   constexpr size_t kGuard = 4096;
+  std::vector<uint64_t> words((plan.workspace_bytes + 7) / 8, ws_word);
   std::vector<unsigned char> ws(plan.workspace_bytes + kGuard, 0xff);
-  if (op == 0) {
-    if (launch_select(p, plan, ws.data(), idx_out, nullptr) != cudaSuccess) return -1;
-  } else {
-    if (launch_keep(p, plan, ws.data(), keep_tokens, op == 2 ? max_tokens : 0, counts_out, nullptr) != cudaSuccess)
-      return -1;
-    int64_t K = op == 2 ? max_tokens : *max_count_ptr(plan, ws.data());
-    if (K < 1) K = 1;
-    if (K > k_capacity) return -2;
-    *k_out = K;
-    if (launch_gather(p, plan, ws.data(), counts_out, K, pruned, kept_mask, kept_idx, nullptr) != cudaSuccess)
-      return -3;
-    // The row argmax behind this selection, decoded from the packed keys.
-    const auto* keys = reinterpret_cast<const unsigned long long*>(ws.data() + plan.off_keys);
-    for (int64_t i = 0; i < B * N; ++i) idx_out[i] = 0xffffffffll - static_cast<int64_t>(keys[i] & 0xffffffffull);
+  std::memcpy(ws.data(), words.data(), plan.workspace_bytes);
+  for (int run = 0; run < runs; ++run) {
+    if (op == 0) {
+      if (launch_select(p, plan, ws.data(), idx_out, nullptr) != cudaSuccess) return -1;
+    } else {
+      if (launch_keep(p, plan, ws.data(), keep_tokens, op == 2 ? max_tokens : 0, counts_out, nullptr) != cudaSuccess)
+        return -1;
+      int64_t K = op == 2 ? max_tokens : *max_count_ptr(plan, ws.data());
+      if (K < 1) K = 1;
+      if (K > k_capacity) return -2;
+      *k_out = K;
+      if (launch_gather(p, plan, ws.data(), counts_out, K, pruned, kept_mask, kept_idx, nullptr) != cudaSuccess)
+        return -3;
+      // The row argmax behind this selection, decoded from the packed keys.
+      const auto* keys = reinterpret_cast<const unsigned long long*>(ws.data() + plan.off_keys);
+      for (int64_t i = 0; i < B * N; ++i) idx_out[i] = 0xffffffffll - static_cast<int64_t>(keys[i] & 0xffffffffull);
+    }
+    for (size_t i = 0; i < kGuard; ++i)
+      if (ws[plan.workspace_bytes + i] != 0xff) return -4;
+    // Kernel A's arrival counters end fresh for the next run (or untouched: the cluster variant has none).
+    const auto* counters = reinterpret_cast<const uint64_t*>(ws.data() + plan.off_counters);
+    for (int64_t i = 0; i < B * plan.row_tiles; ++i)
+      if (counters[i] != kFreshCounter && counters[i] != ws_word) return -5;
   }
-  for (size_t i = 0; i < kGuard; ++i)
-    if (ws[plan.workspace_bytes + i] != 0xff) return -4;
   return plan.ksplit;
 }
 
