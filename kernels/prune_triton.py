@@ -139,8 +139,7 @@ def _f32_scratch(WS, B, N, TS, KSPLIT: tl.constexpr, n_tiles):
     """fp32, after the int32 regions: S [B, N, TS] | M [B, N] | with a D split, the slices' dot
     products [KSPLIT, B, N, TS], patch sums of squares [KSPLIT, B, N], prompt sums of squares
     [KSPLIT, B, n_tiles, TS], and the row-tile arrival counters [B, n_tiles] (int64, tagged:
-    ARRIVAL_TAG). TS is the
-    token stride, T rounded up to 16 (_Cfg.ts)."""
+    ARRIVAL_TAG). TS is the token stride, T rounded up to 16 (_Cfg.ts)."""
     bn = B.to(tl.int64) * N
     S = WS + _r4(2 * bn) + _r4(bn) + _r4(B + 1)
     M = S + _r4(bn * TS)
