@@ -12,7 +12,8 @@ bundled ptxas. So the signatures cannot drift from the code, and GPU-only compil
 Per kernel it prints shared memory (dynamic + static), registers, spill stores and stack frame
 and the compile time (``pytest -s`` shows the table); it fails on a compile error, on shared
 memory over 227 KB, or on a compile slower than ``MAX_COMPILE_S`` (a ptxas that runs for minutes
-on the GPU machine eats its time budget).
+on the GPU machine eats its time budget). The eval kernels are also compiled for an A100
+(sm_80, ``test_eval_kernels_compile_for_sm80``).
 
 The same machinery checks the eval launchers' eager launch cache: under a driver that compiles
 for sm_90 and records launches instead of running them (bench/triton_fake_driver.py), the cache
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -71,6 +73,20 @@ CHILD_ENV = "FASTPRUNE_SM90_TRITON_CHILD"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 H100_SMS = 132
 SMEM_LIMIT = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 (232448 bytes)
+
+
+class Arch(NamedTuple):
+    """A GPU to compile for: compute capability, multiprocessors (they size the launchers'
+    grids) and shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)."""
+
+    name: str
+    cc: int
+    sms: int
+    smem: int
+
+
+H100 = Arch("H100", 90, H100_SMS, SMEM_LIMIT)
+A100 = Arch("A100", 80, 108, 163 * 1024)
 MAX_COMPILE_S = 30.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -98,14 +114,14 @@ class Recorder:
 
 
 @functools.lru_cache(maxsize=None)
-def _target_backend():
-    target = GPUTarget("cuda", 90, 32)
+def _target_backend(cc: int = 90):
+    target = GPUTarget("cuda", cc, 32)
     return target, make_backend(target)
 
 
-def specialise(kernel, args, kwargs):
+def specialise(kernel, args, kwargs, cc: int = 90):
     """(signature, constexprs, attrs) as triton's JIT would build them for these arguments."""
-    _, backend = _target_backend()
+    _, backend = _target_backend(cc)
     try:
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
@@ -115,19 +131,19 @@ def specialise(kernel, args, kwargs):
     return signature, constexprs, attrs
 
 
-def launch_key(kernel, args, kwargs):
-    signature, constexprs, attrs = specialise(kernel, args, kwargs)
+def launch_key(kernel, args, kwargs, cc: int = 90):
+    signature, constexprs, attrs = specialise(kernel, args, kwargs, cc)
     opts = tuple(sorted((k, kwargs[k]) for k in ("num_warps", "num_stages") if k in kwargs))
     return (kernel.fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())), opts)
 
 
-def distinct(launches):
+def distinct(launches, cc: int = 90):
     """One launch per distinct compiled kernel (in first-seen order)."""
     seen = {}
     for kernel, grid, args, kwargs in launches:
         for i, g in enumerate(grid):  # CUDA grid limits: x < 2^31, y and z <= 65535
             assert 1 <= g <= (2**31 - 1 if i == 0 else 65535), ("grid", kernel.fn.__name__, grid)
-        seen.setdefault(launch_key(kernel, args, kwargs), (kernel, args, kwargs))
+        seen.setdefault(launch_key(kernel, args, kwargs, cc), (kernel, args, kwargs))
     return list(seen.values())
 
 
@@ -136,10 +152,10 @@ def _ptxas_int(pattern, log):
     return int(m.group(1)) if m else None
 
 
-def compile_sm90(kernel, args, kwargs, label):
-    """Compile one launch to a cubin; returns its resource report."""
-    target, _ = _target_backend()
-    signature, constexprs, attrs = specialise(kernel, args, kwargs)
+def compile_sm90(kernel, args, kwargs, label, cc: int = 90):
+    """Compile one launch to a cubin (for sm_``cc``); returns its resource report."""
+    target, _ = _target_backend(cc)
+    signature, constexprs, attrs = specialise(kernel, args, kwargs, cc)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     log = io.StringIO()
@@ -176,27 +192,27 @@ def compile_sm90(kernel, args, kwargs, label):
     )
 
 
-def compile_distinct(launches, labels, dtype):
-    """Compiles each distinct launch once for sm_90, then checks and reports them all."""
+def compile_distinct(launches, labels, dtype, arch: Arch = H100):
+    """Compiles each distinct launch once for ``arch``, then checks and reports them all."""
     seen, reports = set(), []
     for (kernel, grid, args, kwargs), label in zip(launches, labels):
-        key = launch_key(kernel, args, kwargs)
+        key = launch_key(kernel, args, kwargs, arch.cc)
         if key not in seen:
             seen.add(key)
-            reports.append(compile_sm90(kernel, args, kwargs, f"{dtype} {label}"))
-    assert len(distinct(launches)) == len(reports)
-    check_and_report(reports)
+            reports.append(compile_sm90(kernel, args, kwargs, f"{dtype} {label}", arch.cc))
+    assert len(distinct(launches, arch.cc)) == len(reports)
+    check_and_report(reports, arch)
     return reports
 
 
-def check_and_report(reports):
+def check_and_report(reports, arch: Arch = H100):
     print()
     print(f"{'kernel':22s} {'variant':34s} warps smem_KB regs spill_B stack_B  sec  constexprs")
     for r in reports:
         print(f"{r['kernel']:22s} {r['label']:34s} {r['warps']:5d} {r['shared'] / 1024:7.1f} {r['regs']!s:>4s} "
               f"{r['spill_stores']!s:>7s} {r['stack']!s:>7s} {r['seconds']:4.1f}  {r['constexprs']}")
-    too_big = [r for r in reports if r["shared"] > SMEM_LIMIT]
-    assert not too_big, f"shared memory over {SMEM_LIMIT} bytes (H100 per block): {too_big}"
+    too_big = [r for r in reports if r["shared"] > arch.smem]
+    assert not too_big, f"shared memory over {arch.smem} bytes ({arch.name} per block): {too_big}"
     slow = [r for r in reports if r["seconds"] > MAX_COMPILE_S]
     assert not slow, f"compiles slower than {MAX_COMPILE_S} s (the GPU machine pays this at first launch): {slow}"
     assert all(r["regs"] is None or r["regs"] <= 255 for r in reports)
@@ -210,13 +226,13 @@ def check_and_report(reports):
 EVAL_SHAPES = [(1, 768, 200, 2048), (64, 1536, 200, 2048)]
 
 
-def eval_launches(dtype):
+def eval_launches(dtype, sms: int = H100_SMS):
     from pi05_fastprune.kernels import prune_triton as K
 
     rec = Recorder()
     labels = []
     real_config = K._config
-    K._config = functools.partial(real_config, gpu_sms=H100_SMS)
+    K._config = functools.partial(real_config, gpu_sms=sms)
     try:
         for B, N, T, D in EVAL_SHAPES:
             # Empty (untouched) CPU tensors: only shapes, dtypes and alignment matter here.
@@ -255,6 +271,15 @@ def test_eval_kernels_compile_for_sm90(dtype):
     most = {"_scores_kernel": 2, "_select_kernel": 1, "_gather_kernel": 0}
     fenced = {(r["kernel"], r["label"]): r["acq_rel"] for r in reports if r["acq_rel"] > most[r["kernel"]]}
     assert not fenced, fenced
+
+
+def test_eval_kernels_compile_for_sm80():
+    """The eval kernels compile for an A100 too (sm_80: no warpgroup MMA, 163 KB of shared
+    memory per block, 108 SMs for the launchers' grids): the Triton backend is the GPU backend
+    wherever the CUDA C++ kernels were not built."""
+    for dtype in ("bf16", "fp32"):
+        launches, labels = eval_launches(DTYPES[dtype], A100.sms)
+        compile_distinct(launches, labels, dtype, A100)
 
 
 def test_scores_kernel_runs_one_stage():
