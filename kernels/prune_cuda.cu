@@ -174,7 +174,7 @@ struct Args {
   float inv_d, inv_sqrt_d;
   float s_scale;  // 2^-k with |S| * s_scale <= 32768: kernel B's fp16 halves of S (1 up to D = 32768)
   // workspace
-  unsigned long long* counters_a;  // tagged (arrive_tagged)
+  unsigned long long* counters_a;  // [B * row_tiles][2], tagged (arrive_tagged)
   int* counters_b;
   int* max_count;
   float* part;
@@ -233,13 +233,24 @@ __device__ __forceinline__ int arrive(int* counter) {
 #endif
 }
 
-// Kernel A's row-tile counters are tagged words kArrivalTag << 16 | arrivals, so that no memset
-// has to zero them before the kernel: a word without the tag counts as no arrival, and the
-// last block stores kFreshCounter back (kernels/prune_triton.py's ARRIVAL_TAG does the same).
-// Other data carries the tag with odds of 2^-48 per word; a word with the tag and a nonzero
-// count could only be left by a call still running, whose workspace no other call is given.
+// Kernel A's row-tile counters are pairs of tagged words kArrivalTag << 16 | arrivals, so that no
+// memset has to zero them before the kernel: a word without the tag counts as no arrival, and
+// the last block stores kFreshCounter back into both (the protocol of kernels/prune_triton.py's
+// _arrive_tagged, with the same tag). Other data carries the tag with odds of 2^-48 per word; a
+// word with the tag and a nonzero count could only be left by a call still running, whose
+// workspace no other call is given.
 constexpr unsigned long long kArrivalTag = 0x5A17C3E90B6Dull;
 constexpr unsigned long long kFreshCounter = kArrivalTag << 16;
+
+__device__ __forceinline__ unsigned long long add_acq_rel(unsigned long long* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  unsigned long long seen;
+  asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], 1;" : "=l"(seen) : "l"(p) : "memory");
+  return seen;
+#else
+  return atomicAdd(p, 1ull);
+#endif
+}
 
 __device__ __forceinline__ unsigned long long cas_acq_rel(unsigned long long* p, unsigned long long expect,
                                                           unsigned long long desired) {
@@ -262,16 +273,20 @@ __device__ __forceinline__ void zero_b_counters(const Args& a, int64_t b) {
   if (b == 0) *a.max_count = 0;
 }
 
-// arrive() on a tagged counter: the arrivals before this one. A compare-and-swap that expects a
-// fresh word, then the word it finds, until it lands: one round trip for the first block on the
-// word the previous call left, two for the others.
+// arrive() on the tagged counter counter[0..1]: the arrivals before this one. An atomic add on
+// the first word counts them where it was fresh, as the previous call on this workspace left it
+// (a CUDA-graph replay): one round trip. Where it lacked the tag, every block of the call finds
+// it so (an add reaches the top bits only by a carry), and they count on the second word by
+// compare-and-swap instead: one expecting a fresh word, then with the word found, until it lands.
 __device__ __forceinline__ int arrive_tagged(unsigned long long* counter) {
+  unsigned long long seen = add_acq_rel(counter);
+  if ((seen >> 16) == kArrivalTag) return static_cast<int>(seen & 0xFFFFu);
   unsigned long long expect = kFreshCounter, desired = kFreshCounter + 1;
-  unsigned long long seen = cas_acq_rel(counter, expect, desired);
+  seen = cas_acq_rel(counter + 1, expect, desired);
   while (seen != expect) {
     expect = seen;
     desired = (seen >> 16) == kArrivalTag ? seen + 1 : kFreshCounter + 1;
-    seen = cas_acq_rel(counter, expect, desired);
+    seen = cas_acq_rel(counter + 1, expect, desired);
   }
   return static_cast<int>(desired & 0xFFFFu) - 1;
 }
@@ -901,12 +916,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 
   // 3. The last of the ksplit blocks of (row tile, sample) to arrive finalises the tile.
   __syncthreads();
-  unsigned long long* const counter = &a.counters_a[b * a.row_tiles + rt];
+  unsigned long long* const counter = &a.counters_a[2 * (b * a.row_tiles + rt)];
   if (tid == 0) sm.is_last = arrive_tagged(counter) == a.ksplit - 1;
   __syncthreads();
   if (!sm.is_last) return;
   if (tid == 0) {
-    *counter = kFreshCounter;  // for the next call on this workspace (a CUDA-graph replay)
+    counter[0] = counter[1] = kFreshCounter;  // for the next call on this workspace (a CUDA-graph replay)
     if (rt == 0) zero_b_counters(a, b);
   }
 
@@ -1670,7 +1685,7 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
   while ((int64_t{32768} << s_shift) < p.D) ++s_shift;
   a.s_scale = std::ldexp(1.f, -s_shift);
   a.counters_a = ws_at<unsigned long long>(ws, plan.off_counters);
-  a.counters_b = reinterpret_cast<int*>(a.counters_a + p.B * plan.row_tiles);
+  a.counters_b = reinterpret_cast<int*>(a.counters_a + 2 * p.B * plan.row_tiles);
   a.max_count = a.counters_b + p.B;
   a.part = ws_at<float>(ws, plan.off_part);
   a.psq = ws_at<float>(ws, plan.off_psq);
@@ -1767,7 +1782,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
     off = align16(off + bytes);
     return at;
   };
-  plan.off_counters = take(Bz * rtz * sizeof(unsigned long long) + (Bz + 1) * i);
+  plan.off_counters = take(2 * Bz * rtz * sizeof(unsigned long long) + (Bz + 1) * i);
   plan.off_part = take(ksz * Bz * Nz * ts * f);
   plan.off_psq = take(ksz * Bz * Nz * f);
   plan.off_tsq = take(ksz * Bz * rtz * ts * f);
@@ -1816,7 +1831,7 @@ cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int
 
 const int* max_count_ptr(const Plan& plan, const void* workspace) {
   return reinterpret_cast<const int*>(static_cast<const unsigned char*>(workspace) + plan.off_counters +
-                                      plan.B * plan.row_tiles * sizeof(unsigned long long)) +
+                                      2 * plan.B * plan.row_tiles * sizeof(unsigned long long)) +
          plan.B;
 }
 

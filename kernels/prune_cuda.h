@@ -65,7 +65,7 @@ struct Plan {
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
   // Byte offsets into the workspace (all 16-byte aligned).
-  size_t off_counters = 0;  // counters_a [B*row_tiles] u64 (tagged), counters_b [B] int, max_count int
+  size_t off_counters = 0;  // counters_a [B*row_tiles][2] u64 (tagged), counters_b [B] int, max_count int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
   size_t off_psq = 0;                   // [ksplit][B][N] fp32 partial sums of squares of patches
   size_t off_tsq = 0;                   // [ksplit][B][ts] fp32 partial sums of squares of task rows

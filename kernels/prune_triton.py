@@ -68,31 +68,42 @@ __all__ = ["select", "prune", "prune_padded", "INTERPRET"]
 # --------------------------------------------------------------------------- device helpers
 
 
-# The scores kernel's row-tile arrival counters are int64 words ``TAG << 16 | arrivals``. A word
-# whose top 48 bits are not the tag counts as no arrival, and the last slice to arrive leaves
-# ``TAG << 16``: so the scratch needs no zeroing before the kernel (a 4th launch, the fill, until
-# v60), whatever the allocator hands out, in eager calls, under torch.compile and in CUDA-graph
-# replays alike. A stale word with a nonzero count could only come from a call still in flight,
-# whose memory no other call is given; other data matches the tag with odds of 2^-48 per word.
+# The scores kernel's row-tile arrival counters are pairs of int64 words ``TAG << 16 | arrivals``
+# that need no zeroing before the kernel (a 4th launch, the fill, until v60), whatever the
+# allocator hands out, in eager calls, under torch.compile and in CUDA-graph replays alike. A word
+# whose top 48 bits are not the tag counts as no arrival, and the last slice to arrive leaves both
+# words fresh (``TAG << 16``). A stale tagged word with a nonzero count could only come from a
+# call still in flight, whose memory no other call is given; other data matches the tag with odds
+# of 2^-48 per word. (kernels/prune_cuda.cu's arrive_tagged is the same protocol.)
 ARRIVAL_TAG: tl.constexpr = tl.constexpr(0x5A17C3E90B6D)
 
 
 @triton.jit
 def _arrive_tagged(counter):
-    """One program's arrival at a tagged counter (see ARRIVAL_TAG): the number of arrivals
-    before it in this call. acq_rel at gpu scope (after a CTA barrier: it releases the program's
-    stores and acquires those of the programs before it). A compare-and-swap that expects a
-    fresh word, then the word it finds, until it lands: one round trip for the first arrival on a
-    word the previous call left, two for the others."""
+    """One program's arrival at the tagged counter ``counter[0:2]`` (see ARRIVAL_TAG): the number
+    of arrivals before it in this call. Every atomic is acq_rel at gpu scope (after a CTA barrier:
+    it releases the program's stores and acquires those of the programs before it).
+
+    First an atomic add on the first word: where it was fresh, as the previous call on this
+    memory left it (a CUDA-graph replay, a repeated eager call), the add's result counts the
+    arrivals: one round trip, as an untagged counter. Where it lacked the tag, every arrival of
+    the call finds it so (an add reaches the top bits only by a carry), and they count on the
+    second word instead, by compare-and-swap: one expecting a fresh word, then with the word
+    found, until it lands, which counts a word without the tag as no arrival."""
     fresh = tl.full([], ARRIVAL_TAG, tl.int64) << 16
-    expect = fresh
-    new = fresh + 1
-    seen = tl.atomic_cas(counter, expect, new, sem="acq_rel", scope="gpu")
-    while seen != expect:
-        expect = seen
-        new = tl.where((seen >> 16) == ARRIVAL_TAG, seen + 1, fresh + 1)
-        seen = tl.atomic_cas(counter, expect, new, sem="acq_rel", scope="gpu")
-    return (new & 0xFFFF) - 1
+    seen = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if (seen >> 16) == ARRIVAL_TAG:
+        arrived = seen & 0xFFFF
+    else:
+        expect = fresh
+        new = fresh + 1
+        seen = tl.atomic_cas(counter + 1, expect, new, sem="acq_rel", scope="gpu")
+        while seen != expect:
+            expect = seen
+            new = tl.where((seen >> 16) == ARRIVAL_TAG, seen + 1, fresh + 1)
+            seen = tl.atomic_cas(counter + 1, expect, new, sem="acq_rel", scope="gpu")
+        arrived = (new & 0xFFFF) - 1
+    return arrived
 
 
 @triton.jit
@@ -138,7 +149,7 @@ def _i32_scratch(WS, B, N):
 def _f32_scratch(WS, B, N, TS, KSPLIT: tl.constexpr, n_tiles):
     """fp32, after the int32 regions: S [B, N, TS] | M [B, N] | with a D split, the slices' dot
     products [KSPLIT, B, N, TS], patch sums of squares [KSPLIT, B, N], prompt sums of squares
-    [KSPLIT, B, n_tiles, TS], and the row-tile arrival counters [B, n_tiles] (int64, tagged:
+    [KSPLIT, B, n_tiles, TS], and the row-tile arrival counters [B, n_tiles, 2] (int64, tagged:
     ARRIVAL_TAG). TS is the token stride, T rounded up to 16 (_Cfg.ts)."""
     bn = B.to(tl.int64) * N
     S = WS + _r4(2 * bn) + _r4(bn) + _r4(B + 1)
@@ -159,7 +170,7 @@ def _scratch_sizes(B: int, N: int, TS: int, ksplit: int, n_tiles: int) -> tuple[
     if ksplit == 1:
         return m_at + bn, counter + B
     arrived = m_at + r4(bn) + r4(ksplit * bn * TS) + r4(ksplit * bn) + r4(ksplit * B * n_tiles * TS)
-    return arrived + 2 * B * n_tiles, counter + B
+    return arrived + 4 * B * n_tiles, counter + B
 
 
 @triton.jit
@@ -291,9 +302,11 @@ def _scores_kernel(
         # arrival; the partials are then read from L2, never a stale L1 line), and leaves the
         # counter fresh for the next call on this memory (a CUDA-graph replay).
         tl.debug_barrier()
-        arrived_at = ARRIVED + b * n_tiles + pid_m
+        arrived_at = ARRIVED + (b * n_tiles + pid_m) * 2
         if _arrive_tagged(arrived_at) == KSPLIT - 1:
-            tl.store(arrived_at, tl.full([], ARRIVAL_TAG, tl.int64) << 16)
+            fresh = tl.full([], ARRIVAL_TAG, tl.int64) << 16
+            tl.store(arrived_at, fresh)
+            tl.store(arrived_at + 1, fresh)
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
                 vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)

@@ -519,16 +519,19 @@ def test_emulated_workspace_needs_no_zeroing(emu, ws_word, D):
     """Nothing zeroes the workspace before the kernels (v61): kernel A's D slices arrive at tagged
     counters (arrive_tagged) and kernel A zeroes kernel B's. Whatever word the workspace starts
     as, every int64 word 2 (an untagged counter's first arrival would take itself for the last of
-    2 slices and add partials not yet written), all ones, or a fresh counter, the outputs are
-    the same, also on a second run on the workspace the first left (a CUDA-graph replay); every
-    counter ends fresh (the emulator checks, code -5)."""
+    2 slices and add partials not yet written) or all ones (both counted by compare-and-swap), or
+    a fresh counter (counted by the atomic add), the outputs are the same, also on a second run on
+    the workspace the first left (a CUDA-graph replay: the add); every counter ends fresh (the
+    emulator checks, code -5)."""
     patches, task, task_mask, patch_mask = make_inputs(2, 70, 20, D, torch.bfloat16, "all", seed=D)
     for build in ("mma", "fma"):
-        want, want_idx, ksplit = emu[build]("prune", patches, task, task_mask, patch_mask, keep_tokens=9, num_sms=8)
-        assert ksplit > 1
+        # 3+ D slices: with 2, a block counted one arrival too many would finish early, and the
+        # emulator's next block (blocks run one after another) would finish again, right.
+        want, want_idx, ksplit = emu[build]("prune", patches, task, task_mask, patch_mask, keep_tokens=9, num_sms=16)
+        assert ksplit >= 3
         check_selection(want_idx, patches, task, task_mask, patch_mask)
         for runs in (1, 2):
-            out, idx, _ = emu[build]("prune", patches, task, task_mask, patch_mask, keep_tokens=9, num_sms=8,
+            out, idx, _ = emu[build]("prune", patches, task, task_mask, patch_mask, keep_tokens=9, num_sms=16,
                                      ws_word=ws_word, runs=runs)
             assert torch.equal(idx, want_idx)
             check_prune(out, patches, idx, patch_mask, 9, False, None)

@@ -60,7 +60,7 @@ if HAVE_TRITON:
             tl.store(SST, 5.0)
             tl.store(SST + KSPLIT * B * n_tiles * TS - 1, 6.0)
             tl.store(ARRIVED, 15)
-            tl.store(ARRIVED + B * n_tiles - 1, 16)
+            tl.store(ARRIVED + 2 * B * n_tiles - 1, 16)
         else:
             tl.store(M + B * N - 1, 6.0)
         tl.store(KEYS + B * N - 1, -7)
@@ -315,7 +315,7 @@ def test_scratch_layout_fills_the_host_sizes_exactly(B, N, TS, ksplit, n_tiles):
     assert starts == sorted(starts) and all(i % 4 == 0 for i in starts), (marks, floats)
     if ksplit > 1:  # the int64 arrival counters end the buffer
         assert floats[6.0] < marks[15] and marks[15] % 4 == 0 and marks[16] == n_ws - 2, (marks, floats)
-        assert ws[marks[15]:].view(torch.int64).tolist()[:B * n_tiles] == [15] + [0] * (B * n_tiles - 2) + [16]
+        assert ws[marks[15]:n_ws].view(torch.int64).tolist() == [15] + [0] * (2 * B * n_tiles - 2) + [16]
     else:  # no arrival counters: the fp32 regions end the buffer
         assert floats[6.0] == n_ws - 1, floats
     assert not ws[n_ws:].any()
@@ -363,13 +363,15 @@ def test_deterministic_and_batch_independent():
 
 
 @interp
-@pytest.mark.parametrize("before", ["counts", "random", "replay"])
+@pytest.mark.parametrize("before", ["counts", "random", "fresh", "replay"])
 def test_scores_arrival_counters_need_no_zeroed_scratch(monkeypatch, before):
     """Nothing zeroes the scratch that torch.empty hands the call (ARRIVAL_TAG), so with D in 3
     slices the outputs are the same whatever it held: "counts", every int64 word 2 (an untagged
     counter's first arrival would take itself for the last slice and add partials not yet
-    written), "random" bits, or "replay", the scratch of an earlier call on the same inputs as it
-    left it (CUDA-graph replays reuse their memory). Every row tile's counter is left fresh."""
+    written), "random" bits (both take the compare-and-swap word), "fresh" counters (the atomic
+    add's count), or "replay", the scratch of an earlier call on the same inputs as it left it
+    (CUDA-graph replays reuse their memory: the second call counts by the add). Both words of
+    every row tile's counter are left fresh."""
     from pi05_fastprune.kernels import prune_triton as K
 
     patches, task, task_mask, patch_mask = make_case("masks", seed=6)
@@ -388,6 +390,8 @@ def test_scores_arrival_counters_need_no_zeroed_scratch(monkeypatch, before):
                     t = dirty.kept
                 elif before == "counts":
                     t.view(torch.int64).fill_(2)
+                elif before == "fresh":
+                    t.view(torch.int64).fill_(K.ARRIVAL_TAG.value << 16)
                 else:
                     t.view(torch.int32).copy_(torch.randint(-2**31, 2**31, (t.numel(),), generator=g, dtype=torch.int32))
                 scratch.append(t)
@@ -398,7 +402,7 @@ def test_scores_arrival_counters_need_no_zeroed_scratch(monkeypatch, before):
             scratch.clear()
             assert_same(ops.triton_prune_padded(*args, 5, 9, False), want)
             dirty.kept = scratch[0]
-            counters = scratch[0][-2 * patches.shape[0] * cfg.n_score_tiles:].view(torch.int64)
+            counters = scratch[0][-4 * patches.shape[0] * cfg.n_score_tiles:].view(torch.int64)
             assert counters.tolist() == [K.ARRIVAL_TAG.value << 16] * counters.numel()
 
 

@@ -281,6 +281,9 @@ inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v)
   }
   return cur;
 }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
 inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long expect, unsigned long long desired) {
   std::atomic_ref<unsigned long long>(*p).compare_exchange_strong(expect, desired);
   return expect;  // the word found: the old value either way

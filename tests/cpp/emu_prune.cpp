@@ -61,7 +61,7 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
       if (ws[plan.workspace_bytes + i] != 0xff) return -4;
     // Kernel A's arrival counters end fresh for the next run (or untouched: the cluster variant has none).
     const auto* counters = reinterpret_cast<const uint64_t*>(ws.data() + plan.off_counters);
-    for (int64_t i = 0; i < B * plan.row_tiles; ++i)
+    for (int64_t i = 0; i < 2 * B * plan.row_tiles; ++i)
       if (counters[i] != kFreshCounter && counters[i] != ws_word) return -5;
   }
   return plan.ksplit;
