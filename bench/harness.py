@@ -180,20 +180,23 @@ def kernel_label(name: str) -> str:
     return head.split("::")[-1].split()[-1] if head.strip() else name
 
 
-def kernel_times(fn: Callable[[], Any], reps: int) -> dict[str, float]:
+def kernel_times(fn: Callable[[], Any], reps: int) -> tuple[dict[str, float], float]:
     """Device µs per call of each kernel ``fn`` launches (CUPTI through torch.profiler: kernel
-    durations only, no launch gaps), summed over launches of the same kernel in one call."""
+    durations only, no launch gaps), summed over launches of the same kernel in one call; and
+    the device work items (kernels, memsets, copies) per call."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
     times: dict[str, float] = {}
+    launches = 0
     for e in prof.key_averages():
         total = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if total:
             label = kernel_label(e.key)
             times[label] = times.get(label, 0.0) + total / reps
-    return times
+            launches += e.count
+    return times, launches / reps
 
 
 def _rss_kib(field: str) -> Optional[int]:
@@ -287,7 +290,8 @@ class Harness:
 
         ``work = {"flops": ..., "bytes": ...}`` adds the floor-relative columns (achieved
         GFLOP/s and GB/s from the median). ``kernels``: on a GPU, also each kernel's device time
-        per call (``kernels_us``). Errors are recorded, never raised.
+        per call (``kernels_us``) and the device work items per call (``launches``: kernels,
+        memsets, copies). Errors are recorded, never raised.
         """
         row: dict = {"bench": self.name, "provider": provider, **config}
         label = f"{provider}/" + ",".join(f"{k}={v}" for k, v in config.items())
@@ -321,7 +325,7 @@ class Harness:
                 if kernels and self.device.type == "cuda":
                     with nvtx_range("kernels", color="cyan"):
                         try:
-                            row["kernels_us"] = kernel_times(fn, reps=5 if self.quick else 20)
+                            row["kernels_us"], row["launches"] = kernel_times(fn, reps=5 if self.quick else 20)
                         except Exception as e:  # no CUPTI here: the timings above still stand
                             row["kernels_error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 if (self.graph if graph is None else graph) and self.device.type == "cuda":
@@ -389,7 +393,7 @@ class Harness:
                 if k not in keys:
                     keys.append(k)
         skip = {"bench", "provider", "traceback", "reps", "timer", "profiled", "graph_p20_us", "graph_p80_us",
-                "kernels_us", "kernels_error"}
+                "kernels_us", "kernels_error", "launches"}
         labels = [k for k in keys if k not in skip and not k.endswith("_us")
                   and k not in ("gflops", "gbps", "peak_extra_mib", "error", "graph_error")]
         nums = [k for k in ("median_us", "p20_us", "p80_us", "graph_us", "host_us", "peak_extra_mib", "gflops", "gbps")
@@ -421,12 +425,14 @@ class Harness:
         per_kernel = [r for r in self.rows if r.get("kernels_us")]
         if per_kernel:
             lines += ["", "## Device time per kernel (µs per call, CUPTI: no launch gaps)", "",
-                      "| " + " | ".join(labels) + " | provider | kernels | sum |",
-                      "|" + "|".join("---" for _ in labels) + "|---|---|---|"]
+                      "| " + " | ".join(labels) + " | provider | kernels | sum | launches |",
+                      "|" + "|".join("---" for _ in labels) + "|---|---|---|---|"]
             for r in per_kernel:
                 ks = r["kernels_us"]
+                n = r.get("launches")
                 lines.append("| " + " | ".join(str(r.get(c, "")) for c in labels) + f" | {r['provider']} | "
-                             + ", ".join(f"{k} {v:.1f}" for k, v in ks.items()) + f" | {sum(ks.values()):.1f} |")
+                             + ", ".join(f"{k} {v:.1f}" for k, v in ks.items()) + f" | {sum(ks.values()):.1f} | "
+                             + ("—" if n is None else f"{n:g}") + " |")
         if self.summary:
             cols = list(dict.fromkeys(k for r in self.summary for k in r))
             lines += ["", "## Ratios (measured side by side in this run)", "",

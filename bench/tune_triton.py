@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                         row["consistent"] = same(got, R.prune_from_idx(inp[0], idx, inp[3], None, False, cap))
                     if gpu:
                         fn()  # compiled and warm
-                        row["kernel_us"] = H.kernel_times(fn, args.reps)
+                        row["kernel_us"], row["launches"] = H.kernel_times(fn, args.reps)
                         row.update(H.time_cuda_graph(fn, inner=20, replays=10))
                     else:
                         row.update(H.time_cpu(fn, reps=2, warmup=0))

@@ -50,10 +50,11 @@ def test_kernel_labels():
 def test_markdown_lists_device_time_per_kernel():
     h = harness.Harness("prune", "cpu", quick=True)
     h.rows.append({"bench": "prune", "provider": "fastprune-cuda", "shape": "B1", "mode": "padded", "median_us": 60.0,
-                   "kernels_us": {"scores_kernel": 11.5, "select_kernel": 14.25, "gather_kernel": 3.0}})
+                   "kernels_us": {"scores_kernel": 11.5, "select_kernel": 14.25, "gather_kernel": 3.0}, "launches": 3.0})
     md = h.markdown()
     assert "## Device time per kernel" in md
-    assert "| B1 | padded | fastprune-cuda | scores_kernel 11.5, select_kernel 14.2, gather_kernel 3.0 | 28.8 |" in md
+    assert "| B1 | padded | fastprune-cuda | scores_kernel 11.5, select_kernel 14.2, gather_kernel 3.0 | 28.8 | 3 |" in md
+    assert "launches" not in md.split("## Device time per kernel")[0]  # not a column of the main table
 
 
 def test_host_breakdown_quick(tmp_path):
