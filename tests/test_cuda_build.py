@@ -518,8 +518,8 @@ def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype, cluster):
 def test_emulated_workspace_needs_no_zeroing(emu, ws_word, D):
     """Nothing zeroes the workspace before the kernels (v61): kernel A's D slices arrive at tagged
     counters (arrive_tagged) and kernel A zeroes kernel B's. Whatever word the workspace starts
-    as, every int64 word 2 (an untagged counter's first arrival would take itself for the last of
-    2 slices and add partials not yet written) or all ones (both counted by compare-and-swap), or
+    as, every int64 word 2 (an untagged counter's first arrival would take itself for the last
+    slice and add partials not yet written) or all ones (both counted by compare-and-swap), or
     a fresh counter (counted by the atomic add), the outputs are the same, also on a second run on
     the workspace the first left (a CUDA-graph replay: the add); every counter ends fresh (the
     emulator checks, code -5)."""

@@ -555,8 +555,9 @@ def test_cuda_ksplit_override(tmp_path):
 def test_cuda_cluster_variant(tmp_path):
     """Kernel A runs as thread block clusters by default on sm_90 (FASTPRUNE_CUDA_CLUSTER=0 turns
     that off), no memset either way (v61): at pi05 B=1 8 D slices in one wave, at B=8 2 at two
-    blocks per SM. Both ways the selections are the float64 truth's row argmax and the outputs the pruning of
-    them, eager and from a CUDA graph. A value other than 0 or 1 is an error naming the variable."""
+    blocks per SM. Both ways the selections are the float64 truth's row argmax and the outputs
+    the pruning of them, eager and from a CUDA graph. A value other than 0 or 1 is an error naming
+    the variable."""
     import os
     import re
     import subprocess
