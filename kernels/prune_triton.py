@@ -161,16 +161,17 @@ def _f32_scratch(WS, B, N, TS, KSPLIT: tl.constexpr, n_tiles):
     return S, M, SP, SSP, SST, ARRIVED
 
 
-def _scratch_sizes(B: int, N: int, TS: int, ksplit: int, n_tiles: int) -> tuple[int, int]:
-    """Host side of _i32_scratch/_f32_scratch: (elements of the buffer, offset of kmax)."""
+def _scratch_sizes(B: int, N: int, TS: int, ksplit: int, n_tiles: int) -> tuple[int, int, int]:
+    """Host side of _i32_scratch/_f32_scratch: (elements of the buffer, offset of the row-tile
+    arrival counters (the buffer's end without a D split), offset of kmax)."""
     r4 = lambda x: -(-x // 4) * 4  # noqa: E731
     bn = B * N
     counter = r4(2 * bn) + r4(bn)
     m_at = counter + r4(B + 1) + r4(bn * TS)
     if ksplit == 1:
-        return m_at + bn, counter + B
+        return m_at + bn, m_at + bn, counter + B
     arrived = m_at + r4(bn) + r4(ksplit * bn * TS) + r4(ksplit * bn) + r4(ksplit * B * n_tiles * TS)
-    return arrived + 4 * B * n_tiles, counter + B
+    return arrived + 4 * B * n_tiles, arrived, counter + B
 
 
 @triton.jit
@@ -1017,7 +1018,7 @@ class _Cfg:
         # store them as 16-byte vectors (pi05 B=64 sm_90: the select kernel has 33 global loads in
         # its SASS instead of 93, and 11 % fewer instructions).
         self.ts = triton.cdiv(T, 16) * 16
-        self.n_ws, self.kmax_at = _scratch_sizes(B, N, self.ts, self.ksplit, self.n_score_tiles)
+        self.n_ws, self.arrived_at, self.kmax_at = _scratch_sizes(B, N, self.ts, self.ksplit, self.n_score_tiles)
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
@@ -1047,6 +1048,19 @@ def _config(patches: torch.Tensor, T, gpu_sms: Optional[int] = None) -> _Cfg:
     return _cfg_cached(B, N, D, int(T), patches.element_size(), on_gpu, want, _tuning)
 
 
+def _scratch(cfg: _Cfg, dev: torch.device) -> torch.Tensor:
+    """The call's scratch. torch.empty launches nothing; kernel 1 initialises the merge state
+    (keys and counters), and its own arrival counters (a D split) need no initial value on a GPU
+    (ARRIVAL_TAG): there only the counter words ever hold their values in memory that the
+    allocator hands out. The interpreter keeps the values it computes in numpy arrays on the
+    host heap, which a later torch.empty can return, so a stale arrival count can sit where a
+    counter lands (an interpreter test saw one in CI): in the interpreter the host zeroes them."""
+    ws = _empty(cfg.n_ws, torch.float32, dev)
+    if INTERPRET:
+        ws[cfg.arrived_at:].zero_()
+    return ws
+
+
 def _run_select(
     patches: torch.Tensor,
     task: torch.Tensor,
@@ -1064,9 +1078,7 @@ def _run_select(
     T = task.shape[1]
     dev = patches.device
     cfg = _config(patches, T)
-    # torch.empty launches nothing; kernel 1 initialises the merge state (keys and counters), and
-    # its own arrival counters (a D split) need no initial value (ARRIVAL_TAG).
-    ws = _empty(cfg.n_ws, torch.float32, dev)
+    ws = _scratch(cfg, dev)
     # select writes idx [B, N], prune counts [B]; the input stands in for the other, unused.
     out = _empty((B, N) if select_only else (B,), torch.int64, dev)
     tmask = patches if task_mask is None else task_mask.contiguous()

@@ -302,7 +302,7 @@ def test_scratch_layout_fills_the_host_sizes_exactly(B, N, TS, ksplit, n_tiles):
     start is 16-byte aligned."""
     from pi05_fastprune.kernels import prune_triton as K
 
-    n_ws, kmax_at = K._scratch_sizes(B, N, TS, ksplit, n_tiles)
+    n_ws, arrived_at, kmax_at = K._scratch_sizes(B, N, TS, ksplit, n_tiles)
     guard = 8
     ws = torch.zeros(n_ws + guard)
     _scratch_probe[(1,)](ws, B, N, TS, n_tiles, KSPLIT=ksplit)
@@ -314,10 +314,10 @@ def test_scratch_layout_fills_the_host_sizes_exactly(B, N, TS, ksplit, n_tiles):
     starts = [marks[12], marks[13]] + [floats[v] for v in (1.0, 2.0, 3.0, 4.0, 5.0) if v in floats]
     assert starts == sorted(starts) and all(i % 4 == 0 for i in starts), (marks, floats)
     if ksplit > 1:  # the int64 arrival counters end the buffer
-        assert floats[6.0] < marks[15] and marks[15] % 4 == 0 and marks[16] == n_ws - 2, (marks, floats)
+        assert floats[6.0] < marks[15] == arrived_at and marks[15] % 4 == 0 and marks[16] == n_ws - 2, (marks, floats)
         assert ws[marks[15]:n_ws].view(torch.int64).tolist() == [15] + [0] * (2 * B * n_tiles - 2) + [16]
     else:  # no arrival counters: the fp32 regions end the buffer
-        assert floats[6.0] == n_ws - 1, floats
+        assert floats[6.0] == n_ws - 1 == arrived_at - 1, floats
     assert not ws[n_ws:].any()
 
 
@@ -365,13 +365,14 @@ def test_deterministic_and_batch_independent():
 @interp
 @pytest.mark.parametrize("before", ["counts", "random", "fresh", "replay"])
 def test_scores_arrival_counters_need_no_zeroed_scratch(monkeypatch, before):
-    """Nothing zeroes the scratch that torch.empty hands the call (ARRIVAL_TAG), so with D in 3
-    slices the outputs are the same whatever it held: "counts", every int64 word 2 (an untagged
-    counter's first arrival would take itself for the last slice and add partials not yet
-    written), "random" bits (both take the compare-and-swap word), "fresh" counters (the atomic
-    add's count), or "replay", the scratch of an earlier call on the same inputs as it left it
-    (CUDA-graph replays reuse their memory: the second call counts by the add). Both words of
-    every row tile's counter are left fresh."""
+    """On a GPU nothing zeroes the scratch that torch.empty hands the call (ARRIVAL_TAG; the
+    interpreter zeroes the counters, see _scratch), so with D in 3 slices the outputs are the
+    same whatever the scratch held: "counts", every int64 word 2 (an untagged counter's first
+    arrival would take itself for the last slice and add partials not yet written), "random" bits
+    (both take the compare-and-swap word), "fresh" counters (the atomic add's count), or
+    "replay", the scratch of an earlier call on the same inputs as it left it (CUDA-graph replays
+    reuse their memory: the second call counts by the add). Both words of every row tile's
+    counter are left fresh."""
     from pi05_fastprune.kernels import prune_triton as K
 
     patches, task, task_mask, patch_mask = make_case("masks", seed=6)
@@ -381,28 +382,26 @@ def test_scores_arrival_counters_need_no_zeroed_scratch(monkeypatch, before):
         assert cfg.ksplit == 3
         want = ops.triton_prune_padded(*args, 5, 9, False)
         g = torch.Generator().manual_seed(7)
-        empty, scratch = K._empty, []
+        made = []
 
-        def dirty(shape, dtype, device, k_dim=None):
-            t = empty(shape, dtype, device, k_dim)
-            if not scratch:  # the call's first allocation: the scratch
-                if before == "replay" and hasattr(dirty, "kept"):
-                    t = dirty.kept
-                elif before == "counts":
-                    t.view(torch.int64).fill_(2)
-                elif before == "fresh":
-                    t.view(torch.int64).fill_(K.ARRIVAL_TAG.value << 16)
-                else:
-                    t.view(torch.int32).copy_(torch.randint(-2**31, 2**31, (t.numel(),), generator=g, dtype=torch.int32))
-                scratch.append(t)
+        def dirty(cfg, dev):
+            if before == "replay" and made:
+                return made[-1]
+            t = torch.empty(cfg.n_ws, dtype=torch.float32, device=dev)
+            if before == "counts":
+                t.view(torch.int64).fill_(2)
+            elif before == "fresh":
+                t.view(torch.int64).fill_(K.ARRIVAL_TAG.value << 16)
+            else:
+                t.view(torch.int32).copy_(torch.randint(-2**31, 2**31, (t.numel(),), generator=g, dtype=torch.int32))
+            made.append(t)
             return t
 
-        monkeypatch.setattr(K, "_empty", dirty)
+        monkeypatch.setattr(K, "_scratch", dirty)
         for _ in range(2):
-            scratch.clear()
             assert_same(ops.triton_prune_padded(*args, 5, 9, False), want)
-            dirty.kept = scratch[0]
-            counters = scratch[0][-4 * patches.shape[0] * cfg.n_score_tiles:].view(torch.int64)
+            counters = made[-1][cfg.arrived_at:].view(torch.int64)
+            assert counters.numel() == 2 * patches.shape[0] * cfg.n_score_tiles
             assert counters.tolist() == [K.ARRIVAL_TAG.value << 16] * counters.numel()
 
 
