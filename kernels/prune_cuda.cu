@@ -223,13 +223,18 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // __syncthreads; partials are read with __ldcg). This replaces a __threadfence in every thread
 // before and after, which compiles to MEMBAR.SC.GPU (a sequentially consistent fence, more than
 // the pattern needs), as CUTLASS's semaphores do. The emulator's atomicAdd is seq_cst.
-__device__ __forceinline__ int arrive(int* counter) {
+// T: int, or unsigned long long (arrive_tagged's first word).
+template <typename T>
+__device__ __forceinline__ T arrive(T* counter) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  int prev;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
+  T prev;
+  if constexpr (sizeof(T) == 8)
+    asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], 1;" : "=l"(prev) : "l"(counter) : "memory");
+  else
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
   return prev;
 #else
-  return atomicAdd(counter, 1);
+  return atomicAdd(counter, T{1});
 #endif
 }
 
@@ -241,16 +246,6 @@ __device__ __forceinline__ int arrive(int* counter) {
 // workspace no other call is given.
 constexpr unsigned long long kArrivalTag = 0x5A17C3E90B6Dull;
 constexpr unsigned long long kFreshCounter = kArrivalTag << 16;
-
-__device__ __forceinline__ unsigned long long add_acq_rel(unsigned long long* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  unsigned long long seen;
-  asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], 1;" : "=l"(seen) : "l"(p) : "memory");
-  return seen;
-#else
-  return atomicAdd(p, 1ull);
-#endif
-}
 
 __device__ __forceinline__ unsigned long long cas_acq_rel(unsigned long long* p, unsigned long long expect,
                                                           unsigned long long desired) {
@@ -273,22 +268,30 @@ __device__ __forceinline__ void zero_b_counters(const Args& a, int64_t b) {
   if (b == 0) *a.max_count = 0;
 }
 
-// arrive() on the tagged counter counter[0..1]: the arrivals before this one. An atomic add on
-// the first word counts them where it was fresh, as the previous call on this workspace left it
-// (a CUDA-graph replay): one round trip. Where it lacked the tag, every block of the call finds
-// it so (an add reaches the top bits only by a carry), and they count on the second word by
-// compare-and-swap instead: one expecting a fresh word, then with the word found, until it lands.
-__device__ __forceinline__ int arrive_tagged(unsigned long long* counter) {
-  unsigned long long seen = add_acq_rel(counter);
-  if ((seen >> 16) == kArrivalTag) return static_cast<int>(seen & 0xFFFFu);
-  unsigned long long expect = kFreshCounter, desired = kFreshCounter + 1;
-  seen = cas_acq_rel(counter + 1, expect, desired);
-  while (seen != expect) {
-    expect = seen;
-    desired = (seen >> 16) == kArrivalTag ? seen + 1 : kFreshCounter + 1;
+// arrive() on the tagged counter counter[0..1] of n arrivals: whether this one is the last, which
+// leaves both words fresh for the next call on this workspace (a CUDA-graph replay). An atomic
+// add on the first word counts the arrivals where it was fresh, as the previous call left it: one
+// round trip. Where it lacked the tag, every block of the call finds it so (an add reaches the
+// top bits only by a carry), and they count on the second word by compare-and-swap instead: one
+// expecting a fresh word, then with the word found, until it lands.
+__device__ __forceinline__ bool arrive_tagged(unsigned long long* counter, int n) {
+  unsigned long long seen = arrive(counter);
+  int before;
+  if ((seen >> 16) == kArrivalTag) {
+    before = static_cast<int>(seen & 0xFFFFu);
+  } else {
+    unsigned long long expect = kFreshCounter, desired = kFreshCounter + 1;
     seen = cas_acq_rel(counter + 1, expect, desired);
+    while (seen != expect) {
+      expect = seen;
+      desired = (seen >> 16) == kArrivalTag ? seen + 1 : kFreshCounter + 1;
+      seen = cas_acq_rel(counter + 1, expect, desired);
+    }
+    before = static_cast<int>(desired & 0xFFFFu) - 1;
   }
-  return static_cast<int>(desired & 0xFFFFu) - 1;
+  const bool last = before == n - 1;
+  if (last) counter[0] = counter[1] = kFreshCounter;
+  return last;
 }
 
 // A 16-byte load through L2 (as __ldcg), or zeros where `pred` is false: a predicated load,
@@ -916,14 +919,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 
   // 3. The last of the ksplit blocks of (row tile, sample) to arrive finalises the tile.
   __syncthreads();
-  unsigned long long* const counter = &a.counters_a[2 * (b * a.row_tiles + rt)];
-  if (tid == 0) sm.is_last = arrive_tagged(counter) == a.ksplit - 1;
+  if (tid == 0) sm.is_last = arrive_tagged(&a.counters_a[2 * (b * a.row_tiles + rt)], a.ksplit);
   __syncthreads();
   if (!sm.is_last) return;
-  if (tid == 0) {
-    counter[0] = counter[1] = kFreshCounter;  // for the next call on this workspace (a CUDA-graph replay)
-    if (rt == 0) zero_b_counters(a, b);
-  }
+  if (tid == 0 && rt == 0) zero_b_counters(a, b);
 
   // 4. S and A of the tile from the ksplit partials, one 64 x 64 token tile at a time.
   //

@@ -79,10 +79,11 @@ ARRIVAL_TAG: tl.constexpr = tl.constexpr(0x5A17C3E90B6D)
 
 
 @triton.jit
-def _arrive_tagged(counter):
-    """One program's arrival at the tagged counter ``counter[0:2]`` (see ARRIVAL_TAG): the number
-    of arrivals before it in this call. Every atomic is acq_rel at gpu scope (after a CTA barrier:
-    it releases the program's stores and acquires those of the programs before it).
+def _arrive_tagged(counter, n):
+    """One program's arrival at the tagged counter ``counter[0:2]`` of ``n`` arrivals (see
+    ARRIVAL_TAG): whether it is the last, which leaves both words fresh for the next call on this
+    memory (a CUDA-graph replay). Every atomic is acq_rel at gpu scope (after a CTA barrier: it
+    releases the program's stores and acquires those of the programs before it).
 
     First an atomic add on the first word: where it was fresh, as the previous call on this
     memory left it (a CUDA-graph replay, a repeated eager call), the add's result counts the
@@ -103,7 +104,11 @@ def _arrive_tagged(counter):
             new = tl.where((seen >> 16) == ARRIVAL_TAG, seen + 1, fresh + 1)
             seen = tl.atomic_cas(counter + 1, expect, new, sem="acq_rel", scope="gpu")
         arrived = (new & 0xFFFF) - 1
-    return arrived
+    last = arrived == n - 1
+    if last:
+        tl.store(counter, fresh)
+        tl.store(counter + 1, fresh)
+    return last
 
 
 @triton.jit
@@ -300,14 +305,9 @@ def _scores_kernel(
     else:
         # The last slice of this row tile to arrive adds the slices in order (the same memory
         # order as the select kernel's finishing step: CTA barrier, an acq_rel gpu-scope
-        # arrival; the partials are then read from L2, never a stale L1 line), and leaves the
-        # counter fresh for the next call on this memory (a CUDA-graph replay).
+        # arrival; the partials are then read from L2, never a stale L1 line).
         tl.debug_barrier()
-        arrived_at = ARRIVED + (b * n_tiles + pid_m) * 2
-        if _arrive_tagged(arrived_at) == KSPLIT - 1:
-            fresh = tl.full([], ARRIVAL_TAG, tl.int64) << 16
-            tl.store(arrived_at, fresh)
-            tl.store(arrived_at + 1, fresh)
+        if _arrive_tagged(ARRIVED + (b * n_tiles + pid_m) * 2, KSPLIT):
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
                 vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
@@ -396,10 +396,9 @@ def _a_operand(a, SEL_PREC: tl.constexpr):
     """The product's operands for A' (see _tile_product): its fp16 halves (hi, lo); for "f16x4"
     the halves side by side, ``[hi | lo | hi | lo]``, as both; otherwise A' itself as both."""
     hi, lo = a, a
-    if SEL_PREC == "f16x3":
+    if SEL_PREC == "f16x3" or SEL_PREC == "f16x4":
         hi, lo = _split_f16(a)
     if SEL_PREC == "f16x4":
-        hi, lo = _split_f16(a)
         hi = _cat_k(_cat_k(hi, lo), _cat_k(hi, lo))
         lo = hi
     return hi, lo

@@ -152,7 +152,7 @@ def _ptxas_int(pattern, log):
     return int(m.group(1)) if m else None
 
 
-def compile_sm90(kernel, args, kwargs, label, cc: int = 90):
+def compile_for(kernel, args, kwargs, label, cc: int = 90):
     """Compile one launch to a cubin (for sm_``cc``); returns its resource report."""
     target, _ = _target_backend(cc)
     signature, constexprs, attrs = specialise(kernel, args, kwargs, cc)
@@ -199,7 +199,7 @@ def compile_distinct(launches, labels, dtype, arch: Arch = H100):
         key = launch_key(kernel, args, kwargs, arch.cc)
         if key not in seen:
             seen.add(key)
-            reports.append(compile_sm90(kernel, args, kwargs, f"{dtype} {label}", arch.cc))
+            reports.append(compile_for(kernel, args, kwargs, f"{dtype} {label}", arch.cc))
     assert len(distinct(launches, arch.cc)) == len(reports)
     check_and_report(reports, arch)
     return reports
