@@ -887,8 +887,8 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
-TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "bm2", "bn2", "warps2", "stages2",
-           "n_split", "a_once", "br", "bd", "warps3", "dot_prec", "sel_prec")
+TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "maxnreg1", "bm2", "bn2", "warps2",
+           "stages2", "maxnreg2", "n_split", "a_once", "br", "bd", "warps3", "dot_prec", "sel_prec")
 FLAGS = ("a_once", "prefetch1", "ssq_loads")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
@@ -989,6 +989,11 @@ class _Cfg:
         # loads of their own (1): the candidate fix of the 3-stage race (PERF_LOG v58), for the
         # sweep to time and check against the float64 truth.
         self.ssq_loads = 0
+        # Register caps per thread (ptx .maxnreg) of the scores and select kernels, for the sweep;
+        # None leaves the count to ptxas. An SM holds 64 K registers, so fewer fit more programs
+        # of 4 warps per SM: at pi05 B=64 the scores kernel takes 187 (2 programs), 168 fits 3
+        # (8 B spilled); the select kernel takes 141 (3), 128 fits 4 (none spilled; sm_90 compile).
+        self.maxnreg1 = self.maxnreg2 = None
         self.dot_prec = DOT_PREC
         # The select product as fp16 halves: as close to fp32 as tf32x3 (PERF_LOG v59) with half
         # the tensor-core work, operand loads and stores to shared memory (sm_90 SASS).
@@ -1060,6 +1065,12 @@ def _scratch(cfg: _Cfg, dev: torch.device) -> torch.Tensor:
     return ws
 
 
+def _reg_cap(maxnreg: Optional[int]) -> dict:
+    """The launch option of a register cap; none without one (Inductor's wrapped launches take
+    only the defaults' options)."""
+    return {} if maxnreg is None else {"maxnreg": maxnreg}
+
+
 def _run_select(
     patches: torch.Tensor,
     task: torch.Tensor,
@@ -1090,7 +1101,7 @@ def _run_select(
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
         DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=bool(cfg.prefetch1),
-        SSQ_LOADS=bool(cfg.ssq_loads), num_warps=cfg.warps1, num_stages=cfg.stages1,
+        SSQ_LOADS=bool(cfg.ssq_loads), num_warps=cfg.warps1, num_stages=cfg.stages1, **_reg_cap(cfg.maxnreg1),
     )
     n_programs = cfg.n_row_tiles * cfg.n_split
     _launcher(wrap, _select_kernel)[(n_programs, B)](
@@ -1101,7 +1112,7 @@ def _run_select(
         BLOCK_M=cfg.bm2, BLOCK_N=cfg.bn2, BLOCK_T=cfg.bt, BLOCK_TALL=cfg.block_tall,
         BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, SEL_PREC=cfg.sel_prec, S_SHIFT=cfg.s_shift,
         A_ONCE=bool(cfg.a_once),
-        num_warps=cfg.warps2, num_stages=cfg.stages2,
+        num_warps=cfg.warps2, num_stages=cfg.stages2, **_reg_cap(cfg.maxnreg2),
     )
     return out, ws, cfg
 

@@ -131,9 +131,14 @@ def specialise(kernel, args, kwargs, cc: int = 90):
     return signature, constexprs, attrs
 
 
+def _options(kwargs) -> dict:
+    """The compile options among a launch's keyword arguments."""
+    return {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+
+
 def launch_key(kernel, args, kwargs, cc: int = 90):
     signature, constexprs, attrs = specialise(kernel, args, kwargs, cc)
-    opts = tuple(sorted((k, kwargs[k]) for k in ("num_warps", "num_stages") if k in kwargs))
+    opts = tuple(sorted(_options(kwargs).items()))
     return (kernel.fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())), opts)
 
 
@@ -157,7 +162,7 @@ def compile_for(kernel, args, kwargs, label, cc: int = 90):
     target, _ = _target_backend(cc)
     signature, constexprs, attrs = specialise(kernel, args, kwargs, cc)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    opts = _options(kwargs)
     log = io.StringIO()
     t0 = time.perf_counter()
     # A fresh cache: ptxas runs (and reports) every time, nothing stale is reused.
@@ -303,8 +308,9 @@ def test_scores_kernel_runs_one_stage():
     assert cfg(8, torch.bfloat16, stages1=3)[2] == 3
 
 
-def _ttgir(kernel_name: str, **tuned) -> str:
-    """The sm_90 TTGIR of one eval kernel at pi05 B=64 (bf16, no masks) under ``tuned``."""
+def _launch_b64(kernel_name: str, **tuned):
+    """(kernel, args, kwargs) of one eval kernel's launch at pi05 B=64 (bf16, no masks) under
+    ``tuned``."""
     from pi05_fastprune.kernels import prune_triton as K
 
     rec = Recorder()
@@ -317,11 +323,16 @@ def _ttgir(kernel_name: str, **tuned) -> str:
     finally:
         K._config = real_config
     kernel, _, args, kwargs = next(launch for launch in rec.launches if launch[0].fn.__name__ == kernel_name)
+    return kernel, args, kwargs
+
+
+def _ttgir(kernel_name: str, **tuned) -> str:
+    """The sm_90 TTGIR of one eval kernel at pi05 B=64 (bf16, no masks) under ``tuned``."""
+    kernel, args, kwargs = _launch_b64(kernel_name, **tuned)
     target, _ = _target_backend()
     signature, constexprs, attrs = specialise(kernel, args, kwargs)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    opts = {k: kwargs[k] for k in ("num_warps", "num_stages")}
-    return tcompile(src, target=target, options=opts).asm["ttgir"]
+    return tcompile(src, target=target, options=_options(kwargs)).asm["ttgir"]
 
 
 def test_scores_pipeline_buffers():
@@ -338,6 +349,24 @@ def test_scores_pipeline_buffers():
 
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3)) == ({2}, 1)
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, ssq_loads=1)) == ({3}, 1)
+
+
+@pytest.mark.parametrize("kernel_name,tuned,programs", [
+    ("_scores_kernel", dict(maxnreg1=168), 3),
+    ("_select_kernel", dict(maxnreg2=128), 4),
+])
+def test_register_caps_fit_more_programs_per_sm(kernel_name, tuned, programs):
+    """The sweep's register caps reach ptxas and buy what they are for: at pi05 B=64 the scores
+    kernel (187 registers uncapped: 2 programs of 4 warps per SM) and the select kernel (141: 3)
+    fit one program more per SM in its 64 K registers, spilling little or nothing."""
+    kernel, args, kwargs = _launch_b64(kernel_name, **tuned)
+    cap = next(iter(tuned.values()))
+    assert kwargs["maxnreg"] == cap
+    report = compile_for(kernel, args, kwargs, f"maxnreg {cap}")
+    assert report["regs"] <= cap
+    assert (report["spill_stores"] or 0) <= 16, report
+    per_warp = -(-report["regs"] // 8) * 8 * 32  # registers are allocated 8 per thread at a time
+    assert 65536 // (per_warp * report["warps"]) == programs, report
 
 
 def test_select_product_mmas_and_waits():
