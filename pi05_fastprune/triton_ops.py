@@ -179,7 +179,7 @@ def _contiguous(t: Optional[torch.Tensor]) -> bool:
 
 def call(name: str, *args):
     """``torch.ops.fastprune.triton_<name>(*args)`` for the Python API (``prune_tokens``,
-    ``select_tokens``; checked inputs). An eager call on plain tensors skips the Triton op's
+    ``select_tokens``). An eager call on plain tensors skips the Triton op's
     dispatcher and custom_op layers (run 5 measured them at about 50 µs on the H200 machine):
     on CUDA they go to the C++ op, which replays the call's launch plan (csrc/triton_plan.h) where
     the op library has its CUDA kernels; otherwise the launch code runs in Python. Calls that
@@ -201,6 +201,11 @@ def call(name: str, *args):
         # Only contiguous inputs have a plan (the launch code copies the others).
         if (patches.is_cuda and _replays_on_cuda() and patches.is_contiguous() and task.is_contiguous()
                 and _contiguous(task_mask) and _contiguous(patch_mask)):
-            return getattr(torch.ops.fastprune, name)(*args, "triton")
+            return getattr(torch.ops.fastprune, name)(*args, "triton")  # checks its inputs
+        check_inputs(*args[:_CHECKED[name]])
         return getattr(_k, name)(*args)
-    return getattr(torch.ops.fastprune, "triton_" + name)(*args)
+    return getattr(torch.ops.fastprune, "triton_" + name)(*args)  # its body checks them
+
+
+# The leading arguments of each op that check_inputs takes (the rest are flags).
+_CHECKED = {"select": 4, "prune": 5, "prune_padded": 6}

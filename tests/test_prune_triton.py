@@ -488,6 +488,21 @@ def test_bad_input_raises_before_kernels():
 
 
 @interp
+def test_api_checks_inputs_on_the_python_launch_route():
+    """The API's eager Triton calls on CPU tensors launch from Python, where no C++ op checks the
+    inputs: the route checks them itself, with the API's ValueError (as after an op's check)."""
+    patches, task, task_mask, patch_mask = make_case("masks")
+    with pytest.raises(ValueError, match=r"patches must be \[B, N, D\], got shape"):
+        pi05_fastprune.select_tokens(patches[0], task, backend="triton")
+    with pytest.raises(ValueError, match=r"task_mask must be \["):
+        pi05_fastprune.prune_tokens(patches, task, task_mask=task_mask[:, :3], backend="triton")
+    with pytest.raises(ValueError, match=r"patch_mask must be bool"):
+        pi05_fastprune.prune_tokens(patches, task, patch_mask=patch_mask.int(), max_tokens=4, backend="triton")
+    with pytest.raises(ValueError, match=r"max_tokens must be >= 1, got 0"):
+        pi05_fastprune.prune_tokens(patches, task, max_tokens=0, backend="triton")
+
+
+@interp
 def test_opcheck_and_compile_once_across_kept_counts():
     from torch._dynamo.testing import CompileCounterWithBackend
 
