@@ -75,6 +75,16 @@ def test_op_rejects(change, message):
         )
 
 
+def test_api_passes_other_op_errors_through():
+    """The API words an op's rejection of bad input as ValueError (its own check, run after the
+    op raised); an op's other errors reach the caller as they are."""
+    a = good()
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs CUDA tensors"):
+        fp.prune_tokens(a["patches"], a["task"], max_tokens=4, backend="cuda")
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs CUDA tensors"):
+        fp.select_tokens(a["patches"], a["task"], backend="cuda")
+
+
 def test_padded_op_rejects_bad_cap():
     a = good()
     with pytest.raises(RuntimeError, match=r"max_tokens must be >= 1, got 0"):
