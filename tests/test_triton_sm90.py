@@ -335,38 +335,43 @@ def _ttgir(kernel_name: str, **tuned) -> str:
     return tcompile(src, target=target, options=_options(kwargs)).asm["ttgir"]
 
 
-def test_scores_pipeline_buffers():
+@pytest.mark.parametrize("bk", [128, 64])
+def test_scores_pipeline_buffers(bk):
     """PERF_LOG v58, the 3-stage race (runs 7 and 12): at 3 stages the pipeline copies each D
     step's tiles 2 steps ahead and leaves one warpgroup MMA in flight (``pendings = 1``). With
     the tiles also read into registers (their sums of squares) it gives them only 2 shared-memory
     buffers, so the copy 2 steps ahead lands in the buffer the MMA in flight reads. With
     SSQ_LOADS (the sums from loads of their own) they get 3. If this triton allocates 3 either
-    way, or waits for every MMA, the race is gone: measure 3 stages again (v54)."""
+    way, or waits for every MMA, the race is gone: measure 3 stages again (v54). The same at
+    D steps of 64 (the sweep's 3-stage variant with a register cap, v62)."""
     def buffers_and_pendings(ttgir):
-        allocs = {int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x128xbf16", ttgir)}
+        allocs = {int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x{bk}xbf16", ttgir)}
         pendings = {int(n) for n in re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", ttgir)}
         return allocs, max(pendings)
 
-    assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3)) == ({2}, 1)
-    assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, ssq_loads=1)) == ({3}, 1)
+    assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, bk=bk)) == ({2}, 1)
+    assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, ssq_loads=1, bk=bk)) == ({3}, 1)
 
 
 @pytest.mark.parametrize("kernel_name,tuned,programs", [
     ("_scores_kernel", dict(maxnreg1=168), 3),
+    ("_scores_kernel", dict(stages1=3, ssq_loads=1, bk=64, maxnreg1=168), 3),
     ("_select_kernel", dict(maxnreg2=128), 4),
+    ("_select_kernel", dict(bn2=64, maxnreg2=168), 3),
 ])
 def test_register_caps_fit_more_programs_per_sm(kernel_name, tuned, programs):
-    """The sweep's register caps reach ptxas and buy what they are for: at pi05 B=64 the scores
-    kernel (187 registers uncapped: 2 programs of 4 warps per SM) and the select kernel (141: 3)
-    fit one program more per SM in its 64 K registers, spilling little or nothing."""
+    """The sweep's register caps (PERF_LOG v62) reach ptxas and buy what they are for: at pi05
+    B=64 the capped kernels fit ``programs`` of 4 warps per SM in its 64 K registers and 228 KB
+    of shared memory (uncapped: 2, 2, 3 and 2), spilling little or nothing."""
     kernel, args, kwargs = _launch_b64(kernel_name, **tuned)
-    cap = next(iter(tuned.values()))
+    cap = tuned.get("maxnreg1", tuned.get("maxnreg2"))
     assert kwargs["maxnreg"] == cap
     report = compile_for(kernel, args, kwargs, f"maxnreg {cap}")
     assert report["regs"] <= cap
     assert (report["spill_stores"] or 0) <= 16, report
     per_warp = -(-report["regs"] // 8) * 8 * 32  # registers are allocated 8 per thread at a time
     assert 65536 // (per_warp * report["warps"]) == programs, report
+    assert 228 * 1024 // (report["shared"] + 1024) >= programs, report  # 1 KB per block for the driver
 
 
 def test_select_product_mmas_and_waits():
