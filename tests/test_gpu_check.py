@@ -12,7 +12,7 @@ import tarfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GPU_STEPS = ["build", "bench", "bench_pdl", "bench_ksplit", "bench_nocluster", "bench_auto", "triton_repro", "host",
-             "tune", "ncu_src", "gpu_tests", "memcheck", "racecheck", "sanitize_nocluster", "bench_train", "bench_pi05"]
+             "host_nocluster", "tune", "ncu_src", "gpu_tests", "memcheck", "racecheck", "sanitize_nocluster", "bench_train", "bench_pi05"]
 
 
 def run_gpu_check(out, archive, **env):
