@@ -1066,8 +1066,8 @@ def _scratch(cfg: _Cfg, dev: torch.device) -> torch.Tensor:
 
 
 def _reg_cap(maxnreg: Optional[int]) -> dict:
-    """The launch option of a register cap; none without one (Inductor's wrapped launches take
-    only the defaults' options)."""
+    """The launch option of a register cap, only where one is set: the default launches
+    (Inductor's wrapped ones included) pass the options they always did."""
     return {} if maxnreg is None else {"maxnreg": maxnreg}
 
 

@@ -177,6 +177,10 @@ def _contiguous(t: Optional[torch.Tensor]) -> bool:
     return t is None or t.is_contiguous()
 
 
+# The leading arguments of each op that check_inputs takes (the rest are flags).
+_CHECKED = {"select": 4, "prune": 5, "prune_padded": 6}
+
+
 def call(name: str, *args):
     """``torch.ops.fastprune.triton_<name>(*args)`` for the Python API (``prune_tokens``,
     ``select_tokens``). An eager call on plain tensors skips the Triton op's
@@ -206,6 +210,3 @@ def call(name: str, *args):
         return getattr(_k, name)(*args)
     return getattr(torch.ops.fastprune, "triton_" + name)(*args)  # its body checks them
 
-
-# The leading arguments of each op that check_inputs takes (the rest are flags).
-_CHECKED = {"select": 4, "prune": 5, "prune_padded": 6}
