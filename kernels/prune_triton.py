@@ -5,7 +5,8 @@ SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
 
 1. ``_scores_kernel``   grid (row tiles, D slices, B): one pass over ``patches`` (row norms on the
    fly), ``S = rms(P) rms(T)^T`` over the prompt tokens up to the last valid one (zeros at invalid
-   ones), written fp32 ``[B, N, TS]`` (rows padded to TS, T rounded up to 16), and the row max
+   ones), written ``[B, N, TS]`` (rows padded to TS, T rounded up to 16) as the fp16 halves
+   ``hi + lo`` that the select kernel's product takes (``_s_rows``), and the row max
    ``m_i`` of ``S_i / sqrt(D)`` over valid tokens. At B=1 the serial loop over D bounds this
    kernel, so D is split into ``ksplit`` slices: each program writes its slice's partial dot
    products and sums of squares, and the last slice of a row tile to arrive (a tagged arrival
@@ -15,7 +16,7 @@ SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
    ``A' = exp(S_i / sqrt(D) - m_i)`` (the softmax without its positive row scale, which does
    not move an argmax) and an online row argmax over the split's column tiles, packed into one
    int64 key per (row, best column) so that ``atomic_max`` merges the splits independently of
-   launch order (higher score first, then lower column; NaN below -inf). The last program of a
+   launch order (higher score first, then lower column; NaN as -inf). The last program of a
    sample (a per-sample arrival counter) finishes the sample: decodes the row argmax, and for
    ``select`` writes it; for ``prune`` counts votes (a histogram in the program), keeps
    (implicit or budget, optional cap, deterministic ties), prefix-sums the keep mask into the
@@ -25,11 +26,11 @@ SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
 
 ``prune`` reads ``K = max(1, max counts)`` on the host between 2 and 3 (its only sync);
 ``prune_padded`` (``K = max_tokens``) and ``select`` never sync. Nothing ``N x N`` or ``N x D``
-lives in global memory: the largest buffers are ``S`` (``N x TS`` fp32) and its partials
+lives in global memory: the largest buffers are ``S`` (``N x TS``, 4 bytes an entry) and its partials
 (``ksplit x N x TS``). Every load is upcast to
 fp32 before arithmetic (16-bit inputs of ``S``'s ``tl.dot`` stay 16-bit on the GPU: their
 products are exact in the fp32 accumulator; ``A' S^T`` multiplies fp16 halves ``hi + lo`` of its
-fp32 operands, ~22 bits, see ``_tile_product``); offsets are int64.
+fp32 operands, ~22 bits, see ``_tile_product``; A' is computed from S's halves); offsets are int64.
 
 The launchers take a ``wrap`` callable (``torch.library.wrap_triton`` inside a
 ``triton_op``, identity otherwise) so the same code serves eager, the interpreter and Inductor.
@@ -152,10 +153,11 @@ def _i32_scratch(WS, B, N):
 
 @triton.jit
 def _f32_scratch(WS, B, N, TS, KSPLIT: tl.constexpr, n_tiles):
-    """fp32, after the int32 regions: S [B, N, TS] | M [B, N] | with a D split, the slices' dot
-    products [KSPLIT, B, N, TS], patch sums of squares [KSPLIT, B, N], prompt sums of squares
-    [KSPLIT, B, n_tiles, TS], and the row-tile arrival counters [B, n_tiles, 2] (int64, tagged:
-    ARRIVAL_TAG). TS is the token stride, T rounded up to 16 (_Cfg.ts)."""
+    """fp32, after the int32 regions: S [B, N, TS] (each row as 2 TS fp16 halves: _s_rows) |
+    M [B, N] | with a D split, the slices' dot products [KSPLIT, B, N, TS], patch sums of squares
+    [KSPLIT, B, N], prompt sums of squares [KSPLIT, B, n_tiles, TS], and the row-tile arrival
+    counters [B, n_tiles, 2] (int64, tagged: ARRIVAL_TAG). TS is the token stride, T rounded up
+    to 16 (_Cfg.ts)."""
     bn = B.to(tl.int64) * N
     S = WS + _r4(2 * bn) + _r4(bn) + _r4(B + 1)
     M = S + _r4(bn * TS)
@@ -164,6 +166,16 @@ def _f32_scratch(WS, B, N, TS, KSPLIT: tl.constexpr, n_tiles):
     SST = SSP + _r4(KSPLIT * bn)
     ARRIVED = (SST + _r4(KSPLIT * B * n_tiles * TS)).to(tl.pointer_type(tl.int64), bitcast=True)
     return S, M, SP, SSP, SST, ARRIVED
+
+
+@triton.jit
+def _s_rows(S, b, N, TS, rows64):
+    """fp16 pointers to rows ``rows64`` of sample b's S, [len, 1]: a row takes the TS fp32 slots
+    of its place in the S region as 2 TS fp16 values, the hi halves of S * 2^-S_SHIFT and then
+    their lo halves (_split_f16), so that the select kernel's product loads its fp16 operands as
+    they are (PERF_LOG v64). TS is a multiple of 16: both halves start 32-byte aligned."""
+    S16 = S.to(tl.pointer_type(tl.float16), bitcast=True)
+    return S16 + b * N * (2 * TS) + rows64[:, None] * (2 * TS)
 
 
 def _scratch_sizes(B: int, N: int, TS: int, ksplit: int, n_tiles: int) -> tuple[int, int, int]:
@@ -192,13 +204,26 @@ def _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK: tl.constexpr):
 
 
 @triton.jit
-def _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m):
+def _split_f16(x):
+    """fp32 ``x`` as ``hi + lo``, two fp16 tiles: 22 significant bits where |x| is in fp16's
+    normal range, and an absolute error under 3e-8 below it."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT: tl.constexpr):
     """Writes a tile of S from its dot products and sums of squares (0 at invalid tokens and on
-    the row padding up to TS); returns the row max ``m`` updated with it."""
+    the row padding up to TS) as the fp16 halves of S * 2^-S_SHIFT (_s_rows); returns the row max
+    ``m`` (of S itself) updated with it."""
     rp = 1.0 / tl.sqrt(ssp / D + 1e-6)
     rt = 1.0 / tl.sqrt(sst / D + 1e-6)
     s = tl.where(vt[None, :], acc * rp[:, None] * rt[None, :], 0.0)
-    tl.store(S + b * N * TS + rows64[:, None] * TS + tt[None, :], s, mask=rmask[:, None] & (tt < TS)[None, :])
+    hi, lo = _split_f16(s * (1.0 / (1 << S_SHIFT)))
+    at = _s_rows(S, b, N, TS, rows64) + tt[None, :]
+    smask = rmask[:, None] & (tt < TS)[None, :]
+    tl.store(at, hi, mask=smask)
+    tl.store(at + TS, lo, mask=smask)
     # Inductor passes a Python float to a user kernel as fp64: cast back so m stays fp32.
     return tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1))
 
@@ -224,7 +249,7 @@ def _scores_kernel(
     KSPLIT: tl.constexpr, HAS_TMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_TALL: tl.constexpr, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
-    SSQ_LOADS: tl.constexpr,
+    SSQ_LOADS: tl.constexpr, S_SHIFT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     ks = tl.program_id(1)
@@ -291,7 +316,7 @@ def _scores_kernel(
                 else:
                     acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
         if KSPLIT == 1:
-            m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
+            m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
         else:
             tl.store(SP + part * N * TS + rows64[:, None] * TS + tt[None, :], acc, mask=rmask[:, None] & tin[None, :])
             tl.store(SST + (part * n_tiles + pid_m) * TS + tt, sst, mask=tin)
@@ -324,7 +349,7 @@ def _scores_kernel(
                                    mask=rmask[:, None] & tin[None, :], other=0.0, cache_modifier=".cg")
                     sst += tl.load(SST + (kp * n_tiles + pid_m) * TS + tt, mask=tin, other=0.0, cache_modifier=".cg")
                     ssp += tl.load(SSP + kp * N + rows64, mask=rmask, other=0.0, cache_modifier=".cg")
-                m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m)
+                m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
             tl.store(M + b * N + rows64, m, mask=rmask)
 
     # This call's merge state: keys below every real score, zero vote counts and counters.
@@ -341,33 +366,35 @@ def _scores_kernel(
 # --------------------------------------------------------------------------- kernel 2
 
 
-@triton.jit
-def _ranks(c, allowed):
-    """int32 ranks ordered like the scores ``c``: -0.0 equals +0.0, NaN ranks below -inf, and a
-    disallowed column (never wins) below NaN. A number's rank is its monotone bit pattern plus 1,
-    at least -2^31 + 2^23 (-inf), so the two lowest values are free for NaN and disallowed."""
-    c = tl.where(c == 0.0, 0.0, c)
-    bits = c.to(tl.int32, bitcast=True)
-    r = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 1
-    r = tl.where(c != c, -2147483647, r)
-    return tl.where(allowed[None, :], r, -2147483648)
+# The column of a row with no allowed column yet (above every column index).
+NO_COLUMN: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _row_key(rank, col):
-    """The int64 merge key of a row's best (rank, column): a larger key is a higher rank, or the
-    same rank at a lower column; a row whose columns were all disallowed gets the minimum (the
-    keys' initial value), so its atomic_max changes nothing."""
-    key = (rank.to(tl.int64) << 32) - 1 - col.to(tl.int64)
-    return tl.where(rank == -2147483648, tl.full(key.shape, -2147483648, tl.int64) << 32, key)
+def _row_key(best_s, best_c):
+    """The int64 merge key of a row's best (score, column) (_merge_best): a larger key is a
+    higher score, or the same score at a lower column; -0.0 and +0.0 are one score. A row with no
+    allowed column (NO_COLUMN) gets the keys' initial minimum, so its atomic_max changes nothing."""
+    bits = tl.where(best_s == 0.0, 0.0, best_s).to(tl.int32, bitcast=True)
+    rank = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the score; -inf: -2^31 + 2^23 - 1
+    key = (rank.to(tl.int64) << 32) - 1 - best_c.to(tl.int64)
+    return tl.where(best_c == NO_COLUMN, tl.full(key.shape, -2147483648, tl.int64) << 32, key)
 
 
 @triton.jit
-def _load_s(s_base, idx, imask, tt, TS):
-    """Rows ``idx`` of the sample's S at tokens ``tt``, fp32 (0 outside). The bound is the row
-    stride TS, a multiple of 16 like the rows' starts, so the loads are 16-byte vectors."""
-    return tl.load(s_base + idx.to(tl.int64)[:, None] * TS + tt[None, :],
-                   mask=imask[:, None] & (tt < TS)[None, :], other=0.0).to(tl.float32)
+def _load_s(S, b, N, TS, idx, imask, tt):
+    """Rows ``idx`` of sample b's S at tokens ``tt`` as their fp16 halves (hi, lo) of S *
+    2^-S_SHIFT (_s_rows; 0 outside). The bound is the row's TS tokens, a multiple of 16 like the
+    halves' starts, so the loads are 16-byte vectors."""
+    at = _s_rows(S, b, N, TS, idx.to(tl.int64)) + tt[None, :]
+    m = imask[:, None] & (tt < TS)[None, :]
+    return tl.load(at, mask=m, other=0.0), tl.load(at + TS, mask=m, other=0.0)
+
+
+@triton.jit
+def _s_of(hi, lo, S_SHIFT: tl.constexpr):
+    """S in fp32 from its halves (22 significant bits)."""
+    return (hi.to(tl.float32) + lo.to(tl.float32)) * (1 << S_SHIFT)
 
 
 @triton.jit
@@ -375,14 +402,6 @@ def _a_of(si, rmask, vt, scale, m_row):
     """A' = exp(S_i / sqrt(D) - m_i) of S rows ``si`` (0 at invalid tokens)."""
     a = tl.exp((si * scale).to(tl.float32) - m_row[:, None])  # fp32 under Inductor too
     return tl.where(vt[None, :] & rmask[:, None], a, 0.0)
-
-
-@triton.jit
-def _split_f16(x):
-    """fp32 ``x`` as ``hi + lo``, two fp16 tiles: 22 significant bits where |x| is in fp16's
-    normal range, and an absolute error under 3e-8 below it."""
-    hi = x.to(tl.float16)
-    return hi, (x - hi.to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
@@ -405,18 +424,16 @@ def _a_operand(a, SEL_PREC: tl.constexpr):
 
 
 @triton.jit
-def _tile_product(a_hi, a_lo, sj, acc, SEL_PREC: tl.constexpr, S_SHIFT: tl.constexpr):
-    """``acc + A' S_j^T`` of one column tile, A' given by _a_operand. "f16x3": three fp16
-    tensor-core products of the halves (small terms first; the dropped lo x lo is ~2^-22 of a
-    term), as close to fp32 as "tf32x3" at half its tensor-core work. A' is in [0, 1] and
-    |S| <= D (RMS-normalised rows): S times 2^-S_SHIFT (exact; it scales every score of the row
-    alike) stays within 32768, so its halves fit fp16 (largest 65504) at every D. "f16x4": the
-    four products of the halves, lo x lo included, as one product over the halves side by side
-    (4x the tokens): one warpgroup MMA to wait for instead of three."""
-    if SEL_PREC == "f16x3" or SEL_PREC == "f16x4":
-        if S_SHIFT > 0:
-            sj = sj * (1.0 / (1 << S_SHIFT))
-        s_hi, s_lo = _split_f16(sj)
+def _tile_product(a_hi, a_lo, s_hi, s_lo, acc, SEL_PREC: tl.constexpr, S_SHIFT: tl.constexpr):
+    """``acc + A' S_j^T`` of one column tile, A' given by _a_operand and S_j by its fp16 halves
+    (_load_s). "f16x3": three fp16 tensor-core products of the halves (small terms first; the
+    dropped lo x lo is ~2^-22 of a term), as close to fp32 as "tf32x3" at half its tensor-core
+    work. A' is in [0, 1] and |S| <= D (RMS-normalised rows): S times 2^-S_SHIFT (exact; it scales
+    every score of the row alike) stays within 32768, so its halves fit fp16 (largest 65504) at
+    every D; kernel 1 stores them so (_store_s), once per S element rather than once per row tile
+    that reads it. "f16x4": the four products of the halves, lo x lo included, as one product
+    over the halves side by side (4x the tokens): one warpgroup MMA to wait for instead of
+    three. Otherwise S_j in fp32 from its halves, at that tl.dot precision."""
     if SEL_PREC == "f16x3":
         acc = tl.dot(a_hi, tl.trans(s_lo), acc)
         acc = tl.dot(a_lo, tl.trans(s_hi), acc)
@@ -425,7 +442,7 @@ def _tile_product(a_hi, a_lo, sj, acc, SEL_PREC: tl.constexpr, S_SHIFT: tl.const
         # [hi | lo | hi | lo] . [s_lo | s_hi | s_hi | s_lo]: all four products of the halves.
         acc = tl.dot(a_hi, tl.trans(_cat_k(_cat_k(s_lo, s_hi), _cat_k(s_hi, s_lo))), acc)
     else:
-        acc = tl.dot(a_hi, tl.trans(sj), acc, input_precision=SEL_PREC)
+        acc = tl.dot(a_hi, tl.trans(_s_of(s_hi, s_lo, S_SHIFT)), acc, input_precision=SEL_PREC)
     return acc
 
 
@@ -448,15 +465,20 @@ def _allowed(cols, pm, no_patch, N, HAS_PMASK: tl.constexpr):
 
 
 @triton.jit
-def _merge_best(best_r, best_c, acc, col0, allowed):
-    """The rows' best (rank, column) so far, with the scores ``acc`` of the column tile starting
-    at ``col0``. The tile's row maxima and their lowest columns come from one int32 reduction, in
-    place of a max over an int64 key per score; a program visits its column tiles in increasing
-    order, so a tie keeps the earlier, lower column."""
-    tile_r, at = tl.max(_ranks(acc, allowed), 1, return_indices=True, return_indices_tie_break_left=True)
-    tile_c = col0 + at
-    better = tile_r > best_r
-    return tl.where(better, tile_r, best_r), tl.where(better, tile_c, best_c)
+def _merge_best(best_s, best_c, acc, cols, allowed):
+    """The rows' best (score, column) so far, with the scores ``acc`` of the column tile at
+    ``cols``: the tile's row maxima over its allowed columns, then the lowest allowed column
+    that reaches each (two plain reductions, fp32 then int32; an argmax over an int32 rank of
+    every score took about twice the instructions, sm_90 SASS, PERF_LOG v64). A NaN score counts
+    as -inf, so it never beats a number; on a tie with -inf the lower column wins. A program
+    visits its column tiles in increasing order, so a tie keeps the earlier, lower column; a row
+    takes the first tile with an allowed column whatever its score."""
+    s = tl.where(allowed[None, :] & (acc == acc), acc, float("-inf"))
+    tile_s = tl.max(s, 1)
+    cand = tl.where(allowed, cols, NO_COLUMN)
+    tile_c = tl.min(tl.where(s == tile_s[:, None], cand[None, :], NO_COLUMN), 1)
+    better = (tile_s > best_s) | ((best_c == NO_COLUMN) & (tile_c != NO_COLUMN))
+    return tl.where(better, tile_s, best_s), tl.where(better, tile_c, best_c)
 
 
 @triton.jit
@@ -478,7 +500,6 @@ def _select_kernel(
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
-    s_base = S + b * N * TS
     # What does not depend on the prompt range loads first, so that its round trip overlaps the
     # range's reductions: the patch mask, kernel 1's row maxima, and for the one-tile branch
     # below the rows' first token tile of S and the split's first column tile.
@@ -487,17 +508,17 @@ def _select_kernel(
         pm_all = tl.load(PMASK + b * N + offs, mask=offs < N, other=0) != 0
     m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
     if A_ONCE and HAS_TMASK:
-        si_first = _load_s(s_base, rows64, rmask, tl.arange(0, BLOCK_T), TS)
+        si_hi, si_lo = _load_s(S, b, N, TS, rows64, rmask, tl.arange(0, BLOCK_T))
         cols_first = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        sj_first = _load_s(s_base, cols_first, cols_first < N, tl.arange(0, BLOCK_T), TS)
+        sj_hi, sj_lo = _load_s(S, b, N, TS, cols_first, cols_first < N, tl.arange(0, BLOCK_T))
     t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
 
     no_patch = False
     if HAS_PMASK:
         no_patch = tl.sum(pm_all.to(tl.int32), 0) == 0
 
-    best_r = tl.full([BLOCK_M], -2147483648, tl.int32)  # below every allowed column's rank
-    best_c = tl.zeros([BLOCK_M], tl.int32)
+    best_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best_c = tl.full([BLOCK_M], NO_COLUMN, tl.int32)
     n_col_tiles = tl.cdiv(N, BLOCK_N)
     if A_ONCE and HAS_TMASK and t_end <= BLOCK_T:
         # One token tile (pi0.5: 48 valid tokens): A' once, for every column tile of the split.
@@ -505,8 +526,7 @@ def _select_kernel(
         # made the unmasked kernel spill, and pi0.5 always passes a mask.)
         tt = tl.arange(0, BLOCK_T)
         vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-        a_hi, a_lo = _a_operand(_a_of(si_first, rmask, vt, scale, m_row), SEL_PREC)
-        sj = sj_first
+        a_hi, a_lo = _a_operand(_a_of(_s_of(si_hi, si_lo, S_SHIFT), rmask, vt, scale, m_row), SEL_PREC)
         pm = _pm_tile(cols_first, PMASK, b, N, HAS_PMASK)
         for ct in range(split, n_col_tiles, n_split):
             cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -515,11 +535,12 @@ def _select_kernel(
             # mask loaded in its own iteration, the product waited for it: sm_90 SASS at B=64,
             # where run 11's ncu put 6.6 % of the kernel's warp samples on that wait.)
             cols_next = cols + n_split * BLOCK_N
-            sj_next = _load_s(s_base, cols_next, cols_next < N, tt, TS)
+            sj_hi_next, sj_lo_next = _load_s(S, b, N, TS, cols_next, cols_next < N, tt)
             pm_next = _pm_tile(cols_next, PMASK, b, N, HAS_PMASK)
-            acc = _tile_product(a_hi, a_lo, sj, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC, S_SHIFT)
-            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, _allowed(cols, pm, no_patch, N, HAS_PMASK))
-            sj = sj_next
+            acc = _tile_product(a_hi, a_lo, sj_hi, sj_lo, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC, S_SHIFT)
+            best_s, best_c = _merge_best(best_s, best_c, acc, cols, _allowed(cols, pm, no_patch, N, HAS_PMASK))
+            sj_hi = sj_hi_next
+            sj_lo = sj_lo_next
             pm = pm_next
     else:
         for ct in range(split, n_col_tiles, n_split):
@@ -530,14 +551,15 @@ def _select_kernel(
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
                 vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-                a_hi, a_lo = _a_operand(_a_of(_load_s(s_base, rows64, rmask, tt, TS), rmask, vt, scale, m_row),
-                                        SEL_PREC)
-                acc = _tile_product(a_hi, a_lo, _load_s(s_base, cols, cmask, tt, TS), acc, SEL_PREC, S_SHIFT)
-            best_r, best_c = _merge_best(best_r, best_c, acc, ct * BLOCK_N, allowed)
+                si_hi, si_lo = _load_s(S, b, N, TS, rows64, rmask, tt)
+                a_hi, a_lo = _a_operand(_a_of(_s_of(si_hi, si_lo, S_SHIFT), rmask, vt, scale, m_row), SEL_PREC)
+                sj_hi, sj_lo = _load_s(S, b, N, TS, cols, cmask, tt)
+                acc = _tile_product(a_hi, a_lo, sj_hi, sj_lo, acc, SEL_PREC, S_SHIFT)
+            best_s, best_c = _merge_best(best_s, best_c, acc, cols, allowed)
     KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)  # computed after the loop
     # Relaxed: triton's default (acq_rel) puts a MEMBAR.ALL.GPU before the atomic and a CCTL.IVALL
     # after it (sm_90 SASS); the arrival below already orders the merges.
-    tl.atomic_max(KEYS + b * N + rows64, _row_key(best_r, best_c), mask=rmask, sem="relaxed", scope="gpu")
+    tl.atomic_max(KEYS + b * N + rows64, _row_key(best_s, best_c), mask=rmask, sem="relaxed", scope="gpu")
 
     # Last program of this sample to arrive finishes it (every key of the sample is final).
     # Memory order: the CTA barrier puts every thread's key merge before the arrival, which is
@@ -1101,7 +1123,7 @@ def _run_select(
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
         DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=bool(cfg.prefetch1),
-        SSQ_LOADS=bool(cfg.ssq_loads), num_warps=cfg.warps1, num_stages=cfg.stages1, **_reg_cap(cfg.maxnreg1),
+        SSQ_LOADS=bool(cfg.ssq_loads), S_SHIFT=cfg.s_shift, num_warps=cfg.warps1, num_stages=cfg.stages1, **_reg_cap(cfg.maxnreg1),
     )
     n_programs = cfg.n_row_tiles * cfg.n_split
     _launcher(wrap, _select_kernel)[(n_programs, B)](

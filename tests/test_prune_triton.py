@@ -353,6 +353,23 @@ def test_nan_inf_do_not_crash():
 
 
 @interp
+def test_a_nan_column_never_beats_a_number():
+    """A patch row of NaN makes its column's scores NaN in every row, and its own row's scores NaN
+    in every column (PERF_LOG v64: the merge counts NaN as -inf). Every other row picks as if that
+    column were masked out, as the CPU kernel does; the NaN row picks the lowest allowed column."""
+    import pi05_fastprune as fp
+
+    patches, task, _, _ = make_case("plain", seed=3)
+    patches[1, 5] = float("nan")
+    without = torch.ones(patches.shape[:2], dtype=torch.bool)
+    without[1, 5] = False
+    idx = ops.triton_select(patches, task, None, None, False)
+    assert torch.equal(idx, ops.triton_select(patches, task, None, without, False))
+    assert idx[1, 5] == 0 and (idx[1] != 5).all()
+    assert torch.equal(idx, fp.select_tokens(patches, task, backend="cpu"))
+
+
+@interp
 def test_deterministic_and_batch_independent():
     patches, task, task_mask, patch_mask = make_case("masks", seed=5)
     a = ops.triton_prune(patches, task, task_mask, patch_mask, None, False)
