@@ -232,9 +232,15 @@ def _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_S
 def _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
     """One D step of the scores kernel: the sums of squares of the patch and prompt tiles ``ps``
     and ``qs`` (``p`` and ``q`` themselves, or the same tiles loaded again, see SSQ_LOADS), and
-    the dot products of ``p`` and ``q`` added to ``acc``."""
-    ssp += tl.sum(ps.to(tl.float32) * ps.to(tl.float32), 1)
-    sst += tl.sum(qs.to(tl.float32) * qs.to(tl.float32), 1)
+    the dot products of ``p`` and ``q`` added to ``acc``. The squares go into partial sums
+    ``ssp``/``sst`` of shape [rows, G], G = BLOCK_K / 8 (the caller adds their G columns after
+    its loop over D): the reshape may reorder, so each thread adds its own 8 elements of a row and
+    no step shuffles across lanes (per-step row sums took 64 shuffles a step, PERF_LOG v65)."""
+    G: tl.constexpr = ssp.shape[1]
+    xp = ps.to(tl.float32)
+    xq = qs.to(tl.float32)
+    ssp += tl.sum(tl.reshape(xp * xp, [xp.shape[0], G, xp.shape[1] // G], can_reorder=True), 2)
+    sst += tl.sum(tl.reshape(xq * xq, [xq.shape[0], G, xq.shape[1] // G], can_reorder=True), 2)
     if DOT_NATIVE:
         acc = tl.dot(p, tl.trans(q), acc)
     else:
@@ -279,8 +285,8 @@ def _scores_kernel(
         tin = tt < TS  # the scratch rows, padding included (zeros: masked prompt rows load as 0)
         t_base = TK + b * T * D + tt.to(tl.int64)[:, None] * D
         acc = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-        ssp = tl.zeros([BLOCK_M], tl.float32)
-        sst = tl.zeros([BLOCK_T], tl.float32)
+        ssp = tl.zeros([BLOCK_M, BLOCK_K // 8], tl.float32)
+        sst = tl.zeros([BLOCK_T, BLOCK_K // 8], tl.float32)
         if PREFETCH:
             # Each D step's tiles load one step ahead (zeros past the slice), so that their round
             # trip overlaps the previous step's arithmetic. At 1 stage (the default: run 4's sweep
@@ -315,6 +321,8 @@ def _scores_kernel(
                     acc, ssp, sst = _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
                 else:
                     acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+        ssp = tl.sum(ssp, 1)
+        sst = tl.sum(sst, 1)
         if KSPLIT == 1:
             m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
         else:
