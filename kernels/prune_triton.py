@@ -271,10 +271,14 @@ def _scores_kernel(
     d_hi = tl.minimum(d_lo + kchunk, D)
     part = ks.to(tl.int64) * B + b  # this program's slice of sample b
     if PREFETCH:
-        # The first D step's patch tile does not depend on the prompt range: it loads before the
-        # range's reductions, and serves the first step of every token tile.
+        # The first D steps' patch tiles do not depend on the prompt range: they load before the
+        # range's reductions, and serve the first steps of every token tile.
         k_first = d_lo + tl.arange(0, BLOCK_K)
         p_first = tl.load(p_base + k_first[None, :], mask=rmask[:, None] & (k_first < d_hi)[None, :], other=0.0)
+        if PREFETCH == 2:
+            k_second = k_first + BLOCK_K
+            p_second = tl.load(p_base + k_second[None, :], mask=rmask[:, None] & (k_second < d_hi)[None, :],
+                               other=0.0)
     t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -288,19 +292,31 @@ def _scores_kernel(
         ssp = tl.zeros([BLOCK_M, BLOCK_K // 8], tl.float32)
         sst = tl.zeros([BLOCK_T, BLOCK_K // 8], tl.float32)
         if PREFETCH:
-            # Each D step's tiles load one step ahead (zeros past the slice), so that their round
-            # trip overlaps the previous step's arithmetic. At 1 stage (the default: run 4's sweep
-            # measured triton's own 2-4 stage pipelining slower here) nothing else overlaps them.
+            # Each D step's tiles load PREFETCH steps ahead (zeros past the slice), so that their
+            # round trip overlaps the arithmetic of the steps before. At 1 stage (the default: run
+            # 4's sweep measured triton's own 2-4 stage pipelining slower here) nothing else
+            # overlaps them.
             p = p_first
             q = tl.load(t_base + k_first[None, :], mask=vt[:, None] & (k_first < d_hi)[None, :], other=0.0)
-            for k0 in range(d_lo, d_hi, BLOCK_K):
-                kn = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
-                kmn = kn < d_hi
-                p_next = tl.load(p_base + kn[None, :], mask=rmask[:, None] & kmn[None, :], other=0.0)
-                q_next = tl.load(t_base + kn[None, :], mask=vt[:, None] & kmn[None, :], other=0.0)
-                acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
-                p = p_next
-                q = q_next
+            if PREFETCH == 2:
+                p1 = p_second
+                q1 = tl.load(t_base + k_second[None, :], mask=vt[:, None] & (k_second < d_hi)[None, :], other=0.0)
+                for k0 in range(d_lo, d_hi, BLOCK_K):
+                    kn = k0 + 2 * BLOCK_K + tl.arange(0, BLOCK_K)
+                    kmn = kn < d_hi
+                    p2 = tl.load(p_base + kn[None, :], mask=rmask[:, None] & kmn[None, :], other=0.0)
+                    q2 = tl.load(t_base + kn[None, :], mask=vt[:, None] & kmn[None, :], other=0.0)
+                    acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                    p, q, p1, q1 = p1, q1, p2, q2
+            else:
+                for k0 in range(d_lo, d_hi, BLOCK_K):
+                    kn = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
+                    kmn = kn < d_hi
+                    p_next = tl.load(p_base + kn[None, :], mask=rmask[:, None] & kmn[None, :], other=0.0)
+                    q_next = tl.load(t_base + kn[None, :], mask=vt[:, None] & kmn[None, :], other=0.0)
+                    acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                    p = p_next
+                    q = q_next
         else:
             for k0 in range(d_lo, d_hi, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
@@ -919,7 +935,7 @@ def _programs_wanted(device: torch.device) -> int:
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
 TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "maxnreg1", "bm2", "bn2", "warps2",
            "stages2", "maxnreg2", "n_split", "a_once", "br", "bd", "warps3", "dot_prec", "sel_prec")
-FLAGS = ("a_once", "prefetch1", "ssq_loads")  # 0 or 1
+FLAGS = ("a_once", "ssq_loads")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
 DOT_PRECS = ("ieee", "tf32x3")
@@ -929,7 +945,8 @@ SEL_PRECS = ("f16x3", "f16x4") + DOT_PRECS
 # The tunable parameters with a fixed set of values (the precisions are strings); the others are
 # positive ints.
 PRECISIONS = {"dot_prec": DOT_PRECS, "sel_prec": SEL_PRECS}
-CHOICES = {**PRECISIONS, **{flag: (0, 1) for flag in FLAGS}}
+# prefetch1: the scores kernel's D-step tiles loaded 0, 1 or 2 steps ahead.
+CHOICES = {**PRECISIONS, **{flag: (0, 1) for flag in FLAGS}, "prefetch1": (0, 1, 2)}
 _tuning: tuple = ()  # (name, value) pairs over the defaults of _Cfg, set by tuning()
 
 
@@ -945,7 +962,8 @@ def tuning(**overrides: int | str):
     bad = {k: v for k, v in overrides.items()
            if not (v in CHOICES[k] if k in CHOICES else isinstance(v, int) and v >= 1)}
     if bad:
-        raise ValueError(f"tuning: launch parameters must be positive ints ({', '.join(FLAGS)}: 0 or 1; dot_prec "
+        raise ValueError(f"tuning: launch parameters must be positive ints ({', '.join(FLAGS)}: 0 or 1; prefetch1: "
+                         f"0, 1 or 2; dot_prec "
                          f"one of {DOT_PRECS}; sel_prec one of {SEL_PRECS}), got {bad}")
     saved = _tuning
     _tuning = tuple(sorted({**dict(saved), **overrides}.items()))
@@ -1040,9 +1058,12 @@ class _Cfg:
         for name, value in tuned:
             setattr(self, name, value)
         if "prefetch1" not in dict(tuned):
-            # The scores kernel loads each D step's tiles one step ahead, in registers, where its
-            # tiles have 16 rows (pi05 at B=1); with 32 or 64 rows that spills on sm_90 (264-520 B).
-            self.prefetch1 = int(self.bm1 == 16)
+            # The scores kernel loads each D step's tiles ahead, in registers, where its tiles have
+            # 16 rows (pi05 at B=1): two steps ahead for 16-bit inputs (bf16: 233 registers, no
+            # spills, at most 2 programs per SM there; 188 one step ahead, the default until v66),
+            # one for fp32 (two spill 40 B). With 32 or 64 rows one step ahead already spills on
+            # sm_90 (264-520 B).
+            self.prefetch1 = (2 if elem_size == 2 else 1) if self.bm1 == 16 else 0
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
@@ -1130,7 +1151,7 @@ def _run_select(
         N, T, cfg.ts, D, cfg.kchunk, scale,
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
-        DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=bool(cfg.prefetch1),
+        DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=cfg.prefetch1,
         SSQ_LOADS=bool(cfg.ssq_loads), S_SHIFT=cfg.s_shift, num_warps=cfg.warps1, num_stages=cfg.stages1, **_reg_cap(cfg.maxnreg1),
     )
     n_programs = cfg.n_row_tiles * cfg.n_split

@@ -427,9 +427,8 @@ def test_launch_parameters_do_not_change_results():
     """The launch parameters the GPU sweep (bench/tune_triton.py) varies leave the outputs as they
     are: tile sizes, column splits (1 = no merge across programs), D slices (1 = no partials to
     add; 3 slices of 16, 16 and 8), warps, stages, the fp32 dot's precision, A' kept across column
-    tiles or not (the prompt fits one token tile here), the scores kernel's next D step loaded
-    ahead or not. Only float rounding can move, and these
-    inputs have no near-ties."""
+    tiles or not (the prompt fits one token tile here), the scores kernel's D steps loaded 2, 1
+    or 0 steps ahead. Only float rounding can move, and these inputs have no near-ties."""
     from pi05_fastprune.kernels import prune_triton as K
 
     patches, task, task_mask, patch_mask = make_case("masks", seed=4)
@@ -440,7 +439,7 @@ def test_launch_parameters_do_not_change_results():
                   dict(br=4, bd=64, warps3=1, stages1=2), dict(ksplit=1), dict(ksplit=3, bk=16),
                   dict(dot_prec="tf32x3"), dict(sel_prec="f16x4"), dict(sel_prec="f16x4", a_once=0),
                   dict(sel_prec="tf32x3"), dict(sel_prec="ieee", a_once=0),
-                  dict(a_once=0), dict(prefetch1=0), dict(ksplit=1, bk=16, prefetch1=0)):
+                  dict(a_once=0), dict(prefetch1=0), dict(prefetch1=1), dict(ksplit=1, bk=16, prefetch1=0)):
         with K.tuning(**tuned):
             assert torch.equal(ops.triton_select(*args, True), want_idx), tuned
             assert_same(ops.triton_prune_padded(*args, 5, 9, False), want)
@@ -458,6 +457,9 @@ def test_launch_parameters_do_not_change_results():
             pass
     with pytest.raises(ValueError, match="0 or 1"):
         with K.tuning(a_once=2):
+            pass
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        with K.tuning(prefetch1=3):
             pass
 
 

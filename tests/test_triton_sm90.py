@@ -277,6 +277,11 @@ def test_eval_kernels_compile_for_sm90(dtype):
     most = {"_scores_kernel": 3, "_select_kernel": 1, "_gather_kernel": 0}
     fenced = {(r["kernel"], r["label"]): r["acq_rel"] for r in reports if r["acq_rel"] > most[r["kernel"]]}
     assert not fenced, fenced
+    # The scores kernel's D steps loaded ahead in registers (pi05 B=1: two steps for 16-bit
+    # inputs, one for fp32; PERF_LOG v66) fit without spills.
+    ahead = [r for r in reports if r["constexprs"].get("PREFETCH")]
+    assert ahead and {r["constexprs"]["PREFETCH"] for r in ahead} == {1 if dtype == "fp32" else 2}, ahead
+    assert all(not r["spill_stores"] for r in ahead), ahead
 
 
 def test_eval_kernels_compile_for_sm80():
