@@ -5,16 +5,16 @@ SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
 
 1. ``_scores_kernel``   grid (row tiles, D slices, B): one pass over ``patches`` (row norms on the
    fly), ``S = rms(P) rms(T)^T`` over the prompt tokens up to the last valid one (zeros at invalid
-   ones), written ``[B, N, TS]`` (rows padded to TS, T rounded up to 16) as the fp16 halves
-   ``hi + lo`` that the select kernel's product takes (``_s_rows``), and the row max
-   ``m_i`` of ``S_i / sqrt(D)`` over valid tokens. At B=1 the serial loop over D bounds this
+   ones), and ``A' = exp(S_i / sqrt(D) - m_i)`` with ``m_i`` the row max over valid tokens (the
+   softmax without its positive row scale, which does not move an argmax), both written
+   ``[B, N, TS]`` (rows padded to TS, T rounded up to 16) as the fp16 halves ``hi + lo`` that
+   the select kernel's product takes (``_s_rows``). At B=1 the serial loop over D bounds this
    kernel, so D is split into ``ksplit`` slices: each program writes its slice's partial dot
    products and sums of squares, and the last slice of a row tile to arrive (a tagged arrival
    counter that needs no zeroing) adds them in slice order, so S does not depend on the order of
    arrival. It also initialises this call's merge keys and counters.
-2. ``_select_kernel``   grid (row tiles x column splits, B): ``C = A' S^T`` tile by tile with
-   ``A' = exp(S_i / sqrt(D) - m_i)`` (the softmax without its positive row scale, which does
-   not move an argmax) and an online row argmax over the split's column tiles, packed into one
+2. ``_select_kernel``   grid (row tiles x column splits, B): ``C = A' S^T`` tile by tile and
+   an online row argmax over the split's column tiles, packed into one
    int64 key per (row, best column) so that ``atomic_max`` merges the splits independently of
    launch order (higher score first, then lower column; NaN as -inf). The last program of a
    sample (a per-sample arrival counter) finishes the sample: decodes the row argmax, and for
@@ -26,11 +26,11 @@ SPEC identity ``idx[i] = argmax_j sum_t A[i,t] S[j,t]``:
 
 ``prune`` reads ``K = max(1, max counts)`` on the host between 2 and 3 (its only sync);
 ``prune_padded`` (``K = max_tokens``) and ``select`` never sync. Nothing ``N x N`` or ``N x D``
-lives in global memory: the largest buffers are ``S`` (``N x TS``, 4 bytes an entry) and its partials
-(``ksplit x N x TS``). Every load is upcast to
+lives in global memory: the largest buffers are ``S`` and ``A'`` (``N x TS``, 4 bytes an entry) and
+S's partials (``ksplit x N x TS``). Every load is upcast to
 fp32 before arithmetic (16-bit inputs of ``S``'s ``tl.dot`` stay 16-bit on the GPU: their
 products are exact in the fp32 accumulator; ``A' S^T`` multiplies fp16 halves ``hi + lo`` of its
-fp32 operands, ~22 bits, see ``_tile_product``; A' is computed from S's halves); offsets are int64.
+fp32 operands, ~22 bits, see ``_tile_product``); offsets are int64.
 
 The launchers take a ``wrap`` callable (``torch.library.wrap_triton`` inside a
 ``triton_op``, identity otherwise) so the same code serves eager, the interpreter and Inductor.
@@ -153,27 +153,28 @@ def _i32_scratch(WS, B, N):
 
 @triton.jit
 def _f32_scratch(WS, B, N, TS, KSPLIT: tl.constexpr, n_tiles):
-    """fp32, after the int32 regions: S [B, N, TS] (each row as 2 TS fp16 halves: _s_rows) |
-    M [B, N] | with a D split, the slices' dot products [KSPLIT, B, N, TS], patch sums of squares
-    [KSPLIT, B, N], prompt sums of squares [KSPLIT, B, n_tiles, TS], and the row-tile arrival
-    counters [B, n_tiles, 2] (int64, tagged: ARRIVAL_TAG). TS is the token stride, T rounded up
-    to 16 (_Cfg.ts)."""
+    """fp32, after the int32 regions: S [B, N, TS] and A' [B, N, TS] (each row as 2 TS fp16
+    halves: _s_rows) | with a D split, the slices' dot products [KSPLIT, B, N, TS], patch sums of
+    squares [KSPLIT, B, N], prompt sums of squares [KSPLIT, B, n_tiles, TS], and the row-tile
+    arrival counters [B, n_tiles, 2] (int64, tagged: ARRIVAL_TAG). TS is the token stride, T
+    rounded up to 16 (_Cfg.ts)."""
     bn = B.to(tl.int64) * N
     S = WS + _r4(2 * bn) + _r4(bn) + _r4(B + 1)
-    M = S + _r4(bn * TS)
-    SP = M + _r4(bn)
+    A = S + _r4(bn * TS)
+    SP = A + _r4(bn * TS)
     SSP = SP + _r4(KSPLIT * bn * TS)
     SST = SSP + _r4(KSPLIT * bn)
     ARRIVED = (SST + _r4(KSPLIT * B * n_tiles * TS)).to(tl.pointer_type(tl.int64), bitcast=True)
-    return S, M, SP, SSP, SST, ARRIVED
+    return S, A, SP, SSP, SST, ARRIVED
 
 
 @triton.jit
 def _s_rows(S, b, N, TS, rows64):
-    """fp16 pointers to rows ``rows64`` of sample b's S, [len, 1]: a row takes the TS fp32 slots
-    of its place in the S region as 2 TS fp16 values, the hi halves of S * 2^-S_SHIFT and then
-    their lo halves (_split_f16), so that the select kernel's product loads its fp16 operands as
-    they are (PERF_LOG v64). TS is a multiple of 16: both halves start 32-byte aligned."""
+    """fp16 pointers to rows ``rows64`` of sample b's S (or A'), [len, 1]: a row takes the TS fp32
+    slots of its place in the region as 2 TS fp16 values, the hi halves of S * 2^-S_SHIFT (of A')
+    and then their lo halves (_split_f16), so that the select kernel's product loads its fp16
+    operands as they are (PERF_LOG v64, v67). TS is a multiple of 16: both halves start 32-byte
+    aligned."""
     S16 = S.to(tl.pointer_type(tl.float16), bitcast=True)
     return S16 + b * N * (2 * TS) + rows64[:, None] * (2 * TS)
 
@@ -184,10 +185,10 @@ def _scratch_sizes(B: int, N: int, TS: int, ksplit: int, n_tiles: int) -> tuple[
     r4 = lambda x: -(-x // 4) * 4  # noqa: E731
     bn = B * N
     counter = r4(2 * bn) + r4(bn)
-    m_at = counter + r4(B + 1) + r4(bn * TS)
+    a_at = counter + r4(B + 1) + r4(bn * TS)
     if ksplit == 1:
-        return m_at + bn, m_at + bn, counter + B
-    arrived = m_at + r4(bn) + r4(ksplit * bn * TS) + r4(ksplit * bn) + r4(ksplit * B * n_tiles * TS)
+        return a_at + bn * TS, a_at + bn * TS, counter + B
+    arrived = a_at + r4(bn * TS) + r4(ksplit * bn * TS) + r4(ksplit * bn) + r4(ksplit * B * n_tiles * TS)
     return arrived + 4 * B * n_tiles, arrived, counter + B
 
 
@@ -215,7 +216,7 @@ def _split_f16(x):
 def _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT: tl.constexpr):
     """Writes a tile of S from its dot products and sums of squares (0 at invalid tokens and on
     the row padding up to TS) as the fp16 halves of S * 2^-S_SHIFT (_s_rows); returns the row max
-    ``m`` (of S itself) updated with it."""
+    ``m`` of S / sqrt(D) over valid tokens, updated with the tile, and the tile (fp32)."""
     rp = 1.0 / tl.sqrt(ssp / D + 1e-6)
     rt = 1.0 / tl.sqrt(sst / D + 1e-6)
     s = tl.where(vt[None, :], acc * rp[:, None] * rt[None, :], 0.0)
@@ -225,7 +226,35 @@ def _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_S
     tl.store(at, hi, mask=smask)
     tl.store(at + TS, lo, mask=smask)
     # Inductor passes a Python float to a user kernel as fp64: cast back so m stays fp32.
-    return tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1))
+    return tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1)), s
+
+
+@triton.jit
+def _store_a(A, b, N, TS, rows64, rmask, tt, vt, s, scale, m):
+    """Writes a tile of A' = exp(S / sqrt(D) - m) from the S tile ``s`` and the final row max
+    ``m`` (0 at invalid tokens and on the row padding): the softmax without its positive row
+    scale, which does not move an argmax, as fp16 halves (_s_rows) for the select kernel's
+    product. A' is in [0, 1]."""
+    a = tl.where(vt[None, :] & rmask[:, None], tl.exp((s * scale).to(tl.float32) - m[:, None]), 0.0)
+    hi, lo = _split_f16(a)
+    at = _s_rows(A, b, N, TS, rows64) + tt[None, :]
+    amask = rmask[:, None] & (tt < TS)[None, :]
+    tl.store(at, hi, mask=amask)
+    tl.store(at + TS, lo, mask=amask)
+
+
+@triton.jit
+def _store_a_pass(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m,
+                  HAS_TMASK: tl.constexpr, BLOCK_T: tl.constexpr, S_SHIFT: tl.constexpr):
+    """A' of every token tile from S's halves as stored, once the row max is final: for prompt
+    ranges over one token tile (a single tile's A' is written from S in registers). The CTA
+    barrier makes the program's S stores visible to the threads that read them here."""
+    tl.debug_barrier()
+    for t0 in range(0, t_end, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)
+        vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
+        hi, lo = _load_s(S, b, N, TS, rows64, rmask, tt)
+        _store_a(A, b, N, TS, rows64, rmask, tt, vt, _s_of(hi, lo, S_SHIFT), scale, m)
 
 
 @triton.jit
@@ -262,7 +291,7 @@ def _scores_kernel(
     b = tl.program_id(2).to(tl.int64)
     n_tiles = tl.num_programs(0)
     B = tl.num_programs(2)
-    S, M, SP, SSP, SST, ARRIVED = _f32_scratch(WS, B, N, TS, KSPLIT, n_tiles)
+    S, A, SP, SSP, SST, ARRIVED = _f32_scratch(WS, B, N, TS, KSPLIT, n_tiles)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -340,7 +369,9 @@ def _scores_kernel(
         ssp = tl.sum(ssp, 1)
         sst = tl.sum(sst, 1)
         if KSPLIT == 1:
-            m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
+            m, s = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
+            if t_end <= BLOCK_T:  # one token tile: the row max is final
+                _store_a(A, b, N, TS, rows64, rmask, tt, vt, s, scale, m)
         else:
             tl.store(SP + part * N * TS + rows64[:, None] * TS + tt[None, :], acc, mask=rmask[:, None] & tin[None, :])
             tl.store(SST + (part * n_tiles + pid_m) * TS + tt, sst, mask=tin)
@@ -350,7 +381,9 @@ def _scores_kernel(
     # pointers in registers, which the loop above needs.
     KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)
     if KSPLIT == 1:
-        tl.store(M + b * N + rows64, m, mask=rmask)
+        if t_end > BLOCK_T:
+            _store_a_pass(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m, HAS_TMASK, BLOCK_T,
+                          S_SHIFT)
     else:
         # The last slice of this row tile to arrive adds the slices in order (the same memory
         # order as the select kernel's finishing step: CTA barrier, an acq_rel gpu-scope
@@ -373,8 +406,12 @@ def _scores_kernel(
                                    mask=rmask[:, None] & tin[None, :], other=0.0, cache_modifier=".cg")
                     sst += tl.load(SST + (kp * n_tiles + pid_m) * TS + tt, mask=tin, other=0.0, cache_modifier=".cg")
                     ssp += tl.load(SSP + kp * N + rows64, mask=rmask, other=0.0, cache_modifier=".cg")
-                m = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
-            tl.store(M + b * N + rows64, m, mask=rmask)
+                m, s = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
+                if t_end <= BLOCK_T:
+                    _store_a(A, b, N, TS, rows64, rmask, tt, vt, s, scale, m)
+            if t_end > BLOCK_T:
+                _store_a_pass(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m, HAS_TMASK,
+                              BLOCK_T, S_SHIFT)
 
     # This call's merge state: keys below every real score, zero vote counts and counters.
     if ks == 0:
@@ -422,25 +459,19 @@ def _s_of(hi, lo, S_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _a_of(si, rmask, vt, scale, m_row):
-    """A' = exp(S_i / sqrt(D) - m_i) of S rows ``si`` (0 at invalid tokens)."""
-    a = tl.exp((si * scale).to(tl.float32) - m_row[:, None])  # fp32 under Inductor too
-    return tl.where(vt[None, :] & rmask[:, None], a, 0.0)
-
-
-@triton.jit
 def _cat_k(x, y):
     """``[x | y]``: two [M, K] tiles side by side along K."""
     return tl.reshape(tl.permute(tl.join(x, y), (0, 2, 1)), (x.shape[0], 2 * x.shape[1]))
 
 
 @triton.jit
-def _a_operand(a, SEL_PREC: tl.constexpr):
-    """The product's operands for A' (see _tile_product): its fp16 halves (hi, lo); for "f16x4"
-    the halves side by side, ``[hi | lo | hi | lo]``, as both; otherwise A' itself as both."""
-    hi, lo = a, a
-    if SEL_PREC == "f16x3" or SEL_PREC == "f16x4":
-        hi, lo = _split_f16(a)
+def _a_operand(hi, lo, SEL_PREC: tl.constexpr):
+    """The product's operands for A' (see _tile_product) from its fp16 halves as kernel 1 stores
+    them (_store_a): the halves (hi, lo); for "f16x4" the halves side by side,
+    ``[hi | lo | hi | lo]``, as both; otherwise A' in fp32 as both."""
+    if SEL_PREC != "f16x3" and SEL_PREC != "f16x4":
+        hi = hi.to(tl.float32) + lo.to(tl.float32)
+        lo = hi
     if SEL_PREC == "f16x4":
         hi = _cat_k(_cat_k(hi, lo), _cat_k(hi, lo))
         lo = hi
@@ -508,7 +539,7 @@ def _merge_best(best_s, best_c, acc, cols, allowed):
 @triton.jit
 def _select_kernel(
     WS, TMASK, PMASK, COUNTS, IDX,
-    N, T, TS, scale, limit, n_split, n_programs,
+    N, T, TS, limit, n_split, n_programs,
     HAS_TMASK: tl.constexpr, HAS_PMASK: tl.constexpr, MASK_VOTERS: tl.constexpr,
     SELECT_ONLY: tl.constexpr, BUDGET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -518,24 +549,23 @@ def _select_kernel(
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     B = tl.num_programs(1)
-    S, M, SP, SSP, SST, ARRIVED = _f32_scratch(WS, B, N, TS, 1, 1)  # no partials here
+    S, A, SP, SSP, SST, ARRIVED = _f32_scratch(WS, B, N, TS, 1, 1)  # no partials here
     row_tile = pid // n_split
     split = pid % n_split
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     # What does not depend on the prompt range loads first, so that its round trip overlaps the
-    # range's reductions: the patch mask, kernel 1's row maxima, and for the one-tile branch
-    # below the rows' first token tile of S and the split's first column tile.
+    # range's reductions: the patch mask, and for the one-tile branch below the rows' first
+    # token tile of A' and the split's first column tile of S.
     if HAS_PMASK:
         offs = tl.arange(0, BLOCK_NALL)
         pm_all = tl.load(PMASK + b * N + offs, mask=offs < N, other=0) != 0
-    m_row = tl.load(M + b * N + rows64, mask=rmask, other=0.0)
     if A_ONCE and HAS_TMASK:
-        si_hi, si_lo = _load_s(S, b, N, TS, rows64, rmask, tl.arange(0, BLOCK_T))
+        ai_hi, ai_lo = _load_s(A, b, N, TS, rows64, rmask, tl.arange(0, BLOCK_T))
         cols_first = split * BLOCK_N + tl.arange(0, BLOCK_N)
         sj_hi, sj_lo = _load_s(S, b, N, TS, cols_first, cols_first < N, tl.arange(0, BLOCK_T))
-    t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
+    t_end = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)[0]
 
     no_patch = False
     if HAS_PMASK:
@@ -549,8 +579,7 @@ def _select_kernel(
         # (Only with a prompt mask: without one, the compiler's register budget for this branch
         # made the unmasked kernel spill, and pi0.5 always passes a mask.)
         tt = tl.arange(0, BLOCK_T)
-        vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-        a_hi, a_lo = _a_operand(_a_of(_s_of(si_hi, si_lo, S_SHIFT), rmask, vt, scale, m_row), SEL_PREC)
+        a_hi, a_lo = _a_operand(ai_hi, ai_lo, SEL_PREC)
         pm = _pm_tile(cols_first, PMASK, b, N, HAS_PMASK)
         for ct in range(split, n_col_tiles, n_split):
             cols = ct * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -574,9 +603,8 @@ def _select_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
-                vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-                si_hi, si_lo = _load_s(S, b, N, TS, rows64, rmask, tt)
-                a_hi, a_lo = _a_operand(_a_of(_s_of(si_hi, si_lo, S_SHIFT), rmask, vt, scale, m_row), SEL_PREC)
+                ai_hi, ai_lo = _load_s(A, b, N, TS, rows64, rmask, tt)
+                a_hi, a_lo = _a_operand(ai_hi, ai_lo, SEL_PREC)
                 sj_hi, sj_lo = _load_s(S, b, N, TS, cols, cmask, tt)
                 acc = _tile_product(a_hi, a_lo, sj_hi, sj_lo, acc, SEL_PREC, S_SHIFT)
             best_s, best_c = _merge_best(best_s, best_c, acc, cols, allowed)
@@ -1157,7 +1185,7 @@ def _run_select(
     n_programs = cfg.n_row_tiles * cfg.n_split
     _launcher(wrap, _select_kernel)[(n_programs, B)](
         ws, tmask, pmask, patches if select_only else out, out if select_only else patches,
-        N, T, cfg.ts, scale, limit, cfg.n_split, n_programs,
+        N, T, cfg.ts, limit, cfg.n_split, n_programs,
         HAS_TMASK=task_mask is not None, HAS_PMASK=patch_mask is not None,
         MASK_VOTERS=bool(mask_voters), SELECT_ONLY=select_only, BUDGET=budget,
         BLOCK_M=cfg.bm2, BLOCK_N=cfg.bn2, BLOCK_T=cfg.bt, BLOCK_TALL=cfg.block_tall,

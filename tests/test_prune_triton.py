@@ -50,10 +50,10 @@ if HAVE_TRITON:
     @triton.jit
     def _scratch_probe(WS, B, N, TS, n_tiles, KSPLIT: tl.constexpr):
         """Marks the scratch regions (test_scratch_layout_fills_the_host_sizes_exactly)."""
-        S, M, SP, SSP, SST, ARRIVED = _K._f32_scratch(WS, B, N, TS, KSPLIT, n_tiles)
+        S, A, SP, SSP, SST, ARRIVED = _K._f32_scratch(WS, B, N, TS, KSPLIT, n_tiles)
         KEYS, ORDER, COUNTER, KMAX = _K._i32_scratch(WS, B, N)
         tl.store(S, 1.0)
-        tl.store(M, 2.0)
+        tl.store(A, 2.0)
         if KSPLIT > 1:
             tl.store(SP, 3.0)
             tl.store(SSP, 4.0)
@@ -62,7 +62,7 @@ if HAVE_TRITON:
             tl.store(ARRIVED, 15)
             tl.store(ARRIVED + 2 * B * n_tiles - 1, 16)
         else:
-            tl.store(M + B * N - 1, 6.0)
+            tl.store(A + B * N * TS - 1, 6.0)
         tl.store(KEYS + B * N - 1, -7)
         tl.store(ORDER, 12)
         tl.store(COUNTER, 13)
