@@ -213,48 +213,74 @@ def _split_f16(x):
 
 
 @triton.jit
-def _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT: tl.constexpr):
-    """Writes a tile of S from its dot products and sums of squares (0 at invalid tokens and on
-    the row padding up to TS) as the fp16 halves of S * 2^-S_SHIFT (_s_rows); returns the row max
-    ``m`` of S / sqrt(D) over valid tokens, updated with the tile, and the tile (fp32)."""
-    rp = 1.0 / tl.sqrt(ssp / D + 1e-6)
-    rt = 1.0 / tl.sqrt(sst / D + 1e-6)
-    s = tl.where(vt[None, :], acc * rp[:, None] * rt[None, :], 0.0)
-    hi, lo = _split_f16(s * (1.0 / (1 << S_SHIFT)))
-    at = _s_rows(S, b, N, TS, rows64) + tt[None, :]
-    smask = rmask[:, None] & (tt < TS)[None, :]
-    tl.store(at, hi, mask=smask)
-    tl.store(at + TS, lo, mask=smask)
-    # Inductor passes a Python float to a user kernel as fp64: cast back so m stays fp32.
-    return tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1)), s
+def _store_halves(R, b, N, TS, rows64, rmask, tt, x):
+    """Stores the tile ``x`` (rows ``rows64``, tokens ``tt``) of sample b's S or A' region as its
+    fp16 halves (_s_rows, _split_f16)."""
+    hi, lo = _split_f16(x)
+    at = _s_rows(R, b, N, TS, rows64) + tt[None, :]
+    m = rmask[:, None] & (tt < TS)[None, :]
+    tl.store(at, hi, mask=m)
+    tl.store(at + TS, lo, mask=m)
+
+
+@triton.jit
+def _load_halves(R, b, N, TS, idx, imask, tt):
+    """Rows ``idx`` of sample b's S or A' region at tokens ``tt`` as their fp16 halves (hi, lo)
+    (_s_rows; 0 outside). The bound is the row's TS tokens, a multiple of 16 like the halves'
+    starts, so the loads are 16-byte vectors."""
+    at = _s_rows(R, b, N, TS, idx.to(tl.int64)) + tt[None, :]
+    m = imask[:, None] & (tt < TS)[None, :]
+    return tl.load(at, mask=m, other=0.0), tl.load(at + TS, mask=m, other=0.0)
+
+
+@triton.jit
+def _s_of(hi, lo, S_SHIFT: tl.constexpr):
+    """S in fp32 from its halves (22 significant bits)."""
+    return (hi.to(tl.float32) + lo.to(tl.float32)) * (1 << S_SHIFT)
 
 
 @triton.jit
 def _store_a(A, b, N, TS, rows64, rmask, tt, vt, s, scale, m):
     """Writes a tile of A' = exp(S / sqrt(D) - m) from the S tile ``s`` and the final row max
     ``m`` (0 at invalid tokens and on the row padding): the softmax without its positive row
-    scale, which does not move an argmax, as fp16 halves (_s_rows) for the select kernel's
-    product. A' is in [0, 1]."""
+    scale, which does not move an argmax, as fp16 halves for the select kernel's product. A' is
+    in [0, 1]."""
     a = tl.where(vt[None, :] & rmask[:, None], tl.exp((s * scale).to(tl.float32) - m[:, None]), 0.0)
-    hi, lo = _split_f16(a)
-    at = _s_rows(A, b, N, TS, rows64) + tt[None, :]
-    amask = rmask[:, None] & (tt < TS)[None, :]
-    tl.store(at, hi, mask=amask)
-    tl.store(at + TS, lo, mask=amask)
+    _store_halves(A, b, N, TS, rows64, rmask, tt, a)
 
 
 @triton.jit
-def _store_a_pass(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m,
+def _store_s(S, A, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, t_end,
+             BLOCK_T: tl.constexpr, S_SHIFT: tl.constexpr):
+    """Writes a tile of S from its dot products and sums of squares (0 at invalid tokens and on
+    the row padding up to TS) as the fp16 halves of S * 2^-S_SHIFT; returns the row max ``m`` of
+    S / sqrt(D) over valid tokens, updated with the tile. Where the prompt range is this one tile
+    (pi0.5), the row max is final: it also writes the tile's A' from S in registers (otherwise
+    _store_a_rest does, after the last tile)."""
+    rp = 1.0 / tl.sqrt(ssp / D + 1e-6)
+    rt = 1.0 / tl.sqrt(sst / D + 1e-6)
+    s = tl.where(vt[None, :], acc * rp[:, None] * rt[None, :], 0.0)
+    _store_halves(S, b, N, TS, rows64, rmask, tt, s * (1.0 / (1 << S_SHIFT)))
+    # Inductor passes a Python float to a user kernel as fp64: cast back so m stays fp32.
+    m = tl.maximum(m, tl.max(tl.where(vt[None, :], (s * scale).to(tl.float32), float("-inf")), 1))
+    if t_end <= BLOCK_T:
+        _store_a(A, b, N, TS, rows64, rmask, tt, vt, s, scale, m)
+    return m
+
+
+@triton.jit
+def _store_a_rest(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m,
                   HAS_TMASK: tl.constexpr, BLOCK_T: tl.constexpr, S_SHIFT: tl.constexpr):
-    """A' of every token tile from S's halves as stored, once the row max is final: for prompt
-    ranges over one token tile (a single tile's A' is written from S in registers). The CTA
+    """Where the prompt range spans more than one token tile, A' of every tile, from S's halves
+    as stored, once the row max ``m`` is final (_store_s writes a single tile's A'). The CTA
     barrier makes the program's S stores visible to the threads that read them here."""
-    tl.debug_barrier()
-    for t0 in range(0, t_end, BLOCK_T):
-        tt = t0 + tl.arange(0, BLOCK_T)
-        vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
-        hi, lo = _load_s(S, b, N, TS, rows64, rmask, tt)
-        _store_a(A, b, N, TS, rows64, rmask, tt, vt, _s_of(hi, lo, S_SHIFT), scale, m)
+    if t_end > BLOCK_T:
+        tl.debug_barrier()
+        for t0 in range(0, t_end, BLOCK_T):
+            tt = t0 + tl.arange(0, BLOCK_T)
+            vt = _valid_tokens(TMASK, b, T, tt, all_valid, HAS_TMASK)
+            hi, lo = _load_halves(S, b, N, TS, rows64, rmask, tt)
+            _store_a(A, b, N, TS, rows64, rmask, tt, vt, _s_of(hi, lo, S_SHIFT), scale, m)
 
 
 @triton.jit
@@ -369,9 +395,7 @@ def _scores_kernel(
         ssp = tl.sum(ssp, 1)
         sst = tl.sum(sst, 1)
         if KSPLIT == 1:
-            m, s = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
-            if t_end <= BLOCK_T:  # one token tile: the row max is final
-                _store_a(A, b, N, TS, rows64, rmask, tt, vt, s, scale, m)
+            m = _store_s(S, A, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, t_end, BLOCK_T, S_SHIFT)
         else:
             tl.store(SP + part * N * TS + rows64[:, None] * TS + tt[None, :], acc, mask=rmask[:, None] & tin[None, :])
             tl.store(SST + (part * n_tiles + pid_m) * TS + tt, sst, mask=tin)
@@ -381,9 +405,7 @@ def _scores_kernel(
     # pointers in registers, which the loop above needs.
     KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)
     if KSPLIT == 1:
-        if t_end > BLOCK_T:
-            _store_a_pass(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m, HAS_TMASK, BLOCK_T,
-                          S_SHIFT)
+        _store_a_rest(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m, HAS_TMASK, BLOCK_T, S_SHIFT)
     else:
         # The last slice of this row tile to arrive adds the slices in order (the same memory
         # order as the select kernel's finishing step: CTA barrier, an acq_rel gpu-scope
@@ -406,12 +428,10 @@ def _scores_kernel(
                                    mask=rmask[:, None] & tin[None, :], other=0.0, cache_modifier=".cg")
                     sst += tl.load(SST + (kp * n_tiles + pid_m) * TS + tt, mask=tin, other=0.0, cache_modifier=".cg")
                     ssp += tl.load(SSP + kp * N + rows64, mask=rmask, other=0.0, cache_modifier=".cg")
-                m, s = _store_s(S, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, S_SHIFT)
-                if t_end <= BLOCK_T:
-                    _store_a(A, b, N, TS, rows64, rmask, tt, vt, s, scale, m)
-            if t_end > BLOCK_T:
-                _store_a_pass(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m, HAS_TMASK,
-                              BLOCK_T, S_SHIFT)
+                m = _store_s(S, A, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, t_end, BLOCK_T,
+                             S_SHIFT)
+            _store_a_rest(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, scale, m, HAS_TMASK, BLOCK_T,
+                          S_SHIFT)
 
     # This call's merge state: keys below every real score, zero vote counts and counters.
     if ks == 0:
@@ -443,22 +463,6 @@ def _row_key(best_s, best_c):
 
 
 @triton.jit
-def _load_s(S, b, N, TS, idx, imask, tt):
-    """Rows ``idx`` of sample b's S at tokens ``tt`` as their fp16 halves (hi, lo) of S *
-    2^-S_SHIFT (_s_rows; 0 outside). The bound is the row's TS tokens, a multiple of 16 like the
-    halves' starts, so the loads are 16-byte vectors."""
-    at = _s_rows(S, b, N, TS, idx.to(tl.int64)) + tt[None, :]
-    m = imask[:, None] & (tt < TS)[None, :]
-    return tl.load(at, mask=m, other=0.0), tl.load(at + TS, mask=m, other=0.0)
-
-
-@triton.jit
-def _s_of(hi, lo, S_SHIFT: tl.constexpr):
-    """S in fp32 from its halves (22 significant bits)."""
-    return (hi.to(tl.float32) + lo.to(tl.float32)) * (1 << S_SHIFT)
-
-
-@triton.jit
 def _cat_k(x, y):
     """``[x | y]``: two [M, K] tiles side by side along K."""
     return tl.reshape(tl.permute(tl.join(x, y), (0, 2, 1)), (x.shape[0], 2 * x.shape[1]))
@@ -481,7 +485,7 @@ def _a_operand(hi, lo, SEL_PREC: tl.constexpr):
 @triton.jit
 def _tile_product(a_hi, a_lo, s_hi, s_lo, acc, SEL_PREC: tl.constexpr, S_SHIFT: tl.constexpr):
     """``acc + A' S_j^T`` of one column tile, A' given by _a_operand and S_j by its fp16 halves
-    (_load_s). "f16x3": three fp16 tensor-core products of the halves (small terms first; the
+    (_load_halves). "f16x3": three fp16 tensor-core products of the halves (small terms first; the
     dropped lo x lo is ~2^-22 of a term), as close to fp32 as "tf32x3" at half its tensor-core
     work. A' is in [0, 1] and |S| <= D (RMS-normalised rows): S times 2^-S_SHIFT (exact; it scales
     every score of the row alike) stays within 32768, so its halves fit fp16 (largest 65504) at
@@ -562,9 +566,9 @@ def _select_kernel(
         offs = tl.arange(0, BLOCK_NALL)
         pm_all = tl.load(PMASK + b * N + offs, mask=offs < N, other=0) != 0
     if A_ONCE and HAS_TMASK:
-        ai_hi, ai_lo = _load_s(A, b, N, TS, rows64, rmask, tl.arange(0, BLOCK_T))
+        ai_hi, ai_lo = _load_halves(A, b, N, TS, rows64, rmask, tl.arange(0, BLOCK_T))
         cols_first = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        sj_hi, sj_lo = _load_s(S, b, N, TS, cols_first, cols_first < N, tl.arange(0, BLOCK_T))
+        sj_hi, sj_lo = _load_halves(S, b, N, TS, cols_first, cols_first < N, tl.arange(0, BLOCK_T))
     t_end = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)[0]
 
     no_patch = False
@@ -588,7 +592,7 @@ def _select_kernel(
             # mask loaded in its own iteration, the product waited for it: sm_90 SASS at B=64,
             # where run 11's ncu put 6.6 % of the kernel's warp samples on that wait.)
             cols_next = cols + n_split * BLOCK_N
-            sj_hi_next, sj_lo_next = _load_s(S, b, N, TS, cols_next, cols_next < N, tt)
+            sj_hi_next, sj_lo_next = _load_halves(S, b, N, TS, cols_next, cols_next < N, tt)
             pm_next = _pm_tile(cols_next, PMASK, b, N, HAS_PMASK)
             acc = _tile_product(a_hi, a_lo, sj_hi, sj_lo, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC, S_SHIFT)
             best_s, best_c = _merge_best(best_s, best_c, acc, cols, _allowed(cols, pm, no_patch, N, HAS_PMASK))
@@ -603,9 +607,9 @@ def _select_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for t0 in range(0, t_end, BLOCK_T):
                 tt = t0 + tl.arange(0, BLOCK_T)
-                ai_hi, ai_lo = _load_s(A, b, N, TS, rows64, rmask, tt)
+                ai_hi, ai_lo = _load_halves(A, b, N, TS, rows64, rmask, tt)
                 a_hi, a_lo = _a_operand(ai_hi, ai_lo, SEL_PREC)
-                sj_hi, sj_lo = _load_s(S, b, N, TS, cols, cmask, tt)
+                sj_hi, sj_lo = _load_halves(S, b, N, TS, cols, cmask, tt)
                 acc = _tile_product(a_hi, a_lo, sj_hi, sj_lo, acc, SEL_PREC, S_SHIFT)
             best_s, best_c = _merge_best(best_s, best_c, acc, cols, allowed)
     KEYS, ORDER, COUNTER, KMAX = _i32_scratch(WS, B, N)  # computed after the loop
