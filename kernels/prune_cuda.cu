@@ -1561,24 +1561,33 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
     }
     __syncthreads();
     {
-      // The row's best of this thread's 16 columns by fp32 compares, packed once (a key per score
-      // and 64-bit maxima took ~116 instructions a row in v49's layout, sm_90 SASS). Columns rise
-      // with k, so the strict compare keeps the lowest on a tie. pack_key's order: -0 ties +0 (the
-      // compare), and NaN ranks below every number but above a disallowed column: bv starts as NaN
-      // with no column, any allowed score replaces it, and a number replaces a NaN.
-      const unsigned lo = s_cols[0] >> mq, hi = s_cols[1] >> mq;
+      // The row's best of this thread's 16 columns (mq + 4 k), packed once: the maximum m over the
+      // allowed columns (fmaxf passes over NaN), then the lowest allowed column equal to it, found
+      // as the lowest set bit of a mask. Column c's bit is bit 4 k of ok[k / 8], as s_cols holds
+      // it. pack_key's order: -0 ties +0 (the compare), and NaN ranks below every number but above
+      // a disallowed column: a row whose allowed scores are all NaN (m stays -inf and no allowed
+      // score equals it) takes its lowest allowed column as NaN. One compare-and-select chain per
+      // score (v64 of the Triton kernel) instead of v51's, which tracked NaN at each step: 14
+      // instructions a score, sm_90 SASS.
+      const unsigned ok[2] = {(s_cols[0] >> mq) & 0x11111111u, (s_cols[1] >> mq) & 0x11111111u};
       const float* row = &prod[mr][mq];
-      int bk = -1;
-      float bv = __int_as_float(0x7fffffff);
+      float v[16];
+      float m = -INFINITY;
 #pragma unroll
       for (int k = 0; k < 16; ++k) {
-        const float v = row[4 * k];
-        const bool ok = (((k < 8 ? lo : hi) >> (4 * (k & 7))) & 1u) != 0u;
-        const bool take = ok & ((v > bv) | ((bv != bv) & ((v == v) | (bk < 0))));
-        bv = take ? v : bv;
-        bk = take ? k : bk;
+        v[k] = row[4 * k];
+        m = fmaxf(m, (ok[k >> 3] >> (4 * (k & 7))) & 1u ? v[k] : -INFINITY);
       }
-      unsigned long long best = bk < 0 ? 0ull : pack_key(bv, ct * kBM + mq + 4 * bk);
+      unsigned eq[2] = {0u, 0u};
+#pragma unroll
+      for (int k = 0; k < 16; ++k) eq[k >> 3] |= v[k] == m ? 1u << (4 * (k & 7)) : 0u;
+      eq[0] &= ok[0];
+      eq[1] &= ok[1];
+      const bool hit = (eq[0] | eq[1]) != 0u;
+      const unsigned w0 = hit ? eq[0] : ok[0], w1 = hit ? eq[1] : ok[1];
+      const int bk = w0 != 0u ? (__ffs(w0) - 1) >> 2 : w1 != 0u ? 8 + ((__ffs(w1) - 1) >> 2) : -1;
+      unsigned long long best =
+          bk < 0 ? 0ull : pack_key(hit ? m : __int_as_float(0x7fffffff), ct * kBM + mq + 4 * bk);
       best = max_u64(best, __shfl_xor_sync(kFull, best, 1));  // the row's 4 lanes
       best = max_u64(best, __shfl_xor_sync(kFull, best, 2));
       row_best = max_u64(row_best, best);

@@ -308,6 +308,7 @@ inline float __int_as_float(int i) {
   return f;
 }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __expf(float x) { return std::exp(x); }
 
 // fp16 / bf16 storage types (bit-compatible with CUDA's).
