@@ -172,7 +172,7 @@ struct Args {
   int64_t row_tiles, ts, kchunk;
   int ksplit;
   float inv_d, inv_sqrt_d;
-  float s_scale;  // 2^-k with |S| * s_scale <= 32768: kernel B's fp16 halves of S (1 up to D = 32768)
+  float s_scale;  // 2^-k with |S| * s_scale <= 32768: the fp16 halves of S (1 up to D = 32768)
   // workspace
   unsigned long long* counters_a;  // [B * row_tiles][2], tagged (arrive_tagged)
   int* counters_b;
@@ -389,8 +389,24 @@ __device__ __forceinline__ unsigned long long max_u64(unsigned long long a, unsi
   return a > b ? a : b;
 }
 
+// S (times Args::s_scale) and A' rows in the workspace as fp16 halves x = hi + lo: hi = fp16(x) and
+// lo = fp16(x - hi) hold 22 significant bits in fp16's normal range (an absolute error under 3e-8
+// below it). A row's ts float slots hold its ts hi halves, then its ts lo halves (ts % 8 == 0, so
+// every 8 tokens of a plane are 16 bytes, aligned). Kernel A splits each value once, as it writes
+// it; kernel B copies the halves into its tiles as they are (PERF_LOG v69).
+__device__ __forceinline__ void put_pair(float* row, int64_t ts, int u, float x) {
+  __half* h = reinterpret_cast<__half*>(row);
+  const __half hi = __float2half(x);
+  h[u] = hi;
+  h[ts + u] = __float2half(x - __half2float(hi));
+}
+__device__ __forceinline__ float get_pair(const float* row, int64_t ts, int u) {
+  const __half* h = reinterpret_cast<const __half*>(row);
+  return __half2float(h[u]) + __half2float(h[ts + u]);
+}
+
 // ------------------------------------------------------------------------------------------
-// Kernel A: partial S over a slice of D, then (last block per row tile) S and A.
+// Kernel A: partial S over a slice of D, then (last block per row tile) S and A'.
 //
 // Tile: 64 patch rows (j) x 64 prompt tokens (u = t - t_lo) x kBK of D per step. Loads: thread
 // (warp w, lane l) holds rows k*8 + w (k < 8) at columns l + 32 h (h < kBK / 32), so each row's
@@ -407,7 +423,7 @@ struct SmemA {
   alignas(128) T ps[kBM][ATile<T>::kLds];
   alignas(128) T ts[kBT][ATile<T>::kLds];
   alignas(128) float cs[kBM][kBT + 4];
-  float invp[kBM], rowm[kBM], rowinv[kBM];
+  float invp[kBM], rowm[kBM];
   float invt[kBT];
   float psq_part[kThreads / kBM][kBM], tsq_part[kThreads / kBT][kBT];  // norm sums per group
   int tok[kBT];
@@ -656,7 +672,7 @@ constexpr int kMaxCluster = 8;      // blocks per cluster (the portable limit)
 constexpr int64_t kClusterMaxTs = 512, kClusterMaxTs2 = 256;
 
 struct ClusterSmem {
-  float* part;  // [kBM][ts] partial S, then this block's finished rows (S, exp)
+  float* part;  // [kBM][ts] partial S, then this block's finished rows of S
   float* psq;   // [kBM]
   float* tsq;   // [ts]
   float* invt;  // [ts] prompt scales of the range, from every block's sums
@@ -681,7 +697,7 @@ __device__ __forceinline__ ClusterSmem cluster_smem(unsigned char* base, size_t 
 }
 
 // The finishing step of the cluster variant (every thread of every block of the cluster): S =
-// raw * invp * invt on valid tokens (0 elsewhere), A = softmax(S / sqrt(D)) over them, for the
+// raw * invp * invt on valid tokens (0 elsewhere), A' = exp((S - max) / sqrt(D)) over them, for the
 // block's rows, written up to tw columns as the plain kernel's finishing step writes them. A
 // warp takes a row; a lane adds the ksplit partials of its tokens in slice order. Rows are
 // interleaved over the blocks, so a block reads and then overwrites only partial rows that no
@@ -733,17 +749,11 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
       const float s = on ? (pre ? (u == lane ? part_r0_lo : part_r0_hi) : sum_ranks(own + u)) * invp * cl.invt[u] : 0.f;
       if (on) m = fmaxf(m, s);
       own[u] = s;
-      a.S[row + u] = s;
+      put_pair(a.S + row, ts, u, s * a.s_scale);
     }
     m = warp_max(m);
-    float sum = 0.f;
-    for (int u = lane; u < tw; u += 32) {
-      const float x = u < tr && cl.tok[u] ? __expf((own[u] - m) * a.inv_sqrt_d) : 0.f;
-      own[u] = x;
-      sum += x;
-    }
-    const float inv = 1.f / warp_sum(sum);
-    for (int u = lane; u < tw; u += 32) a.A[row + u] = own[u] * inv;
+    for (int u = lane; u < tw; u += 32)
+      put_pair(a.A + row, ts, u, u < tr && cl.tok[u] ? __expf((own[u] - m) * a.inv_sqrt_d) : 0.f);
   }
   fp_cluster_sync_relaxed();  // no block exits while another may still read its shared memory
 }
@@ -924,7 +934,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   if (!sm.is_last) return;
   if (tid == 0 && rt == 0) zero_b_counters(a, b);
 
-  // 4. S and A of the tile from the ksplit partials, one 64 x 64 token tile at a time.
+  // 4. S and A' of the tile from the ksplit partials, one 64 x 64 token tile at a time.
   //
   // Norm sums over the slices: thread (g, c) = (tid / 64, tid % 64) loads slices q = g, g + 4,
   // ... of row c's patch sum (psq) and of token c's prompt sum (tsq), kMaxSplit / 4 of each at
@@ -970,7 +980,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     if (tid < kBT) sm.tok[tid] = flag;
   };
   auto in_range = [&](int r, int u) { return r < rows_here && u < tr; };
-  // S and A are written up to tw = min(ts, 64 * token tiles), with zeros past the prompt range:
+  // S and A' are written up to tw = min(ts, 64 * token tiles), with zeros past the prompt range:
   // kernel B loads its first 64-token tile before it reads the range.
   const int tw = static_cast<int>(mn<int64_t>(ts, static_cast<int64_t>(n_tiles) * kBT));
   auto in_written = [&](int r, int u) { return r < rows_here && u < tw; };
@@ -1054,10 +1064,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
         const int c = c4 + i;
         const float s = in_range(r, u0 + c) && sm.tok[c] ? rk[i] * sm.invp[r] * sm.invt[c] : 0.f;
         sm.cs[r][c] = s;
-        if (in_written(r, u0 + c)) Sb[static_cast<int64_t>(r) * ts + u0 + c] = s;
       }
     }
     __syncthreads();
+    // S to the workspace from the tile. In the loop above, or unrolled, the compiler kept a row
+    // address per iteration live: 28-44 B spilled at 2 blocks per SM (sm_80).
+#pragma unroll 1
+    for (int e = tid; e < kBM * kBT; e += kThreads) {
+      const int r = e / kBT, c = e % kBT;
+      if (in_written(r, u0 + c)) put_pair(Sb + r * ts, ts, u0 + c, sm.cs[r][c] * a.s_scale);
+    }
 #pragma unroll
     for (int i = 0; i < kOwn; ++i) {
       const int r = warp + kWarps * i;
@@ -1069,51 +1085,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     __syncthreads();  // cs and the token flags are rewritten next
   }
 
-  // Pass 2: A = exp((S - max) / sqrt(D)) on valid tokens, and each row's sum. With one token tile
-  // (pi0.5: 48 valid tokens) S is still in shared memory; with more it is read back.
-  float sum_run[kOwn];
+  // Pass 2: A' = exp((S - max) / sqrt(D)) on valid tokens (0 elsewhere). Kernel B takes the row
+  // argmax of A'_i . S_j, which a positive scale of row i does not change, so A' is not normalised
+  // (PERF_LOG v69). With one token tile (pi0.5: 48 valid tokens) S is still in shared memory;
+  // with more it is read back.
 #pragma unroll
-  for (int i = 0; i < kOwn; ++i) {
-    sum_run[i] = 0.f;
+  for (int i = 0; i < kOwn; ++i)
     if (lane == 0) sm.rowm[warp + kWarps * i] = m_run[i];
-  }
+  const float s_unscale = 1.f / a.s_scale;  // a power of 2: exact
   for (int u0 = 0; u0 < tr; u0 += kBT) {
     if (n_tiles > 1) {
       token_flags(u0);
       for (int e = tid; e < kBM * kBT; e += kThreads) {
         const int r = e / kBT, c = e % kBT;
-        sm.cs[r][c] = in_range(r, u0 + c) ? Sb[static_cast<int64_t>(r) * ts + u0 + c] : 0.f;
+        sm.cs[r][c] = in_range(r, u0 + c) ? get_pair(Sb + r * ts, ts, u0 + c) * s_unscale : 0.f;
       }
     }
     __syncthreads();  // rowm; the reloaded tile
     for (int e = tid; e < kBM * kBT; e += kThreads) {
       const int r = e / kBT, c = e % kBT;
-      const float x = sm.tok[c] ? __expf((sm.cs[r][c] - sm.rowm[r]) * a.inv_sqrt_d) : 0.f;
-      sm.cs[r][c] = x;
-      if (n_tiles > 1 && in_written(r, u0 + c)) Ab[static_cast<int64_t>(r) * ts + u0 + c] = x;
+      if (in_written(r, u0 + c))
+        put_pair(Ab + r * ts, ts, u0 + c, sm.tok[c] ? __expf((sm.cs[r][c] - sm.rowm[r]) * a.inv_sqrt_d) : 0.f);
     }
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kOwn; ++i) {
-      const int r = warp + kWarps * i;
-      float x = 0.f;
-      for (int c = lane; c < kBT; c += 32) x += sm.cs[r][c];
-      sum_run[i] += warp_sum(x);
-    }
-    if (n_tiles > 1) __syncthreads();  // cs is rewritten by the next tile
-  }
-#pragma unroll
-  for (int i = 0; i < kOwn; ++i)
-    if (lane == 0) sm.rowinv[warp + kWarps * i] = 1.f / sum_run[i];
-  __syncthreads();
-
-  // Pass 3: normalise (zeros past the range stay zeros); with one tile straight from shared memory.
-  // Rows by warp, tokens by lane: a flat index e = r * tw + u cost a 64-bit division per element
-  // (a call to __cuda_sm20_div_s64 in sm_90 SASS, 16 per thread at pi05).
-  for (int r = warp; r < rows_here; r += kWarps) {
-    float* row = Ab + static_cast<int64_t>(r) * ts;
-    const float inv = sm.rowinv[r];
-    for (int u = lane; u < tw; u += 32) row[u] = (n_tiles > 1 ? row[u] : sm.cs[r][u]) * inv;
+    if (n_tiles > 1) __syncthreads();  // cs and the token flags are rewritten by the next tile
   }
 }
 
@@ -1133,8 +1127,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 constexpr int kLdu = kBU + 4;
 static_assert((16 * kLdu * sizeof(float)) % 32 == 0, "fragment rows stay 32-byte aligned");
 #if FP_HAVE_MMA
-// The tensor-core product takes both tiles as fp16 halves x = hi + lo (SelectMma), split once when
-// a tile is stored. Their rows are kLdh = kBU + 8 halves (144 B): a fragment's 16 rows start 32-byte
+// The tensor-core product takes both tiles as fp16 halves x = hi + lo (SelectMma), as kernel A
+// wrote them (put_pair). Their rows are kLdh = kBU + 8 halves (144 B): a fragment's 16 rows start 32-byte
 // aligned, and the 8 rows of each of its shared loads hit distinct banks. The product goes to
 // `prod` over the S halves, dead by then.
 constexpr int kLdh = kBU + 8;
@@ -1331,30 +1325,12 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
 }
 
 #if FP_HAVE_MMA
-// Four values as fp16 halves at hi[0..3] and lo[0..3], x = hi + lo: hi = fp16(x) and
-// lo = fp16(x - hi) hold 22 significant bits in fp16's normal range (an absolute error under
-// 3e-8 below it), one 8-byte store each.
-struct alignas(8) Half4 {
-  __half h[4];
-};
-__device__ __forceinline__ void put_halves(__half* hi, __half* lo, float4 v) {
-  const float x[4] = {v.x, v.y, v.z, v.w};
-  Half4 h, l;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    h.h[e] = __float2half(x[e]);
-    l.h[e] = __float2half(x[e] - __half2float(h.h[e]));
-  }
-  *reinterpret_cast<Half4*>(hi) = h;
-  *reinterpret_cast<Half4*>(lo) = l;
-}
-
 // The 64 x 64 product A_i . S_j of kernel B on tensor cores, as three fp16 products of the
 // tiles' fp16 halves (SelectSmem): a.b ~ a_lo.b_hi + a_hi.b_lo + a_hi.b_hi, small terms first.
 // The dropped a_lo.b_lo is ~2^-22 of a.b, so the result stays within fp32 rounding of the FMA
 // product, far inside SPEC's 1e-3 of a row's score range: as 3xTF32 did (v15), with half its
-// tensor-core instructions and the split once per tile instead of per fragment (PERF_LOG v59).
-// A is in [0, 1] and |S| <= D (RMS-normalised rows), S scaled by Args::s_scale into fp16's range.
+// tensor-core instructions and the split once per value, by kernel A (PERF_LOG v59, v69).
+// A' is in [0, 1] and |S| <= D (RMS-normalised rows), S scaled by Args::s_scale into fp16's range.
 // Warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32, two 16 x 16 accumulators.
 struct SelectMma {
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
@@ -1415,7 +1391,6 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   __shared__ int s_last, s_vstar, s_above;
 
   const int tid = threadIdx.x;
-  const int tx = tid & 15, ty = tid >> 4;
   const int64_t b = blockIdx.z, N = a.N, ts = a.ts;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int n_ct = static_cast<int>(a.row_tiles), ct_step = static_cast<int>(gridDim.y);
@@ -1430,44 +1405,57 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   const float* Ab = a.A + b * N * ts;
   const float* Sb = a.S + b * N * ts;
 
-  // Tiles of 64 tokens of A (rows i) and S (rows j) in shared memory, zeros from u_end on. The
+  // Tiles of 64 tokens of A' (rows i) and S (rows j) in shared memory, zeros from u_end on. The
   // first tile's loads do not wait for the prompt range: kernel A wrote zeros past it up to
   // min(ts, 64), so the row stride alone bounds them (do-while: tr >= 1 always).
   //
-  // 16-byte loads, all of a step's issued before its stores: thread (ty, tx) takes rows ty + 16 k
-  // at tokens u0 + 4 tx .. + 3. Rows are ts floats (ts % 4 == 0) in a 16-byte aligned workspace,
-  // and kernel A's zeros past the range reach a multiple of 4, so the bound rounds up to 4. With
-  // 4-byte loads (32 per thread) the compiler kept a few in flight at this kernel's 64
-  // registers, each store waiting on its load: about 10 waits per step, now 1 (sm_90 SASS).
-  auto fetch_tile = [&](float4 (&v)[4], const float* src, int64_t row0, int u0) {
-    const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 3) & ~3;
-    const int u = u0 + 4 * tx;
-    const float* at = src + (row0 + ty) * ts + u;
-    const int64_t rows = N - row0 - ty;  // rows ty + 16 k below it exist
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      v[k] = 16 * k < rows && u < u_end ? *reinterpret_cast<const float4*>(at + 16 * k * ts) : float4{0.f, 0.f, 0.f, 0.f};
+  // The rows hold fp16 halves (put_pair), copied as they are: thread (hr, hq) takes rows hr and
+  // hr + 32, tokens u0 + 8 hq .. + 7 of both planes, four 16-byte loads, all of a step's issued
+  // before its stores. ts % 8 == 0 in a 16-byte aligned workspace, and kernel A's zeros past the
+  // range reach a multiple of 8, so the bound rounds up to 8. (Until v68 the rows were fp32 and
+  // every tile was split into halves here, PERF_LOG v69.)
+  const int hr = tid >> 3, hq = tid & 7;
+  auto fetch_tile = [&](uint4 (&v)[4], const float* src, int64_t row0, int u0) {
+    const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 7) & ~7;
+    const int u = u0 + 8 * hq;
+    const uint4* at = reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(src + (row0 + hr) * ts) + u);
+    const int64_t rows = N - row0 - hr;  // rows hr + 32 k below it exist
+    const int64_t lo = ts / 8, down = 8 * ts;  // in 16-byte units: the lo plane, 32 rows
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    const bool in = u < u_end;
+    v[0] = in && rows > 0 ? at[0] : z;
+    v[1] = in && rows > 0 ? at[lo] : z;
+    v[2] = in && rows > 32 ? at[down] : z;
+    v[3] = in && rows > 32 ? at[down + lo] : z;
   };
 #if FP_HAVE_MMA
-  // The A tile as it is, the S tile times s_scale (a power of 2: exact, the same for every score).
-  auto put_a = [&](const float4 (&v)[4]) {
+  auto put_tile = [&](__half (&hi)[kBM][kLdh], __half (&lo)[kBM][kLdh], const uint4 (&v)[4]) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) put_halves(&sm.tile.ah[ty + 16 * k][4 * tx], &sm.tile.al[ty + 16 * k][4 * tx], v[k]);
+    for (int k = 0; k < 2; ++k) {
+      *reinterpret_cast<uint4*>(&hi[hr + 32 * k][8 * hq]) = v[2 * k];
+      *reinterpret_cast<uint4*>(&lo[hr + 32 * k][8 * hq]) = v[2 * k + 1];
+    }
   };
-  auto put_s = [&](const float4 (&v)[4]) {
-    const float c = a.s_scale;
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      put_halves(&sm.tile.out.s.sh[ty + 16 * k][4 * tx], &sm.tile.out.s.sl[ty + 16 * k][4 * tx],
-                 float4{v[k].x * c, v[k].y * c, v[k].z * c, v[k].w * c});
-  };
+  auto put_a = [&](const uint4 (&v)[4]) { put_tile(sm.tile.ah, sm.tile.al, v); };
+  auto put_s = [&](const uint4 (&v)[4]) { put_tile(sm.tile.out.s.sh, sm.tile.out.s.sl, v); };
 #else
-  auto put_tile = [&](float (&dst)[kBM][kLdu], const float4 (&v)[4]) {
+  // The FMA product takes fp32 tiles: hi + lo again. Thread (ty, tx) multiplies rows ty + 16 r
+  // by columns tx + 16 c.
+  const int tx = tid & 15, ty = tid >> 4;
+  auto put_tile = [&](float (&dst)[kBM][kLdu], const uint4 (&v)[4]) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) *reinterpret_cast<float4*>(&dst[ty + 16 * k][4 * tx]) = v[k];
+    for (int k = 0; k < 2; ++k) {
+      const __half* h = reinterpret_cast<const __half*>(&v[2 * k]);
+      const __half* l = reinterpret_cast<const __half*>(&v[2 * k + 1]);
+      float x[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = __half2float(h[e]) + __half2float(l[e]);
+      *reinterpret_cast<float4*>(&dst[hr + 32 * k][8 * hq]) = float4{x[0], x[1], x[2], x[3]};
+      *reinterpret_cast<float4*>(&dst[hr + 32 * k][8 * hq + 4]) = float4{x[4], x[5], x[6], x[7]};
+    }
   };
-  auto put_a = [&](const float4 (&v)[4]) { put_tile(as, v); };
-  auto put_s = [&](const float4 (&v)[4]) { put_tile(ss, v); };
+  auto put_a = [&](const uint4 (&v)[4]) { put_tile(as, v); };
+  auto put_s = [&](const uint4 (&v)[4]) { put_tile(ss, v); };
 #endif
 
   // The merge reads the tile's product from shared memory in its own layout: thread (mr, mq)
@@ -1505,9 +1493,9 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
       // With one token step the A tile of the first column tile serves all of them. The S fetch
       // is written in both branches: with the A tile's fetch and store each under its own `if`,
       // the select kernel spilled 16 B at its 64 registers (sm_90).
-      float4 vs[4];
+      uint4 vs[4];
       if (ct == static_cast<int>(blockIdx.y) || tr > kBU) {
-        float4 va[4];
+        uint4 va[4];
         fetch_tile(va, Ab, i0, u0);
         fetch_tile(vs, Sb, c0, u0);
         put_a(va);
@@ -1762,7 +1750,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   plan.T = T;
   plan.D = D;
   plan.row_tiles = ceil_div(N, kBM);
-  plan.ts = ceil_div(T, 4) * 4;
+  plan.ts = ceil_div(T, 8) * 8;  // put_pair's 16-byte groups of 8 halves
   // Kernel A has row_tiles * B blocks without a D split; split D to fill about one wave.
   const int64_t base = plan.row_tiles * B;
   int64_t want = ksplit > 0 ? ksplit : ceil_div(num_sms > 0 ? num_sms : 1, base > 0 ? base : 1);

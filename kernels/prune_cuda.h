@@ -9,8 +9,9 @@
 //            aligned, tensor-core wmma on fp16/bf16 at sm_80+, fp32 FMA otherwise) and partial
 //            row sums of squares over one slice of D; the last block of
 //            each (row tile, sample) to arrive reduces the slices in a fixed order, applies the
-//            RMS scales and writes S and A = softmax(S / sqrt(D)) (fp32, zeros past the prompt
-//            range up to 64 columns), and zeroes its argmax keys. With plan.cluster (sm_90,
+//            RMS scales and writes S and A' = exp((S - row max) / sqrt(D)) (unnormalised
+//            softmax, which leaves each row's argmax as it is) as fp16 halves hi + lo, zeros past
+//            the prompt range up to 64 columns, and zeroes its argmax keys. With plan.cluster (sm_90,
 //            the default there) the D splits of a row tile are one thread block cluster
 //            instead: the partials stay in shared memory, every block finishes a share of the
 //            rows;
