@@ -58,7 +58,7 @@ struct Problem {
 struct Plan {
   int64_t B = 0, N = 0, T = 0, D = 0;
   int64_t row_tiles = 0;  // ceil(N / 64)
-  int64_t ts = 0;         // row stride of the [N, T] fp32 arrays: T rounded up to 4
+  int64_t ts = 0;         // row stride (in floats) of the [N, T] arrays: T rounded up to 8
   int ksplit = 1;         // slices of D in kernel A
   bool a_one_wave = false;  // kernel A's blocks fit one per SM (its variant with twice the registers)
   int64_t col_splits = 0;   // kernel B's blocks per row tile, each taking every col_splits-th column tile
@@ -70,8 +70,8 @@ struct Plan {
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
   size_t off_psq = 0;                   // [ksplit][B][N] fp32 partial sums of squares of patches
   size_t off_tsq = 0;                   // [ksplit][B][ts] fp32 partial sums of squares of task rows
-  size_t off_s = 0;                     // [B][N][ts] fp32 S (RMS-normalised)
-  size_t off_a = 0;                     // [B][N][ts] fp32 A
+  size_t off_s = 0;                     // [B][N][ts] S * s_scale (RMS-normalised) as fp16 halves, ts hi then ts lo a row
+  size_t off_a = 0;                     // [B][N][ts] A' (unnormalised softmax) as fp16 halves, the same way
   size_t off_keys = 0;                  // [B][N] u64 packed argmax keys
   size_t off_trange = 0;                // [B][2] int: first valid prompt token, end of range
   size_t off_anyp = 0;                  // [B] int: sample has a valid patch
