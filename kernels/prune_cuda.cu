@@ -1412,8 +1412,8 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   // The rows hold fp16 halves (put_pair), copied as they are: thread (hr, hq) takes rows hr and
   // hr + 32, tokens u0 + 8 hq .. + 7 of both planes, four 16-byte loads, all of a step's issued
   // before its stores. ts % 8 == 0 in a 16-byte aligned workspace, and kernel A's zeros past the
-  // range reach a multiple of 8, so the bound rounds up to 8. (Until v68 the rows were fp32 and
-  // every tile was split into halves here, PERF_LOG v69.)
+  // range reach a multiple of 8, so the bound rounds up to 8. (Until v69 the rows were fp32 and
+  // every tile was split into halves here: PERF_LOG v69.)
   const int hr = tid >> 3, hq = tid & 7;
   auto fetch_tile = [&](uint4 (&v)[4], const float* src, int64_t row0, int u0) {
     const int u_end = u0 == 0 ? static_cast<int>(mn<int64_t>(ts, kBU)) : (tr + 7) & ~7;
@@ -1554,9 +1554,8 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
       // as the lowest set bit of a mask. Column c's bit is bit 4 k of ok[k / 8], as s_cols holds
       // it. pack_key's order: -0 ties +0 (the compare), and NaN ranks below every number but above
       // a disallowed column: a row whose allowed scores are all NaN (m stays -inf and no allowed
-      // score equals it) takes its lowest allowed column as NaN. One compare-and-select chain per
-      // score (v64 of the Triton kernel) instead of v51's, which tracked NaN at each step: 14
-      // instructions a score, sm_90 SASS.
+      // score equals it) takes its lowest allowed column as NaN. About 7 instructions a score,
+      // where v51's chain, which tracked NaN at every step, took 14 (sm_90 SASS, PERF_LOG v68).
       const unsigned ok[2] = {(s_cols[0] >> mq) & 0x11111111u, (s_cols[1] >> mq) & 0x11111111u};
       const float* row = &prod[mr][mq];
       float v[16];
