@@ -29,23 +29,30 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Row argmax over the allowed columns `cols` of a [R, cols.size()] block (a scalar loop
-// beats ATen's isnan + masked_fill + argmax here); NaN never compares greater, so it cannot
-// win, and an all-NaN row keeps the first column.
+// Row argmax over the allowed columns `cols` of a [R, cols.size()] block: the first column that
+// reaches the row's maximum over its values above -inf, or the first column when it has none
+// (NaN never compares greater, so it cannot win, and an all-NaN row keeps the first column). Two
+// passes, the maximum in 8 independent chains and then a search for its first occurrence: one
+// compare-and-branch loop over (value, index) was a third of the op's time at the pi05 shape.
 template <typename scalar_t>
 void row_argmax(const at::Tensor& block, const std::vector<int64_t>& cols, int64_t* out) {
+  constexpr int kChains = 8;
+  constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   const scalar_t* cp = block.data_ptr<scalar_t>();
   const int64_t rows = block.size(0), na = block.size(1);
   for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = cp + r * na;
+    scalar_t m[kChains];
+    std::fill(m, m + kChains, kNegInf);
+    int64_t k = 0;
+    for (; k + kChains <= na; k += kChains)
+      for (int c = 0; c < kChains; ++c) m[c] = row[k + c] > m[c] ? row[k + c] : m[c];
+    for (; k < na; ++k) m[0] = row[k] > m[0] ? row[k] : m[0];
+    scalar_t best_v = m[0];
+    for (int c = 1; c < kChains; ++c) best_v = m[c] > best_v ? m[c] : best_v;
     int64_t best = 0;
-    scalar_t best_v = -std::numeric_limits<scalar_t>::infinity();
-    for (int64_t k = 0; k < na; ++k) {
-      const scalar_t v = cp[r * na + k];
-      if (v > best_v) {
-        best_v = v;
-        best = k;
-      }
-    }
+    if (best_v > kNegInf)
+      while (row[best] != best_v) ++best;  // -0 == +0: the first of either
     out[r] = cols[best];
   }
 }

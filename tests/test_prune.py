@@ -189,6 +189,24 @@ def test_exact_ties_pick_lowest_index():
     assert torch.equal(out.kept_idx[0], torch.arange(16))
 
 
+def test_a_nan_column_never_wins():
+    """A NaN patch makes its column's scores NaN in every row and its own row's NaN in every column.
+    The CPU kernel's row argmax skips NaN: every other row picks as if that column were masked out,
+    and the NaN row keeps the first column. The NaN columns sit where the argmax's 8 maximum chains
+    start (0, 8, 17), end (63: the last full group of 70 columns) and in the remainder (69)."""
+    g = torch.Generator().manual_seed(3)
+    patches, task = torch.randn(2, 70, 64, generator=g), torch.randn(2, 9, 64, generator=g)
+    nan_cols = [0, 8, 17, 63, 69]
+    patches[:, nan_cols, 5] = float("nan")
+    masked = torch.ones(2, 70, dtype=torch.bool)
+    masked[:, nan_cols] = False
+    idx = fp.select_tokens(patches, task, backend="cpu")
+    want = fp.select_tokens(patches, task, patch_mask=masked, backend="cpu")
+    assert torch.equal(idx[:, masked[0]], want[:, masked[0]])
+    assert (idx[:, nan_cols] == 0).all()
+    assert not torch.isin(idx[:, masked[0]], torch.tensor(nan_cols)).any()
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_inputs_do_not_crash(value):
     patches, task, task_mask, patch_mask = make_inputs(2, 40, 6, 32, torch.float32, "all", seed=5)
