@@ -36,7 +36,8 @@ at::ScalarType acc_type(const at::Tensor& x) {
 // reaches the row's maximum over its values above -inf, or the first column when it has none
 // (NaN never compares greater, so it cannot win, and an all-NaN row keeps the first column). Two
 // passes, the maximum in 8 independent chains and then a search for its first occurrence: one
-// compare-and-branch loop over (value, index) was a third of the op's time at the pi05 shape.
+// compare-and-branch loop over (value, index) pairs took ~0.4 ms more of the select op's 2.5 ms
+// at the pi05 shape (2 threads).
 template <typename scalar_t>
 void row_argmax(const at::Tensor& block, const std::vector<int64_t>& cols, int64_t* out) {
   constexpr int kChains = 8;
