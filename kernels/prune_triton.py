@@ -284,6 +284,20 @@ def _store_a_rest(S, A, b, N, T, TS, rows64, rmask, TMASK, all_valid, t_end, sca
 
 
 @triton.jit
+def _k_tile(base, ok, k0, d_hi, BLOCK_K: tl.constexpr, CG: tl.constexpr = False):
+    """Columns [k0, k0 + BLOCK_K) of the rows at ``base`` (a [rows, 1] pointer tile), zeros on
+    rows that are not ``ok`` and past the slice end ``d_hi``; with ``CG``, cached in L2 only.
+    (triton 3.6 takes no empty string for the cache modifier.)"""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    mask = ok[:, None] & (kk < d_hi)[None, :]
+    if CG:
+        x = tl.load(base + kk[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(base + kk[None, :], mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
     """One D step of the scores kernel: the sums of squares of the patch and prompt tiles ``ps``
     and ``qs`` (``p`` and ``q`` themselves, or the same tiles loaded again, see SSQ_LOADS), and
@@ -328,12 +342,9 @@ def _scores_kernel(
     if PREFETCH:
         # The first D steps' patch tiles do not depend on the prompt range: they load before the
         # range's reductions, and serve the first steps of every token tile.
-        k_first = d_lo + tl.arange(0, BLOCK_K)
-        p_first = tl.load(p_base + k_first[None, :], mask=rmask[:, None] & (k_first < d_hi)[None, :], other=0.0)
+        p_first = _k_tile(p_base, rmask, d_lo, d_hi, BLOCK_K)
         if PREFETCH == 2:
-            k_second = k_first + BLOCK_K
-            p_second = tl.load(p_base + k_second[None, :], mask=rmask[:, None] & (k_second < d_hi)[None, :],
-                               other=0.0)
+            p_second = _k_tile(p_base, rmask, d_lo + BLOCK_K, d_hi, BLOCK_K)
     t_end, all_valid = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -351,33 +362,24 @@ def _scores_kernel(
             # round trip overlaps the arithmetic of the steps before. At 1 stage (the default: run
             # 4's sweep measured triton's own 2-4 stage pipelining slower here) nothing else
             # overlaps them.
+            # The tiles in flight are (p, q) for this step and, two steps ahead, (p1, q1) next.
             p = p_first
-            q = tl.load(t_base + k_first[None, :], mask=vt[:, None] & (k_first < d_hi)[None, :], other=0.0)
+            q = _k_tile(t_base, vt, d_lo, d_hi, BLOCK_K)
             if PREFETCH == 2:
                 p1 = p_second
-                q1 = tl.load(t_base + k_second[None, :], mask=vt[:, None] & (k_second < d_hi)[None, :], other=0.0)
-                for k0 in range(d_lo, d_hi, BLOCK_K):
-                    kn = k0 + 2 * BLOCK_K + tl.arange(0, BLOCK_K)
-                    kmn = kn < d_hi
-                    p2 = tl.load(p_base + kn[None, :], mask=rmask[:, None] & kmn[None, :], other=0.0)
-                    q2 = tl.load(t_base + kn[None, :], mask=vt[:, None] & kmn[None, :], other=0.0)
-                    acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
-                    p, q, p1, q1 = p1, q1, p2, q2
-            else:
-                for k0 in range(d_lo, d_hi, BLOCK_K):
-                    kn = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
-                    kmn = kn < d_hi
-                    p_next = tl.load(p_base + kn[None, :], mask=rmask[:, None] & kmn[None, :], other=0.0)
-                    q_next = tl.load(t_base + kn[None, :], mask=vt[:, None] & kmn[None, :], other=0.0)
-                    acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
-                    p = p_next
-                    q = q_next
+                q1 = _k_tile(t_base, vt, d_lo + BLOCK_K, d_hi, BLOCK_K)
+            for k0 in range(d_lo, d_hi, BLOCK_K):
+                p_ahead = _k_tile(p_base, rmask, k0 + PREFETCH * BLOCK_K, d_hi, BLOCK_K)
+                q_ahead = _k_tile(t_base, vt, k0 + PREFETCH * BLOCK_K, d_hi, BLOCK_K)
+                acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                if PREFETCH == 2:
+                    p, q, p1, q1 = p1, q1, p_ahead, q_ahead
+                else:
+                    p, q = p_ahead, q_ahead
         else:
             for k0 in range(d_lo, d_hi, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                km = kk < d_hi
-                p = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-                q = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0)
+                p = _k_tile(p_base, rmask, k0, d_hi, BLOCK_K)
+                q = _k_tile(t_base, vt, k0, d_hi, BLOCK_K)
                 if SSQ_LOADS:
                     # The sums of squares from loads of their own (another cache policy, so they
                     # are not merged with the operands'): at 2+ stages, an operand tile that is
@@ -385,10 +387,8 @@ def _scores_kernel(
                     # pipeline (3.7.1's sm_90 TTGIR; the race was seen with 3.6 on an H200), and
                     # the next tiles' copies overwrite the buffer the asynchronous warpgroup MMA
                     # still reads (PERF_LOG v58).
-                    ps = tl.load(p_base + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0,
-                                 cache_modifier=".cg")
-                    qs = tl.load(t_base + kk[None, :], mask=vt[:, None] & km[None, :], other=0.0,
-                                 cache_modifier=".cg")
+                    ps = _k_tile(p_base, rmask, k0, d_hi, BLOCK_K, True)
+                    qs = _k_tile(t_base, vt, k0, d_hi, BLOCK_K, True)
                     acc, ssp, sst = _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
                 else:
                     acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
