@@ -31,7 +31,7 @@ from pi05_fastprune.structured import structured_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_prune import MASKS, make_inputs  # noqa: E402
+from test_prune import MASKS, assert_nan_columns_never_win, make_inputs  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import select_precision  # noqa: E402
@@ -660,25 +660,11 @@ def test_emulator_orders_warps_only_at_barriers(emu):
 
 @pytest.mark.parametrize("path", ["mma", "fma"])
 def test_emulated_nan_column_never_wins(emu, path):
-    """A NaN patch makes its column's scores NaN in every row (and its own row all NaN). NaN
-    ranks below every number: each other row picks what it picks with that column masked out,
-    and the NaN row the lowest allowed column. The NaN columns are the first a merge thread reads
-    in their tiles (columns 1 and 66: thread mq = 1 of tile 0, mq = 2 of tile 1), so a merge that
-    kept a NaN it met first would show; the ties among the NaN row's columns pick column 0."""
-    g = torch.Generator().manual_seed(3)
-    patches, task = torch.randn(2, 70, 64, generator=g), torch.randn(2, 9, 64, generator=g)
-    nan_cols = [1, 66]
-    for j in nan_cols:
-        patches[:, j, 5] = float("nan")
-    masked = torch.ones(2, 70, dtype=torch.bool)
-    masked[:, nan_cols] = False
-    idx, _ = emu[path]("select", patches, task)
-    want, _ = emu[path]("select", patches, task, None, masked)
-    other = torch.ones(70, dtype=torch.bool)
-    other[nan_cols] = False
-    assert torch.equal(idx[:, other], want[:, other])
-    assert (idx[:, nan_cols] == 0).all()
-    assert not torch.isin(idx, torch.tensor(nan_cols)).any()
+    """The merge ranks NaN below every number (test_prune.assert_nan_columns_never_win). The NaN
+    columns are the first a merge thread reads in their tiles (columns 1 and 66: thread mq = 1 of
+    tile 0, mq = 2 of tile 1), so a merge that kept a NaN it met first would show; the ties among
+    the NaN rows' columns pick column 0."""
+    assert_nan_columns_never_win(lambda p, t, pm: emu[path]("select", p, t, None, pm)[0], [1, 66])
 
 
 def test_emulated_pi05_shape_bf16(emu):

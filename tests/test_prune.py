@@ -189,22 +189,29 @@ def test_exact_ties_pick_lowest_index():
     assert torch.equal(out.kept_idx[0], torch.arange(16))
 
 
-def test_a_nan_column_never_wins():
-    """A NaN patch makes its column's scores NaN in every row and its own row's NaN in every column.
-    The CPU kernel's row argmax skips NaN: every other row picks as if that column were masked out,
-    and the NaN row keeps the first column. The NaN columns sit where the argmax's 8 maximum chains
-    start (0, 8, 17), end (63: the last full group of 70 columns) and in the remainder (69)."""
+def assert_nan_columns_never_win(select, nan_cols):
+    """``select(patches, task, patch_mask) -> idx [B, N]``. NaN patches at ``nan_cols`` make those
+    columns' scores NaN in every row and their own rows' scores NaN in every column. NaN ranks
+    below every number: every other row picks what it picks with those columns masked out, never
+    one of them, and the NaN rows pick the lowest allowed column, 0. (Also the CUDA emulator's
+    test, tests/test_cuda_build.py.)"""
     g = torch.Generator().manual_seed(3)
     patches, task = torch.randn(2, 70, 64, generator=g), torch.randn(2, 9, 64, generator=g)
-    nan_cols = [0, 8, 17, 63, 69]
     patches[:, nan_cols, 5] = float("nan")
     masked = torch.ones(2, 70, dtype=torch.bool)
     masked[:, nan_cols] = False
-    idx = fp.select_tokens(patches, task, backend="cpu")
-    want = fp.select_tokens(patches, task, patch_mask=masked, backend="cpu")
-    assert torch.equal(idx[:, masked[0]], want[:, masked[0]])
+    idx, want = select(patches, task, None), select(patches, task, masked)
+    other = masked[0]
+    assert torch.equal(idx[:, other], want[:, other])
     assert (idx[:, nan_cols] == 0).all()
-    assert not torch.isin(idx[:, masked[0]], torch.tensor(nan_cols)).any()
+    assert not torch.isin(idx[:, other], torch.tensor(nan_cols)).any()
+
+
+def test_a_nan_column_never_wins():
+    """The CPU kernel's row argmax passes over NaN. The NaN columns sit where its 8 maximum chains
+    start (0, 8, 17), end (63: the last full group of 70 columns) and in the remainder (69)."""
+    assert_nan_columns_never_win(
+        lambda p, t, pm: fp.select_tokens(p, t, patch_mask=pm, backend="cpu"), [0, 8, 17, 63, 69])
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
