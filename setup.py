@@ -3,6 +3,7 @@ has CUDA and nvcc is found). `pip install --no-build-isolation -e .` against an 
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -17,6 +18,13 @@ def rel(pattern):
 def extension():
     cpu_sources = [p for p in rel("csrc/*.cpp") if not p.endswith("_cuda.cpp")]
     cxx = ["-O3", "-std=c++17"]
+    # at::parallel_for is a header template: without -fopenmp it compiles to a plain serial loop
+    # in this library, whatever torch itself was built with. The library then shares torch's
+    # OpenMP runtime (libgomp.so.1, already loaded by libtorch_cpu) and its thread count.
+    link = []
+    if sys.platform.startswith("linux") and __import__("torch").backends.openmp.is_available():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     with_cuda = (
         os.environ.get("FASTPRUNE_NO_CUDA", "0") != "1"
         and cpp_extension.CUDA_HOME is not None
@@ -29,12 +37,14 @@ def extension():
             include_dirs=[os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")],
             define_macros=[("FASTPRUNE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=link,
         )
     return cpp_extension.CppExtension(
         "pi05_fastprune._C",
         cpu_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

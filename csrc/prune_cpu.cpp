@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "eval_ops.h"
+#include "parallel_ops.h"
 
 namespace fastprune {
 namespace {
@@ -111,7 +112,7 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
     allowed[b] = true_indices(patch_mask, b, N, /*fallback_all=*/false);
   }
 
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_ops(0, B * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
       // rms(P) Tn^T = diag(1/rms(P)) (P Tn^T): scale the product's rows, not the tile.
@@ -136,7 +137,7 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
 
   auto idx = at::empty({B, N}, patches.options().dtype(at::kLong));
   int64_t* idx_ptr = idx.data_ptr<int64_t>();
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_ops(0, B * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
       auto c = at::mm(A[b].slice(0, r0, r1), s_allowed[b].t()).contiguous();
@@ -201,7 +202,7 @@ PruneOut prune_rows(
   auto kept_mask = at::zeros({B, K}, patches.options().dtype(at::kBool));
   auto kept_idx = at::zeros({B, K}, patches.options().dtype(at::kLong));
   auto counts = at::empty({B}, patches.options().dtype(at::kLong));
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  parallel_ops(0, B, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c = kept[b].size();
       counts[b].fill_(c);
@@ -223,12 +224,14 @@ struct CpuKernels {
   static at::Tensor select(const at::Tensor& patches, const at::Tensor& task,
                            const std::optional<at::Tensor>& task_mask,
                            const std::optional<at::Tensor>& patch_mask, bool mask_voters) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as parallel_ops' chunks (parallel_ops.h)
     return select_rows(patches, task, task_mask, patch_mask, mask_voters);
   }
   static PruneOut prune(const at::Tensor& patches, const at::Tensor& task,
                         const std::optional<at::Tensor>& task_mask,
                         const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
                         std::optional<int64_t> max_tokens, bool mask_voters) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     return prune_rows(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters);
   }
 };

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "parallel_ops.h"
 #include "prune_checks.h"
 
 namespace fastprune {
@@ -194,7 +195,7 @@ void for_samples(int64_t B, const F& body) {
     return e == nullptr || std::string(e) != "0";
   }();
   if (sample_parallel && B >= at::get_num_threads() && B > 1) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    parallel_ops(0, B, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) body(b);
     });
   } else {

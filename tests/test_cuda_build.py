@@ -31,7 +31,7 @@ from pi05_fastprune.structured import structured_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_prune import MASKS, assert_nan_columns_never_win, make_inputs  # noqa: E402
+from test_prune import MASKS, assert_links_openmp, assert_nan_columns_never_win, make_inputs  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import select_precision  # noqa: E402
@@ -286,6 +286,7 @@ def cmake_library(builds):
 
 def test_cmake_library_builds(cmake_library):
     assert cmake_library.stat().st_size > 0
+    assert_links_openmp(cmake_library)
 
 
 def test_cmake_library_loads_in_python(cmake_library):
