@@ -24,8 +24,8 @@ namespace {
 
 constexpr double kEps = 1e-6;
 // Rows per tile. Each tile makes about a dozen ATen calls: halving the tiles (64 rows before)
-// took the select op at pi05 from 2.0-2.3 ms to 1.8 ms (B=1, 2 threads). 128 rows still give a
-// pi0.5 sample 6 tiles to share among threads.
+// took the select op at pi05 from 2.0-2.3 ms to 1.8 ms (B=1, when the tiles still ran one after
+// the other). 128 rows still give a pi0.5 sample 6 tiles to share among threads.
 constexpr int64_t kRowTile = 128;
 
 // float32 accumulation for float32/16/bf16 inputs; float64 inputs (CPU only) stay float64.
@@ -36,28 +36,40 @@ at::ScalarType acc_type(const at::Tensor& x) {
 // Row argmax over the allowed columns `cols` of a [R, cols.size()] block: the first column that
 // reaches the row's maximum over its values above -inf, or the first column when it has none
 // (NaN never compares greater, so it cannot win, and an all-NaN row keeps the first column). Two
-// passes, the maximum in 8 independent chains and then a search for its first occurrence: one
-// compare-and-branch loop over (value, index) pairs took ~0.4 ms more of the select op's 2.5 ms
-// at the pi05 shape (2 threads).
+// passes: the maxima of 64-column groups (8 independent chains each) and the row's, then the
+// first group that reaches it and the first column there. A search for the first column from
+// the row's start was half of this function's time at the pi05 shape; one compare-and-branch
+// loop over (value, index) pairs before that was slower still.
 template <typename scalar_t>
 void row_argmax(const at::Tensor& block, const std::vector<int64_t>& cols, int64_t* out) {
   constexpr int kChains = 8;
+  constexpr int64_t kGroup = 64;
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   const scalar_t* cp = block.data_ptr<scalar_t>();
   const int64_t rows = block.size(0), na = block.size(1);
+  std::vector<scalar_t> gmax((na + kGroup - 1) / kGroup);
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = cp + r * na;
-    scalar_t m[kChains];
-    std::fill(m, m + kChains, kNegInf);
-    int64_t k = 0;
-    for (; k + kChains <= na; k += kChains)
-      for (int c = 0; c < kChains; ++c) m[c] = row[k + c] > m[c] ? row[k + c] : m[c];
-    for (; k < na; ++k) m[0] = row[k] > m[0] ? row[k] : m[0];
-    scalar_t best_v = m[0];
-    for (int c = 1; c < kChains; ++c) best_v = m[c] > best_v ? m[c] : best_v;
+    scalar_t best_v = kNegInf;
+    for (int64_t g = 0, k0 = 0; k0 < na; ++g, k0 += kGroup) {
+      const int64_t k1 = std::min(na, k0 + kGroup);
+      scalar_t m[kChains];
+      std::fill(m, m + kChains, kNegInf);
+      int64_t k = k0;
+      for (; k + kChains <= k1; k += kChains)
+        for (int c = 0; c < kChains; ++c) m[c] = row[k + c] > m[c] ? row[k + c] : m[c];
+      for (; k < k1; ++k) m[0] = row[k] > m[0] ? row[k] : m[0];
+      for (int c = 1; c < kChains; ++c) m[0] = m[c] > m[0] ? m[c] : m[0];
+      gmax[g] = m[0];
+      best_v = m[0] > best_v ? m[0] : best_v;
+    }
     int64_t best = 0;
-    if (best_v > kNegInf)
-      while (row[best] != best_v) ++best;  // -0 == +0: the first of either
+    if (best_v > kNegInf) {  // -0 == +0: the first of either
+      int64_t g = 0;
+      while (gmax[g] != best_v) ++g;
+      best = g * kGroup;
+      while (row[best] != best_v) ++best;
+    }
     out[r] = cols[best];
   }
 }
@@ -99,14 +111,16 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(D));
   const int64_t tiles = (N + kRowTile - 1) / kRowTile;
 
-  // Per sample: normalised valid prompt rows, allowed columns, S and A.
-  std::vector<at::Tensor> tn(B), S(B), A(B);
+  // Per sample: normalised valid prompt rows (transposed), allowed columns, S and A. The right
+  // operands of the tiles' products are contiguous [K, cols] copies: a transposed view as the
+  // right operand made MKL's single-threaded sgemm ~1.5x slower at pi05's [128, 2048] x [2048, 48].
+  std::vector<at::Tensor> tn_t(B), S(B), A(B);
   std::vector<std::vector<int64_t>> allowed(B);
   for (int64_t b = 0; b < B; ++b) {
     auto valid = true_indices(task_mask, b, T, /*fallback_all=*/true);
     auto vt = at::from_blob(valid.data(), {(int64_t)valid.size()}, at::kLong).clone();
     auto t = task[b].index_select(0, vt).to(acc_type(patches));
-    tn[b] = t * inv_rms(t);
+    tn_t[b] = (t * inv_rms(t)).t().contiguous();
     S[b] = at::empty({N, (int64_t)valid.size()}, patches.options().dtype(acc_type(patches)));
     A[b] = at::empty_like(S[b]);
     allowed[b] = true_indices(patch_mask, b, N, /*fallback_all=*/false);
@@ -117,21 +131,21 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
       // rms(P) Tn^T = diag(1/rms(P)) (P Tn^T): scale the product's rows, not the tile.
       auto p = patches[b].slice(0, r0, r1).to(acc_type(patches));
-      auto s = at::mm(p, tn[b].t()).mul_(inv_rms(p));
+      auto s = at::mm(p, tn_t[b]).mul_(inv_rms(p));
       S[b].slice(0, r0, r1).copy_(s);
       A[b].slice(0, r0, r1).copy_(at::softmax(s * inv_sqrt_d, -1));
     }
   });
 
   // Only the allowed columns of S take part; keeping them in index order makes the first
-  // maximum of a compacted row the lowest allowed j.
-  std::vector<at::Tensor> s_allowed(B);
+  // maximum of a compacted row the lowest allowed j. Transposed: [Tv, allowed].
+  std::vector<at::Tensor> s_allowed_t(B);
   for (int64_t b = 0; b < B; ++b) {
     if ((int64_t)allowed[b].size() == N) {
-      s_allowed[b] = S[b];
+      s_allowed_t[b] = S[b].t().contiguous();
     } else {
       auto cols = at::from_blob(allowed[b].data(), {(int64_t)allowed[b].size()}, at::kLong).clone();
-      s_allowed[b] = S[b].index_select(0, cols);
+      s_allowed_t[b] = S[b].index_select(0, cols).t().contiguous();
     }
   }
 
@@ -140,7 +154,7 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   parallel_ops(0, B * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
-      auto c = at::mm(A[b].slice(0, r0, r1), s_allowed[b].t()).contiguous();
+      auto c = at::mm(A[b].slice(0, r0, r1), s_allowed_t[b]).contiguous();
       int64_t* out = idx_ptr + b * N + r0;
       if (c.scalar_type() == at::kDouble)
         row_argmax<double>(c, allowed[b], out);

@@ -211,9 +211,21 @@ def assert_nan_columns_never_win(select, nan_cols):
     assert not torch.isin(idx[:, other], torch.tensor(nan_cols)).any()
 
 
+def test_ties_across_column_groups_pick_lowest_index():
+    """The CPU kernel takes a row's maximum per group of 64 columns, then looks for the first group
+    and column that reach it. Patches 32-79 repeat as 80-127, so exact ties fall within groups and
+    across them: no row picks a repeat."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1, 32, 48, generator=g), torch.randn(1, 48, 48, generator=g)
+    idx = fp.select_tokens(torch.cat([x, y, y], 1), torch.randn(1, 6, 48, generator=g), backend="cpu")
+    assert (idx >= 64).any(), "no row picks a patch past the first group: the test has no tie to break"
+    assert (idx < 80).all()
+
+
 def test_a_nan_column_never_wins():
     """The CPU kernel's row argmax passes over NaN. The NaN columns sit where its 8 maximum chains
-    start (0, 8, 17), end (63: the last full group of 70 columns) and in the remainder (69)."""
+    start (0, 8, 17), end (63: the last of the first 64-column group) and in the second group,
+    shorter than one round of the chains (69)."""
     assert_nan_columns_never_win(
         lambda p, t, pm: fp.select_tokens(p, t, patch_mask=pm, backend="cpu"), [0, 8, 17, 63, 69])
 
