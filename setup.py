@@ -3,7 +3,10 @@ has CUDA and nvcc is found). `pip install --no-build-isolation -e .` against an 
 
 import glob
 import os
+import shlex
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -15,16 +18,34 @@ def rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def openmp_flags():
+    """["-fopenmp"] where torch uses OpenMP and the C++ compiler builds with it (Linux).
+
+    at::parallel_for is a header template: without -fopenmp it compiles to a serial loop in this
+    library, whatever torch itself was built with. With it, the library shares torch's OpenMP
+    runtime (libgomp.so.1, already loaded by libtorch_cpu) and its thread count. A compiler that
+    cannot build with OpenMP builds the library serial, with a warning, rather than not at all."""
+    if not (sys.platform.startswith("linux") and __import__("torch").backends.openmp.is_available()):
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        cmd = shlex.split(os.environ.get("CXX", "c++")) + ["-fopenmp", src, "-o", os.path.join(tmp, "omp")]
+        try:
+            built = subprocess.run(cmd, capture_output=True).returncode == 0
+        except OSError:
+            built = False
+        if not built:
+            print(f"pi05_fastprune: {' '.join(cmd[:-3])} failed: the CPU kernels are built without OpenMP (serial)")
+            return []
+    return ["-fopenmp"]
+
+
 def extension():
     cpu_sources = [p for p in rel("csrc/*.cpp") if not p.endswith("_cuda.cpp")]
-    cxx = ["-O3", "-std=c++17"]
-    # at::parallel_for is a header template: without -fopenmp it compiles to a plain serial loop
-    # in this library, whatever torch itself was built with. The library then shares torch's
-    # OpenMP runtime (libgomp.so.1, already loaded by libtorch_cpu) and its thread count.
-    link = []
-    if sys.platform.startswith("linux") and __import__("torch").backends.openmp.is_available():
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
+    link = openmp_flags()
+    cxx = ["-O3", "-std=c++17"] + link
     with_cuda = (
         os.environ.get("FASTPRUNE_NO_CUDA", "0") != "1"
         and cpp_extension.CUDA_HOME is not None
