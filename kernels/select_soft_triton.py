@@ -26,8 +26,9 @@ Backward (``G`` = grad of the output), deterministic (no atomics), nothing ``N x
      the row part of dS and delta.
   3. ``_bwd_col_kernel`` (column tiles, loop over row tiles): dZ = c/sqrt(D) soft (dSoft - delta)
      (dSoft recomputed: the second N x N x D product) and dS_J += dZ^T A_R.
-  4. ``_bwd_patch_kernel``: dP = dS Tn, RMSNorm backward, plus the straight-through direct term
-     (sum of G over the rows that chose a patch, in increasing row order through a stable sort).
+  4. ``_bwd_patch_kernel``: dP = dS Tn and the RMSNorm backward; then ``_bwd_direct_kernel`` adds
+     the straight-through direct term (the sum of G over the rows that chose a patch, in increasing
+     row order through a stable sort, 32 rows at a time).
   5. ``_bwd_task_mm_kernel``: MM = A^T diag(k) A ([Tv, Tv] tiles, once per sample);
      ``_bwd_task_kernel`` (D tiles x prompt tiles): dTn = dS^T P - MM Tn; ``_bwd_task_rms_kernel``:
      RMSNorm backward of the prompt rows.
@@ -322,7 +323,7 @@ def _bwd_col_kernel(
 
 @triton.jit
 def _bwd_patch_kernel(
-    G, P, TK, TOK, CNT, DS, RP, RT, PERM, START, NSEL, GP,
+    P, TK, TOK, CNT, DS, RP, RT, GP,
     N, T, D,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -351,9 +352,6 @@ def _bwd_patch_kernel(
         dot += tl.sum(x * dp, 1)
     coef = rp * rp * rp * dot / D
 
-    start = tl.load(START + b * N + rows64, mask=rmask, other=0)
-    nsel = tl.load(NSEL + b * N + rows64, mask=rmask, other=0)
-    max_sel = tl.max(nsel, 0)
     for k0 in range(0, D, BLOCK_D):
         kk = k0 + tl.arange(0, BLOCK_D)
         km = kk < D
@@ -362,12 +360,36 @@ def _bwd_patch_kernel(
         dp = _dot_f32(dsr, q, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), DOT_PREC)
         x = tl.load(x_base + kk[None, :], mask=msk, other=0.0).to(tl.float32)
         dx = rp[:, None] * dp - x * coef[:, None]
-        # Straight-through direct term: G of every row that chose this patch, in row order.
-        for s in range(0, max_sel):
-            has = rmask & (s < nsel)
-            src = tl.load(PERM + b * N + start + s, mask=has, other=0)
-            dx += tl.load(G + b * N * D + src[:, None] * D + kk[None, :], mask=has[:, None] & km[None, :], other=0.0).to(tl.float32)
         tl.store(GP + b * N * D + rows64[:, None] * D + kk[None, :], dx, mask=msk)
+
+
+@triton.jit
+def _bwd_direct_kernel(
+    G, PERM, START, NSEL, GP,
+    N, D,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """GP[b, j, cols] += the sum of G over the rows that chose patch j (the straight-through direct
+    term), for one patch and one slice of D: the rows PERM[start_j : start_j + nsel_j] (increasing),
+    BLOCK_S at a time. It was a loop inside the patch kernel, one row per step for every D step:
+    a chain of max(nsel) x D / BLOCK_D dependent loads in the program holding the most chosen patch
+    (245 rows choose one patch in a pi0.5 structured sample)."""
+    j = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    kk = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    km = kk < D
+    n = tl.load(NSEL + b * N + j)
+    first = tl.load(START + b * N + j)
+    ss = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, n, BLOCK_S):
+        has = s0 + ss < n
+        src = tl.load(PERM + b * N + first + s0 + ss, mask=has, other=0)
+        g = tl.load(G + b * N * D + src[:, None] * D + kk[None, :], mask=has[:, None] & km[None, :], other=0.0)
+        acc += tl.sum(g.to(tl.float32), 0)
+    out = GP + b * N * D + j * D + kk
+    mine = km & (n > 0)  # a patch no row chose keeps the patch kernel's value
+    tl.store(out, tl.load(out, mask=mine, other=0.0).to(tl.float32) + acc, mask=mine)
 
 
 @triton.jit
@@ -598,10 +620,16 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
     nsel = torch.zeros(B, N, dtype=torch.int64, device=dev).scatter_add_(1, idx, torch.ones_like(idx))
     start = (torch.cumsum(nsel, -1) - nsel).contiguous()
     wrap(_bwd_patch_kernel)[(triton.cdiv(N, pr.BM), B)](
-        grad, patches, task, pr.tok, pr.cnt, dS, RP, RT, perm, start, nsel, grad_patches, N, T, D,
-        # 1 stage: software pipelining of this loop cost 255 registers and ~220 B of spills per
-        # thread on sm_90 (62 registers, no spills without it; tests/test_triton_sm90.py).
+        patches, task, pr.tok, pr.cnt, dS, RP, RT, grad_patches, N, T, D,
+        # 1 stage: software pipelining of its D loops costs 255 registers and 212-344 B of spills
+        # per thread on sm_90 at the training shapes (1 stage: 54 registers and no spills at B=8,
+        # 128 and 12 B at B=32; tests/test_triton_sm90.py).
         BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps, num_stages=1,
+    )
+    # Interpreter: small blocks, so that the tests' small shapes cross several row blocks and D slices.
+    BS, BDD = (4, 16) if INTERPRET else (32, 256)
+    wrap(_bwd_direct_kernel)[(N, triton.cdiv(D, BDD), B)](
+        grad, perm, start, nsel, grad_patches, N, D, BLOCK_S=BS, BLOCK_D=BDD, num_warps=4,
     )
     BTO = min(BT, 64)
     mm = torch.empty(B, BT, BT, **f32)

@@ -650,7 +650,7 @@ def test_select_soft_kernels_compile_for_sm90(dtype, case):
     launches, labels = select_soft_launches(DTYPES[dtype], case)
     names = {k.fn.__name__ for k, *_ in launches}
     assert {"_prep_kernel", "_fwd_kernel", "_bwd_row_kernel", "_bwd_col_kernel", "_bwd_patch_kernel",
-            "_bwd_task_kernel", "_bwd_task_rms_kernel"} <= names, names
+            "_bwd_direct_kernel", "_bwd_task_kernel", "_bwd_task_rms_kernel"} <= names, names
     compile_distinct(launches, labels, dtype)
 
 
