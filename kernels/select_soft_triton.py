@@ -28,7 +28,7 @@ Backward (``G`` = grad of the output), deterministic (no atomics), nothing ``N x
      (dSoft recomputed: the second N x N x D product) and dS_J += dZ^T A_R.
   4. ``_bwd_patch_kernel``: dP = dS Tn and the RMSNorm backward; then ``_bwd_direct_kernel`` adds
      the straight-through direct term (the sum of G over the rows that chose a patch, in increasing
-     row order through a stable sort, 32 rows at a time).
+     row order through a stable sort, 32 rows at a time, 16 patches per program).
   5. ``_bwd_task_mm_kernel``: MM = A^T diag(k) A ([Tv, Tv] tiles, once per sample);
      ``_bwd_task_kernel`` (D tiles x prompt tiles): dTn = dS^T P - MM Tn; ``_bwd_task_rms_kernel``:
      RMSNorm backward of the prompt rows.
@@ -367,29 +367,34 @@ def _bwd_patch_kernel(
 def _bwd_direct_kernel(
     G, PERM, START, NSEL, GP,
     N, D,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """GP[b, j, cols] += the sum of G over the rows that chose patch j (the straight-through direct
-    term), for one patch and one slice of D: the rows PERM[start_j : start_j + nsel_j] (increasing),
-    BLOCK_S at a time. It was a loop inside the patch kernel, one row per step for every D step:
-    a chain of max(nsel) x D / BLOCK_D dependent loads in the program holding the most chosen patch
-    (245 rows choose one patch in a pi0.5 structured sample)."""
-    j = tl.program_id(0).to(tl.int64)
+    term), for BLOCK_J patches and one slice of D: patch j's rows are PERM[start_j : start_j +
+    nsel_j] (increasing), added BLOCK_S at a time. Most patches have no row (skipped after the
+    block's two vector loads). This was a loop inside the patch kernel, one row per step for every
+    D step: a chain of max(nsel) x D / BLOCK_D dependent loads in the program holding the most
+    chosen patch (245 rows choose one patch in a pi0.5 structured sample)."""
+    j0 = tl.program_id(0).to(tl.int64) * BLOCK_J
     b = tl.program_id(2).to(tl.int64)
     kk = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     km = kk < D
-    n = tl.load(NSEL + b * N + j)
-    first = tl.load(START + b * N + j)
+    jj = tl.arange(0, BLOCK_J)
+    nv = tl.load(NSEL + b * N + j0 + jj, mask=j0 + jj < N, other=0)  # 0 past N: nothing to add
+    fv = tl.load(START + b * N + j0 + jj, mask=j0 + jj < N, other=0)
     ss = tl.arange(0, BLOCK_S)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, n, BLOCK_S):
-        has = s0 + ss < n
-        src = tl.load(PERM + b * N + first + s0 + ss, mask=has, other=0)
-        g = tl.load(G + b * N * D + src[:, None] * D + kk[None, :], mask=has[:, None] & km[None, :], other=0.0)
-        acc += tl.sum(g.to(tl.float32), 0)
-    out = GP + b * N * D + j * D + kk
-    mine = km & (n > 0)  # a patch no row chose keeps the patch kernel's value
-    tl.store(out, tl.load(out, mask=mine, other=0.0).to(tl.float32) + acc, mask=mine)
+    for t in range(0, BLOCK_J):
+        n = tl.sum(tl.where(jj == t, nv, 0), 0)
+        first = tl.sum(tl.where(jj == t, fv, 0), 0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, n, BLOCK_S):
+            has = s0 + ss < n
+            src = tl.load(PERM + b * N + first + s0 + ss, mask=has, other=0)
+            g = tl.load(G + b * N * D + src[:, None] * D + kk[None, :], mask=has[:, None] & km[None, :], other=0.0)
+            acc += tl.sum(g.to(tl.float32), 0)
+        out = GP + b * N * D + (j0 + t) * D + kk
+        mine = km & (n > 0)  # a patch no row chose keeps the patch kernel's value
+        tl.store(out, tl.load(out, mask=mine, other=0.0).to(tl.float32) + acc, mask=mine)
 
 
 @triton.jit
@@ -626,10 +631,10 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
         # 128 and 12 B at B=32; tests/test_triton_sm90.py).
         BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps, num_stages=1,
     )
-    # Interpreter: small blocks, so that the tests' small shapes cross several row blocks and D slices.
-    BS, BDD = (4, 16) if INTERPRET else (32, 256)
-    wrap(_bwd_direct_kernel)[(N, triton.cdiv(D, BDD), B)](
-        grad, perm, start, nsel, grad_patches, N, D, BLOCK_S=BS, BLOCK_D=BDD, num_warps=4,
+    # Interpreter: small blocks, so that the tests' small shapes cross several of each.
+    BJ, BS, BDD = (4, 4, 16) if INTERPRET else (16, 32, 256)
+    wrap(_bwd_direct_kernel)[(triton.cdiv(N, BJ), triton.cdiv(D, BDD), B)](
+        grad, perm, start, nsel, grad_patches, N, D, BLOCK_J=BJ, BLOCK_S=BS, BLOCK_D=BDD, num_warps=4,
     )
     BTO = min(BT, 64)
     mm = torch.empty(B, BT, BT, **f32)
