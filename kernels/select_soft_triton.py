@@ -373,8 +373,8 @@ def _bwd_direct_kernel(
     term), for BLOCK_J patches and one slice of D: patch j's rows are PERM[start_j : start_j +
     nsel_j] (increasing), added BLOCK_S at a time. Most patches have no row (skipped after the
     block's two vector loads). This was a loop inside the patch kernel, one row per step for every
-    D step: a chain of max(nsel) x D / BLOCK_D dependent loads in the program holding the most
-    chosen patch (245 rows choose one patch in a pi0.5 structured sample)."""
+    64 columns: a chain of max(nsel) x D / 64 pairs of dependent loads in the program holding the
+    most chosen patch (245 rows choose one patch in a pi0.5 structured sample)."""
     j0 = tl.program_id(0).to(tl.int64) * BLOCK_J
     b = tl.program_id(2).to(tl.int64)
     kk = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
