@@ -44,8 +44,8 @@ def openmp_flags():
 
 def extension():
     cpu_sources = [p for p in rel("csrc/*.cpp") if not p.endswith("_cuda.cpp")]
-    link = openmp_flags()
-    cxx = ["-O3", "-std=c++17"] + link
+    openmp = openmp_flags()  # compile and link flags alike
+    cxx = ["-O3", "-std=c++17"] + openmp
     with_cuda = (
         os.environ.get("FASTPRUNE_NO_CUDA", "0") != "1"
         and cpp_extension.CUDA_HOME is not None
@@ -58,14 +58,14 @@ def extension():
             include_dirs=[os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")],
             define_macros=[("FASTPRUNE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-            extra_link_args=link,
+            extra_link_args=openmp,
         )
     return cpp_extension.CppExtension(
         "pi05_fastprune._C",
         cpu_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
-        extra_link_args=link,
+        extra_link_args=openmp,
     )
 
 
