@@ -303,13 +303,16 @@ def _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC
     and ``qs`` (``p`` and ``q`` themselves, or the same tiles loaded again, see SSQ_LOADS), and
     the dot products of ``p`` and ``q`` added to ``acc``. The squares go into partial sums
     ``ssp``/``sst`` of shape [rows, G], G = BLOCK_K / 8 (the caller adds their G columns after
-    its loop over D): the reshape may reorder, so each thread adds its own 8 elements of a row and
-    no step shuffles across lanes (per-step row sums took 64 shuffles a step, PERF_LOG v65)."""
+    its loop over D): a row's 8 consecutive elements of a thread's load are one group, so each
+    thread adds its own elements and no step shuffles across lanes (per-step row sums took 64
+    shuffles a step, PERF_LOG v65). The reshape keeps every element's place (no ``can_reorder``:
+    with it, triton reinterprets the thread's registers under another layout, and the groups mix
+    rows; GPU run 13, PERF_LOG v71)."""
     G: tl.constexpr = ssp.shape[1]
     xp = ps.to(tl.float32)
     xq = qs.to(tl.float32)
-    ssp += tl.sum(tl.reshape(xp * xp, [xp.shape[0], G, xp.shape[1] // G], can_reorder=True), 2)
-    sst += tl.sum(tl.reshape(xq * xq, [xq.shape[0], G, xq.shape[1] // G], can_reorder=True), 2)
+    ssp += tl.sum(tl.reshape(xp * xp, [xp.shape[0], G, xp.shape[1] // G]), 2)
+    sst += tl.sum(tl.reshape(xq * xq, [xq.shape[0], G, xq.shape[1] // G]), 2)
     if DOT_NATIVE:
         acc = tl.dot(p, tl.trans(q), acc)
     else:

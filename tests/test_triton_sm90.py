@@ -358,6 +358,23 @@ def test_scores_pipeline_buffers(bk):
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, ssq_loads=1, bk=bk)) == ({3}, 1)
 
 
+def test_scores_sums_of_squares_keep_rows():
+    """PERF_LOG v71, GPU run 13: the scores kernel's per-thread partial sums of squares (v65)
+    reshaped each tile with ``can_reorder``, which triton compiles as the same registers read
+    under another layout: a row's partial sums then held other rows' squares, and about half of
+    pi0.5's rows selected the wrong patch on an H200 (the interpreter reshapes in order, and no
+    CPU test saw it). The reshapes now keep element order, and still move no data across lanes
+    in the D loop (no layout conversion there), which is what v65 was for."""
+    ttgir = _ttgir("_scores_kernel")
+    reshapes = [line for line in ttgir.splitlines() if "tt.reshape" in line]
+    assert len(reshapes) == 2 and not any("allow_reorder" in line for line in reshapes), reshapes
+    lines = ttgir.splitlines()
+    at = next(i for i, line in enumerate(lines) if "tt.reshape" in line)
+    start = max(i for i in range(at) if "scf.for" in lines[i])
+    end = next(i for i in range(at, len(lines)) if "scf.yield" in lines[i])
+    assert not [line for line in lines[start:end] if "convert_layout" in line]
+
+
 @pytest.mark.parametrize("kernel_name,tuned,programs", [
     ("_scores_kernel", dict(maxnreg1=168), 3),
     ("_scores_kernel", dict(stages1=3, ssq_loads=1, bk=64, maxnreg1=168), 3),
@@ -375,7 +392,9 @@ def test_register_caps_fit_more_programs_per_sm(kernel_name, tuned, programs):
     assert kwargs["maxnreg"] == cap
     report = compile_for(kernel, args, kwargs, f"maxnreg {cap}")
     assert report["regs"] <= cap
-    assert (report["spill_stores"] or 0) <= 16, report
+    # Spills, if any, are pointers kept across the D loop: 40 B for the capped scores kernel since
+    # v71 (five 64-bit pointers stored before the loop, loaded after it; sm_90 SASS).
+    assert (report["spill_stores"] or 0) <= 40, report
     per_warp = -(-report["regs"] // 8) * 8 * 32  # registers are allocated 8 per thread at a time
     assert 65536 // (per_warp * report["warps"]) == programs, report
     assert 228 * 1024 // (report["shared"] + 1024) >= programs, report  # 1 KB per block for the driver
