@@ -192,6 +192,9 @@ def compile_for(kernel, args, kwargs, label, cc: int = 90):
         # acq_rel atomics: each compiles to a GPU-wide fence, the atomic and an L1 invalidation
         # (MEMBAR.ALL.GPU, ATOMG, CCTL.IVALL on sm_90).
         acq_rel=compiled.asm["ptx"].count(".acq_rel."),
+        # Reshapes free to reorder elements: the compiled kernel reads the same registers under
+        # another layout, an order the interpreter does not have (PERF_LOG v71).
+        reorder=compiled.asm["ttgir"].count("allow_reorder"),
         seconds=round(seconds, 2),
         constexprs={k: v for k, v in kwargs.items() if k.isupper() and k != "DOT_PREC"},
     )
@@ -221,6 +224,8 @@ def check_and_report(reports, arch: Arch = H100):
     slow = [r for r in reports if r["seconds"] > MAX_COMPILE_S]
     assert not slow, f"compiles slower than {MAX_COMPILE_S} s (the GPU machine pays this at first launch): {slow}"
     assert all(r["regs"] is None or r["regs"] <= 255 for r in reports)
+    reordered = [(r["kernel"], r["label"]) for r in reports if r["reorder"]]
+    assert not reordered, f"reshapes with can_reorder (GPU-only element order, PERF_LOG v71): {reordered}"
 
 
 # ----------------------------------------------------------------------------- eval ops
@@ -358,20 +363,16 @@ def test_scores_pipeline_buffers(bk):
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, ssq_loads=1, bk=bk)) == ({3}, 1)
 
 
-def test_scores_sums_of_squares_keep_rows():
-    """PERF_LOG v71, GPU run 13: the scores kernel's per-thread partial sums of squares (v65)
-    reshaped each tile with ``can_reorder``, which triton compiles as the same registers read
-    under another layout: a row's partial sums then held other rows' squares, and about half of
-    pi0.5's rows selected the wrong patch on an H200 (the interpreter reshapes in order, and no
-    CPU test saw it). The reshapes now keep element order, and still move no data across lanes
-    in the D loop (no layout conversion there), which is what v65 was for."""
-    ttgir = _ttgir("_scores_kernel")
-    reshapes = [line for line in ttgir.splitlines() if "tt.reshape" in line]
-    assert len(reshapes) == 2 and not any("allow_reorder" in line for line in reshapes), reshapes
-    lines = ttgir.splitlines()
-    at = next(i for i, line in enumerate(lines) if "tt.reshape" in line)
-    start = max(i for i in range(at) if "scf.for" in lines[i])
-    end = next(i for i in range(at, len(lines)) if "scf.yield" in lines[i])
+def test_scores_sums_of_squares_stay_in_the_thread():
+    """PERF_LOG v65 and v71: each D step adds its squares into per-thread partial sums through a
+    reshape that keeps element order (check_and_report rejects ``can_reorder``, which mixed rows
+    on the GPU in run 13), and triton lays the reshape out so that the D loop moves no data
+    across lanes: no layout conversion in it."""
+    lines = _ttgir("_scores_kernel").splitlines()
+    at = [i for i, line in enumerate(lines) if "tt.reshape" in line]
+    assert len(at) == 2, at
+    start = max(i for i in range(at[0]) if "scf.for" in lines[i])
+    end = next(i for i in range(at[-1], len(lines)) if "scf.yield" in lines[i])
     assert not [line for line in lines[start:end] if "convert_layout" in line]
 
 
