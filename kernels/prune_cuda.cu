@@ -400,6 +400,19 @@ __device__ __forceinline__ void put_pair(float* row, int64_t ts, int u, float x)
   h[u] = hi;
   h[ts + u] = __float2half(x - __half2float(hi));
 }
+// put_pair of the 8 tokens u0 .. u0 + 7 (u0 % 8 == 0): one 16-byte store per plane.
+__device__ __forceinline__ void put_pair8(float* row, int64_t ts, int u0, const float (&x)[8]) {
+  __align__(16) __half hi[8];
+  __align__(16) __half lo[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    hi[e] = __float2half(x[e]);
+    lo[e] = __float2half(x[e] - __half2float(hi[e]));
+  }
+  __half* h = reinterpret_cast<__half*>(row);
+  *reinterpret_cast<uint4*>(h + u0) = *reinterpret_cast<const uint4*>(hi);
+  *reinterpret_cast<uint4*>(h + ts + u0) = *reinterpret_cast<const uint4*>(lo);
+}
 __device__ __forceinline__ float get_pair(const float* row, int64_t ts, int u) {
   const __half* h = reinterpret_cast<const __half*>(row);
   return __half2float(h[u]) + __half2float(h[ts + u]);
@@ -758,6 +771,62 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
   fp_cluster_sync_relaxed();  // no block exits while another may still read its shared memory
 }
 
+// The finishing step of a cluster of one block (no D split: pi0.5 from B=11 on 132 SMs), where
+// every partial is in the block's own shared memory: all its threads finish the tile at once.
+// Thread (r, q) = (tid / 4, tid % 4) takes row r's tokens in groups of 8, groups q, q + 4, ...
+// (one 16-byte store of each plane's halves per group); the 4 threads of a row are adjacent lanes
+// and combine the row max by two shuffles. finish_cluster's warp per row did each row's loads,
+// sums, max and stores one after another, 8 rows per warp: run 12's ncu put 23 % of the B=64
+// kernel's warp samples after its main loop. The arithmetic is finish_cluster's on one block's
+// partials.
+__device__ void finish_block(const Args& a, const ClusterSmem& cl, int64_t b, int64_t j0, int tr, int t_lo,
+                             bool all_t, const bool* tm) {
+  static_assert(kThreads == 4 * kBM, "4 threads per row");
+  const int tid = threadIdx.x;
+  const int64_t N = a.N, ts = a.ts;
+  const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
+  const int n_tiles = (tr + kBT - 1) / kBT;
+  const int tw = static_cast<int>(mn<int64_t>(ts, static_cast<int64_t>(n_tiles) * kBT));  // a multiple of 8
+  __syncthreads();  // every thread's partials are in shared memory
+  for (int u = tid; u < tr; u += kThreads) {
+    cl.invt[u] = rsqrtf(cl.tsq[u] * a.inv_d + kEps);
+    cl.tok[u] = all_t || tm[t_lo + u] ? 1 : 0;
+  }
+  if (tid < rows_here) a.keys[b * N + j0 + tid] = 0ull;
+  if (blockIdx.x == 0 && tid == 0) zero_b_counters(a, b);
+  __syncthreads();  // invt, tok
+  const int r = tid >> 2, q = tid & 3;
+  const bool have = r < rows_here;
+  float* own = cl.part + r * ts;
+  const int64_t row = (b * N + j0 + r) * ts;
+  const float invp = have ? rsqrtf(cl.psq[r] * a.inv_d + kEps) : 0.f;
+  float m = -INFINITY;
+  for (int u0 = 8 * q; have && u0 < tw; u0 += 32) {
+    float x[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int u = u0 + e;
+      const bool on = u < tr && cl.tok[u];
+      const float s = on ? own[u] * invp * cl.invt[u] : 0.f;
+      if (on) m = fmaxf(m, s);
+      own[u] = s;
+      x[e] = s * a.s_scale;
+    }
+    put_pair8(a.S + row, ts, u0, x);
+  }
+  m = fmaxf(m, __shfl_xor_sync(kFull, m, 1));  // every lane: rows past rows_here add -inf
+  m = fmaxf(m, __shfl_xor_sync(kFull, m, 2));
+  for (int u0 = 8 * q; have && u0 < tw; u0 += 32) {
+    float x[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int u = u0 + e;
+      x[e] = u < tr && cl.tok[u] ? __expf((own[u] - m) * a.inv_sqrt_d) : 0.f;
+    }
+    put_pair8(a.A + row, ts, u0, x);
+  }
+}
+
 // Kernel A's shared memory: a static SmemA for the plain kernel, dynamic for the cluster variant.
 template <typename T, bool kCluster>
 __device__ __forceinline__ unsigned char* smem_a() {
@@ -858,9 +927,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 #pragma unroll
   for (int k = 0; k < kSlots; ++k) psq[k] = 0.f;
 
-  const int n_tt = (tr + kBT - 1) / kBT;
-  for (int tt = 0; tt < n_tt; ++tt) {
-    const int u0 = tt * kBT;
+  for (int u0 = 0; u0 < tr; u0 += kBT) {  // token tiles
     float tsq[kSlots];
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) tsq[k] = 0.f;
@@ -870,7 +937,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     // the multiply of step d. The loop runs two steps per trip so that each register set is
     // named at compile time (a run-time index would put it in local memory).
     auto step = [&](Ld& ld, int64_t d) {
-      ld.store(sm, psq, tsq, tt == 0);
+      ld.store(sm, psq, tsq, u0 == 0);
       __syncthreads();
       if (d + 2 * kBK < d1) {
         ld.load_p(P, a, j0, d + 2 * kBK, d1);
@@ -879,11 +946,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
       acc.step(sm, u0, tr);
       __syncthreads();
     };
-    if (tt > 0) {  // the first token tile's patch loads went out before the mask scan
+    if (u0 > 0) {  // the first token tile's patch loads went out before the mask scan
       if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
       if (d0 + kBK < d1) ld1.load_p(P, a, j0, d0 + kBK, d1);
     }
-    if (tt > 0 || t_lo != 0) {  // and its prompt loads, if the range starts at token 0
+    if (u0 > 0 || t_lo != 0) {  // and its prompt loads, if the range starts at token 0
       if (d0 < d1) ld0.load_q(Q, a, t_lo, u0, tr, d0, d1);
       if (d0 + kBK < d1) ld1.load_q(Q, a, t_lo, u0, tr, d0 + kBK, d1);
     }
@@ -923,7 +990,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     }
   }
   if constexpr (kCluster) {
-    finish_cluster(a, cl, b, j0, tr, t_lo, all_t, tm);
+    // The prompt range and mask again, from shared memory (written once, before the loop) and
+    // the arguments: held in registers through the loop over D, they spilled at 128 registers
+    // once finish_block was added.
+    const bool all_again = sm.t_hi < 0;
+    const int lo_again = all_again ? 0 : sm.t_lo;
+    const int tr_again = all_again ? static_cast<int>(T_) : sm.t_hi + 1 - lo_again;
+    const bool* tm_again = a.task_mask != nullptr ? a.task_mask + b * T_ : nullptr;
+    if (a.ksplit == 1) finish_block(a, cl, b, j0, tr_again, lo_again, all_again, tm_again);
+    else finish_cluster(a, cl, b, j0, tr_again, lo_again, all_again, tm_again);
     return;
   }
 

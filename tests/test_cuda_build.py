@@ -453,6 +453,7 @@ EMU_CLUSTER = [
     (3, 70, 20, 64, 132, 1),     # no D split: clusters of one block finish from their own shared memory
     (1, 65, 9, 256, 7, 4),       # 8 blocks on 7 SMs: the variant at two blocks per SM
     (2, 130, 40, 128, 2, 1),     # no D split, 6 blocks on 2 SMs
+    (2, 70, 150, 64, 132, 1),    # no D split, 3 token tiles: finish_block's groups of 8 tokens past the first
 ]
 
 
