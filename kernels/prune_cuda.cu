@@ -1671,9 +1671,14 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Kernel C: gather-pad. One block per output row: grid (rows of a sample, grid-stride; samples),
-// so that no block divides a flat row index by K (a 64-bit division is a ~100-instruction call
-// in front of the block's first load).
+// Kernel C: gather-pad. Block (x, b) copies output rows kGatherRows x .. + kGatherRows of sample
+// b (grid-stride over a sample's rows, so that no block divides a flat row index by K: a 64-bit
+// division is a ~100-instruction call in front of the block's first load). Each thread loads its
+// column of every one of the block's rows before it stores any: at one row per block a thread
+// had one 16-byte load in flight at pi0.5's D = 2048, and the kernel took 25.0 µs at B=64
+// against 19.6 for Triton's 8 rows a program (run 13).
+constexpr int kGatherRows = 4;
+
 struct GArgs {
   int64_t B, N, D, K;
   const void* patches;
@@ -1689,26 +1694,49 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) gather_kernel(GArgs g) {
   pdl_wait();  // the kept lists and counts of kernel B
   const int64_t b = blockIdx.y;
-  for (int64_t r = blockIdx.x; r < g.K; r += gridDim.x) {
-    const int64_t row = b * g.K + r;
-    // The list entry is loaded beside the count rather than after it, so the two loads overlap;
-    // entries at or past the count are stale workspace and are dropped.
-    const int listed = r < g.N ? g.list[b * g.N + r] : 0;
-    const bool real = r < g.counts[b];
-    const int64_t j = real ? static_cast<int64_t>(listed) : 0;
-    if (threadIdx.x == 0) {
-      g.kept_mask[row] = real;
-      g.kept_idx[row] = j;
+  const int64_t count = g.counts[b];
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGatherRows; r0 < g.K;
+       r0 += static_cast<int64_t>(gridDim.x) * kGatherRows) {
+    // Rows past K are not stored; rows at or past the count are zeros (their list entries are
+    // stale workspace, loaded beside the others and dropped).
+    const T* src[kGatherRows];
+    T* dst[kGatherRows];
+    bool real[kGatherRows], here[kGatherRows];
+#pragma unroll
+    for (int i = 0; i < kGatherRows; ++i) {
+      const int64_t r = r0 + i;
+      here[i] = r < g.K;
+      real[i] = r < count;
+      const int listed = r < g.N ? g.list[b * g.N + r] : 0;
+      const int64_t j = real[i] ? static_cast<int64_t>(listed) : 0;
+      const int64_t row = b * g.K + (here[i] ? r : 0);
+      if (threadIdx.x == 0 && here[i]) {
+        g.kept_mask[row] = real[i];
+        g.kept_idx[row] = j;
+      }
+      src[i] = static_cast<const T*>(g.patches) + b * g.p_sb + j * g.p_sr;
+      dst[i] = static_cast<T*>(g.pruned) + row * g.D;
     }
-    const T* src = static_cast<const T*>(g.patches) + b * g.p_sb + j * g.p_sr;
-    T* dst = static_cast<T*>(g.pruned) + row * g.D;
     if (kVec) {
       const int64_t n = g.D * static_cast<int64_t>(sizeof(T)) / 16;
-      const uint4* s4 = reinterpret_cast<const uint4*>(src);
-      uint4* d4 = reinterpret_cast<uint4*>(dst);
-      for (int64_t e = threadIdx.x; e < n; e += kThreads) d4[e] = real ? s4[e] : make_uint4(0u, 0u, 0u, 0u);
+      for (int64_t e = threadIdx.x; e < n; e += kThreads) {
+        uint4 v[kGatherRows];
+#pragma unroll
+        for (int i = 0; i < kGatherRows; ++i)
+          v[i] = real[i] ? reinterpret_cast<const uint4*>(src[i])[e] : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int i = 0; i < kGatherRows; ++i)
+          if (here[i]) reinterpret_cast<uint4*>(dst[i])[e] = v[i];
+      }
     } else {
-      for (int64_t e = threadIdx.x; e < g.D; e += kThreads) dst[e] = real ? src[e] : zero_of<T>();
+      for (int64_t e = threadIdx.x; e < g.D; e += kThreads) {
+        T v[kGatherRows];
+#pragma unroll
+        for (int i = 0; i < kGatherRows; ++i) v[i] = real[i] ? src[i][e] : zero_of<T>();
+#pragma unroll
+        for (int i = 0; i < kGatherRows; ++i)
+          if (here[i]) dst[i][e] = v[i];
+      }
     }
   }
 }
@@ -1922,7 +1950,9 @@ cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* worksp
   g.pruned = pruned;
   g.kept_mask = kept_mask;
   g.kept_idx = kept_idx;
-  const dim3 grid(static_cast<unsigned>(K < (int64_t{1} << 20) ? K : (int64_t{1} << 20)), static_cast<unsigned>(p.B));
+  const int64_t row_groups = ceil_div(K, kGatherRows);
+  const dim3 grid(static_cast<unsigned>(row_groups < (int64_t{1} << 20) ? row_groups : (int64_t{1} << 20)),
+                  static_cast<unsigned>(p.B));
   const size_t es = p.dtype == DType::kFloat32 ? 4 : 2;
   const bool vec = (p.D * es) % 16 == 0 && (p.patches_sb * es) % 16 == 0 && (p.patches_sr * es) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 && reinterpret_cast<uintptr_t>(pruned) % 16 == 0;

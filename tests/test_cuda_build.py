@@ -365,6 +365,8 @@ class Emulated:
         if op == "select":
             return idx, rc
         K = int(k_out)
+        # Nothing written past the outputs' B x K rows (their buffers hold cap >= K rows a sample).
+        assert (pruned[B * K * D:] == 7.0).all() and kmask[B * K:].all() and (kidx[B * K:] == -7).all()
         out = R.PruneResult(pruned[: B * K * D].view(B, K, D), kmask[: B * K].view(B, K),
                             kidx[: B * K].view(B, K), counts)
         return out, idx, rc
