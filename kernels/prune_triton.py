@@ -1074,8 +1074,9 @@ class _Cfg:
         self.ssq_loads = 0
         # Register caps per thread (ptx .maxnreg) of the scores and select kernels, for the sweep;
         # None leaves the count to ptxas. An SM holds 64 K registers, so fewer fit more programs
-        # of 4 warps per SM: at pi05 B=64 the scores kernel takes 187 (2 programs), 168 fits 3
-        # (8 B spilled); the select kernel takes 141 (3), 128 fits 4 (none spilled; sm_90 compile).
+        # of 4 warps per SM: at pi05 B=64 the scores kernel takes 193 (2 programs), 168 fits 3
+        # (40 B spilled, outside its D loop); the select kernel takes 120 (4 programs; sm_90
+        # compile, v71).
         self.maxnreg1 = self.maxnreg2 = None
         self.dot_prec = DOT_PREC
         # The select product as fp16 halves: as close to fp32 as tf32x3 (PERF_LOG v59) with half
