@@ -709,6 +709,13 @@ __device__ __forceinline__ ClusterSmem cluster_smem(unsigned char* base, size_t 
   return c;
 }
 
+// The tokens of a row that kernel A writes to S and A' for a prompt range of tr tokens: whole
+// 64-token tiles, at most ts, with zeros past the range (kernel B loads its first 64-token tile
+// before it reads the range). A multiple of 8, as ts is.
+__device__ __forceinline__ int written_tokens(int64_t ts, int tr) {
+  return static_cast<int>(mn<int64_t>(ts, static_cast<int64_t>((tr + kBT - 1) / kBT) * kBT));
+}
+
 // The finishing step of the cluster variant (every thread of every block of the cluster): S =
 // raw * invp * invt on valid tokens (0 elsewhere), A' = exp((S - max) / sqrt(D)) over them, for the
 // block's rows, written up to tw columns as the plain kernel's finishing step writes them. A
@@ -721,8 +728,7 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
   const int ks = a.ksplit, rank = static_cast<int>(blockIdx.y);
   const int64_t N = a.N, ts = a.ts;
   const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
-  const int n_tiles = (tr + kBT - 1) / kBT;
-  const int tw = static_cast<int>(mn<int64_t>(ts, static_cast<int64_t>(n_tiles) * kBT));
+  const int tw = written_tokens(ts, tr);
   // The ksplit loads of one sum go out together; ranks past ksplit add 0 (never mapped).
   auto sum_ranks = [&](float* p) {
     float v[kMaxCluster];
@@ -785,8 +791,7 @@ __device__ void finish_block(const Args& a, const ClusterSmem& cl, int64_t b, in
   const int tid = threadIdx.x;
   const int64_t N = a.N, ts = a.ts;
   const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
-  const int n_tiles = (tr + kBT - 1) / kBT;
-  const int tw = static_cast<int>(mn<int64_t>(ts, static_cast<int64_t>(n_tiles) * kBT));  // a multiple of 8
+  const int tw = written_tokens(ts, tr);
   __syncthreads();  // every thread's partials are in shared memory
   for (int u = tid; u < tr; u += kThreads) {
     cl.invt[u] = rsqrtf(cl.tsq[u] * a.inv_d + kEps);
@@ -1055,9 +1060,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     if (tid < kBT) sm.tok[tid] = flag;
   };
   auto in_range = [&](int r, int u) { return r < rows_here && u < tr; };
-  // S and A' are written up to tw = min(ts, 64 * token tiles), with zeros past the prompt range:
-  // kernel B loads its first 64-token tile before it reads the range.
-  const int tw = static_cast<int>(mn<int64_t>(ts, static_cast<int64_t>(n_tiles) * kBT));
+  const int tw = written_tokens(ts, tr);
   auto in_written = [&](int r, int u) { return r < rows_here && u < tw; };
 
   // Pass 1: S = raw * invp * invt on valid tokens (0 elsewhere), and each row's maximum.
