@@ -152,6 +152,73 @@ def distinct(launches, cc: int = 90):
     return list(seen.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _layout_builder():
+    """triton's own layout conversions (gluon's op builder, in triton 3.6 and 3.7), with the
+    context it lives in."""
+    from triton._C.libtriton import gluon_ir, ir
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    return ctx, gluon_ir.GluonOpBuilder(ctx)
+
+
+def _held_elements(layout: str, shape: list[int]) -> tuple[int, int, list[int]]:
+    """(warps, lanes, flat row-major element index for each (warp, lane, register)) of a TTGIR
+    blocked layout over ``shape``, through triton's linear layout of it. The sizes are powers of
+    2, so a flat index is the bit concatenation of the coordinates and XORs as they do."""
+    from triton.experimental.gluon.language import BlockedLayout
+
+    assert layout.startswith("#ttg.blocked<"), f"a reshape layout this check does not read: {layout}"
+    field = lambda k: [int(x) for x in re.search(k + r" = \[([\d, ]+)\]", layout).group(1).split(",")]
+    _, builder = _layout_builder()
+    blocked = BlockedLayout(field("sizePerThread"), field("threadsPerWarp"), field("warpsPerCTA"), field("order"))
+    ll = builder.to_linear_layout(blocked._to_ir(builder), shape)
+
+    def flat(c):
+        i = 0
+        for x, n in zip(c, shape):
+            i = i * n + x
+        return i
+
+    def index(bases, v):
+        i = 0
+        for bit, base in enumerate(bases):
+            if v >> bit & 1:
+                i ^= flat(base)
+        return i
+
+    nw, nl, nr = (1 << len(b) for b in (ll.warp_bases, ll.lane_bases, ll.reg_bases))
+    regs = [index(ll.reg_bases, r) for r in range(nr)]
+    held = [index(ll.warp_bases, w) ^ index(ll.lane_bases, lane) ^ r for w in range(nw) for lane in range(nl)
+            for r in regs]
+    return nw, nl, held
+
+
+_RESHAPE = re.compile(r"tt\.reshape .*: tensor<((?:\d+x)+)\w+, #(\w+)> -> tensor<((?:\d+x)+)\w+, #(\w+)>")
+
+
+def reshapes_moving_elements(ttgir: str) -> list[str]:
+    """The reshapes of a compiled kernel whose lowering moves elements. Lowered to LLVM, a
+    reshape hands each thread's registers to the result layout in register order (triton unpacks
+    the source's values and packs them as the result), so it keeps row-major element order only
+    where every (warp, lane, register) holds the same flat index in both layouts. v65's reshape
+    with ``can_reorder`` did not: each row's sum of squares took other rows' squares on the GPU,
+    while the interpreter reshapes in order (PERF_LOG v71; run13/v65_replay replays run 13's
+    selections from this mapping)."""
+    layouts = dict(re.findall(r"^#(\w+) = (#ttg\.\w+<.*>)$", ttgir, re.M))
+    moved = []
+    for line in ttgir.splitlines():
+        m = _RESHAPE.search(line)
+        if m is None:
+            continue
+        src_shape, src, dst_shape, dst = m.groups()
+        shape = lambda text: [int(x) for x in text.rstrip("x").split("x")]
+        if _held_elements(layouts[src], shape(src_shape)) != _held_elements(layouts[dst], shape(dst_shape)):
+            moved.append(line.strip()[:240])
+    return moved
+
+
 def _ptxas_int(pattern, log):
     m = re.search(pattern, log)
     return int(m.group(1)) if m else None
@@ -195,6 +262,7 @@ def compile_for(kernel, args, kwargs, label, cc: int = 90):
         # Reshapes free to reorder elements: the compiled kernel reads the same registers under
         # another layout, an order the interpreter does not have (PERF_LOG v71).
         reorder=compiled.asm["ttgir"].count("allow_reorder"),
+        moved=reshapes_moving_elements(compiled.asm["ttgir"]),
         seconds=round(seconds, 2),
         constexprs={k: v for k, v in kwargs.items() if k.isupper() and k != "DOT_PREC"},
     )
@@ -226,6 +294,8 @@ def check_and_report(reports, arch: Arch = H100):
     assert all(r["regs"] is None or r["regs"] <= 255 for r in reports)
     reordered = [(r["kernel"], r["label"]) for r in reports if r["reorder"]]
     assert not reordered, f"reshapes with can_reorder (GPU-only element order, PERF_LOG v71): {reordered}"
+    moved = [(r["kernel"], r["label"], r["moved"]) for r in reports if r["moved"]]
+    assert not moved, f"reshapes whose compiled registers move elements (PERF_LOG v71): {moved}"
 
 
 # ----------------------------------------------------------------------------- eval ops
@@ -374,6 +444,35 @@ def test_scores_sums_of_squares_stay_in_the_thread():
     start = max(i for i in range(at[0]) if "scf.for" in lines[i])
     end = next(i for i in range(at[-1], len(lines)) if "scf.yield" in lines[i])
     assert not [line for line in lines[start:end] if "convert_layout" in line]
+
+
+# The patch tile's reshape in the scores kernel at pi05 B=64 (bf16), sm_90 TTGIR: v65's as run 13 ran
+# it (can_reorder: the result layout is triton's default, one row a thread), v71's as now.
+_V65_RESHAPE = """
+#blocked1 = #ttg.blocked<{sizePerThread = [1, 1, 1], threadsPerWarp = [32, 1, 1], warpsPerCTA = [2, 2, 1], order = [0, 1, 2]}>
+#blocked3 = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [2, 16], warpsPerCTA = [4, 1], order = [1, 0]}>
+    %ssp_195 = tt.reshape %ssp_194 allow_reorder efficient_layout : tensor<64x128xf32, #blocked3> -> tensor<64x16x8xf32, #blocked1>
+"""
+_V71_RESHAPE = """
+#blocked1 = #ttg.blocked<{sizePerThread = [1, 1, 8], threadsPerWarp = [2, 16, 1], warpsPerCTA = [4, 1, 1], order = [2, 1, 0]}>
+#blocked3 = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [2, 16], warpsPerCTA = [4, 1], order = [1, 0]}>
+    %ssp_155 = tt.reshape %ssp_154 : tensor<64x128xf32, #blocked3> -> tensor<64x16x8xf32, #blocked1>
+"""
+
+
+def test_reshape_check_reads_registers_as_the_gpu_does():
+    """The check behind check_and_report's ``moved``: it flags v65's reshape, whose registers
+    handed row r's place to squares of 16 other rows (run 13's wrong selections, replayed to the
+    row in run13/v65_replay), and passes v71's, whose layout keeps each element in place."""
+    assert len(reshapes_moving_elements(_V65_RESHAPE)) == 1
+    assert reshapes_moving_elements(_V71_RESHAPE) == []
+    # Thread 0 of warp 0 holds rows 0, 8, ..., 56 of the source tile, and row 0 alone of the result.
+    _, _, src = _held_elements("#ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [2, 16], warpsPerCTA = "
+                               "[4, 1], order = [1, 0]}>", [64, 128])
+    _, _, dst = _held_elements("#ttg.blocked<{sizePerThread = [1, 1, 1], threadsPerWarp = [32, 1, 1], warpsPerCTA "
+                               "= [2, 2, 1], order = [0, 1, 2]}>", [64, 16, 8])
+    assert sorted({i // 128 for i in src[:64]}) == list(range(0, 64, 8))
+    assert {i // 128 for i in dst[:64]} == {0}
 
 
 @pytest.mark.parametrize("kernel_name,tuned,programs", [
