@@ -967,6 +967,8 @@ def _programs_wanted(device: torch.device) -> int:
     return 8  # interpreter: a few column splits so the merge is exercised
 
 
+MAX_KSPLIT = 16  # D slices of the scores kernel at most (_Cfg)
+
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
 TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "maxnreg1", "bm2", "bn2", "warps2",
            "stages2", "maxnreg2", "n_split", "a_once", "br", "bd", "warps3", "dot_prec", "sel_prec")
@@ -1086,9 +1088,13 @@ class _Cfg:
         self.s_shift = max(0, (D - 1).bit_length() - 15)
         if on_gpu:
             # Split D so that the score programs fill about one wave: their serial loop over D is
-            # what bounds them at B=1. Each keeps 2+ BLOCK_K steps.
+            # what bounds them at B=1. Each keeps 2+ BLOCK_K steps, and there are at most
+            # MAX_KSPLIT slices: the finishing step unrolls its loads over the slices, and with
+            # few rows and a wide D (6 patches of 66000, fp32: 129 slices) the scores kernel took
+            # 80 s to compile on the GPU machine (run 13's test_select_product_scales_wide_rows)
+            # and spilled 5188 B (sm_90; 16 slices: 2 s here, no spills).
             row_programs = B * triton.cdiv(N, self.bm1)
-            self.ksplit = max(1, min(triton.cdiv(want // 2, row_programs), D // (2 * self.bk)))
+            self.ksplit = max(1, min(triton.cdiv(want // 2, row_programs), D // (2 * self.bk), MAX_KSPLIT))
         else:
             self.ksplit = 2  # interpreter: the slices' partials are added in every test
         for name, value in tuned:

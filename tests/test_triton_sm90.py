@@ -359,6 +359,28 @@ def test_eval_kernels_compile_for_sm90(dtype):
     assert all(not r["spill_stores"] for r in ahead), ahead
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_wide_rows_split_d_at_most_max_ksplit(dtype):
+    """Few rows and a wide D (test_gpu's 6 patches of 66000) ask for the most D slices: at most
+    MAX_KSPLIT, whose finishing step's unrolled loads compile in seconds without spills (129
+    slices took 80 s to compile on the GPU machine in run 13, and spilled 5188 B)."""
+    from pi05_fastprune.kernels import prune_triton as K
+
+    rec = Recorder()
+    real_config = K._config
+    K._config = functools.partial(real_config, gpu_sms=H100_SMS)
+    try:
+        K.select(torch.empty(1, 6, 66000, dtype=DTYPES[dtype]), torch.empty(1, 3, 66000, dtype=DTYPES[dtype]), None,
+                 None, mask_voters=False, wrap=rec)
+    finally:
+        K._config = real_config
+    kernel, _, args, kwargs = next(launch for launch in rec.launches if launch[0].fn.__name__ == "_scores_kernel")
+    assert kwargs["KSPLIT"] == K.MAX_KSPLIT
+    report = compile_for(kernel, args, kwargs, f"{dtype} B1 N6 D66000")
+    check_and_report([report])
+    assert not report["spill_stores"], report
+
+
 def test_eval_kernels_compile_for_sm80():
     """The eval kernels compile for an A100 too (sm_80: no warpgroup MMA, 163 KB of shared
     memory per block, 108 SMs for the launchers' grids): the Triton backend is the GPU backend
