@@ -431,11 +431,25 @@ struct ATile {
   static constexpr int kLds = sizeof(T) == 2 ? kBK + 8 : kBK + 1;  // wmma: ldm % 8 == 0
 };
 
+// One D step's patch and prompt tiles.
 template <typename T>
-struct SmemA {
+struct StepTiles {
   alignas(128) T ps[kBM][ATile<T>::kLds];
   alignas(128) T ts[kBT][ATile<T>::kLds];
-  alignas(128) float cs[kBM][kBT + 4];
+};
+
+template <typename T>
+struct SmemA {
+  // D steps alternate between two tile buffers, so that one barrier per step suffices: a step's
+  // stores go to the buffer that the product two steps back read, and every thread has passed
+  // the previous step's barrier after that product. (One buffer took a second barrier per step,
+  // after the product: run 12's ncu put 14 % of the B=64 kernel's warp samples on barriers.)
+  // The product's output tile cs is written after the loop over D, when the buffers are dead,
+  // so it overlays them: 1 KB more than one buffer and cs side by side (16-bit inputs).
+  union {
+    StepTiles<T> buf[2];
+    float cs[kBM][kBT + 4];
+  };
   float invp[kBM], rowm[kBM];
   float invt[kBT];
   float psq_part[kThreads / kBM][kBM], tsq_part[kThreads / kBT][kBT];  // norm sums per group
@@ -454,7 +468,7 @@ struct AccA {
       for (int c = 0; c < 4; ++c) v[r][c] = 0.f;
   }
   // Thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 16 r, columns tx + 16 c.
-  __device__ __forceinline__ void step(SmemA<T>& sm, int /*u0*/, int /*tr*/) {
+  __device__ __forceinline__ void step(const StepTiles<T>& sm, int /*u0*/, int /*tr*/) {
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll 8
     for (int k = 0; k < ATile<T>::kBK; ++k) {
@@ -515,7 +529,7 @@ struct AccA<T, true> {
     nvcuda::wmma::fill_fragment(acc[0], 0.f);
     nvcuda::wmma::fill_fragment(acc[1], 0.f);
   }
-  __device__ __forceinline__ void step(SmemA<T>& sm, int u0, int tr) {
+  __device__ __forceinline__ void step(const StepTiles<T>& sm, int u0, int tr) {
     using namespace nvcuda;
     const int warp = threadIdx.x >> 5;
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
@@ -584,7 +598,7 @@ struct Loader {
                                          int64_t d1) {
     load_rows(q, Q + t_lo * a.t_sr, u0, tr, a.t_sr, d, d1);
   }
-  __device__ __forceinline__ void store(SmemA<T>& sm, float* psq, float* tsq, bool with_p) const {
+  __device__ __forceinline__ void store(StepTiles<T>& sm, float* psq, float* tsq, bool with_p) const {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -634,7 +648,7 @@ struct Loader<T, true> {
   // stays aligned, and the 8 lanes of a row write 128 contiguous bytes (no bank conflict). Per
   // element (STS.U16) that was 32 stores per thread and step instead of 4. fp32 rows are 33
   // floats apart (the FMA product reads columns), so fp32 stores per element.
-  __device__ __forceinline__ void store(SmemA<T>& sm, float* psq, float* tsq, bool with_p) const {
+  __device__ __forceinline__ void store(StepTiles<T>& sm, float* psq, float* tsq, bool with_p) const {
     constexpr bool kWhole = sizeof(T) == 2;
     static_assert(!kWhole || (ATile<T>::kLds * sizeof(T)) % 16 == 0, "16-bit tile rows keep 16-byte vectors aligned");
     const int c = col();
@@ -679,9 +693,9 @@ struct Loader<T, true> {
 // block, which finishes its tile from its own shared memory instead of an L2 round trip of its
 // partials.
 constexpr int kMaxCluster = 8;      // blocks per cluster (the portable limit)
-// Prompt widths: the partial S tile takes 64 * ts floats of shared memory, 93 KB in all at pi05
+// Prompt widths: the partial S tile takes 64 * ts floats of shared memory, 94 KB in all at pi05
 // (ts = 200, bf16). At one block per SM up to 512; at two (kernel A's variant for more than one
-// wave of blocks) 256, so that two blocks' 108 KB each still fit an SM's 227 KB.
+// wave of blocks) 256, so that two blocks' 109 KB each still fit an SM's 227 KB.
 constexpr int64_t kClusterMaxTs = 512, kClusterMaxTs2 = 256;
 
 struct ClusterSmem {
@@ -940,16 +954,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     acc.zero();
     // The step at d + 2 kBK is loaded into the registers just stored to shared memory, before
     // the multiply of step d. The loop runs two steps per trip so that each register set is
-    // named at compile time (a run-time index would put it in local memory).
-    auto step = [&](Ld& ld, int64_t d) {
-      ld.store(sm, psq, tsq, u0 == 0);
+    // named at compile time (a run-time index would put it in local memory); the first of a trip
+    // uses tile buffer 0, the second buffer 1 (SmemA).
+    auto step = [&](Ld& ld, StepTiles<T>& tiles, int64_t d) {
+      ld.store(tiles, psq, tsq, u0 == 0);
       __syncthreads();
       if (d + 2 * kBK < d1) {
         ld.load_p(P, a, j0, d + 2 * kBK, d1);
         ld.load_q(Q, a, t_lo, u0, tr, d + 2 * kBK, d1);
       }
-      acc.step(sm, u0, tr);
-      __syncthreads();
+      acc.step(tiles, u0, tr);
     };
     if (u0 > 0) {  // the first token tile's patch loads went out before the mask scan
       if (d0 < d1) ld0.load_p(P, a, j0, d0, d1);
@@ -960,9 +974,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
       if (d0 + kBK < d1) ld1.load_q(Q, a, t_lo, u0, tr, d0 + kBK, d1);
     }
     for (int64_t d = d0; d < d1; d += 2 * kBK) {
-      step(ld0, d);
-      if (d + kBK < d1) step(ld1, d + kBK);
+      step(ld0, sm.buf[0], d);
+      if (d + kBK < d1) step(ld1, sm.buf[1], d + kBK);
     }
+    __syncthreads();  // the last products read the tile buffers, which cs overlays
     acc.store(sm);
     __syncthreads();
     for (int e = tid; e < kBM * kBT; e += kThreads) {
@@ -983,7 +998,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
         else tsq_out[u] = v;
       }
     }
-    __syncthreads();  // cs is rewritten by the next token tile
+    __syncthreads();  // cs, and the tile buffers it overlays, are rewritten by the next token tile
   }
 #pragma unroll
   for (int k = 0; k < kSlots; ++k) {
