@@ -11,9 +11,10 @@ bundled ptxas. So the signatures cannot drift from the code, and GPU-only compil
 
 Per kernel it prints shared memory (dynamic + static), registers, spill stores and stack frame
 and the compile time (``pytest -s`` shows the table); it fails on a compile error, on shared
-memory over 227 KB, or on a compile slower than ``MAX_COMPILE_S`` (a ptxas that runs for minutes
-on the GPU machine eats its time budget). The eval kernels are also compiled for an A100
-(sm_80, ``test_eval_kernels_compile_for_sm80``).
+memory over 227 KB, on a compile slower than ``MAX_COMPILE_S`` (a ptxas that runs for minutes
+on the GPU machine eats its time budget), and on a reshape whose compiled registers move
+elements (an element order the interpreter does not have; ``reshapes_moving_elements``). The eval
+kernels are also compiled for an A100 (sm_80, ``test_eval_kernels_compile_for_sm80``).
 
 The same machinery checks the eval launchers' eager launch cache: under a driver that compiles
 for sm_90 and records launches instead of running them (bench/triton_fake_driver.py), the cache
