@@ -6,8 +6,9 @@ CPU part (no GPU needed; builds are cached per module):
 - the CMake build of the op library succeeds, and a LibTorch C++ program (tests/cpp) loads it
   and runs fastprune::prune on CPU tensors through the dispatcher;
 - the kernels run on the CPU under tests/cpp/cuda_emu.h (every CUDA thread a fiber, blocks in
-  turn, wmma as whole tiles), both with the tensor-core path and the FMA path, against the
-  float64 truth and the exact gather of their own selection.
+  turn, in grid order or shuffled, wmma as whole tiles), built with UBSan where the compiler has
+  it, both with the tensor-core path and the FMA path, against the float64 truth and the exact
+  gather of their own selection.
 
 The GPU tests of backend="cuda" are tests/test_gpu.py, shared with backend="triton".
 """
@@ -56,6 +57,18 @@ CXX = shutil.which("g++") or shutil.which("c++")
 CMAKE = shutil.which("cmake")
 
 
+def ubsan_flags(root):
+    """UBSan for the emulator builds, where the compiler links its runtime: the emulated kernels
+    then stop at a misaligned vector access (a fault on the GPU), an index past a fixed-size
+    array such as a shared-memory tile (silent corruption on the GPU) or a signed overflow in
+    index arithmetic, none of which the emulator's own checks see."""
+    flags = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
+    src = root / "ubsan_probe.cpp"
+    src.write_text("int main() { return 0; }\n")
+    ok = subprocess.run([CXX, *flags, str(src), "-o", str(root / "ubsan_probe")], capture_output=True).returncode == 0
+    return flags if ok else []
+
+
 def run(cmd, cwd=None, timeout=600):
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -82,6 +95,7 @@ class Builds:
     def __init__(self, root):
         self.root = root
         self.procs, self.results = {}, {}
+        self.ubsan = []  # the emulator builds' sanitizer flags (ubsan_flags)
 
     def start(self, name, cmd):
         log = open(self.root / f"{name}.log", "w+")
@@ -125,8 +139,9 @@ def builds(tmp_path_factory):
                          "-Xptxas", "-v", "--keep", "--keep-dir", str(keep), "-I", str(ROOT / "kernels"), "-c", cu,
                          "-o", str(obj)])
     if CXX is not None:
+        b.ubsan = ubsan_flags(root)
         for name, extra in (("mma", ["-DFASTPRUNE_EMU_MMA"]), ("fma", [])):
-            b.start(f"emu:{name}", [CXX, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC",
+            b.start(f"emu:{name}", [CXX, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", *b.ubsan,
                                     "-DFASTPRUNE_CUDA_EMU", *extra, f"-I{ROOT / 'tests' / 'cpp'}",
                                     f"-I{ROOT / 'kernels'}", str(ROOT / "tests" / "cpp" / "emu_prune.cpp"),
                                     "-o", str(root / f"emu_{name}.so")])
@@ -517,6 +532,35 @@ def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype, cluster):
         check_prune(out, patches, idx, patch_mask, None, False, 20)
 
 
+@pytest.mark.parametrize("B,N,T,D,sms,cluster,op", [
+    (2, 70, 20, 256, 16, False, "prune"),    # plain kernel A, D in 4 slices: any slice finishes
+    (2, 70, 20, 192, 16, True, "padded"),    # clusters of 3 slices
+    (2, 192, 150, 64, 1, False, "padded"),   # kernel B: 2 column splits over 3 tiles per row tile
+    (3, 130, 40, 128, 2, True, "prune"),     # no D split, 6 blocks on 2 SMs; 3 samples' tails
+])
+@pytest.mark.parametrize("build", ["mma", "fma"])
+def test_emulated_block_order_does_not_matter(emu, monkeypatch, B, N, T, D, sms, cluster, op, build):
+    """The emulator runs clusters in grid order unless FASTPRUNE_EMU_BLOCK_ORDER shuffles them
+    (cuda_emu.h): in three shuffled orders, other blocks arrive last at kernel A's row-tile
+    counters and kernel B's sample counters, and every output is bit for bit the grid order's
+    (the partials are added in slice order and the merges are exact), and right."""
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, torch.bfloat16, "absent_camera", seed=N)
+    kw = dict(keep_tokens=11) if op == "prune" else dict(max_tokens=9)
+    lib = emu[build]
+    monkeypatch.delenv("FASTPRUNE_EMU_BLOCK_ORDER", raising=False)
+    want, want_idx, ksplit = lib(op, patches, task, task_mask, patch_mask, mask_voters=True, num_sms=sms,
+                                 cluster=cluster, **kw)
+    assert lib.clustered == cluster
+    check_selection(want_idx, patches, task, task_mask, patch_mask)
+    check_prune(want, patches, want_idx, patch_mask, kw.get("keep_tokens"), True, kw.get("max_tokens"))
+    for seed in (1, 2, 3):
+        monkeypatch.setenv("FASTPRUNE_EMU_BLOCK_ORDER", str(seed))
+        out, idx, got_split = lib(op, patches, task, task_mask, patch_mask, mask_voters=True, num_sms=sms,
+                                  cluster=cluster, **kw)
+        assert got_split == ksplit and torch.equal(idx, want_idx)
+        assert all(torch.equal(a, b) for a, b in zip(out, want)), seed
+
+
 @pytest.mark.parametrize("ws_word", [2, 2**64 - 1, 0x5A17C3E90B6D0000])
 @pytest.mark.parametrize("D", [256, 203])  # 16-byte and scalar loads in kernel A
 def test_emulated_workspace_needs_no_zeroing(emu, ws_word, D):
@@ -660,6 +704,27 @@ def test_emulator_orders_warps_only_at_barriers(emu):
     stale = torch.cat([t < 32, t >= 32])
     assert torch.equal(out[~stale], want[~stale])
     assert torch.equal(out[stale] - want[stale], torch.full((64,), 1000.0) * torch.cat([torch.ones(32), -torch.ones(32)]))
+
+
+@pytest.mark.parametrize("kind,past,report", [(0, 8, "store to misaligned address"),
+                                              (1, 1, "index 64 out of bounds for type 'float [64]'")])
+def test_emulator_stops_at_undefined_behaviour(builds, emu, kind, past, report):
+    """The emulator is built with UBSan (ubsan_flags): a 16-byte store 8 bytes past an aligned
+    shared address, and a store one past a 64-float shared array, end the process with the
+    sanitizer's report; the same probe in bounds and aligned runs clean."""
+    if not builds.ubsan:
+        pytest.skip(f"{CXX} does not link UBSan's runtime")
+    lib = builds.dirs["root"] / "emu_fma.so"
+    probe = ("import ctypes, sys, torch; lib = ctypes.CDLL(sys.argv[1]); out = torch.zeros(64); "
+             "lib.fp_emu_ub_probe(int(sys.argv[2]), int(sys.argv[3]), ctypes.c_void_p(out.data_ptr())); print('done')")
+    for p in (0, past):
+        proc = subprocess.run([sys.executable, "-c", probe, str(lib), str(kind), str(p)], capture_output=True,
+                              text=True, timeout=120)
+        if p == 0:
+            assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+        else:
+            assert proc.returncode != 0 and "done" not in proc.stdout, proc.stdout
+            assert report in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("path", ["mma", "fma"])

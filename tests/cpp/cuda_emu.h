@@ -1,15 +1,15 @@
 // A small CUDA emulator for testing kernels/prune_cuda.cu on a machine without a GPU.
 //
 // Every CUDA thread of a block is a fiber on one host thread; clusters of a launch run one after
-// the other (a plain launch: clusters of one block, so `__shared__` becomes `static`), the blocks
-// of a cluster run together, each with its own dynamic shared memory (fp_dyn_smem; a cluster
-// kernel keeps all of its shared memory there), a block's warps run one at a time between its
-// barriers (so a missing one shows), __syncthreads is a barrier of the block's fibers
-// and fp_cluster_sync one of the cluster's (a divergent one deadlocks and aborts), warp shuffles
-// exchange through per-warp slots between two warp barriers, and wmma fragments are whole 16x16
-// tiles held by every lane (lane 0 stores). It checks index/bound/synchronisation logic and
-// results; it says nothing about timing, memory-model subtleties across blocks that run
-// concurrently, or the real wmma layout.
+// the other, in grid order or shuffled (launch; a plain launch: clusters of one block, so
+// `__shared__` becomes `static`), the blocks of a cluster run together, each with its own
+// dynamic shared memory (fp_dyn_smem; a cluster kernel keeps all of its shared memory there), a
+// block's warps run one at a time between its barriers (so a missing one shows), __syncthreads
+// is a barrier of the block's fibers and fp_cluster_sync one of the cluster's (a divergent one
+// deadlocks and aborts), warp shuffles exchange through per-warp slots between two warp
+// barriers, and wmma fragments are whole 16x16 tiles held by every lane (lane 0 stores). It
+// checks index/bound/synchronisation logic and results; it says nothing about timing,
+// memory-model subtleties across blocks that run concurrently, or the real wmma layout.
 #pragma once
 
 #include <ucontext.h>
@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <vector>
 
 #define __global__
@@ -37,7 +38,9 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint4 {
+// 16-byte aligned as CUDA's own (a vector access elsewhere faults on the GPU): the emulator is
+// built with UBSan, whose alignment check then stops at it (test_emulator_stops_at_undefined_behaviour).
+struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
@@ -176,6 +179,11 @@ inline void run_cluster() {
 // Runs every cluster of the grid in turn: cluster_y blocks along y (grid.y a multiple of it),
 // smem_bytes of dynamic shared memory each, filled with 0xff bytes (NaN as floats) so that a
 // read of shared memory nobody wrote shows up in the results.
+//
+// In grid order, or, with FASTPRUNE_EMU_BLOCK_ORDER=<seed> (not 0) in the environment, in an
+// order shuffled by that seed: the GPU runs blocks in no set order, and in grid order the last
+// block to arrive at a counter is always the last one of its row tile or sample, so a finishing
+// step that worked only for that block would pass (test_emulated_block_order_does_not_matter).
 inline void launch(const std::function<void()>& body, dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes) {
   if (cluster_y == 0 || grid.y % cluster_y != 0) {
     std::fprintf(stderr, "cuda_emu: grid.y %u is not a multiple of the cluster's %u blocks\n", grid.y, cluster_y);
@@ -186,22 +194,29 @@ inline void launch(const std::function<void()>& body, dim3 grid, dim3 block, uns
   g_grid_dim = grid;
   g_body = body;
   g_blocks.assign(cluster_y, Block{});
+  std::vector<dim3> origins;  // each cluster's first block
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y0 = 0; y0 < grid.y; y0 += cluster_y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        for (unsigned r = 0; r < cluster_y; ++r) {
-          Block& b = g_blocks[r];
-          b.idx = dim3(x, y0 + r, z);
-          b.barrier = Barrier{per, 0, 0};
-          b.warp_barriers.assign(warps, Barrier{32, 0, 0});
-          b.slots.assign(warps * 32, 0);
-          b.sync_acc = 0;
-          b.smem_buf.assign(smem_bytes + 128, 0xff);
-          b.smem = b.smem_buf.data() + (128 - reinterpret_cast<uintptr_t>(b.smem_buf.data()) % 128);
-          b.smem_bytes = smem_bytes;
-        }
-        run_cluster();
-      }
+      for (unsigned x = 0; x < grid.x; ++x) origins.emplace_back(x, y0, z);
+  const char* order = std::getenv("FASTPRUNE_EMU_BLOCK_ORDER");
+  if (order != nullptr && std::strtoull(order, nullptr, 10) != 0) {
+    std::mt19937_64 rng(std::strtoull(order, nullptr, 10));
+    std::shuffle(origins.begin(), origins.end(), rng);
+  }
+  for (const dim3 o : origins) {
+    for (unsigned r = 0; r < cluster_y; ++r) {
+      Block& b = g_blocks[r];
+      b.idx = dim3(o.x, o.y + r, o.z);
+      b.barrier = Barrier{per, 0, 0};
+      b.warp_barriers.assign(warps, Barrier{32, 0, 0});
+      b.slots.assign(warps * 32, 0);
+      b.sync_acc = 0;
+      b.smem_buf.assign(smem_bytes + 128, 0xff);
+      b.smem = b.smem_buf.data() + (128 - reinterpret_cast<uintptr_t>(b.smem_buf.data()) % 128);
+      b.smem_bytes = smem_bytes;
+    }
+    run_cluster();
+  }
 }
 }  // namespace emu
 

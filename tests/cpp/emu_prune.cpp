@@ -84,3 +84,25 @@ __global__ void barrier_probe_kernel(int with_barrier, float* out) {
 extern "C" void fp_emu_barrier_probe(int with_barrier, float* out) {
   emu::launch([&] { barrier_probe_kernel(with_barrier, out); }, dim3(2), dim3(64), 1, 0);
 }
+
+// The sanitizer's own check (test_emulator_stops_at_undefined_behaviour): a 16-byte store 8
+// bytes past an aligned address (kind 0), or a shared-memory index one past the array (kind 1),
+// which the GPU faults on or lets corrupt its neighbour. Built with UBSan, either ends the
+// process with a report.
+namespace {
+__global__ void ub_probe_kernel(int kind, int past, float* out) {
+  __shared__ float slot[64];
+  __shared__ uint4 vec[2];
+  const int t = static_cast<int>(threadIdx.x);
+  if (kind == 0) {
+    *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(vec) + past) = make_uint4(1u, 2u, 3u, 4u);
+  } else {
+    slot[t + past] = 1.f;
+  }
+  out[t] = slot[t % 64] + static_cast<float>(vec[0].x);
+}
+}  // namespace
+
+extern "C" void fp_emu_ub_probe(int kind, int past, float* out) {
+  emu::launch([&] { ub_probe_kernel(kind, past, out); }, dim3(1), dim3(64), 1, 0);
+}
