@@ -423,6 +423,41 @@ def test_scores_arrival_counters_need_no_zeroed_scratch(monkeypatch, before):
 
 
 @interp
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_program_order_does_not_matter(monkeypatch, seed):
+    """The interpreter runs a launch's programs in grid order, so the last program to arrive at
+    a scores-kernel row-tile counter or a select-kernel sample counter is always the last of its
+    group, and a finishing step that worked only for that program would pass. Here each launch's
+    program ids are handed out in a shuffled order (the interpreter's set_grid_idx): with D in 3
+    slices and 3 column splits, every output is bit for bit the grid order's."""
+    from triton.runtime import interpreter as I
+
+    from pi05_fastprune.kernels import prune_triton as K
+
+    patches, task, task_mask, patch_mask = make_case("masks", seed=8)
+    args = (patches, task, task_mask, patch_mask)
+    with K.tuning(ksplit=3, bk=16, n_split=3, bm2=16, bn2=16):
+        want_idx = ops.triton_select(*args, True)
+        want = [ops.triton_prune(*args, None, False), ops.triton_prune_padded(*args, 5, 9, True)]
+        g = torch.Generator().manual_seed(seed)
+        real = I.InterpreterBuilder.set_grid_idx
+        order = []
+
+        def shuffled(self, x, y, z):
+            nx, ny, nz = self.grid_dim
+            if (x, y, z) == (0, 0, 0):  # a new launch
+                order[:] = torch.randperm(nx * ny * nz, generator=g).tolist()
+            f = order[(x * ny + y) * nz + z]
+            real(self, f // (ny * nz), f // nz % ny, f % nz)
+
+        monkeypatch.setattr(I.InterpreterBuilder, "set_grid_idx", shuffled)
+        assert torch.equal(ops.triton_select(*args, True), want_idx)
+        assert_same(ops.triton_prune(*args, None, False), want[0])
+        assert_same(ops.triton_prune_padded(*args, 5, 9, True), want[1])
+    assert order, "the launches went through the shuffled set_grid_idx"
+
+
+@interp
 def test_launch_parameters_do_not_change_results():
     """The launch parameters the GPU sweep (bench/tune_triton.py) varies leave the outputs as they
     are: tile sizes, column splits (1 = no merge across programs), D slices (1 = no partials to
