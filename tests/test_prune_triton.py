@@ -428,8 +428,10 @@ def test_program_order_does_not_matter(monkeypatch, seed):
     """The interpreter runs a launch's programs in grid order, so the last program to arrive at
     a scores-kernel row-tile counter or a select-kernel sample counter is always the last of its
     group, and a finishing step that worked only for that program would pass. Here each launch's
-    program ids are handed out in a shuffled order (the interpreter's set_grid_idx): with D in 3
-    slices and 3 column splits, every output is bit for bit the grid order's."""
+    program ids are handed out in a shuffled order (the interpreter's set_grid_idx), on scratch
+    that starts NaN up to the arrival counters (a partial read before it was written shows,
+    rather than an earlier call's equal one): with D in 3 slices and 3 column splits, every
+    output is bit for bit the grid order's."""
     from triton.runtime import interpreter as I
 
     from pi05_fastprune.kernels import prune_triton as K
@@ -450,7 +452,15 @@ def test_program_order_does_not_matter(monkeypatch, seed):
             f = order[(x * ny + y) * nz + z]
             real(self, f // (ny * nz), f // nz % ny, f % nz)
 
+        real_scratch = K._scratch
+
+        def poisoned(cfg, dev):
+            ws = real_scratch(cfg, dev)
+            ws[: cfg.arrived_at].fill_(float("nan"))
+            return ws
+
         monkeypatch.setattr(I.InterpreterBuilder, "set_grid_idx", shuffled)
+        monkeypatch.setattr(K, "_scratch", poisoned)
         assert torch.equal(ops.triton_select(*args, True), want_idx)
         assert_same(ops.triton_prune(*args, None, False), want[0])
         assert_same(ops.triton_prune_padded(*args, 5, 9, True), want[1])
