@@ -727,6 +727,25 @@ def test_emulator_stops_at_undefined_behaviour(builds, emu, kind, past, report):
             assert report in proc.stderr, proc.stderr[-2000:]
 
 
+def test_emulator_refuses_what_the_gpu_refuses(builds, emu):
+    """A cluster launch with more dynamic shared memory than its opt-in, an opt-in past 227 KB,
+    or more than 8 blocks a cluster aborts the emulator, as the GPU would refuse it; the largest
+    launch the GPU takes runs."""
+    lib = builds.dirs["root"] / "emu_fma.so"
+    probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); "
+             "lib.fp_emu_launch_probe(ctypes.c_int64(int(sys.argv[2])), ctypes.c_int64(int(sys.argv[3])), "
+             "int(sys.argv[4])); print('done')")
+    kb = 1024
+    for smem, opt_in, cluster, ok in ((227 * kb, 227 * kb, 8, True), (100 * kb + 4, 100 * kb, 2, False),
+                                      (100 * kb, 228 * kb, 2, False), (1 * kb, 1 * kb, 16, False)):
+        proc = subprocess.run([sys.executable, "-c", probe, str(lib), str(smem), str(opt_in), str(cluster)],
+                              capture_output=True, text=True, timeout=120)
+        if ok:
+            assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+        else:
+            assert proc.returncode != 0 and "cluster launch refused" in proc.stderr, (smem, opt_in, cluster)
+
+
 @pytest.mark.parametrize("path", ["mma", "fma"])
 def test_emulated_nan_column_never_wins(emu, path):
     """The merge ranks NaN below every number (test_prune.assert_nan_columns_never_win). The NaN

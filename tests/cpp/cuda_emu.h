@@ -451,9 +451,16 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, b
                Actual... args) {
   emu::launch([&] { kernel(args...); }, grid, block, 1, 0);
 }
+// A launch the GPU refuses aborts here: more dynamic shared memory than the kernel's opt-in
+// (smem_max), an opt-in past sm_90's 227 KB per block, or a cluster past the portable 8 blocks.
 template <typename... Params, typename... Actual>
 void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
-                       size_t /*smem_max: no opt-in here*/, cudaStream_t, Actual... args) {
+                       size_t smem_max, cudaStream_t, Actual... args) {
+  if (smem_bytes > smem_max || smem_max > 227 * 1024 || cluster_y > 8) {
+    std::fprintf(stderr, "emu: cluster launch refused: %zu bytes of shared memory (opt-in %zu), %u blocks a cluster\n",
+                 smem_bytes, smem_max, cluster_y);
+    std::abort();
+  }
   emu::launch([&] { kernel(args...); }, grid, block, cluster_y, smem_bytes);
 }
 }  // namespace fastprune_cuda

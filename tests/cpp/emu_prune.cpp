@@ -106,3 +106,15 @@ __global__ void ub_probe_kernel(int kind, int past, float* out) {
 extern "C" void fp_emu_ub_probe(int kind, int past, float* out) {
   emu::launch([&] { ub_probe_kernel(kind, past, out); }, dim3(1), dim3(64), 1, 0);
 }
+
+// The launch check's own test (test_emulator_refuses_what_the_gpu_refuses): a cluster launch of an
+// empty kernel with the given shared memory, opt-in and cluster size.
+namespace {
+__global__ void empty_kernel() {}
+}  // namespace
+
+extern "C" void fp_emu_launch_probe(int64_t smem_bytes, int64_t smem_max, int cluster_y) {
+  fastprune_cuda::fp_launch_cluster(empty_kernel, dim3(1, static_cast<unsigned>(cluster_y)), dim3(32),
+                                    static_cast<unsigned>(cluster_y), static_cast<size_t>(smem_bytes),
+                                    static_cast<size_t>(smem_max), nullptr);
+}
