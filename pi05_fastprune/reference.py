@@ -151,7 +151,8 @@ def gather_pad(patches: torch.Tensor, keep: torch.Tensor, width: Optional[int] =
     kept_mask = torch.arange(K, device=patches.device)[None, :] < counts[:, None]
     kept_idx = torch.where(kept_mask, order, 0)
     pruned = torch.gather(patches, 1, kept_idx[..., None].expand(B, K, D))
-    pruned = pruned * kept_mask[..., None].to(patches.dtype)
+    # Padding rows gathered patch 0: zero them (a product with the mask left inf * 0 = NaN there).
+    pruned = pruned.masked_fill(~kept_mask[..., None], 0)
     return PruneResult(pruned, kept_mask, kept_idx, counts)
 
 

@@ -261,6 +261,20 @@ def test_nonfinite_inputs_do_not_crash(value):
     assert ((idx >= 0) & (idx < 40)).all()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_padding_rows_are_zeros_whatever_patch_0_holds(value):
+    """Padding rows are zeros (SPEC "Output"), also where patch 0 (what they gather from in the
+    reference) is not finite: the reference once padded with patch 0 times 0, NaN there."""
+    g = torch.Generator().manual_seed(0)
+    patches, task = torch.randn(2, 5, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    patches[0, 0, 1] = value
+    idx = torch.tensor([[2, 2, 2, 2, 2], [0, 1, 2, 3, 4]])  # sample 0 keeps 1 patch, sample 1 all 5
+    ref = R.prune_from_idx(patches, idx)
+    assert ref.pruned.shape == (2, 5, 4) and torch.equal(ref.pruned[0, 1:], torch.zeros(4, 4))
+    out = fp.prune_tokens(patches, task, max_tokens=5, backend="cpu")
+    assert torch.equal(out.pruned[~out.kept_mask], torch.zeros(int((~out.kept_mask).sum()), 4))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     B=st.integers(1, 3),
