@@ -222,6 +222,25 @@ def test_ties_across_column_groups_pick_lowest_index():
     assert (idx < 80).all()
 
 
+@pytest.mark.parametrize("N", [129, 257, 769])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_last_patch_equal_to_an_earlier_one_never_wins(N, dtype):
+    """N % 128 == 1 leaves the CPU kernel's last row tile one row high, a matrix-vector product
+    whose sums round differently from the other tiles': S of the last patch, a copy of patch 99,
+    came out a few ulps off its twin's, and up to 243 of 769 rows picked it over the lower index.
+    Every row pointed to by the prompt (built around patch 99) ties exactly in float64."""
+    g = torch.Generator().manual_seed(0)
+    D, T = 64, 62
+    patches = torch.randn(1, N, D, generator=g)
+    patches[0, N - 1] = patches[0, 99]
+    patches = patches.to(dtype)
+    task = (patches[:, 99:100].float() * 3 + torch.randn(1, T, D, generator=g)).to(dtype)
+    truth = R.truth_scores(patches, task)[0]
+    assert (truth.argmax(-1) == 99).sum() > N // 2, "the twins are not what most rows point to"
+    idx = fp.select_tokens(patches, task, backend="cpu")
+    assert not (idx == N - 1).any()
+
+
 def test_a_nan_column_never_wins():
     """The CPU kernel's row argmax passes over NaN. The NaN columns sit where its 8 maximum chains
     start (0, 8, 17), end (63: the last of the first 64-column group) and in the second group,
