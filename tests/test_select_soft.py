@@ -178,6 +178,20 @@ def surrogate_check(patches, task, tm, pm, ns, noise=None, seed=None, backend="c
 
 
 @not_interp
+def test_a_last_patch_equal_to_an_earlier_one_never_wins():
+    """Without noise the forward is the row argmax, lowest index on an exact tie. N = 1025 leaves
+    the CPU kernel's last 128-row chunk one row high, a matrix-vector product that rounded that
+    row's scores differently: it picked the last patch, a copy of patch 99, over patch 99."""
+    g = torch.Generator().manual_seed(0)
+    N, D, T = 1025, 64, 62
+    patches = torch.randn(1, N, D, generator=g)
+    patches[0, N - 1] = patches[0, 99]
+    task = patches[:, 99:100] * 3 + torch.randn(1, T, D, generator=g)
+    assert (R.truth_scores(patches, task)[0].argmax(-1) == 99).sum() > N // 2
+    _, idx = SS.select_soft(patches, task, noise_scale=0.0)
+    assert not (idx == N - 1).any()
+
+
 def test_gradcheck_float64_explicit_noise():
     g = torch.Generator().manual_seed(3)
     B, N, T, D = 2, 6, 5, 8
