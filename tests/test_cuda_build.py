@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from pi05_fastprune import reference as R
-from pi05_fastprune.prune import select_tokens
 from pi05_fastprune.structured import structured_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -596,7 +595,7 @@ def test_emulated_workspace_needs_no_zeroing(emu, ws_word, D):
 def test_emulated_inputs_far_below_the_rmsnorm_eps(emu, rms):
     """Patches and prompt scaled far below RMSNorm's eps shrink S by (rms / 1e-3)^2. Down to
     3e-7 the selection holds; at 1e-7 (a fuzz run's case) rows miss the float64 maximum (64 of
-    384 on the tensor-core path), while the CPU kernel and the fp32 reference keep every row. A known
+    384 on the tensor-core path), while the CPU kernel keeps every row (test_prune.py). A known
     limit, not met by the Triton kernels either (test_prune_triton)."""
     off = 0
     for seed in range(3):
@@ -606,7 +605,6 @@ def test_emulated_inputs_far_below_the_rmsnorm_eps(emu, rms):
         for build in ("mma", "fma"):
             idx, _ = emu[build]("select", patches, task, num_sms=4)
             off += int(R.selection_errors(idx, patches, task).sum())
-        assert not R.selection_errors(select_tokens(patches, task, backend="cpu"), patches, task).any()
     assert off == 0, f"{off} of {2 * 3 * 2 * 64} rows off the float64 maximum"
 
 

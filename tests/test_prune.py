@@ -241,6 +241,18 @@ def test_a_last_patch_equal_to_an_earlier_one_never_wins(N, dtype):
     assert not (idx == N - 1).any()
 
 
+@pytest.mark.parametrize("p_rms,t_rms", [(1e-7, 1e-7), (1.0, 1e-10), (1e-10, 1e-10)])
+def test_inputs_far_below_the_rmsnorm_eps(p_rms, t_rms):
+    """Rows whose mean square is far below RMSNorm's eps shrink S by orders of magnitude; the CPU
+    kernel keeps every row at any scale (the GPU kernels do not below ~3e-7: README "Known
+    limit", test_emulated_inputs_far_below_the_rmsnorm_eps)."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        patches = torch.randn(2, 64, 64, generator=g) * p_rms
+        task = torch.randn(2, 16, 64, generator=g) * t_rms
+        assert not R.selection_errors(fp.select_tokens(patches, task, backend="cpu"), patches, task).any()
+
+
 def test_a_nan_column_never_wins():
     """The CPU kernel's row argmax passes over NaN. The NaN columns sit where its 8 maximum chains
     start (0, 8, 17), end (63: the last of the first 64-column group) and in the second group,
