@@ -129,10 +129,7 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   parallel_ops(0, B * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
-      // A one-row product is a matrix-vector one, whose sums come out rounded differently from
-      // the other tiles': a last tile of one row takes the row before along, so that equal
-      // patches get bit-equal rows of S and an exact tie still goes to the lower index.
-      const int64_t c0 = r1 - r0 == 1 && r0 > 0 ? r0 - 1 : r0;
+      const int64_t c0 = tile_product_start(r0, r1);
       // rms(P) Tn^T = diag(1/rms(P)) (P Tn^T): scale the product's rows, not the tile.
       auto p = patches[b].slice(0, c0, r1).to(acc_type(patches));
       auto s = at::mm(p, tn_t[b]).mul_(inv_rms(p)).slice(0, r0 - c0);
@@ -158,7 +155,7 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   parallel_ops(0, B * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
-      const int64_t c0 = r1 - r0 == 1 && r0 > 0 ? r0 - 1 : r0;  // no one-row product (as above)
+      const int64_t c0 = tile_product_start(r0, r1);
       auto c = at::mm(A[b].slice(0, c0, r1), s_allowed_t[b]).slice(0, r0 - c0).contiguous();
       int64_t* out = idx_ptr + b * N + r0;
       if (c.scalar_type() == at::kDouble)

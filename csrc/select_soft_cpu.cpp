@@ -176,9 +176,7 @@ Sample prepare(const at::Tensor& patches, const at::Tensor& task,
 at::Tensor noisy_scores(const Sample& s, const NoiseSpec& ns, int64_t b, int64_t r0, int64_t r1,
                         double inv_sqrt_d, at::Tensor* Z_out) {
   const int64_t N = s.S.size(0);
-  // No one-row product: as a matrix-vector one its sums round differently, and a patch equal to
-  // an earlier one could then outscore it (prune_cpu.cpp's select_rows).
-  const int64_t c0 = r1 - r0 == 1 && r0 > 0 ? r0 - 1 : r0;
+  const int64_t c0 = tile_product_start(r0, r1);
   auto Z = at::mm(s.A.slice(0, c0, r1), s.S.t()).slice(0, r0 - c0);
   auto score = Z * (s.c.slice(0, r0, r1) * inv_sqrt_d).unsqueeze(1);
   if (ns.scale != 0.0) score.add_(noise_rows(ns, b, r0, r1, N, score.options()), ns.scale);

@@ -728,6 +728,14 @@ def test_emulator_orders_warps_only_at_barriers(emu):
     assert torch.equal(out[stale] - want[stale], torch.full((64,), 1000.0) * torch.cat([torch.ones(32), -torch.ones(32)]))
 
 
+def run_probe(builds, call, *args):
+    """`call` on the FMA emulator library (`lib`, its arguments `a`) in a child process, which
+    an emulator check may abort; it prints "done" when the call returns."""
+    code = f"import ctypes, sys, torch; lib = ctypes.CDLL(sys.argv[1]); a = sys.argv[2:]; {call}; print('done')"
+    return subprocess.run([sys.executable, "-c", code, str(builds.dirs["root"] / "emu_fma.so"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("kind,past,report", [(0, 8, "store to misaligned address"),
                                               (1, 1, "index 64 out of bounds for type 'float [64]'")])
 def test_emulator_stops_at_undefined_behaviour(builds, emu, kind, past, report):
@@ -736,12 +744,9 @@ def test_emulator_stops_at_undefined_behaviour(builds, emu, kind, past, report):
     sanitizer's report; the same probe in bounds and aligned runs clean."""
     if not builds.ubsan:
         pytest.skip(f"{CXX} does not link UBSan's runtime")
-    lib = builds.dirs["root"] / "emu_fma.so"
-    probe = ("import ctypes, sys, torch; lib = ctypes.CDLL(sys.argv[1]); out = torch.zeros(64); "
-             "lib.fp_emu_ub_probe(int(sys.argv[2]), int(sys.argv[3]), ctypes.c_void_p(out.data_ptr())); print('done')")
     for p in (0, past):
-        proc = subprocess.run([sys.executable, "-c", probe, str(lib), str(kind), str(p)], capture_output=True,
-                              text=True, timeout=120)
+        proc = run_probe(builds, "lib.fp_emu_ub_probe(int(a[0]), int(a[1]), ctypes.c_void_p(torch.zeros(64).data_ptr()))",
+                         kind, p)
         if p == 0:
             assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
         else:
@@ -753,15 +758,11 @@ def test_emulator_refuses_what_the_gpu_refuses(builds, emu):
     """A cluster launch with more dynamic shared memory than its opt-in, an opt-in past 227 KB,
     or more than 8 blocks a cluster aborts the emulator, as the GPU would refuse it; the largest
     launch the GPU takes runs."""
-    lib = builds.dirs["root"] / "emu_fma.so"
-    probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); "
-             "lib.fp_emu_launch_probe(ctypes.c_int64(int(sys.argv[2])), ctypes.c_int64(int(sys.argv[3])), "
-             "int(sys.argv[4])); print('done')")
     kb = 1024
     for smem, opt_in, cluster, ok in ((227 * kb, 227 * kb, 8, True), (100 * kb + 4, 100 * kb, 2, False),
                                       (100 * kb, 228 * kb, 2, False), (1 * kb, 1 * kb, 16, False)):
-        proc = subprocess.run([sys.executable, "-c", probe, str(lib), str(smem), str(opt_in), str(cluster)],
-                              capture_output=True, text=True, timeout=120)
+        proc = run_probe(builds, "lib.fp_emu_launch_probe(ctypes.c_int64(int(a[0])), ctypes.c_int64(int(a[1])), int(a[2]))",
+                         smem, opt_in, cluster)
         if ok:
             assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
         else:
