@@ -6,7 +6,8 @@ against a 40 us target).
     python bench/host_prune.py --out DIR        # GPU: both backends; CPU: the CPU op only
     python bench/host_prune.py --out DIR --fake-driver   # CPU: the Triton path's host side
 
-Layers timed (median wall time per call from a synced start, as harness.host_latency):
+Layers timed (wall time per call from a synced start: median, p20, p80; every layer of every
+backend measured interleaved, harness.host_times):
 - ``api``        prune_tokens(..., max_tokens, backend): the Python API (checks; Triton: eager
                  calls go to the ``op`` on CUDA, elsewhere launch the kernels, triton_ops.call)
 - ``op``         torch.ops.fastprune.prune_padded(..., backend): the C++ dispatcher entry (Triton on
@@ -130,25 +131,31 @@ def _measure(args, out: pathlib.Path, device: torch.device) -> int:
     N = shape["n_cameras"] * shape["patches_per_camera"]
     cap = max(1, N // 3)
     backends = ["triton"] if args.fake_driver else ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
-    rows, md = [], ["| backend | layer | host µs per call |", "|---|---|---|"]
+    fns = {}
     for backend in backends:
         try:
-            fns = layers(backend, inp, cap)
-            for fn in fns.values():  # compile and warm up
+            fns[backend] = layers(backend, inp, cap)
+            for fn in fns[backend].values():  # compile and warm up
                 for _ in range(3):
                     fn()
         except Exception as e:  # e.g. _C built without the CUDA kernels
+            fns.pop(backend, None)
             print(f"[host] {backend}: not available ({str(e).splitlines()[0][:120]})", flush=True)
-            continue
-        for layer, fn in fns.items():
-            us = H.host_latency(fn, device, args.reps)
-            rows.append({"backend": backend, "layer": layer, "host_us": us})
-            md.append(f"| {backend} | {layer} | {us:.1f} |")
-            print(f"[host] {backend:7s} {layer:10s} {us:8.1f} us", flush=True)
+    # Every layer of every backend in one interleaved measurement (harness.host_times).
+    times = H.host_times({(b, layer): fn for b, layer_fns in fns.items() for layer, fn in layer_fns.items()},
+                         device, args.reps)
+    rows = []
+    md = ["| backend | layer | host µs per call | p20 | p80 |", "|---|---|---|---|---|"]
+    for (backend, layer), ts in times.items():
+        med, p20, p80 = H._quantiles(ts)
+        rows.append({"backend": backend, "layer": layer, "host_us": med, "p20_us": p20, "p80_us": p80})
+        md.append(f"| {backend} | {layer} | {med:.1f} | {p20:.1f} | {p80:.1f} |")
+        print(f"[host] {backend:7s} {layer:10s} {med:8.1f} us (p20 {p20:.1f}, p80 {p80:.1f})", flush=True)
+    for backend, layer_fns in fns.items():
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.reps):
-            fns["api"]()
+            layer_fns["api"]()
         prof.disable()
         H._sync(device)
         text = io.StringIO()
