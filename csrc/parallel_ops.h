@@ -24,10 +24,4 @@ void parallel_ops(int64_t begin, int64_t end, const F& body) {
   });
 }
 
-// The first row of the product that yields rows [r0, r1) of a row tile. A one-row product is a
-// matrix-vector one, whose sums round differently from the other tiles': a last tile of one row
-// takes the row before along (the caller drops it), so that equal patches get bit-equal rows and
-// an exact tie still goes to the lower index.
-inline int64_t tile_product_start(int64_t r0, int64_t r1) { return r1 - r0 == 1 && r0 > 0 ? r0 - 1 : r0; }
-
 }  // namespace fastprune

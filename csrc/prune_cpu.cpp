@@ -18,6 +18,7 @@
 
 #include "eval_ops.h"
 #include "parallel_ops.h"
+#include "ties.h"
 
 namespace fastprune {
 namespace {
@@ -123,23 +124,23 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
     tn_t[b] = (t * inv_rms(t)).t().contiguous();
     S[b] = at::empty({N, (int64_t)valid.size()}, patches.options().dtype(acc_type(patches)));
     A[b] = at::empty_like(S[b]);
-    allowed[b] = true_indices(patch_mask, b, N, /*fallback_all=*/false);
+    allowed[b] = without_later_copies(patches[b], true_indices(patch_mask, b, N, /*fallback_all=*/false));
   }
 
   parallel_ops(0, B * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
-      const int64_t c0 = tile_product_start(r0, r1);
       // rms(P) Tn^T = diag(1/rms(P)) (P Tn^T): scale the product's rows, not the tile.
-      auto p = patches[b].slice(0, c0, r1).to(acc_type(patches));
-      auto s = at::mm(p, tn_t[b]).mul_(inv_rms(p)).slice(0, r0 - c0);
+      auto p = patches[b].slice(0, r0, r1).to(acc_type(patches));
+      auto s = at::mm(p, tn_t[b]).mul_(inv_rms(p));
       S[b].slice(0, r0, r1).copy_(s);
       A[b].slice(0, r0, r1).copy_(at::softmax(s * inv_sqrt_d, -1));
     }
   });
 
-  // Only the allowed columns of S take part; keeping them in index order makes the first
-  // maximum of a compacted row the lowest allowed j. Transposed: [Tv, allowed].
+  // Only the allowed columns of S take part, less the later copies of a patch (ties.h); keeping
+  // them in index order makes the first maximum of a compacted row the lowest such j.
+  // Transposed: [Tv, allowed].
   std::vector<at::Tensor> s_allowed_t(B);
   for (int64_t b = 0; b < B; ++b) {
     if ((int64_t)allowed[b].size() == N) {
@@ -155,8 +156,7 @@ at::Tensor select_rows(const at::Tensor& patches_in, const at::Tensor& task,
   parallel_ops(0, B * tiles, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / tiles, r0 = (w % tiles) * kRowTile, r1 = std::min(N, r0 + kRowTile);
-      const int64_t c0 = tile_product_start(r0, r1);
-      auto c = at::mm(A[b].slice(0, c0, r1), s_allowed_t[b]).slice(0, r0 - c0).contiguous();
+      auto c = at::mm(A[b].slice(0, r0, r1), s_allowed_t[b]);
       int64_t* out = idx_ptr + b * N + r0;
       if (c.scalar_type() == at::kDouble)
         row_argmax<double>(c, allowed[b], out);

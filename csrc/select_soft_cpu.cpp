@@ -30,6 +30,7 @@
 #include "backend.h"
 #include "parallel_ops.h"
 #include "prune_checks.h"
+#include "ties.h"
 
 namespace fastprune {
 namespace {
@@ -176,8 +177,7 @@ Sample prepare(const at::Tensor& patches, const at::Tensor& task,
 at::Tensor noisy_scores(const Sample& s, const NoiseSpec& ns, int64_t b, int64_t r0, int64_t r1,
                         double inv_sqrt_d, at::Tensor* Z_out) {
   const int64_t N = s.S.size(0);
-  const int64_t c0 = tile_product_start(r0, r1);
-  auto Z = at::mm(s.A.slice(0, c0, r1), s.S.t()).slice(0, r0 - c0);
+  auto Z = at::mm(s.A.slice(0, r0, r1), s.S.t());
   auto score = Z * (s.c.slice(0, r0, r1) * inv_sqrt_d).unsqueeze(1);
   if (ns.scale != 0.0) score.add_(noise_rows(ns, b, r0, r1, N, score.options()), ns.scale);
   score.masked_fill_(s.allowed.logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
@@ -187,7 +187,9 @@ at::Tensor noisy_scores(const Sample& s, const NoiseSpec& ns, int64_t b, int64_t
 
 // Runs body(b) for every sample: one sample per thread when there are enough samples (ATen ops
 // inside then run single-threaded: one barrier per call, not one per op), else samples in turn
-// with intra-op parallel ATen ops. A sample is computed the same way in both cases.
+// with intra-op parallel ATen ops. Both run the same ops on a sample, but its values can round
+// differently between them (ATen's parallel reductions split their sums by thread): a fuzz run
+// saw gradients of one sample differ by ~1e-7 relative alone (B=1) and within a batch of 4.
 // FASTPRUNE_SAMPLE_PARALLEL=0 forces the second mode (for comparisons).
 template <typename F>
 void for_samples(int64_t B, const F& body) {
@@ -238,11 +240,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_soft_rows(
   auto lse = at::empty({B, N}, patches.options().dtype(acc));
   for_samples(B, [&](int64_t b) {
     const Sample s = prepare(patches, task, task_mask, patch_mask, b, acc);
+    // Without noise a later copy of a patch ties with the original: it may not win (ties.h).
+    std::optional<at::Tensor> not_winners;
+    if (ns.scale == 0.0) {
+      const auto allowed = s.allowed.nonzero().flatten();
+      const std::vector<int64_t> cols(allowed.data_ptr<int64_t>(), allowed.data_ptr<int64_t>() + allowed.numel());
+      const auto winners = without_later_copies(patches[b], cols);
+      if (winners.size() < cols.size()) {
+        auto w = at::from_blob(const_cast<int64_t*>(winners.data()), {(int64_t)winners.size()}, at::kLong);
+        not_winners = at::ones({N}, s.allowed.options()).index_fill_(0, w, false);
+      }
+    }
     for (int64_t r0 = 0; r0 < N; r0 += kChunk) {
       const int64_t r1 = std::min(N, r0 + kChunk);
       auto score = noisy_scores(s, ns, b, r0, r1, inv_sqrt_d, nullptr);
+      const auto hard = not_winners ? score.masked_fill(not_winners->unsqueeze(0), -std::numeric_limits<double>::infinity())
+                                    : score;
       // torch.argmax: first maximal index (NaN counts as maximal; never out of range).
-      idx[b].slice(0, r0, r1).copy_(score.argmax(-1));
+      idx[b].slice(0, r0, r1).copy_(hard.argmax(-1));
       lse[b].slice(0, r0, r1).copy_(at::logsumexp(score, -1));
     }
     selected[b].copy_(patches[b].index_select(0, idx[b]));

@@ -28,6 +28,23 @@ def last_kept(model):
     )
 
 
+def copied_patch_case(seed: int):
+    """A small random shape (N 2-69, D 1-129, T 1-39, fp32) whose patch b is a copy of an earlier
+    patch a, with the prompt pointed at it: their scores tie exactly in every row, so SPEC's rule
+    gives a, never b. Returns (patches [1, N, D], task [1, T, D], a, b)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    N, D, T = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 70), (1, 130), (1, 40)))
+    patches = torch.randn(1, N, D, generator=g)
+    task = torch.randn(1, T, D, generator=g)
+    a = int(torch.randint(0, N - 1, (1,), generator=g))
+    b = int(torch.randint(a + 1, N, (1,), generator=g))
+    patches[0, b] = patches[0, a]
+    task[0, 0] += 3 * patches[0, a]
+    return patches, task, a, b
+
+
 SENTENCES = [
     "Task: pick up the red block, State: 12 128 255 0 7;\nAction: ",
     "Task: close the microwave, State: -1 3 45 200;\nAction: ",
