@@ -257,6 +257,8 @@ def select_soft(
     device's generator); ``seed`` (int64 ``[2]``) may be given directly instead.
     """
     if isinstance(noise_scale, torch.Tensor):
+        if noise_scale.numel() != 1:
+            raise ValueError(f"noise_scale must be a float or a one-element tensor, got shape {tuple(noise_scale.shape)}")
         ns = noise_scale.to(device=patches.device, dtype=torch.float32).reshape(())
     elif noise_scale:
         ns = torch.tensor(float(noise_scale), dtype=torch.float32, device=patches.device)

@@ -331,6 +331,8 @@ def test_bad_inputs():
         SS.select_soft(patches, task, task_mask=tm[:, :-1])
     with pytest.raises(ValueError, match="seed"):
         SS.select_soft(patches, task, noise_scale=1.0, seed=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="noise_scale"):
+        SS.select_soft(patches, task, noise_scale=torch.tensor([1.0, 2.0]), noise=torch.rand(B, N, N))
     with pytest.raises(RuntimeError, match="noise_scale"):
         ops.select_soft(patches, task, None, None, torch.tensor([1.0, 2.0]), None, torch.rand(B, N, N))
     with pytest.raises(RuntimeError, match="seed"):
