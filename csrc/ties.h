@@ -11,17 +11,19 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <unordered_map>
+#include <iterator>
+#include <utility>
 #include <vector>
 
 namespace fastprune {
 
 // The columns of `cols` (increasing) that are not a bit-for-bit copy of an earlier column of
-// `cols`, where column j is row j of `rows` ([N, D], contiguous, on the CPU). Rows are grouped
-// by a hash of 16 elements spread over the row; only rows that share it are hashed whole, and
-// only equal whole hashes are compared byte by byte. So rows without a copy cost 16 loads, not D.
+// `cols`, where column j is row j of `rows` ([N, D], contiguous, on the CPU). Rows are sorted by
+// a hash of 16 elements spread over the row; only rows that share it are hashed whole, and only
+// equal whole hashes are compared byte by byte. So a row without a copy costs 16 loads, not D.
 inline std::vector<int64_t> without_later_copies(const at::Tensor& rows, const std::vector<int64_t>& cols) {
   const int64_t D = rows.size(1);
   const size_t es = rows.element_size(), row_bytes = static_cast<size_t>(D) * es;
@@ -31,38 +33,39 @@ inline std::vector<int64_t> without_later_copies(const at::Tensor& rows, const s
     for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
     return h;
   };
-  constexpr int64_t kSamples = 16;
-  auto sampled_hash = [&](int64_t j) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    const int64_t n = D < kSamples ? D : kSamples;
-    for (int64_t k = 0; k < n; ++k) h = mix(h, row(j) + static_cast<size_t>(k * D / n) * es, es);
-    return h;
-  };
-  auto whole_hash = [&](int64_t j) { return mix(0xcbf29ce484222325ull, row(j), row_bytes); };
+  constexpr uint64_t kBasis = 0xcbf29ce484222325ull;
+  const int64_t samples = std::min<int64_t>(D, 16);
+  std::vector<std::pair<uint64_t, int64_t>> keyed(cols.size());
+  for (size_t k = 0; k < cols.size(); ++k) {
+    uint64_t h = kBasis;
+    for (int64_t s = 0; s < samples; ++s) h = mix(h, row(cols[k]) + static_cast<size_t>(s * D / samples) * es, es);
+    keyed[k] = {h, cols[k]};
+  }
+  std::sort(keyed.begin(), keyed.end());  // equal hashes together, each run in increasing j
 
-  // Per sampled hash: the kept columns with it, and their whole hashes once there are two.
-  struct Group {
-    std::vector<int64_t> kept;
-    std::vector<uint64_t> whole;
-  };
-  std::unordered_map<uint64_t, Group> groups;
-  std::vector<int64_t> out;
-  out.reserve(cols.size());
-  for (int64_t j : cols) {
-    Group& g = groups[sampled_hash(j)];
-    bool copy = false;
-    if (!g.kept.empty()) {
-      if (g.whole.empty()) g.whole.push_back(whole_hash(g.kept[0]));
-      const uint64_t h = whole_hash(j);
-      for (size_t k = 0; k < g.kept.size() && !copy; ++k)
-        copy = g.whole[k] == h && std::memcmp(row(g.kept[k]), row(j), row_bytes) == 0;
-      if (!copy) g.whole.push_back(h);
+  std::vector<int64_t> copies;
+  std::vector<std::pair<uint64_t, int64_t>> kept;  // a run's originals: (whole hash, j)
+  for (size_t lo = 0, hi; lo < keyed.size(); lo = hi) {
+    for (hi = lo + 1; hi < keyed.size() && keyed[hi].first == keyed[lo].first; ++hi) {
     }
-    if (!copy) {
-      g.kept.push_back(j);
-      out.push_back(j);
+    if (hi - lo == 1) continue;
+    kept.clear();
+    for (size_t k = lo; k < hi; ++k) {
+      const int64_t j = keyed[k].second;
+      const uint64_t h = mix(kBasis, row(j), row_bytes);
+      bool copy = false;
+      for (const auto& [kh, kj] : kept) copy = copy || (kh == h && std::memcmp(row(kj), row(j), row_bytes) == 0);
+      if (copy)
+        copies.push_back(j);
+      else
+        kept.emplace_back(h, j);
     }
   }
+  if (copies.empty()) return cols;
+  std::sort(copies.begin(), copies.end());
+  std::vector<int64_t> out;
+  out.reserve(cols.size() - copies.size());
+  std::set_difference(cols.begin(), cols.end(), copies.begin(), copies.end(), std::back_inserter(out));
   return out;
 }
 

@@ -258,6 +258,25 @@ def test_a_copied_patch_never_beats_its_original():
             assert (fp.select_tokens(patches, task, patch_mask=pm, backend="cpu") == b).any()
 
 
+def test_patches_alike_but_not_copies_all_stay_candidates():
+    """csrc/ties.h groups patches by 16 sampled elements: patches equal there but not elsewhere
+    (element 1 is never sampled) stay candidates, and copies of several patches, three of one,
+    drop out (checked against the float64 truth)."""
+    g = torch.Generator().manual_seed(0)
+    N, D, T = 48, 64, 9
+    patches = torch.randn(1, 1, D, generator=g).repeat(1, N, 1)
+    patches[0, :, 1] = torch.randn(N, generator=g) * 4
+    for src, dst in ((3, 10), (3, 40), (7, 8), (20, 47)):
+        patches[0, dst] = patches[0, src]
+    task = torch.randn(1, T, D, generator=g) + patches[:, :T]
+    for dtype in (torch.float32, torch.bfloat16):
+        x, t = patches.to(dtype), task.to(dtype)
+        idx = fp.select_tokens(x, t, backend="cpu")
+        assert_selection_correct(idx, x, t, None, None)
+        assert not torch.isin(idx, torch.tensor([10, 40, 8, 47])).any()
+        assert len(idx.unique()) > 4, "the prompt should point at many distinct patches"
+
+
 @pytest.mark.parametrize("p_rms,t_rms", [(1e-7, 1e-7), (1.0, 1e-10), (1e-10, 1e-10)])
 def test_inputs_far_below_the_rmsnorm_eps(p_rms, t_rms):
     """Rows whose mean square is far below RMSNorm's eps shrink S by orders of magnitude; the CPU
