@@ -259,13 +259,13 @@ def test_a_copied_patch_never_beats_its_original():
 
 
 def test_patches_alike_but_not_copies_all_stay_candidates():
-    """csrc/ties.h groups patches by 16 sampled elements: patches equal there but not elsewhere
-    (element 1 is never sampled) stay candidates, and copies of several patches, three of one,
-    drop out (checked against the float64 truth)."""
+    """csrc/ties.h keys patches by their first 64 bytes: patches equal there but not in their last
+    element stay candidates, and copies of several patches, three of one, drop out (checked
+    against the float64 truth)."""
     g = torch.Generator().manual_seed(0)
     N, D, T = 48, 64, 9
     patches = torch.randn(1, 1, D, generator=g).repeat(1, N, 1)
-    patches[0, :, 1] = torch.randn(N, generator=g) * 4
+    patches[0, :, -1] = torch.randn(N, generator=g) * 4
     for src, dst in ((3, 10), (3, 40), (7, 8), (20, 47)):
         patches[0, dst] = patches[0, src]
     task = torch.randn(1, T, D, generator=g) + patches[:, :T]
