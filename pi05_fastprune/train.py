@@ -959,14 +959,18 @@ def _converter(tp) -> Callable[[str], Any]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m pi05_fastprune.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    def add(flag, tp, **kw):
+        # A bool option alone means true (`--resume`, as openpi's command line); a value sets it.
+        flag_kw = dict(nargs="?", const=True) if tp is bool else {}
+        parser.add_argument(flag, type=_converter(tp), default=argparse.SUPPRESS, **flag_kw, **kw)
+
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name not in ("model", "name"):
-            parser.add_argument(f"--{f.name}", type=_converter(hints[f.name]), default=argparse.SUPPRESS)
+            add(f"--{f.name}", hints[f.name])
     model_hints = typing.get_type_hints(Pi05Config)
     for f in dataclasses.fields(Pi05Config):
-        parser.add_argument(f"--model.{f.name}", dest=f"model__{f.name}", type=_converter(model_hints[f.name]),
-                            default=argparse.SUPPRESS)
+        add(f"--model.{f.name}", model_hints[f.name], dest=f"model__{f.name}")
     ns = vars(parser.parse_args(argv))
     preset = ns.pop("preset")
     model_over = {k[len("model__"):]: v for k, v in ns.items() if k.startswith("model__")}

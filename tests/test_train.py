@@ -87,6 +87,10 @@ def test_presets_and_cli():
     assert (cfg.name, cfg.batch_size, cfg.init_weights, cfg.resume) == ("pi05_libero_lightvla", 64, None, True)
     assert cfg.model.token_prune_keep_tokens == 24 and cfg.model.dtype == "float32"
     assert cfg.synthetic_absent_cameras == (1, 2) and cfg.model.token_pruning_enabled
+    # A bool option alone is true (openpi's `--resume`), before another option too; a value sets it.
+    cfg = T.parse_args(["--resume", "--model.token_pruning_enabled", "--overwrite", "false"])
+    assert cfg.resume and cfg.model.token_pruning_enabled and not cfg.overwrite
+    assert not T.parse_args(["--preset", "pi05_libero_lightvla", "--model.token_pruning_enabled", "0"]).model.token_pruning_enabled
 
 
 # ------------------------------------------------------------------------------ data
