@@ -178,6 +178,9 @@ def main(argv=None) -> int:
     providers = provider_fns(device, args)
     if args.providers:
         wanted = args.providers.split(",")
+        missing = [w for w in wanted if w not in providers]
+        if missing:  # e.g. fastprune-triton on a CPU without TRITON_INTERPRET=1
+            print(f"[prune] not available here, left out: {missing} (available: {list(providers)})", flush=True)
         providers = {k: v for k, v in providers.items() if k in wanted}
     elif args.quick:
         providers.pop("compile-ref", None)  # compiling takes longer than the whole smoke run

@@ -13,10 +13,12 @@ import bench_prune  # noqa: E402
 import harness  # noqa: E402
 
 
-def test_bench_prune_quick(tmp_path, monkeypatch):
+def test_bench_prune_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTPRUNE_CUDA_CLUSTER", "0")  # recorded (the CPU provider ignores it)
     monkeypatch.setenv("FASTPRUNE_COMMIT", "abc")  # the commit, not a setting
-    assert bench_prune.main(["--quick", "--providers", "eager-ref,fastprune-cpu", "--out", str(tmp_path)]) == 0
+    assert bench_prune.main(["--quick", "--providers", "eager-ref,fastprune-cpu,fastprune-gpu9",
+                             "--out", str(tmp_path)]) == 0
+    assert "not available here, left out: ['fastprune-gpu9']" in capsys.readouterr().out
     result = json.loads((tmp_path / "results.json").read_text())
     settings = result["environment"]["settings"]
     assert settings["FASTPRUNE_CUDA_CLUSTER"] == "0" and "FASTPRUNE_COMMIT" not in settings
