@@ -11,15 +11,18 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "select(Tensor patches, Tensor task, Tensor? task_mask=None, Tensor? patch_mask=None, "
       "bool mask_voters=False, str backend=\"auto\") -> Tensor");
-  // Eval pruning with gather-pad to K = max(1, max counts) rows (data-dependent K).
+  // Eval pruning with gather-pad to K = max(1, max counts) rows (data-dependent K). The budgets
+  // are SymInt so that torch.compile(dynamic=True) keeps them symbolic: as `int`, every new
+  // keep_tokens / max_tokens value (and keep_ratio's k as N varies) compiled the graph again, and
+  // under fullgraph=True the 9th one failed (the recompile limit).
   m.def(
       "prune(Tensor patches, Tensor task, Tensor? task_mask=None, Tensor? patch_mask=None, "
-      "int? keep_tokens=None, bool mask_voters=False, str backend=\"auto\") "
+      "SymInt? keep_tokens=None, bool mask_voters=False, str backend=\"auto\") "
       "-> (Tensor pruned, Tensor kept_mask, Tensor kept_idx, Tensor counts)");
   // Static-cap variant: exactly max_tokens rows, no host sync (CUDA graphs).
   m.def(
       "prune_padded(Tensor patches, Tensor task, Tensor? task_mask, Tensor? patch_mask, "
-      "int? keep_tokens, int max_tokens, bool mask_voters=False, str backend=\"auto\") "
+      "SymInt? keep_tokens, SymInt max_tokens, bool mask_voters=False, str backend=\"auto\") "
       "-> (Tensor pruned, Tensor kept_mask, Tensor kept_idx, Tensor counts)");
   // Training straight-through selection (SPEC "Training"): rows patches[idx], idx = argmax(score + noise_scale*U), row lse.
   m.def(

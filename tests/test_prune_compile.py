@@ -79,3 +79,30 @@ def test_compile_static_cap():
         for a, b in zip(compiled(*inputs), capped(*inputs)):
             torch.testing.assert_close(a, b)
     assert backend.frame_count == 1
+
+
+@pytest.mark.parametrize("budget", ["keep_tokens", "max_tokens", "keep_ratio"])
+def test_compile_once_across_budgets(budget):
+    """The budgets are SymInt in the schema: 12 keep_tokens / max_tokens values, and one keep_ratio
+    over 12 N (its k = ceil(r N) changing with N), compile once. As `int`, each value compiled
+    again, and fullgraph=True failed at the 9th (the recompile limit). (A Python float itself is
+    specialised: each keep_ratio value compiles once.)"""
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("inductor")
+
+    def pruned(patches, task, value):
+        r = fp.prune_tokens(patches, task, **{budget: value}, backend="cpu")
+        return r.pruned.sum(-1), r.kept_idx, r.counts
+
+    compiled = torch.compile(pruned, backend=backend, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        N = 20 + i
+        patches, task = torch.randn(2, N, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+        value = 0.3 if budget == "keep_ratio" else i + 2
+        for a, b in zip(compiled(patches, task, value), pruned(patches, task, value)):
+            torch.testing.assert_close(a, b)
+        if i == 0:
+            # The first call may trace twice (keep_ratio: dynamo restarts once to specialise the float).
+            first = backend.frame_count
+    assert backend.frame_count == first
