@@ -29,8 +29,8 @@ import math
 import os
 import pathlib
 import platform
-import re
 import random
+import re
 import statistics
 import subprocess
 import sys
