@@ -257,9 +257,7 @@ def select_soft(
     device's generator); ``seed`` (int64 ``[2]``) may be given directly instead.
     """
     if isinstance(noise_scale, torch.Tensor):
-        if noise_scale.numel() != 1:
-            raise ValueError(f"noise_scale must be a float or a one-element tensor, got shape {tuple(noise_scale.shape)}")
-        ns = noise_scale.to(device=patches.device, dtype=torch.float32).reshape(())
+        ns = noise_scale.to(device=patches.device, dtype=torch.float32)
     elif noise_scale:
         ns = torch.tensor(float(noise_scale), dtype=torch.float32, device=patches.device)
     else:
@@ -269,6 +267,8 @@ def select_soft(
     if ns is None:
         seed = noise = None
     backend = resolve_backend(backend, patches.device)
-    _check(patches, task, task_mask, patch_mask, ns, seed, noise)
+    _check(patches, task, task_mask, patch_mask, ns, seed, noise)  # names a noise_scale of more than one element
+    if ns is not None:
+        ns = ns.reshape(())
     selected, idx, _ = torch.ops.fastprune.select_soft(patches, task, task_mask, patch_mask, ns, seed, noise, backend)
     return selected, idx
