@@ -146,13 +146,13 @@ class SeedStylePruner(ImageTokenPruner):
     installed as ``model.token_pruner`` so that ``embed_prefix`` calls it where it calls
     the fused op."""
 
-    def prune(self, image_patches, task_tokens, *, task_token_mask=None, patch_token_mask=None):
+    def prune(self, image_patches, task_tokens, *, task_token_mask=None, patch_token_mask=None, keep_tokens=None):
         if self.training:
             return super().prune(image_patches, task_tokens, task_token_mask=task_token_mask,
                                  patch_token_mask=patch_token_mask)
         core = self.core
         out = R.prune_ref(image_patches, task_tokens, task_token_mask, patch_token_mask,
-                          core.budget(image_patches.shape[1]), core.mask_voters, core.max_tokens)
+                          core.budget(image_patches.shape[1], keep_tokens), core.mask_voters, core.max_tokens)
         core.record((image_patches, task_tokens, task_token_mask, patch_token_mask), counts=out.counts,
                     kept_idx=out.kept_idx, kept_mask=out.kept_mask)
         return out.pruned, out.kept_mask

@@ -621,6 +621,18 @@ class Pi05(nn.Module):
         With pruning the image block is replaced by the pruner's rows; each keeps the position
         id of the patch it came from, and the prompt keeps its unpruned positions.
         """
+        return self._embed_prefix(images, img_masks, lang_tokens, lang_masks, self._keep_tokens(len(images)))
+
+    def _keep_tokens(self, num_cameras: int) -> Optional[int]:
+        """The config's eval budget for ``num_cameras`` cameras' patches, as a Python int,
+        computed outside the compiled region (see ``sample_actions``)."""
+        if not self.config.token_pruning_enabled:
+            return None
+        n = num_cameras * self.config.vision.num_patches
+        k = self.config.keep_tokens(n)
+        return None if k is None else min(k, n)
+
+    def _embed_prefix(self, images, img_masks, lang_tokens, lang_masks, keep_tokens: Optional[int]) -> Prefix:
         lang_masks = lang_masks.to(torch.bool)
         img_embs, img_pad = self.embed_images(images, img_masks)
         lang_embs = self.embed_prompt(lang_tokens)
@@ -628,7 +640,7 @@ class Pi05(nn.Module):
         positions = torch.cumsum(torch.cat([img_pad, lang_masks], dim=1), dim=1) - 1  # unpruned
         img_pos, lang_pos = positions[:, :N], positions[:, N:]
         if self.config.token_pruning_enabled:
-            img_embs, img_pad, src = self._prune_images(img_embs, img_pad, lang_embs, lang_masks)
+            img_embs, img_pad, src = self._prune_images(img_embs, img_pad, lang_embs, lang_masks, keep_tokens)
             img_pos = torch.gather(img_pos, 1, src)
         embs = torch.cat([img_embs, lang_embs.to(img_embs.dtype)], dim=1)
         pad = torch.cat([img_pad, lang_masks], dim=1)
@@ -636,16 +648,21 @@ class Pi05(nn.Module):
         return embs, pad, att, torch.cat([img_pos, lang_pos], dim=1)
 
     def _prune_images(
-        self, img_embs: torch.Tensor, img_pad: torch.Tensor, lang_embs: torch.Tensor, lang_masks: torch.Tensor
+        self,
+        img_embs: torch.Tensor,
+        img_pad: torch.Tensor,
+        lang_embs: torch.Tensor,
+        lang_masks: torch.Tensor,
+        keep_tokens: Optional[int],
     ):
         """LightVLA pruning of the image block -> ``(embs [B,K,D], pad [B,K], src [B,K])``,
         ``src`` being the original image-token index each row comes from.
 
-        Eval: hard selection, ``K`` = kept rows (padding rows: mask False). Training: the
-        straight-through selection, ``K = N``, row i a copy of patch ``src[i]``.
+        Eval: hard selection, ``K`` = kept rows (padding rows: mask False), with the budget
+        ``keep_tokens`` (None: the pruner's own setting). Training: the straight-through
+        selection, ``K = N``, row i a copy of patch ``src[i]``.
         """
         cfg, pruner = self.config, self.token_pruner
-        pruner.core.set_keep_tokens(cfg.keep_tokens(img_embs.shape[1]))
         pruner.core.max_tokens = cfg.token_prune_max_tokens
         pruner.core.mask_voters = cfg.token_prune_mask_voters
         if self.training:
@@ -653,7 +670,9 @@ class Pi05(nn.Module):
             pruner.set_noise_scale(cfg.token_prune_noise_scale if user is None else user)
         else:
             pruner.set_noise_scale(None)
-        embs, mask = pruner.prune(img_embs, lang_embs, task_token_mask=lang_masks, patch_token_mask=img_pad)
+        embs, mask = pruner.prune(
+            img_embs, lang_embs, task_token_mask=lang_masks, patch_token_mask=img_pad, keep_tokens=keep_tokens
+        )
         core = pruner.core
         src = core.last_selected_indices_train if self.training else core.last_kept_indices_padded
         return embs, mask, src
@@ -799,15 +818,18 @@ class Pi05(nn.Module):
         adarms_cond, suffix_embs`` (``steps``).
         """
         noise = self._default_noise(lang_tokens.shape[0], lang_tokens.device, noise)
-        # The schedule is computed here, outside the compiled region: its float constants
-        # depend only on num_steps.
+        # The schedule and the budget are computed here, outside the compiled region: the
+        # schedule's float constants depend only on num_steps, and the budget enters as an
+        # argument, which dynamo traces as a symbolic int (read from the config inside, each
+        # budget value would be a constant and compile again).
         schedule = euler_timesteps(num_steps)
+        keep_tokens = self._keep_tokens(len(images))
         if debug is not None:
-            return self._sample(images, img_masks, lang_tokens, lang_masks, noise, schedule, debug)
-        return self._sample_compiled(images, img_masks, lang_tokens, lang_masks, noise, schedule)
+            return self._sample(images, img_masks, lang_tokens, lang_masks, noise, schedule, keep_tokens, debug)
+        return self._sample_compiled(images, img_masks, lang_tokens, lang_masks, noise, schedule, keep_tokens)
 
-    def _sample(self, images, img_masks, lang_tokens, lang_masks, noise, schedule, debug=None):
-        prefix = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
+    def _sample(self, images, img_masks, lang_tokens, lang_masks, noise, schedule, keep_tokens, debug=None):
+        prefix = self._embed_prefix(images, img_masks, lang_tokens, lang_masks, keep_tokens)
         return self._denoise(prefix, noise, schedule, debug)
 
     @torch.no_grad()

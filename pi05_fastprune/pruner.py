@@ -74,11 +74,13 @@ class PrunerCore:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         self.keep_ratio = None if keep_ratio is None else float(keep_ratio)
 
-    def budget(self, num_patches: int) -> Optional[int]:
-        """The eval budget in patches (keep_tokens wins over keep_ratio, as in the seed),
-        clipped to the number of patches."""
-        if self.keep_tokens is not None:
-            return min(self.keep_tokens, num_patches)
+    def budget(self, num_patches: int, keep_tokens: Optional[int] = None) -> Optional[int]:
+        """The eval budget in patches: ``keep_tokens`` if given, else the core's (keep_tokens
+        wins over keep_ratio, as in the seed), clipped to the number of patches."""
+        if keep_tokens is None:
+            keep_tokens = self.keep_tokens
+        if keep_tokens is not None:
+            return torch.sym_min(keep_tokens, num_patches)
         return resolve_keep_tokens(None, self.keep_ratio, num_patches)
 
     def record(self, inputs: tuple, counts=None, kept_idx=None, kept_mask=None, selected=None) -> None:
@@ -214,7 +216,10 @@ class ImageTokenPruner(_SeedSettings):
         *,
         task_token_mask: Optional[torch.Tensor] = None,
         patch_token_mask: Optional[torch.Tensor] = None,
+        keep_tokens: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep_tokens``: this call's eval budget (clipped to N), over the core's setting;
+        a caller under torch.compile passes it so that it is traced, not a constant."""
         inputs = (image_patches, task_tokens, task_token_mask, patch_token_mask)
         core = self.core
         if self.training:
@@ -228,7 +233,7 @@ class ImageTokenPruner(_SeedSettings):
             return selected, patch_token_mask
         out = prune_tokens(
             image_patches, task_tokens, task_mask=task_token_mask, patch_mask=patch_token_mask,
-            keep_tokens=core.budget(image_patches.shape[1]), mask_voters=core.mask_voters,
+            keep_tokens=core.budget(image_patches.shape[1], keep_tokens), mask_voters=core.mask_voters,
             max_tokens=core.max_tokens, backend=core.backend,
         )
         core.record(inputs, counts=out.counts, kept_idx=out.kept_idx, kept_mask=out.kept_mask)

@@ -326,6 +326,30 @@ def test_compiled_sample_actions_one_graph_across_kept_counts():
     torch._dynamo.reset()
 
 
+def test_compiled_sample_actions_one_graph_across_budgets():
+    """A served model's budget changes at run time (set_token_pruner_keep_tokens /
+    _keep_ratio): the compiled sample_actions takes it as a traced integer, so every budget
+    value runs the one compiled graph (a budget read from the config inside the compiled
+    region is a constant to dynamo: one compile per value, and fullgraph fails past its
+    recompile limit of 8)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model = Pi05(dataclasses.replace(CFG, token_pruning_enabled=True), seed=0).eval()
+    torch._dynamo.reset()
+    model._sample_compiled = torch.compile(model._sample, backend="aot_eager", fullgraph=True, dynamic=True)
+    inputs, noise = make_inputs(batch=2, seed=3, absent=(), lang_lens=(5, 11))
+    budgets = [("keep_tokens", k) for k in (2, 13, 55, N)] + [("keep_ratio", r) for r in (0.05, 0.3, 0.75)]
+    for setting, value in budgets:
+        getattr(model, f"set_token_pruner_{setting}")(value)
+        out = model.sample_actions(*inputs, noise=noise, num_steps=2)
+        k = value if setting == "keep_tokens" else math.ceil(value * N)
+        assert last_kept(model).counts.tolist() == [k, k], (setting, value)
+        eager = model.sample_actions(*inputs, noise=noise, num_steps=2, debug={})
+        torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert len(_debug_get_cache_entry_list(model._sample.__func__.__code__)) == 1
+    torch._dynamo.reset()
+
+
 def test_compile_is_on_by_default(monkeypatch):
     monkeypatch.setenv("FASTPRUNE_TORCH_COMPILE", "1")
     compiled = Pi05(CFG, device="meta")
