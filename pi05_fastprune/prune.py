@@ -176,7 +176,8 @@ def prune_tokens(
     = valid. No budget: keep every patch some row voted for; ``keep_tokens=k`` (or
     ``keep_ratio=r``, k = ceil(r N)): the k most-voted valid patches. ``max_tokens=M``: a
     static ``[B, M]`` output with no host sync (a sample keeping more keeps its M most-voted).
-    Returns PruneResult(pruned [B, K, D], kept_mask [B, K], kept_idx [B, K], counts [B]).
+    Returns PruneResult(pruned [B, K, D], kept_mask [B, K], kept_idx [B, K], counts [B]);
+    ``pruned`` carries the gradient of a gather of the kept patches (none to ``task``).
     """
     if keep_ratio is not None:
         keep_tokens = resolve_keep_tokens(keep_tokens, keep_ratio, patches.shape[1] if patches.dim() == 3 else 0)

@@ -21,6 +21,8 @@ Registration:
   not trace under the interpreter).
 - eager calls: each op also has a kernel at the CUDA (and CPU) dispatch key, its body with plain
   launches, which takes precedence over custom_op's wrapped CompositeExplicitAutograd kernel.
+- autograd: ``triton_prune`` and ``triton_prune_padded`` pass the gradient of ``pruned`` to the
+  kept patch rows (``_rows_backward``), as csrc/prune_autograd.cpp does for the C++ ops.
 - ``triton_record(op, ...)`` (CUDA): ``select``, ``prune`` or ``prune_padded`` run through the
   eager launch code while it records them, storing the call's launch plan in the C++ op library.
   The C++ ``fastprune::select``/``prune``/``prune_padded`` call it on CUDA when they have no plan
@@ -117,6 +119,8 @@ def _register() -> None:
         ops["triton_select"].register_fake(_select_fake)
         ops["triton_prune_padded"].register_fake(_prune_padded_fake)
     ops["triton_prune"].register_fake(_prune_fake)
+    for name in ("triton_prune", "triton_prune_padded"):
+        ops[name].register_autograd(_rows_backward, setup_context=_save_rows)
 
     # ---- eager kernels at the device keys. custom_op registers its body at
     # CompositeExplicitAutograd behind Python wrappers (aliasing checks, _disable_dynamo,
@@ -138,6 +142,23 @@ def _register() -> None:
                "int? keep_tokens, int? max_tokens, bool mask_voters) -> Tensor[]")
     rec.impl("triton_record", record, "CUDA")
     _EAGER_LIB.append(rec)
+
+
+def _save_rows(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1], output[2])  # kept_mask, kept_idx
+    ctx.patches_shape = inputs[0].shape
+    ctx.num_inputs = len(inputs)
+
+
+def _rows_backward(ctx, grad_pruned, *_):
+    """The pruned rows are copies of ``patches[kept_idx]`` (padding rows zero): their gradient
+    goes back to those rows, none to task (the selection is piecewise constant), as
+    csrc/prune_autograd.cpp gives the C++ ops. Kept indices are distinct per sample, so the
+    scatter adds nothing but padding's zeros twice."""
+    kept_mask, kept_idx = ctx.saved_tensors
+    rows = grad_pruned.masked_fill(~kept_mask.unsqueeze(-1), 0)
+    grad = rows.new_zeros(ctx.patches_shape).scatter_add_(1, kept_idx.unsqueeze(-1).expand_as(rows), rows)
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 def record(op, patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters) -> list[torch.Tensor]:
@@ -189,7 +210,7 @@ def call(name: str, *args):
     the op library has its CUDA kernels; otherwise the launch code runs in Python. Calls that
     something traces or intercepts (torch.compile, export, fake or other tensor subclasses,
     dispatch modes, functorch transforms) go through the Triton op, so Inductor sees the
-    kernels. The checks are written out, cheapest first: they run on every eager call."""
+    kernels, and so do calls whose patches need a gradient (the ops' autograd). The checks are written out, cheapest first: they run on every eager call."""
     if not HAVE_TRITON:
         raise RuntimeError(f"backend='triton' needs triton installed (fastprune::triton_{name} is not registered)")
     patches, task, task_mask, patch_mask = args[:4]
@@ -198,6 +219,7 @@ def call(name: str, *args):
         and type(task) is torch.Tensor
         and _plain(task_mask)
         and _plain(patch_mask)
+        and not (patches.requires_grad and torch.is_grad_enabled())  # the ops' autograd
         and not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0  # no dispatch mode
         and torch._C._functorch.peek_interpreter_stack() is None

@@ -80,3 +80,13 @@ def sp_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tiny_paligemma.model"
     path.write_bytes(buf.getvalue())
     return path
+
+
+def expected_rows_gradient(out, weight, patches_shape):
+    """d sum(pruned * weight) / d patches: each kept row's weight at its patch, zero elsewhere."""
+    import torch
+
+    grad = torch.zeros(patches_shape, dtype=weight.dtype, device=weight.device)
+    b, k = torch.nonzero(out.kept_mask, as_tuple=True)
+    grad[b, out.kept_idx[b, k]] = weight[b, k]
+    return grad

@@ -202,6 +202,30 @@ def test_backends_agree_on_pi05(backend):
     assert (gpu.counts.cpu() - cpu.counts).abs().max() <= 2
 
 
+@pytest.mark.parametrize("max_tokens", [None, 16])
+def test_pruned_rows_carry_the_gather_gradient(backend, max_tokens):
+    """As on the CPU (test_prune.py): through the C++ op's autograd kernel ("cuda", and the
+    Triton plan replay) and the Triton ops' registered autograd ("triton"), eager and compiled."""
+    from conftest import expected_rows_gradient
+
+    patches, task, task_mask, patch_mask = cuda(*make_inputs(3, 96, 17, 64, torch.bfloat16, "all", seed=9))
+    weight = torch.randn(3, 96, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).cuda()
+
+    def loss(p, t):
+        r = fp.prune_tokens(p, t, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=12,
+                            max_tokens=max_tokens, backend=backend)
+        return (r.pruned * weight[:, : r.pruned.shape[1]]).sum(), r
+
+    torch._dynamo.reset()
+    for f in (loss, torch.compile(loss, fullgraph=True, dynamic=True)):
+        p, t = patches.clone().requires_grad_(True), task.clone().requires_grad_(True)
+        value, r = f(p, t)
+        value.backward()
+        expect = expected_rows_gradient(r, weight[:, : r.pruned.shape[1]], p.shape)
+        assert torch.equal(p.grad, expect) and t.grad is None
+    torch._dynamo.reset()
+
+
 def test_strided_inputs(backend):
     g = torch.Generator().manual_seed(11)
     wide = torch.randn(2, 300, 2056, generator=g).to(torch.bfloat16).cuda()

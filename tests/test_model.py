@@ -304,6 +304,26 @@ def test_seed_pruning_controls_and_stats():
     assert Pi05(CFG, seed=0).get_token_pruning_stats() == {"enabled": False}
 
 
+def test_eval_pruning_trains_the_vision_tower_through_the_kept_patches():
+    """Eval-mode (hard) pruning with gradients on: the kept image rows are the vision tower's
+    rows, so a loss on the prefix reaches SigLIP and the projector through them alone (as
+    through the seed's gather), equal to gathering the kept rows by hand."""
+    model = Pi05(dataclasses.replace(CFG, token_pruning_enabled=True, token_prune_keep_tokens=20), seed=0).eval()
+    inputs, _ = make_inputs(batch=2, seed=4)
+    params = list(model.vision.parameters()) + list(model.projector.parameters())
+    embs, pad, _, _ = model.embed_prefix(*inputs)
+    kept = last_kept(model)
+    K = kept.kept_idx.shape[1]
+    weight = torch.randn(embs[:, :K].shape, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad((embs[:, :K] * weight).sum(), params)
+    img_embs, _ = model.embed_images(inputs[0], inputs[1])
+    rows = img_embs.gather(1, kept.kept_idx[..., None].expand(-1, -1, img_embs.shape[-1]))
+    expect = torch.autograd.grad((rows * kept.kept_mask[..., None] * weight).sum(), params)
+    for got, want in zip(grads, expect):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
 def test_compiled_sample_actions_one_graph_across_kept_counts():
     """sample_actions with pruning on under torch.compile(fullgraph=True, dynamic=True): no
     graph break from pruning, one compiled entry for every kept count and batch size 2/3.

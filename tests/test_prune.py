@@ -429,6 +429,42 @@ def test_seed_vectors_keep40_above_tie(lightvla):
         assert tied_ours == sorted(pool)[: len(tied_ours)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(keep_tokens=7), dict(max_tokens=12), dict(max_tokens=3), dict(keep_tokens=5, mask_voters=True)],
+    ids=["implicit", "budget", "padded", "capped", "mask_voters"],
+)
+def test_pruned_rows_carry_the_gather_gradient(dtype, kwargs):
+    """pruned is patches[kept_idx] with zero padding rows, so it is differentiable as that
+    gather (the seed's eval path gathers with torch ops); the selection is piecewise constant:
+    task gets no gradient and the index outputs none."""
+    from conftest import expected_rows_gradient
+
+    patches, task, task_mask, patch_mask = make_inputs(3, 40, 9, 16, dtype, "all", seed=5)
+    patches.requires_grad_(True)
+    task.requires_grad_(True)
+    out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **kwargs)
+    assert not (out.kept_mask.requires_grad or out.kept_idx.requires_grad or out.counts.requires_grad)
+    weight = torch.randn(out.pruned.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    (out.pruned * weight).sum().backward()
+    assert torch.equal(patches.grad, expected_rows_gradient(out, weight, patches.shape))
+    assert task.grad is None
+    with torch.no_grad():
+        again = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **kwargs)
+    assert not again.pruned.requires_grad and torch.equal(again.pruned, out.pruned.detach())
+
+
+def test_prune_gradcheck_float64():
+    patches, task, task_mask, patch_mask = make_inputs(2, 24, 7, 8, torch.float64, "all", seed=6)
+    patches.requires_grad_(True)
+    for kwargs in (dict(), dict(keep_tokens=4), dict(keep_tokens=4, max_tokens=6)):
+        def pruned(p):
+            return fp.prune_tokens(p, task, task_mask=task_mask, patch_mask=patch_mask, **kwargs).pruned
+
+        assert torch.autograd.gradcheck(pruned, (patches,))
+
+
 def test_float64_on_cpu_is_the_truth():
     """float64 inputs (float64 models' exactness tests) are computed in float64 on the CPU."""
     patches, task, task_mask, patch_mask = make_inputs(2, 300, 13, 96, torch.float64, "all", seed=11)

@@ -33,6 +33,33 @@ def test_opcheck(case):
     torch.library.opcheck(
         torch.ops.fastprune.prune_padded.default, (patches, task, task_mask, patch_mask, None, 16, False, "cpu")
     )
+    # With inputs that need gradients: the autograd registration and its backward.
+    patches, task = patches.clone().requires_grad_(True), task.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastprune.prune.default, (patches, task, task_mask, patch_mask, 9, False, "cpu"))
+    torch.library.opcheck(
+        torch.ops.fastprune.prune_padded.default, (patches, task, task_mask, patch_mask, None, 16, True, "cpu")
+    )
+
+
+def test_compiled_gradient_equals_eager():
+    """Under torch.compile the pruned rows' gradient is traced (AOTAutograd) and equal to eager."""
+    patches, task, task_mask, patch_mask = small_inputs(batch=3, absent=((1, 0),))
+    weight = torch.randn(3, 128, 64, generator=torch.Generator().manual_seed(2))
+
+    def loss(p, max_tokens):
+        r = fp.prune_tokens(p, task, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=20, max_tokens=max_tokens)
+        return (r.pruned * weight[:, : r.pruned.shape[1]]).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    for max_tokens in (None, 32):
+        grads = []
+        for f in (loss, compiled):
+            p = patches.clone().requires_grad_(True)
+            f(p, max_tokens).backward()
+            grads.append(p.grad)
+        assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+    torch._dynamo.reset()
 
 
 def prefix_attention(patches, task, task_mask, patch_mask, wq, wk, wv):

@@ -584,6 +584,35 @@ def test_api_checks_inputs_on_the_python_launch_route():
 
 
 @interp
+def test_pruned_rows_carry_the_gather_gradient():
+    """As the C++ ops (test_prune.py): pruned's gradient is the gather's, task gets none, in
+    eager calls (the API's direct launch steps aside for inputs that need gradients), through
+    the Triton ops (their registered autograd) and compiled."""
+    from conftest import expected_rows_gradient
+
+    patches, task, task_mask, patch_mask = make_case("masks", seed=4)
+    weight = torch.randn(3, 21, 40, generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(ops.triton_prune_padded.default,
+                          (patches.clone().requires_grad_(True), task, task_mask, patch_mask, 6, 8, True))
+
+    def loss(p, t, max_tokens):
+        r = pi05_fastprune.prune_tokens(p, t, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=6,
+                                        max_tokens=max_tokens, backend="triton")
+        return (r.pruned * weight[:, : r.pruned.shape[1]]).sum(), r
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    for max_tokens in (None, 8):
+        for f in (loss, compiled):
+            p, t = patches.clone().requires_grad_(True), task.clone().requires_grad_(True)
+            value, r = f(p, t, max_tokens)
+            value.backward()
+            assert torch.equal(p.grad, expected_rows_gradient(r, weight[:, : r.pruned.shape[1]], p.shape))
+            assert t.grad is None
+    torch._dynamo.reset()
+
+
+@interp
 def test_opcheck_and_compile_once_across_kept_counts():
     from torch._dynamo.testing import CompileCounterWithBackend
 
