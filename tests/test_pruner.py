@@ -51,6 +51,21 @@ def test_eval_fixed_budget(setting):
     assert torch.equal(pruner.core.last_kept_indices_padded, ref.kept_idx)
 
 
+@pytest.mark.parametrize("keep_tokens", [5, 200])
+def test_eval_per_call_budget_overrides_the_setting(keep_tokens):
+    """prune(keep_tokens=k) (what a compiled caller passes, traced) wins over set_keep_tokens /
+    set_keep_ratio for that call, clipped to N as they are; the setting stays."""
+    patches, task, task_mask, patch_mask = inputs()
+    pruner = ImageTokenPruner(hidden_size=D).eval()
+    pruner.set_keep_ratio(0.5)
+    _, mask = pruner.prune(patches, task, task_token_mask=task_mask, patch_token_mask=patch_mask,
+                           keep_tokens=keep_tokens)
+    ref = R.prune_ref(patches, task, task_mask, patch_mask, keep_tokens=min(keep_tokens, 96))
+    assert torch.equal(mask, ref.kept_mask) and torch.equal(pruner.core.last_kept_indices_padded, ref.kept_idx)
+    _, mask = pruner.prune(patches, task, task_token_mask=task_mask, patch_token_mask=patch_mask)
+    assert torch.equal(mask.sum(-1), torch.clamp(patch_mask.sum(-1), max=48))
+
+
 def test_eval_ignores_masked_task_tokens():
     patches, task, task_mask, patch_mask = inputs()
     pruner = ImageTokenPruner(hidden_size=D).eval()
