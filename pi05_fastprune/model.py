@@ -576,7 +576,8 @@ class Pi05(nn.Module):
         device: Optional[torch.device | str] = None,
         dtype: Optional[str | torch.dtype] = None,
     ) -> "Pi05":
-        """Load openpi's ``model.safetensors`` (strict; see ``openpi_checkpoint.load_openpi``)."""
+        """Load openpi's ``model.safetensors``, or the directory holding it (strict; see
+        ``openpi_checkpoint.load_openpi``)."""
         from pi05_fastprune.openpi_checkpoint import load_openpi
 
         return load_openpi(path, config=config, device=device, dtype=dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 import re
 from typing import Optional
 
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from pi05_fastprune.model import GEMMA_VARIANTS, Pi05, Pi05Config
 
-__all__ = ["CheckpointMismatchError", "openpi_names", "infer_config", "load_openpi", "save_openpi"]
+__all__ = ["CheckpointMismatchError", "openpi_names", "infer_config", "load_openpi", "save_openpi", "weights_file"]
 
 _PG = "paligemma_with_expert.paligemma"
 _VIS = f"{_PG}.model.vision_tower.vision_model"
@@ -222,6 +223,16 @@ def _mismatch_message(path, missing, unexpected, mis_shaped, limit: int = 20) ->
     return "\n".join(lines)
 
 
+def weights_file(path) -> pathlib.Path:
+    """openpi's ``model.safetensors``, given as the file or as the directory holding it (the
+    seed's ``pytorch_weight_path`` and openpi's checkpoint step directories are directories)."""
+    p = pathlib.Path(path)
+    weights = p / "model.safetensors" if p.is_dir() else p
+    if not weights.is_file():
+        raise FileNotFoundError(f"no checkpoint at {weights}")
+    return weights
+
+
 def load_openpi(
     path: str,
     config: Optional[Pi05Config] = None,
@@ -238,6 +249,7 @@ def load_openpi(
     ``dtype`` overrides ``config.dtype`` (default: the file's precision).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
+    path = str(weights_file(path))
     with safe_open(path, framework="pt", device=str(device)) as f:
         keys = set(f.keys())
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}

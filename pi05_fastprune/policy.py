@@ -31,6 +31,7 @@ import torch
 
 from pi05_fastprune.model import IMAGE_KEYS, Pi05, Pi05Config
 from pi05_fastprune.normalize import NormStats, load_norm_stats, normalize, unnormalize
+from pi05_fastprune.openpi_checkpoint import weights_file
 from pi05_fastprune.preprocess import preprocess_cameras
 from pi05_fastprune.tokenizer import PaligemmaTokenizer
 
@@ -144,17 +145,21 @@ class Pi05Policy:
         50, pi05_droid 15, pi05_libero 10; max_token_len 200). Other keyword arguments go
         to ``Pi05Policy``.
         """
-        path = pathlib.Path(checkpoint)
-        weights = path / "model.safetensors" if path.is_dir() else path
-        if not weights.is_file():
-            raise FileNotFoundError(f"no checkpoint at {weights}")
+        weights = weights_file(checkpoint)
         model = Pi05.from_openpi(str(weights), config=config, device=device, dtype=dtype)
         overrides = {k: v for k, v in (("action_horizon", action_horizon), ("max_token_len", max_token_len))
                      if v is not None}
         if overrides:
             model.config = dataclasses.replace(model.config, **overrides)
         if norm_stats is None:
-            norm_stats = load_norm_stats(weights.parent, asset_id=asset_id)
+            try:
+                norm_stats = load_norm_stats(weights.parent, asset_id=asset_id)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(
+                    f"{e}: pass norm_stats (a norm_stats.json or a mapping), or norm_stats={{}} to run without "
+                    "normalization (demo: --norm-stats PATH or --no-norm-stats); the trainer's checkpoints "
+                    "hold no norm stats"
+                ) from None
         tokenizer = PaligemmaTokenizer(tokenizer_model, max_len=model.config.max_token_len)
         return cls(model, tokenizer, norm_stats, device=device, **kwargs)
 

@@ -136,7 +136,7 @@ class TrainConfig:
     checkpoint_base_dir: str = "./checkpoints"
     resume: bool = False
     overwrite: bool = False
-    init_weights: Optional[str] = None  # an openpi model.safetensors to start from
+    init_weights: Optional[str] = None  # an openpi model.safetensors (or its directory) to start from
     device: str = "auto"  # "auto": cuda:LOCAL_RANK if CUDA is available, else cpu
     activation_checkpointing: bool = False
     tensorboard: bool = True
@@ -183,10 +183,10 @@ def _libero(name: str, pruning: bool) -> TrainConfig:
     )
 
 
-def _debug() -> TrainConfig:
+def _debug(name: str, pruning: bool) -> TrainConfig:
     return TrainConfig(
-        name="debug",
-        model=Pi05Config.dummy(token_pruning_enabled=True, action_horizon=10, max_token_len=48),
+        name=name,
+        model=Pi05Config.dummy(token_pruning_enabled=pruning, action_horizon=10, max_token_len=48),
         batch_size=2,
         num_train_steps=10,
         warmup_steps=2,
@@ -204,7 +204,12 @@ def _debug() -> TrainConfig:
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "pi05_libero": lambda: _libero("pi05_libero", pruning=False),
     "pi05_libero_lightvla": lambda: _libero("pi05_libero_lightvla", pruning=True),
-    "debug": _debug,
+    "debug": lambda: _debug("debug", pruning=True),
+    # The seed's names for the same runs (its commands name them; openpi's debug_pi05 has
+    # pruning off, and the seed's command turns it on with --model.token_pruning_enabled True).
+    "pi05_libero_pytorch": lambda: _libero("pi05_libero_pytorch", pruning=False),
+    "pi05_libero_pytorch_lightvla": lambda: _libero("pi05_libero_pytorch_lightvla", pruning=True),
+    "debug_pi05": lambda: _debug("debug_pi05", pruning=False),
 }
 
 
@@ -533,11 +538,13 @@ def enable_activation_checkpointing(model: Pi05) -> None:
 
 
 def _load_model_tensors(model: Pi05, path: str | os.PathLike) -> None:
-    """Fill ``model`` in place from an openpi ``model.safetensors`` (strict on names/shapes)."""
-    from pi05_fastprune.openpi_checkpoint import openpi_names
+    """Fill ``model`` in place from an openpi ``model.safetensors`` or its directory (strict on
+    names/shapes)."""
+    from pi05_fastprune.openpi_checkpoint import openpi_names, weights_file
 
     names = openpi_names(model)
     targets = model.state_dict()
+    path = weights_file(path)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         keys = set(f.keys())
         expected = {names[k] for k in targets}
@@ -678,19 +685,36 @@ def prune_metrics(stats: dict) -> dict[str, float]:
     return out
 
 
-class MetricsWriter:
-    """JSON lines (and TensorBoard scalars when available), rank 0 only."""
+def _logged_before(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["step"] < step
+    except (ValueError, KeyError, TypeError):  # a line cut short as the earlier process stopped
+        return False
 
-    def __init__(self, run_dir: pathlib.Path, tensorboard: bool):
+
+class MetricsWriter:
+    """JSON lines (and TensorBoard scalars when available), rank 0 only.
+
+    A run resumed at ``start_step`` first drops what an earlier process logged from that step
+    on (it ran past its last checkpoint before it stopped), so every step is logged once."""
+
+    def __init__(self, run_dir: pathlib.Path, tensorboard: bool, start_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
+        if start_step > 0 and self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = "".join(line for line in lines if _logged_before(line, start_step))
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text(kept)
+            os.replace(tmp, self.path)
         self.file = open(self.path, "a", buffering=1)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed
+                # purge_step hides the earlier process's events from start_step on.
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+            except ImportError:  # tensorboard not installed
                 self.tb = None
 
     def write(self, record: dict) -> None:
@@ -837,7 +861,16 @@ def train(cfg: TrainConfig) -> dict:
                  cfg.num_train_steps, n_train / 1e6, n_all / 1e6)
         if cfg.model.token_pruning_enabled:
             log.info("Enabled LightVLA-style token pruning (hidden_size=%d)", cfg.model.llm.width)
-    writer = MetricsWriter(run_dir, cfg.tensorboard) if is_main else None
+            noise = cfg.model.token_prune_noise_scale
+            if cfg.prune_noise_schedule == "linear":
+                # The seed's loop overrides the config's noise scale too; say so where it is set.
+                level = logging.INFO if noise in (None, 1.0) else logging.WARNING
+                log.log(level, "pruning noise: the seed's linear decay from 1 to 0 over %d steps; "
+                        "model.token_prune_noise_scale=%s is not used (--prune_noise_schedule config keeps it "
+                        "constant)", cfg.num_train_steps, noise)
+            else:
+                log.info("pruning noise: constant model.token_prune_noise_scale=%s", noise)
+    writer = MetricsWriter(run_dir, cfg.tensorboard, start_step) if is_main else None
 
     source = make_data_source(cfg, rank, world_size)
     batches = source.iterate(start_step)
@@ -958,7 +991,10 @@ def _converter(tp) -> Callable[[str], Any]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m pi05_fastprune.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    # The preset by name, as openpi's command line gives its config (`train_pytorch.py NAME`),
+    # or with --preset; debug by default.
+    parser.add_argument("config_name", nargs="?", choices=sorted(PRESETS), help="the preset (as --preset)")
+    parser.add_argument("--preset", choices=sorted(PRESETS))
     def add(flag, tp, **kw):
         # A bool option alone means true (`--resume`, as openpi's command line); a value sets it.
         flag_kw = dict(nargs="?", const=True) if tp is bool else {}
@@ -972,7 +1008,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     for f in dataclasses.fields(Pi05Config):
         add(f"--model.{f.name}", model_hints[f.name], dest=f"model__{f.name}")
     ns = vars(parser.parse_args(argv))
-    preset = ns.pop("preset")
+    named, flagged = ns.pop("config_name"), ns.pop("preset")
+    if named and flagged and named != flagged:
+        parser.error(f"two presets given: {named!r} and --preset {flagged!r}")
+    preset = named or flagged or "debug"
     model_over = {k[len("model__"):]: v for k, v in ns.items() if k.startswith("model__")}
     over = {k: v for k, v in ns.items() if not k.startswith("model__")}
     return get_preset(preset, model=model_over, **over)
@@ -991,4 +1030,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m pi05_fastprune.train` runs this file as __main__, a second copy of the module:
+    # run the package module's main, so that the DataSource classes a --data factory imports
+    # are the ones make_data_source checks against.
+    from pi05_fastprune.train import main as package_main
+
+    package_main()

@@ -444,7 +444,7 @@ def test_policy_from_paths(model, sp_model, stats_dir, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     model.save_openpi(str(bare / "model.safetensors"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"no norm_stats.json in .*bare.*norm_stats=\{\}.*--no-norm-stats"):
         Pi05Policy.from_paths(bare, sp_model)
     raw = Pi05Policy.from_paths(bare / "model.safetensors", sp_model, norm_stats={}, action_dims=32, num_steps=1)
     assert raw.infer(obs, noise=noise_for())["actions"].shape == (CFG.action_horizon, 32)

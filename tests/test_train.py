@@ -91,6 +91,16 @@ def test_presets_and_cli():
     cfg = T.parse_args(["--resume", "--model.token_pruning_enabled", "--overwrite", "false"])
     assert cfg.resume and cfg.model.token_pruning_enabled and not cfg.overwrite
     assert not T.parse_args(["--preset", "pi05_libero_lightvla", "--model.token_pruning_enabled", "0"]).model.token_pruning_enabled
+    # The preset by name, as openpi's `train_pytorch.py NAME`, and the seed's names for them.
+    cfg = T.parse_args(["pi05_libero_pytorch_lightvla", "--exp_name", "r1"])
+    assert cfg.name == "pi05_libero_pytorch_lightvla" and cfg.model.token_pruning_enabled
+    assert dataclasses.replace(cfg, name=prune.name, exp_name=prune.exp_name) == prune
+    assert not T.parse_args(["pi05_libero_pytorch"]).model.token_pruning_enabled
+    seed = T.parse_args(["debug_pi05", "--model.token_pruning_enabled", "True"])
+    assert seed.name == "debug_pi05" and seed.model == T.get_preset("debug").model
+    assert T.parse_args([]).name == T.parse_args(["--preset", "debug"]).name == "debug"
+    with pytest.raises(SystemExit):
+        T.parse_args(["debug", "--preset", "pi05_libero"])
 
 
 # ------------------------------------------------------------------------------ data
@@ -218,6 +228,19 @@ def test_debug_run_telemetry_and_resume(tmp_path):
     assert [r["step"] for r in rows_b] == [2, 3]
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows[2:]]
 
+    # A process that stopped after logging steps 2-3 past its last checkpoint (2): the resumed
+    # run logs them again, once, and init_weights / from_openpi take a checkpoint directory.
+    cfg_d = small(tmp_path / "d", resume=True)
+    shutil.copytree(cfg.run_dir, cfg_d.run_dir)
+    shutil.rmtree(cfg_d.run_dir / "4")
+    T.train(cfg_d)
+    rows_d = read_metrics(cfg_d.run_dir)
+    assert [r["step"] for r in rows_d] == [0, 1, 2, 3]
+    assert [r["loss"] for r in rows_d] == [r["loss"] for r in rows]
+    loaded = Pi05.from_openpi(str(ckpt))
+    model, _, _ = T.build(small(tmp_path / "e", init_weights=str(ckpt)), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
     with pytest.raises(FileExistsError):  # neither --resume nor --overwrite
         T.train(small(tmp_path / "a"))
     with pytest.raises(FileNotFoundError):
@@ -232,11 +255,12 @@ def test_checkpoint_keep_last_and_tensorboard(tmp_path, monkeypatch):
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["2", "3"]
     assert T.load_checkpoint(cfg.run_dir / "3", model, opt, names) == 3
 
-    scalars = []
+    scalars, purged = [], []
 
     class FakeWriter:  # torch.utils.tensorboard needs the tensorboard package; record the calls
-        def __init__(self, logdir):
+        def __init__(self, logdir, purge_step=None):
             self.logdir = logdir
+            purged.append(purge_step)
 
         def add_scalar(self, key, value, step):
             scalars.append((key, value, step))
@@ -252,6 +276,12 @@ def test_checkpoint_keep_last_and_tensorboard(tmp_path, monkeypatch):
     writer.close()
     assert scalars == [("loss", 0.5, 7), ("prune/kept_ratio_overall_mean", 0.1, 7)]
     assert read_metrics(cfg.run_dir)[-1]["step"] == 7
+    # Resumed at step 5: the earlier process's records from step 5 on go, in both logs, and a
+    # record it cut short.
+    with open(cfg.run_dir / "metrics.jsonl", "r+") as f:
+        f.write('{"step": 3, "loss": 0.25}\n' + f.read() + '{"step": 8, "lo')
+    T.MetricsWriter(cfg.run_dir, tensorboard=True, start_step=5).close()
+    assert purged == [None, 5] and read_metrics(cfg.run_dir) == [{"step": 3, "loss": 0.25}]
 
 
 class FixedSource(T.DataSource):
@@ -304,6 +334,35 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+FACTORY = """
+from pi05_fastprune.train import MapDataSource, ShardedSampler, SyntheticDataset
+
+def make_source(cfg, rank, world_size):
+    ds = SyntheticDataset(cfg.model, 16, cfg.seed, 2, (3, 10), 7, (2,))
+    return MapDataSource(ds, ShardedSampler(len(ds), cfg.batch_size, rank, world_size, cfg.seed))
+"""
+
+
+def test_module_entry_point_with_a_data_factory_and_the_seeds_command(tmp_path):
+    """`python -m pi05_fastprune.train` (the README's and the seed's way) with a --data factory
+    built from the package's DataSource classes, the seed's preset name given as openpi gives
+    its config, and its noise setting, which the seed's linear schedule overrides: said so."""
+    (tmp_path / "my_data.py").write_text(FACTORY)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    cmd = [
+        sys.executable, "-m", "pi05_fastprune.train", "debug_pi05", "--exp_name", "pruning_train",
+        "--model.token_pruning_enabled", "True", "--model.token_prune_noise_scale", "0.5",
+        "--data", "my_data:make_source", "--checkpoint_base_dir", str(tmp_path), "--num_train_steps", "1",
+        "--tensorboard", "false", *[a for k, v in MODEL.items() for a in (f"--model.{k}", str(v))],
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[W] pruning noise: the seed's linear decay" in proc.stdout
+    assert "token_prune_noise_scale=0.5 is not used" in proc.stdout
+    assert T.latest_checkpoint_step(tmp_path / "debug_pi05" / "pruning_train") == 1
 
 
 def test_ddp_two_cpu_processes(tmp_path):
