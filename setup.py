@@ -80,4 +80,5 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=cpp_extension.is_ninja_available())},
     python_requires=">=3.10",
     install_requires=["numpy"],
+    extras_require={"serve": ["websockets>=13", "msgpack"]},  # python -m pi05_fastprune serve
 )

@@ -1,4 +1,5 @@
-"""python -m pi05_fastprune demo: what LightVLA pruning keeps in a pi0.5 prefix, and how fast.
+"""python -m pi05_fastprune demo: what LightVLA pruning keeps in a pi0.5 prefix, and how fast;
+python -m pi05_fastprune serve: a checkpoint as a policy server for openpi's websocket client.
 
 1. The op on pi0.5-shaped embeddings (3 cameras x 256 patches, a 200-token prompt with 48
    valid, width 2048): kept patches per camera, prefix length before/after, and the latency
@@ -118,7 +119,8 @@ def demo_model(args, device: torch.device) -> None:
     print(f"[model] sample_actions {speedup:.2f}x faster with pruning (median of {args.repeats})")
 
 
-def demo_checkpoint(args, device: torch.device) -> None:
+def load_policy(args, device: torch.device):
+    """The checkpoint's ``Pi05Policy`` from the checkpoint arguments (``add_checkpoint_args``)."""
     from pi05_fastprune.policy import Pi05Policy
 
     policy = Pi05Policy.from_paths(
@@ -127,6 +129,11 @@ def demo_checkpoint(args, device: torch.device) -> None:
         seed=args.seed,
     )
     policy.model.set_compile_mode("default" if args.compile else None)
+    return policy
+
+
+def demo_checkpoint(args, device: torch.device) -> None:
+    policy = load_policy(args, device)
     policy.set_pruning(enabled=True, keep_tokens=args.keep_tokens, keep_ratio=args.keep_ratio,
                        max_tokens=args.max_tokens)
     rng = np.random.default_rng(args.seed)
@@ -141,12 +148,50 @@ def demo_checkpoint(args, device: torch.device) -> None:
               f"{out['kept_tokens']}, {out['policy_timing']['infer_ms']:.1f} ms")
 
 
+def serve(args, device: torch.device) -> None:
+    """The checkpoint as a policy server for openpi's websocket client (pi05_fastprune.serve)."""
+    import logging
+
+    from pi05_fastprune.serve import PolicyServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname).1s] %(message)s")
+    policy = load_policy(args, device)
+    budget = {}
+    if args.token_prune_keep_tokens is not None or args.token_prune_keep_ratio is not None:
+        # One budget replaces the checkpoint's (both given: set_pruning's error).
+        budget.update(keep_tokens=args.token_prune_keep_tokens, keep_ratio=args.token_prune_keep_ratio)
+    if args.token_prune_max_tokens is not None:
+        budget["max_tokens"] = args.token_prune_max_tokens
+    enabled = args.token_pruning
+    if enabled is None:  # the checkpoint's setting, or on when a budget is given
+        enabled = policy.pruning["enabled"] or bool(budget)
+    policy.set_pruning(enabled=enabled, **budget)
+    metadata = {"action_horizon": policy.model.config.action_horizon, "action_dims": policy.action_dims,
+                "pruning": policy.pruning}
+    server = PolicyServer(policy, args.host, args.port, metadata)
+    print(f"[serve] port {server.port}, pruning {policy.pruning}", flush=True)
+    server.serve_forever()
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--checkpoint", required=required, help="openpi pi0.5 model.safetensors (or its directory)")
+    p.add_argument("--tokenizer", required=required, help="PaliGemma sentencepiece model file")
+    p.add_argument("--norm-stats", help="norm_stats.json (default: <checkpoint>/assets/<asset_id>/)")
+    p.add_argument("--no-norm-stats", action="store_true", help="run without normalization")
+    p.add_argument("--asset-id")
+    p.add_argument("--action-horizon", type=int)
+    p.add_argument("--action-dims", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile sample_actions (default: on CUDA only)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pi05_fastprune")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="prune a pi0.5 prefix and time it")
     demo.add_argument("--size", default="dummy", choices=["dummy", "pi05"], help="pi0.5 model size")
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--batch", type=int, default=1)
     demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                       help="dtype of the op demo's embeddings")
@@ -154,22 +199,26 @@ def main(argv=None) -> None:
     demo.add_argument("--keep-ratio", type=float, help="budget as a ratio of all patches")
     demo.add_argument("--max-tokens", type=int, help="static cap on kept patches (CUDA-graph friendly)")
     demo.add_argument("--steps", type=int, default=10, help="flow-matching Euler steps")
-    demo.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                      help="torch.compile sample_actions (default: on CUDA only)")
     demo.add_argument("--repeats", type=int, default=5)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--checkpoint", help="openpi pi0.5 model.safetensors (or its directory)")
-    demo.add_argument("--tokenizer", help="PaliGemma sentencepiece model file")
-    demo.add_argument("--norm-stats", help="norm_stats.json (default: <checkpoint>/assets/<asset_id>/)")
-    demo.add_argument("--no-norm-stats", action="store_true", help="run without normalization")
-    demo.add_argument("--asset-id")
-    demo.add_argument("--action-horizon", type=int)
-    demo.add_argument("--action-dims", type=int)
     demo.add_argument("--prompt", default="pick up the red block")
+    add_checkpoint_args(demo, required=False)
+    srv = sub.add_parser("serve", help="serve a checkpoint to openpi's websocket policy client")
+    add_checkpoint_args(srv, required=True)
+    srv.add_argument("--host", default="0.0.0.0")
+    srv.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
+    # The seed's serve_policy.py overrides (the budget over all cameras).
+    srv.add_argument("--token-prune-keep-ratio", type=float)
+    srv.add_argument("--token-prune-keep-tokens", type=int)
+    srv.add_argument("--token-prune-max-tokens", type=int, help="static cap on kept patches")
+    srv.add_argument("--token-pruning", action=argparse.BooleanOptionalAction, default=None,
+                     help="prune (default: the checkpoint's setting, or on when a budget is given)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
+    if args.cmd == "serve":
+        serve(args, device)
+        return
     if (args.checkpoint is None) != (args.tokenizer is None):
         parser.error("--checkpoint and --tokenizer go together")
     if args.checkpoint:
