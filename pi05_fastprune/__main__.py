@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pi05_fastprune.model import IMAGE_KEYS, Pi05, Pi05Config
+from pi05_fastprune.policy import ROBOTS
 from pi05_fastprune.prune import prune_tokens, resolve_keep_tokens
 from pi05_fastprune.reference import prune_ref
 from pi05_fastprune.structured import structured_inputs
@@ -119,14 +120,15 @@ def demo_model(args, device: torch.device) -> None:
     print(f"[model] sample_actions {speedup:.2f}x faster with pruning (median of {args.repeats})")
 
 
-def load_policy(args, device: torch.device):
-    """The checkpoint's ``Pi05Policy`` from the checkpoint arguments (``add_checkpoint_args``)."""
+def load_policy(args, device: torch.device, **kwargs):
+    """The checkpoint's ``Pi05Policy`` from the checkpoint arguments (``add_checkpoint_args``)
+    and ``kwargs`` for ``Pi05Policy``."""
     from pi05_fastprune.policy import Pi05Policy
 
     policy = Pi05Policy.from_paths(
         args.checkpoint, args.tokenizer, norm_stats=args.norm_stats or ({} if args.no_norm_stats else None),
         device=device, asset_id=args.asset_id, action_horizon=args.action_horizon, action_dims=args.action_dims,
-        seed=args.seed,
+        seed=args.seed, **kwargs,
     )
     policy.model.set_compile_mode("default" if args.compile else None)
     return policy
@@ -155,7 +157,7 @@ def serve(args, device: torch.device) -> None:
     from pi05_fastprune.serve import PolicyServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname).1s] %(message)s")
-    policy = load_policy(args, device)
+    policy = load_policy(args, device, robot=args.robot)
     budget = {}
     if args.token_prune_keep_tokens is not None or args.token_prune_keep_ratio is not None:
         # One budget replaces the checkpoint's (both given: set_pruning's error).
@@ -206,6 +208,9 @@ def main(argv=None) -> None:
     add_checkpoint_args(srv, required=True)
     srv.add_argument("--host", default="0.0.0.0")
     srv.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
+    srv.add_argument("--robot", choices=sorted(ROBOTS),
+                     help="observations keyed as openpi's client for this robot sends them (default: the "
+                          "model's camera names), actions cut to its dimensions")
     # The seed's serve_policy.py overrides (the budget over all cameras).
     srv.add_argument("--token-prune-keep-ratio", type=float)
     srv.add_argument("--token-prune-keep-tokens", type=int)

@@ -34,7 +34,7 @@ from pi05_fastprune.openpi_checkpoint import weights_file
 from pi05_fastprune.preprocess import preprocess_cameras
 from pi05_fastprune.tokenizer import PaligemmaTokenizer
 
-__all__ = ["Pi05Policy"]
+__all__ = ["Pi05Policy", "ROBOTS", "libero_inputs", "droid_inputs"]
 
 PathLike = Union[str, os.PathLike]
 _UNSET: Any = object()
@@ -48,6 +48,48 @@ _PRUNING_FIELDS = {
     "noise_scale": "token_prune_noise_scale",
     "mask_voters": "token_prune_mask_voters",
 }
+
+
+def _robot_keys(obs: Mapping[str, Any], robot: str, keys: Sequence[str]) -> None:
+    if not isinstance(obs, Mapping):
+        raise TypeError(f"a {robot} observation must be a dict, got {type(obs).__name__}")
+    missing = [k for k in keys if k not in obs]
+    if missing:
+        raise ValueError(f"{robot} observation lacks {missing} (has {sorted(obs)})")
+
+
+def _with_prompt(inputs: dict, obs: Mapping[str, Any]) -> dict:
+    if "prompt" in obs:
+        inputs["prompt"] = obs["prompt"]
+    return inputs
+
+
+def libero_inputs(obs: Mapping[str, Any]) -> dict:
+    """openpi's ``LiberoInputs`` for pi0.5: LIBERO's observation keys -> the model's (its third-person
+    and wrist cameras; no right wrist camera, so that one is absent)."""
+    _robot_keys(obs, "libero", ("observation/image", "observation/wrist_image", "observation/state"))
+    return _with_prompt({
+        "state": obs["observation/state"],
+        "image": {"base_0_rgb": obs["observation/image"], "left_wrist_0_rgb": obs["observation/wrist_image"]},
+    }, obs)
+
+
+def droid_inputs(obs: Mapping[str, Any]) -> dict:
+    """openpi's ``DroidInputs`` for pi0.5: state = joint positions then the gripper position (a
+    scalar or one value), the left exterior and wrist cameras (no right wrist camera)."""
+    _robot_keys(obs, "droid", ("observation/exterior_image_1_left", "observation/wrist_image_left",
+                               "observation/joint_position", "observation/gripper_position"))
+    gripper = np.asarray(obs["observation/gripper_position"]).reshape(-1)
+    return _with_prompt({
+        "state": np.concatenate([np.asarray(obs["observation/joint_position"]), gripper]),
+        "image": {"base_0_rgb": obs["observation/exterior_image_1_left"],
+                  "left_wrist_0_rgb": obs["observation/wrist_image_left"]},
+    }, obs)
+
+
+# Robot observation layouts openpi's clients send: (inputs mapping, action dims its outputs keep,
+# as openpi's LiberoOutputs / DroidOutputs cut them).
+ROBOTS = {"libero": (libero_inputs, 7), "droid": (droid_inputs, 8)}
 
 
 class Pi05Policy:
@@ -74,6 +116,9 @@ class Pi05Policy:
             torch's global RNG.
         float_range: float images are in [0, 1] (``"unit"``, openpi's policy inputs) or
             already in the model's [-1, 1] (``"signed"``).
+        robot: ``"libero"`` or ``"droid"``: observations come keyed as that robot's openpi
+            client sends them (``ROBOTS``), and ``action_dims`` defaults to what openpi returns
+            for it (7, 8); None: keyed by the model's camera names.
     """
 
     def __init__(
@@ -90,7 +135,10 @@ class Pi05Policy:
         default_prompt: Optional[str] = None,
         seed: Optional[int] = None,
         float_range: str = "unit",
+        robot: Optional[str] = None,
     ):
+        if robot is not None and robot not in ROBOTS:
+            raise ValueError(f"robot must be one of {sorted(ROBOTS)} or None, got {robot!r}")
         if not isinstance(model, Pi05):
             raise TypeError(f"model must be a Pi05, got {type(model).__name__}")
         if device is not None:
@@ -105,6 +153,9 @@ class Pi05Policy:
         self.norm_stats: dict[str, NormStats] = dict(norm_stats or {})
         self.use_quantiles = use_quantiles
         self.discrete_state_input = discrete_state_input
+        self._robot_inputs = None if robot is None else ROBOTS[robot][0]
+        if action_dims is None and robot is not None:
+            action_dims = ROBOTS[robot][1]
         if action_dims is None:
             stats = self.norm_stats.get("actions")
             action_dims = stats.dim if stats is not None else model.config.action_dim
@@ -227,6 +278,8 @@ class Pi05Policy:
     # ------------------------------------------------------------------ inputs
 
     def _split(self, obs: Mapping[str, Any], index: int):
+        if self._robot_inputs is not None:
+            obs = self._robot_inputs(obs)
         if not isinstance(obs, Mapping):
             raise TypeError(f"observation {index} must be a dict, got {type(obs).__name__}")
         if "image" in obs:

@@ -91,12 +91,13 @@ def test_server_answers_as_the_policy(sp_model):
 
 
 def test_serve_command_line(sp_model, tmp_path):
-    """python -m pi05_fastprune serve on a checkpoint directory with the seed's budget flag."""
+    """python -m pi05_fastprune serve on a checkpoint directory with the seed's budget flag,
+    answering a LIBERO observation as openpi's LIBERO client sends it."""
     Pi05(CFG, seed=0).save_openpi(str(tmp_path / "model.safetensors"))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "pi05_fastprune", "serve", "--checkpoint", str(tmp_path), "--tokenizer",
-           str(sp_model), "--no-norm-stats", "--action-dims", "7", "--host", "127.0.0.1", "--port", "0",
+           str(sp_model), "--no-norm-stats", "--robot", "libero", "--host", "127.0.0.1", "--port", "0",
            "--token-prune-keep-ratio", "0.25", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -109,7 +110,10 @@ def test_serve_command_line(sp_model, tmp_path):
             meta = unpackb(ws.recv())
             assert meta["pruning"]["enabled"] and meta["pruning"]["keep_ratio"] == 0.25
             assert meta["action_horizon"] == 4 and meta["action_dims"] == 7
-            ws.send(packb(make_obs()))
+            obs = make_obs()
+            ws.send(packb({"observation/image": obs["image"]["base_0_rgb"],
+                           "observation/wrist_image": obs["image"]["left_wrist_0_rgb"],
+                           "observation/state": obs["state"], "prompt": obs["prompt"]}))
             out = unpackb(ws.recv())
         assert out["actions"].shape == (4, 7) and out["kept_tokens"] == 12  # ceil(0.25 * 3 cameras * 16)
     finally:
