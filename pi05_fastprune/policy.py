@@ -14,8 +14,9 @@ written from scratch, for observations already keyed by the model's camera names
 An observation is a dict: camera images either under ``"image"`` (``{name: array}``, openpi's
 model-side layout, optionally with ``"image_mask"``) or as top-level keys
 (``base_0_rgb``, ``left_wrist_0_rgb``, ``right_wrist_0_rgb``); ``"state"`` (raw, dataset
-dimensions); ``"prompt"`` (str). Robot-specific key mapping (openpi's ``LiberoInputs``,
-``DroidInputs``...) is the caller's job.
+dimensions); ``"prompt"`` (str). ``robot="libero"`` / ``"droid"`` takes observations keyed as
+openpi's LIBERO / DROID clients send them (its ``LiberoInputs`` / ``DroidInputs``); other robots'
+key mapping is the caller's job.
 """
 
 from __future__ import annotations
