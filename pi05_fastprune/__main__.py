@@ -128,7 +128,7 @@ def load_policy(args, device: torch.device, **kwargs):
     policy = Pi05Policy.from_paths(
         args.checkpoint, args.tokenizer, norm_stats=args.norm_stats or ({} if args.no_norm_stats else None),
         device=device, asset_id=args.asset_id, action_horizon=args.action_horizon, action_dims=args.action_dims,
-        seed=args.seed, **kwargs,
+        seed=args.seed, discrete_state_input=args.discrete_state_input, **kwargs,
     )
     policy.model.set_compile_mode("default" if args.compile else None)
     return policy
@@ -183,6 +183,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--asset-id")
     p.add_argument("--action-horizon", type=int)
     p.add_argument("--action-dims", type=int)
+    p.add_argument("--discrete-state-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="the state in the prompt, as the checkpoint was trained (openpi's pi05_libero: no; "
+                        "default: --robot's openpi config, else yes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile sample_actions (default: on CUDA only)")

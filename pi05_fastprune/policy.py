@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from pi05_fastprune.openpi_checkpoint import weights_file
 from pi05_fastprune.preprocess import preprocess_cameras
 from pi05_fastprune.tokenizer import PaligemmaTokenizer
 
-__all__ = ["Pi05Policy", "ROBOTS", "libero_inputs", "droid_inputs"]
+__all__ = ["Pi05Policy", "ROBOTS", "Robot", "libero_inputs", "droid_inputs"]
 
 PathLike = Union[str, os.PathLike]
 _UNSET: Any = object()
@@ -88,9 +88,17 @@ def droid_inputs(obs: Mapping[str, Any]) -> dict:
     }, obs)
 
 
-# Robot observation layouts openpi's clients send: (inputs mapping, action dims its outputs keep,
-# as openpi's LiberoOutputs / DroidOutputs cut them).
-ROBOTS = {"libero": (libero_inputs, 7), "droid": (droid_inputs, 8)}
+class Robot(NamedTuple):
+    """A robot's observation layout as openpi's client sends it, and what openpi's pi0.5 config
+    for it sets: the action dimensions its outputs keep (LiberoOutputs / DroidOutputs) and whether
+    the state goes into the prompt (pi05_libero: no; pi05_droid: pi0.5's default, yes)."""
+
+    inputs: Callable[[Mapping[str, Any]], dict]
+    action_dims: int
+    discrete_state_input: bool
+
+
+ROBOTS = {"libero": Robot(libero_inputs, 7, False), "droid": Robot(droid_inputs, 8, True)}
 
 
 class Pi05Policy:
@@ -107,7 +115,8 @@ class Pi05Policy:
         device: where the model runs; default: where its parameters already are.
         use_quantiles: the quantile normalization of pi0.5 (True) or pi0's z-score (False).
         discrete_state_input: write the state into the prompt (openpi's default for pi0.5;
-            openpi's ``pi05_libero`` config sets it False).
+            openpi's ``pi05_libero`` config sets it False). Default: the ``robot``'s openpi
+            config (``ROBOTS``), else True.
         action_dims: how many action dimensions to return; default: the dimensions of
             ``norm_stats["actions"]``, else the model's ``action_dim``. (If your norm stats
             were computed on padded actions, pass your robot's dimension count here.)
@@ -118,8 +127,9 @@ class Pi05Policy:
         float_range: float images are in [0, 1] (``"unit"``, openpi's policy inputs) or
             already in the model's [-1, 1] (``"signed"``).
         robot: ``"libero"`` or ``"droid"``: observations come keyed as that robot's openpi
-            client sends them (``ROBOTS``), and ``action_dims`` defaults to what openpi returns
-            for it (7, 8); None: keyed by the model's camera names.
+            client sends them (``ROBOTS``), and ``action_dims`` and ``discrete_state_input``
+            default to openpi's config for it (7 and False, 8 and True); None: keyed by the
+            model's camera names.
     """
 
     def __init__(
@@ -130,7 +140,7 @@ class Pi05Policy:
         *,
         device: Optional[torch.device | str] = None,
         use_quantiles: bool = True,
-        discrete_state_input: bool = True,
+        discrete_state_input: Optional[bool] = None,
         action_dims: Optional[int] = None,
         num_steps: int = 10,
         default_prompt: Optional[str] = None,
@@ -153,10 +163,12 @@ class Pi05Policy:
             norm_stats = load_norm_stats(norm_stats)
         self.norm_stats: dict[str, NormStats] = dict(norm_stats or {})
         self.use_quantiles = use_quantiles
-        self.discrete_state_input = discrete_state_input
-        self._robot_inputs = None if robot is None else ROBOTS[robot][0]
+        if discrete_state_input is None:
+            discrete_state_input = ROBOTS[robot].discrete_state_input if robot is not None else True
+        self.discrete_state_input = bool(discrete_state_input)
+        self._robot_inputs = None if robot is None else ROBOTS[robot].inputs
         if action_dims is None and robot is not None:
-            action_dims = ROBOTS[robot][1]
+            action_dims = ROBOTS[robot].action_dims
         if action_dims is None:
             stats = self.norm_stats.get("actions")
             action_dims = stats.dim if stats is not None else model.config.action_dim

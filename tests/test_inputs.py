@@ -453,23 +453,30 @@ def test_policy_from_paths(model, sp_model, stats_dir, tmp_path):
 def test_robot_observation_layouts(model, sp_model, stats_dir):
     """Observations keyed as openpi's LIBERO and DROID clients send them act as the same
     observation keyed by the model's cameras (openpi's LiberoInputs / DroidInputs: no right
-    wrist camera; DROID's state = joints then gripper), cut to 7 / 8 action dimensions."""
+    wrist camera; DROID's state = joints then gripper), with openpi's pi05_libero / pi05_droid
+    settings: 7 / 8 action dimensions, the state in the prompt for DROID only."""
     rng = np.random.default_rng(3)
     base = rng.integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
     wrist = rng.uniform(0, 1, size=(3, 64, 64)).astype(np.float32)
     state = rng.uniform(-1, 1, size=8)
-    plain = make_policy(model, sp_model, stats_dir, action_dims=8)
-    want = plain.infer({"image": {"base_0_rgb": base, "left_wrist_0_rgb": wrist}, "state": state, "prompt": "go"},
-                       noise=noise_for())["actions"]
+    plain_obs = {"image": {"base_0_rgb": base, "left_wrist_0_rgb": wrist}, "state": state, "prompt": "go"}
+
+    def plain(discrete_state_input):
+        policy = make_policy(model, sp_model, stats_dir, action_dims=8, discrete_state_input=discrete_state_input)
+        return policy.infer(plain_obs, noise=noise_for())["actions"]
+
     libero = make_policy(model, sp_model, stats_dir, robot="libero")
+    assert not libero.discrete_state_input and libero.action_dims == 7
     got = libero.infer({"observation/image": base, "observation/wrist_image": wrist, "observation/state": state,
                         "prompt": "go"}, noise=noise_for())["actions"]
-    np.testing.assert_array_equal(got, want[:, :7])
+    np.testing.assert_array_equal(got, plain(False)[:, :7])
     droid = make_policy(model, sp_model, stats_dir, robot="droid")
+    assert droid.discrete_state_input and droid.action_dims == 8
     got = droid.infer({"observation/exterior_image_1_left": base, "observation/wrist_image_left": wrist,
                        "observation/joint_position": state[:7], "observation/gripper_position": state[7],
                        "prompt": "go"}, noise=noise_for())["actions"]
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, plain(True))
+    assert not np.array_equal(plain(True), plain(False))  # the state in the prompt does matter
     with pytest.raises(ValueError, match=r"libero observation lacks \['observation/wrist_image'\]"):
         libero.infer({"observation/image": base, "observation/state": state, "prompt": "go"})
     with pytest.raises(ValueError, match="robot must be one of"):
