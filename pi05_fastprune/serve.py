@@ -3,7 +3,8 @@
 
 The protocol, as openpi's policy server speaks it: on connect the server sends its metadata;
 then for each binary message (an observation) it answers with the policy's output dict plus
-``"server_timing"`` (``infer_ms``, and ``prev_total_ms`` after the first). Messages are msgpack,
+``"server_timing"`` (``infer_ms``, and after the first ``prev_total_ms``: the previous message's
+wait, inference and answer). Messages are msgpack,
 numpy arrays as ``{"__ndarray__": True, "data": bytes, "dtype": str, "shape": list}`` maps and
 numpy scalars as ``{"__npgeneric__": True, "data": value, "dtype": str}``. On an error the
 server sends the traceback as a text message and closes the connection with code 1011 (the
@@ -106,11 +107,13 @@ class PolicyServer:
         connection.send(packb(self.metadata))
         prev_total_ms = None
         while True:
+            # As openpi's server: prev_total_ms spans the wait for the next message too (the
+            # robot's loop period), from one recv to the next answer.
+            start = time.monotonic()
             try:
                 message = connection.recv()
             except ConnectionClosed:
                 return
-            start = time.monotonic()
             try:
                 obs = unpackb(message)
                 with self._lock:
