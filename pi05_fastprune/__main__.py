@@ -185,7 +185,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--action-dims", type=int)
     p.add_argument("--discrete-state-input", action=argparse.BooleanOptionalAction, default=None,
                    help="the state in the prompt, as the checkpoint was trained (openpi's pi05_libero: no; "
-                        "default: --robot's openpi config, else yes)")
+                        "default: serve --robot's openpi config, else yes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile sample_actions (default: on CUDA only)")
@@ -213,7 +213,7 @@ def main(argv=None) -> None:
     srv.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     srv.add_argument("--robot", choices=sorted(ROBOTS),
                      help="observations keyed as openpi's client for this robot sends them (default: the "
-                          "model's camera names), actions cut to its dimensions")
+                          "model's camera names), with openpi's config for it (action dims, state in the prompt)")
     # The seed's serve_policy.py overrides (the budget over all cameras).
     srv.add_argument("--token-prune-keep-ratio", type=float)
     srv.add_argument("--token-prune-keep-tokens", type=int)
