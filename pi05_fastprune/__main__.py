@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import statistics
 import time
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from pi05_fastprune.model import IMAGE_KEYS, Pi05, Pi05Config
-from pi05_fastprune.policy import ROBOTS
+from pi05_fastprune.policy import ROBOTS, Pi05Policy
 from pi05_fastprune.prune import prune_tokens, resolve_keep_tokens
 from pi05_fastprune.reference import prune_ref
 from pi05_fastprune.structured import structured_inputs
@@ -123,8 +124,6 @@ def demo_model(args, device: torch.device) -> None:
 def load_policy(args, device: torch.device, **kwargs):
     """The checkpoint's ``Pi05Policy`` from the checkpoint arguments (``add_checkpoint_args``)
     and ``kwargs`` for ``Pi05Policy``."""
-    from pi05_fastprune.policy import Pi05Policy
-
     policy = Pi05Policy.from_paths(
         args.checkpoint, args.tokenizer, norm_stats=args.norm_stats or ({} if args.no_norm_stats else None),
         device=device, asset_id=args.asset_id, action_horizon=args.action_horizon, action_dims=args.action_dims,
@@ -152,9 +151,7 @@ def demo_checkpoint(args, device: torch.device) -> None:
 
 def serve(args, device: torch.device) -> None:
     """The checkpoint as a policy server for openpi's websocket client (pi05_fastprune.serve)."""
-    import logging
-
-    from pi05_fastprune.serve import PolicyServer
+    from pi05_fastprune.serve import PolicyServer  # needs the serve extra: imported only here
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname).1s] %(message)s")
     policy = load_policy(args, device, robot=args.robot)

@@ -626,12 +626,10 @@ class Pi05(nn.Module):
 
     def _keep_tokens(self, num_cameras: int) -> Optional[int]:
         """The config's eval budget for ``num_cameras`` cameras' patches, as a Python int,
-        computed outside the compiled region (see ``sample_actions``)."""
+        computed outside the compiled region (see ``sample_actions``); the pruner clips it to N."""
         if not self.config.token_pruning_enabled:
             return None
-        n = num_cameras * self.config.vision.num_patches
-        k = self.config.keep_tokens(n)
-        return None if k is None else min(k, n)
+        return self.config.keep_tokens(num_cameras * self.config.vision.num_patches)
 
     def _embed_prefix(self, images, img_masks, lang_tokens, lang_masks, keep_tokens: Optional[int]) -> Prefix:
         lang_masks = lang_masks.to(torch.bool)
