@@ -18,7 +18,6 @@ import logging
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from pi05_fastprune.model import IMAGE_KEYS, Pi05, Pi05Config
@@ -137,10 +136,7 @@ def demo_checkpoint(args, device: torch.device) -> None:
     policy = load_policy(args, device)
     policy.set_pruning(enabled=True, keep_tokens=args.keep_tokens, keep_ratio=args.keep_ratio,
                        max_tokens=args.max_tokens)
-    rng = np.random.default_rng(args.seed)
-    obs = {name: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for name in IMAGE_KEYS}
-    state_dim = policy.norm_stats["state"].dim if "state" in policy.norm_stats else policy.model.config.action_dim
-    obs.update(state=rng.standard_normal(state_dim).astype(np.float32), prompt=args.prompt)
+    obs = dict(policy.example_observation(args.seed), prompt=args.prompt)
     for pruned in (False, True):
         policy.enable_pruning(pruned)
         out = policy.infer(obs)
@@ -167,6 +163,7 @@ def serve(args, device: torch.device) -> None:
     policy.set_pruning(enabled=enabled, **budget)
     metadata = {"action_horizon": policy.model.config.action_horizon, "action_dims": policy.action_dims,
                 "pruning": policy.pruning}
+    print(f"[serve] warm-up inference: {policy.warmup():.1f} s", flush=True)
     server = PolicyServer(policy, args.host, args.port, metadata)
     print(f"[serve] port {server.port}, pruning {policy.pruning}", flush=True)
     server.serve_forever()

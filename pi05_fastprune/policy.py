@@ -35,7 +35,7 @@ from pi05_fastprune.openpi_checkpoint import weights_file
 from pi05_fastprune.preprocess import preprocess_cameras
 from pi05_fastprune.tokenizer import PaligemmaTokenizer
 
-__all__ = ["Pi05Policy", "ROBOTS", "Robot", "libero_inputs", "droid_inputs"]
+__all__ = ["Pi05Policy", "ROBOTS", "Robot", "libero_inputs", "droid_inputs", "libero_example", "droid_example"]
 
 PathLike = Union[str, os.PathLike]
 _UNSET: Any = object()
@@ -88,17 +88,37 @@ def droid_inputs(obs: Mapping[str, Any]) -> dict:
     }, obs)
 
 
+def _camera_image(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+
+
+def libero_example(rng: np.random.Generator) -> dict:
+    """A random observation as openpi's LIBERO client sends it (openpi's ``make_libero_example``)."""
+    return {"observation/state": rng.random(8), "observation/image": _camera_image(rng),
+            "observation/wrist_image": _camera_image(rng), "prompt": "do something"}
+
+
+def droid_example(rng: np.random.Generator) -> dict:
+    """A random observation as openpi's DROID client sends it (openpi's ``make_droid_example``)."""
+    return {"observation/exterior_image_1_left": _camera_image(rng), "observation/wrist_image_left": _camera_image(rng),
+            "observation/joint_position": rng.random(7), "observation/gripper_position": rng.random(1),
+            "prompt": "do something"}
+
+
 class Robot(NamedTuple):
-    """A robot's observation layout as openpi's client sends it, and what openpi's pi0.5 config
-    for it sets: the action dimensions its outputs keep (LiberoOutputs / DroidOutputs) and whether
-    the state goes into the prompt (pi05_libero: no; pi05_droid: pi0.5's default, yes)."""
+    """A robot's observation layout as openpi's client sends it (``inputs`` maps it to the model's,
+    ``example`` draws one), and what openpi's pi0.5 config for it sets: the action dimensions its
+    outputs keep (LiberoOutputs / DroidOutputs) and whether the state goes into the prompt
+    (pi05_libero: no; pi05_droid: pi0.5's default, yes)."""
 
     inputs: Callable[[Mapping[str, Any]], dict]
+    example: Callable[[np.random.Generator], dict]
     action_dims: int
     discrete_state_input: bool
 
 
-ROBOTS = {"libero": Robot(libero_inputs, 7, False), "droid": Robot(droid_inputs, 8, True)}
+ROBOTS = {"libero": Robot(libero_inputs, libero_example, 7, False),
+          "droid": Robot(droid_inputs, droid_example, 8, True)}
 
 
 class Pi05Policy:
@@ -166,7 +186,7 @@ class Pi05Policy:
         if discrete_state_input is None:
             discrete_state_input = ROBOTS[robot].discrete_state_input if robot is not None else True
         self.discrete_state_input = bool(discrete_state_input)
-        self._robot_inputs = None if robot is None else ROBOTS[robot].inputs
+        self.robot = robot
         if action_dims is None and robot is not None:
             action_dims = ROBOTS[robot].action_dims
         if action_dims is None:
@@ -291,8 +311,8 @@ class Pi05Policy:
     # ------------------------------------------------------------------ inputs
 
     def _split(self, obs: Mapping[str, Any], index: int):
-        if self._robot_inputs is not None:
-            obs = self._robot_inputs(obs)
+        if self.robot is not None:
+            obs = ROBOTS[self.robot].inputs(obs)
         if not isinstance(obs, Mapping):
             raise TypeError(f"observation {index} must be a dict, got {type(obs).__name__}")
         if "image" in obs:
@@ -342,7 +362,10 @@ class Pi05Policy:
             t = t[None].expand(batch, *t.shape)
         if tuple(t.shape) != shape:
             raise ValueError(f"noise must have shape {shape[1:]} or {shape}, got {tuple(t.shape)}")
-        return t.to(self.device)
+        # A copy, not a view (of the expand or of the caller's array): torch.compile guards on
+        # a view's base, so a view would compile sample_actions a second time beside the
+        # generator's noise.
+        return t.to(self.device, copy=True)
 
     # ------------------------------------------------------------------ inference
 
@@ -380,3 +403,28 @@ class Pi05Policy:
             "kept_tokens": None if kept is None else int(kept[0]),
             "policy_timing": out["policy_timing"],
         }
+
+    def example_observation(self, seed: int = 0) -> dict[str, Any]:
+        """A random observation in the layout ``infer`` takes: the ``robot``'s (as its openpi
+        client sends it), else every camera of the model by name, a state of the norm stats'
+        dimensions (else the model's ``action_dim``) and a prompt."""
+        rng = np.random.default_rng(seed)
+        if self.robot is not None:
+            return ROBOTS[self.robot].example(rng)
+        stats = self.norm_stats.get("state")
+        state_dim = stats.dim if stats is not None else self.model.config.action_dim
+        obs: dict[str, Any] = {name: _camera_image(rng) for name in IMAGE_KEYS[: self.model.config.num_cameras]}
+        obs.update(state=rng.standard_normal(state_dim).astype(np.float32), prompt="do something")
+        return obs
+
+    def warmup(self) -> float:
+        """One inference on ``example_observation()`` so that ``torch.compile`` compiles
+        ``sample_actions`` now rather than during a robot's first request (the graph is dynamic:
+        every later observation of this layout reuses it). Its noise is zeros, so the policy's
+        noise generator is untouched and later calls answer as without the warm-up. Returns
+        the seconds it took."""
+        cfg = self.model.config
+        start = time.monotonic()
+        self.infer(self.example_observation(), noise=np.zeros((cfg.action_horizon, cfg.action_dim), np.float32))
+        self._last_kept = None
+        return time.monotonic() - start

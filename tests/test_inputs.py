@@ -501,3 +501,29 @@ def test_policy_input_errors(model, sp_model, stats_dir):
         default.infer({k: v for k, v in obs.items() if k != "prompt"}, noise=noise_for())["actions"],
         policy.infer(obs, noise=noise_for())["actions"],
     )
+
+
+@pytest.mark.parametrize("robot", [None, "libero", "droid"])
+def test_policy_warmup_compiles_what_requests_reuse(model, sp_model, stats_dir, robot):
+    """warmup() compiles sample_actions on an example observation in the robot's layout (as its
+    openpi client sends one); later requests of that layout reuse the graph, and answer as a
+    policy without the warm-up does (the warm-up's zero noise leaves the generator alone)."""
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    policy = make_policy(model, sp_model, stats_dir, robot=robot, seed=0)
+    policy.set_keep_tokens(10)
+    model._sample_compiled = torch.compile(model._sample, backend=count_graphs, dynamic=True, fullgraph=True)
+    try:
+        assert policy.warmup() > 0 and len(graphs) == 1 and policy.last_kept_tokens is None
+        request = policy.example_observation(seed=1)
+        got = policy.infer(request)
+        assert len(graphs) == 1 and got["kept_tokens"] == 10
+        fresh = make_policy(model, sp_model, stats_dir, robot=robot, seed=0)
+        fresh.set_keep_tokens(10)
+        np.testing.assert_array_equal(got["actions"], fresh.infer(request)["actions"])
+    finally:
+        model.set_compile_mode(model.config.pytorch_compile_mode)

@@ -95,8 +95,8 @@ def test_server_answers_as_the_policy(sp_model):
 
 
 def test_serve_command_line(sp_model, tmp_path):
-    """python -m pi05_fastprune serve on a checkpoint directory with the seed's budget flag,
-    answering a LIBERO observation as openpi's LIBERO client sends it."""
+    """python -m pi05_fastprune serve on a checkpoint directory with the seed's budget flag:
+    it warms up, then listens, and answers a LIBERO observation as openpi's LIBERO client sends it."""
     Pi05(CFG, seed=0).save_openpi(str(tmp_path / "model.safetensors"))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -105,10 +105,12 @@ def test_serve_command_line(sp_model, tmp_path):
            "--token-prune-keep-ratio", "0.25", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = proc.stdout.readline()
-        while line and not line.startswith("[serve] port "):
-            line = proc.stdout.readline()
-        assert line, "the server exited before listening"
+        lines = [proc.stdout.readline()]
+        while lines[-1] and not lines[-1].startswith("[serve] port "):
+            lines.append(proc.stdout.readline())
+        line = lines[-1]
+        assert line, "the server exited before listening:\n" + "".join(lines)
+        assert any(x.startswith("[serve] warm-up inference: ") for x in lines)  # before it listens
         port = int(line.split()[2].rstrip(","))
         with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
             meta = unpackb(ws.recv())
