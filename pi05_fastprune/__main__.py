@@ -26,6 +26,8 @@ from pi05_fastprune.prune import prune_tokens, resolve_keep_tokens
 from pi05_fastprune.reference import prune_ref
 from pi05_fastprune.structured import structured_inputs
 
+log = logging.getLogger("pi05_fastprune")
+
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:
     def run():
@@ -128,21 +130,27 @@ def load_policy(args, device: torch.device, **kwargs):
         device=device, asset_id=args.asset_id, action_horizon=args.action_horizon, action_dims=args.action_dims,
         seed=args.seed, discrete_state_input=args.discrete_state_input, **kwargs,
     )
+    if args.action_horizon is None:
+        log.warning("openpi's checkpoints hold no action horizon: using %d; pass --action-horizon "
+                    "(pi05_libero 10, pi05_droid 15)", policy.model.config.action_horizon)
     policy.model.set_compile_mode("default" if args.compile else None)
     return policy
 
 
 def demo_checkpoint(args, device: torch.device) -> None:
-    policy = load_policy(args, device)
+    policy = load_policy(args, device, num_steps=args.steps)
     policy.set_pruning(enabled=True, keep_tokens=args.keep_tokens, keep_ratio=args.keep_ratio,
                        max_tokens=args.max_tokens)
-    obs = dict(policy.example_observation(args.seed), prompt=args.prompt)
+    batch = [dict(policy.example_observation(args.seed), prompt=args.prompt)] * args.batch
     for pruned in (False, True):
         policy.enable_pruning(pruned)
-        out = policy.infer(obs)
-        out = policy.infer(obs)  # the second call shows the warm latency
+        out = policy.infer_batch(batch)  # the first call compiles (--compile): not timed
+        infer_ms = statistics.median(policy.infer_batch(batch)["policy_timing"]["infer_ms"]
+                                     for _ in range(args.repeats))
+        kept = out["kept_tokens"]
+        kept = None if kept is None else ", ".join(str(k) for k in kept)
         print(f"[policy] {'pruned  ' if pruned else 'unpruned'}: actions {out['actions'].shape}, kept image tokens "
-              f"{out['kept_tokens']}, {out['policy_timing']['infer_ms']:.1f} ms")
+              f"{kept}, infer {infer_ms:.1f} ms ({args.steps} steps, median of {args.repeats})")
 
 
 def serve(args, device: torch.device) -> None:
@@ -153,7 +161,7 @@ def serve(args, device: torch.device) -> None:
     policy = load_policy(args, device, robot=args.robot)
     budget = {}
     if args.token_prune_keep_tokens is not None or args.token_prune_keep_ratio is not None:
-        # One budget replaces the checkpoint's (both given: set_pruning's error).
+        # The budget given replaces the checkpoint's (the flags exclude each other).
         budget.update(keep_tokens=args.token_prune_keep_tokens, keep_ratio=args.token_prune_keep_ratio)
     if args.token_prune_max_tokens is not None:
         budget["max_tokens"] = args.token_prune_max_tokens
@@ -169,7 +177,7 @@ def serve(args, device: torch.device) -> None:
     server.serve_forever()
 
 
-def add_checkpoint_args(p: argparse.ArgumentParser, required: bool) -> None:
+def add_checkpoint_args(p: argparse.ArgumentParser, required: bool, robot: bool) -> None:
     p.add_argument("--checkpoint", required=required, help="openpi pi0.5 model.safetensors (or its directory)")
     p.add_argument("--tokenizer", required=required, help="PaliGemma sentencepiece model file")
     p.add_argument("--norm-stats", help="norm_stats.json (default: <checkpoint>/assets/<asset_id>/)")
@@ -179,7 +187,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--action-dims", type=int)
     p.add_argument("--discrete-state-input", action=argparse.BooleanOptionalAction, default=None,
                    help="the state in the prompt, as the checkpoint was trained (openpi's pi05_libero: no; "
-                        "default: serve --robot's openpi config, else yes)")
+                        "default: yes" + (", or --robot's openpi config)" if robot else ")"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile sample_actions (default: on CUDA only)")
@@ -190,27 +198,29 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pi05_fastprune")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="prune a pi0.5 prefix and time it")
-    demo.add_argument("--size", default="dummy", choices=["dummy", "pi05"], help="pi0.5 model size")
+    demo.add_argument("--size", choices=["dummy", "pi05"],
+                      help="pi0.5 model size, random weights (default dummy; not with --checkpoint)")
     demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                      help="dtype of the op demo's embeddings")
+    demo.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                      help="dtype of the op demo's embeddings (default float32; not with --checkpoint)")
     demo.add_argument("--keep-tokens", type=int, help="budget of kept patches over all cameras")
     demo.add_argument("--keep-ratio", type=float, help="budget as a ratio of all patches")
     demo.add_argument("--max-tokens", type=int, help="static cap on kept patches (CUDA-graph friendly)")
     demo.add_argument("--steps", type=int, default=10, help="flow-matching Euler steps")
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--prompt", default="pick up the red block")
-    add_checkpoint_args(demo, required=False)
+    add_checkpoint_args(demo, required=False, robot=False)
     srv = sub.add_parser("serve", help="serve a checkpoint to openpi's websocket policy client")
-    add_checkpoint_args(srv, required=True)
+    add_checkpoint_args(srv, required=True, robot=True)
     srv.add_argument("--host", default="0.0.0.0")
     srv.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     srv.add_argument("--robot", choices=sorted(ROBOTS),
                      help="observations keyed as openpi's client for this robot sends them (default: the "
                           "model's camera names), with openpi's config for it (action dims, state in the prompt)")
     # The seed's serve_policy.py overrides (the budget over all cameras).
-    srv.add_argument("--token-prune-keep-ratio", type=float)
-    srv.add_argument("--token-prune-keep-tokens", type=int)
+    budget = srv.add_mutually_exclusive_group()
+    budget.add_argument("--token-prune-keep-ratio", type=float)
+    budget.add_argument("--token-prune-keep-tokens", type=int)
     srv.add_argument("--token-prune-max-tokens", type=int, help="static cap on kept patches")
     srv.add_argument("--token-pruning", action=argparse.BooleanOptionalAction, default=None,
                      help="prune (default: the checkpoint's setting, or on when a budget is given)")
@@ -224,8 +234,12 @@ def main(argv=None) -> None:
     if (args.checkpoint is None) != (args.tokenizer is None):
         parser.error("--checkpoint and --tokenizer go together")
     if args.checkpoint:
+        for flag in ("size", "dtype"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag} is for the random-weight demo, not with --checkpoint")
         demo_checkpoint(args, device)
         return
+    args.size, args.dtype = args.size or "dummy", args.dtype or "float32"
     demo_op(args, device)
     demo_model(args, device)
 

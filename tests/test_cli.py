@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 from pi05_fastprune.__main__ import main
@@ -24,12 +25,30 @@ def test_demo_budget_flags(capsys):
     assert "[model] sample 1: kept 24/768" in out
 
 
-def test_demo_checkpoint(capsys, tmp_path, sp_model):
+def test_demo_checkpoint(capsys, caplog, tmp_path, sp_model):
+    """The demo on a checkpoint honours --batch and --steps, and says which horizon it guessed."""
     config = dataclasses.replace(Pi05Config.dummy(vision_image_size=112), pytorch_compile_mode=None)
     Pi05(config, seed=3).save_openpi(str(tmp_path / "model.safetensors"))
-    main(["demo", "--checkpoint", str(tmp_path), "--tokenizer", str(sp_model), "--no-norm-stats",
-          "--action-horizon", "4", "--keep-tokens", "20"])
+    args = ["demo", "--checkpoint", str(tmp_path), "--tokenizer", str(sp_model), "--no-norm-stats",
+            "--keep-tokens", "20", "--repeats", "1"]
+    main(args + ["--action-horizon", "4", "--batch", "2", "--steps", "3"])
     out = capsys.readouterr().out
-    assert "[policy] unpruned: actions (4, 32), kept image tokens None" in out
-    assert "[policy] pruned  : actions (4, 32), kept image tokens 20" in out
+    assert "[policy] unpruned: actions (2, 4, 32), kept image tokens None" in out
+    assert "[policy] pruned  : actions (2, 4, 32), kept image tokens 20, 20, infer " in out
+    assert "(3 steps, median of 1)" in out
+    assert "no action horizon" not in caplog.text
+    main(args + ["--steps", "1"])
+    assert "actions (1, 10, 32)" in capsys.readouterr().out  # the dummy config's horizon
+    assert "openpi's checkpoints hold no action horizon: using 10; pass --action-horizon" in caplog.text
+    for flag, value in (("--size", "pi05"), ("--dtype", "float16")):
+        with pytest.raises(SystemExit):
+            main(args + [flag, value])
+        assert f"{flag} is for the random-weight demo, not with --checkpoint" in capsys.readouterr().err
     torch._dynamo.reset()
+
+
+def test_serve_budget_flags_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--checkpoint", "c", "--tokenizer", "t", "--token-prune-keep-ratio", "0.25",
+              "--token-prune-keep-tokens", "10"])
+    assert "not allowed with argument" in capsys.readouterr().err
