@@ -8,7 +8,9 @@ CPU part (no GPU needed; builds are cached per module):
 - the kernels run on the CPU under tests/cpp/cuda_emu.h (every CUDA thread a fiber, blocks in
   turn, in grid order or shuffled, wmma as whole tiles), built with UBSan where the compiler has
   it, both with the tensor-core path and the FMA path, against the float64 truth and the exact
-  gather of their own selection.
+  gather of their own selection;
+- the same kernels under ThreadSanitizer (tests/cpp/emu_race.cpp): no two CUDA threads touch one
+  address without a barrier or an atomic between them, whatever the values.
 
 The GPU tests of backend="cuda" are tests/test_gpu.py, shared with backend="triton".
 """
@@ -145,6 +147,10 @@ def builds(tmp_path_factory):
                                     "-DFASTPRUNE_CUDA_EMU", *extra, f"-I{ROOT / 'tests' / 'cpp'}",
                                     f"-I{ROOT / 'kernels'}", str(ROOT / "tests" / "cpp" / "emu_prune.cpp"),
                                     "-o", str(root / f"emu_{name}.so")])
+        b.start("emu:tsan", [CXX, "-std=c++20", "-O1", "-g", "-fno-strict-aliasing", "-fsanitize=thread",
+                             "-DFASTPRUNE_CUDA_EMU", "-DFASTPRUNE_EMU_MMA", f"-I{ROOT / 'tests' / 'cpp'}",
+                             f"-I{ROOT / 'kernels'}", str(ROOT / "tests" / "cpp" / "emu_prune.cpp"),
+                             str(ROOT / "tests" / "cpp" / "emu_race.cpp"), "-o", str(root / "emu_race")])
     if CMAKE is not None:
         gen = "-G Ninja" if shutil.which("ninja") else ""
         prefix = torch.utils.cmake_prefix_path
@@ -559,6 +565,47 @@ def test_emulated_block_order_does_not_matter(emu, monkeypatch, B, N, T, D, sms,
                                   cluster=cluster, **kw)
         assert got_split == ksplit and torch.equal(idx, want_idx)
         assert all(torch.equal(a, b) for a, b in zip(out, want)), seed
+
+
+# emu_race.cpp's OP DTYPE B N T D SMS CLUSTER VALID OFFSET KEEP MAX (op 0 select, 1 prune,
+# 2 prune_padded; dtype 0 fp32, 1 fp16, 2 bf16), prompt tokens [OFFSET, OFFSET + VALID) valid.
+TSAN_CASES = {
+    # Kernel A as clusters, 2 D slices of 4 steps (a step's buffer stored again two steps after
+    # its product read it, v75) over 2 token tiles (100 valid prompt tokens), bf16.
+    "cluster_steps_token_tiles": "2 2 1 65 150 512 3 1 100 20 0 9",
+    "plain_fp32_8_steps": "1 0 1 65 150 512 3 0 100 20 9 0",  # the same without clusters
+    "no_split_finish_in_block": "0 1 2 70 150 320 1 0 100 20 0 0",  # kernel A's own finishing step (v72)
+    "select_3_column_tiles": "1 2 2 130 20 64 132 0 12 3 5 0",
+    "cluster_one_split": "2 1 1 130 40 128 2 1 30 0 0 7",
+}
+
+
+def test_emulated_kernels_race_free(builds):
+    """ThreadSanitizer over the emulated kernels (tests/cpp/emu_race.cpp, cuda_emu.h under
+    -fsanitize=thread: CUDA threads ordered only by barriers and atomics). It reports the planted
+    race (two warps' shared-memory stores and loads without a barrier) and not its fixed
+    version; the kernels (each case run twice on one workspace) report none."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    rc, log = builds.wait("emu:tsan")
+    if rc != 0 and "tsan" in log.lower() and ("cannot find" in log or "not found" in log):
+        pytest.skip(f"no ThreadSanitizer runtime: {log.strip().splitlines()[-1]}")
+    assert rc == 0, f"emu:tsan failed:\n{log[-6000:]}"
+    exe = str(builds.dirs["root"] / "emu_race")
+    planted = subprocess.run([exe, "planted", "0"], capture_output=True, text=True, timeout=120)
+    if "FATAL: ThreadSanitizer" in planted.stderr:  # e.g. an address-space layout it cannot map
+        pytest.skip(planted.stderr.strip().splitlines()[0])
+    assert "WARNING: ThreadSanitizer: data race" in planted.stderr and "emu_race.cpp" in planted.stderr
+    fixed = subprocess.run([exe, "planted", "1"], capture_output=True, text=True, timeout=120)
+    assert fixed.returncode == 0 and "ThreadSanitizer" not in fixed.stderr, fixed.stderr[-4000:]
+    procs = {name: subprocess.Popen([exe, *args.split()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, args in TSAN_CASES.items()}
+    failed = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0 or "ThreadSanitizer" in out:
+            failed[name] = out[-3000:]
+    assert not failed, "\n".join(f"--- {name}:\n{out}" for name, out in failed.items())
 
 
 @pytest.mark.parametrize("ws_word", [2, 2**64 - 1, 0x5A17C3E90B6D0000])

@@ -52,7 +52,35 @@ using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#define EMU_TSAN 1
+#else
+#define EMU_TSAN 0
+#endif
 namespace emu {
+#if EMU_TSAN
+// Built with -fsanitize=thread (tests/cpp/emu_race.cpp), ThreadSanitizer checks the kernels'
+// shared and global memory accesses for races whatever their values: every CUDA thread is a TSan
+// fiber and a switch between fibers orders nothing, so only the barriers do (block, warp and
+// cluster barriers release before arriving and acquire after, on a slot per generation parity)
+// and the atomics (std::atomic_ref, seq_cst: stronger than CUDA's relaxed ones, so a missing
+// fence goes unseen). The emulator's own bookkeeping is ignored. Clusters that run one after
+// another are ordered (every fiber releases g_block_done at its end; a cluster's fibers acquire
+// g_cluster_start, released after them, at their start), which also keeps a plain launch's
+// `static` shared memory and the reused fiber stacks from reporting: races between blocks
+// outside a cluster go unseen. Fibers of one cluster are not ordered by one ending before
+// another starts (tests/cpp/emu_race.cpp's planted race: a warp runs to its end before the
+// next one starts).
+inline char g_block_done, g_cluster_start;
+inline void* g_host_fiber = nullptr;
+struct TsanIgnore {
+  TsanIgnore() { __tsan_ignore_thread_begin(); }
+  ~TsanIgnore() { __tsan_ignore_thread_end(); }
+};
+#endif
 // Cooperative fibers (ucontext) on one host thread: a CUDA thread runs until it waits at a
 // barrier, then the next one runs. A pass in which no fiber makes progress is a deadlock
 // (e.g. a __syncthreads not reached by the whole block): it aborts.
@@ -62,12 +90,15 @@ struct Fiber {
   bool done = false;
   dim3 tid;
   int blk = 0;  // index of its block in g_blocks
+  void* tsan = nullptr;
+  bool ignoring = false;
 };
 constexpr size_t kStack = 256 * 1024;
 
 struct Barrier {
   int count = 0, arrived = 0;
   uint64_t gen = 0;
+  char sync[2] = {0, 0};
 };
 
 // One running block: its index, barriers, shuffle slots and dynamic shared memory.
@@ -90,19 +121,45 @@ inline ucontext_t g_sched;
 inline std::function<void()> g_body;
 inline uint64_t g_progress = 0;
 
-inline void yield() { swapcontext(&g_fibers[g_cur].ctx, &g_sched); }
+inline void yield() {
+#if EMU_TSAN
+  __tsan_switch_to_fiber(g_host_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
+  swapcontext(&g_fibers[g_cur].ctx, &g_sched);
+}
 inline void wait(Barrier& b) {
+#if EMU_TSAN
+  void* slot = &b.sync[b.gen & 1];
+  __tsan_release(slot);
+  __tsan_ignore_thread_begin();
+#endif
   const uint64_t my = b.gen;
   ++g_progress;
   if (++b.arrived == b.count) {
     b.arrived = 0;
     ++b.gen;
-    return;
+  } else {
+    while (b.gen == my) yield();
   }
-  while (b.gen == my) yield();
+#if EMU_TSAN
+  __tsan_ignore_thread_end();
+  __tsan_acquire(slot);
+#endif
 }
 inline void fiber_entry() {
+#if EMU_TSAN
+  if (g_fibers[g_cur].ignoring) {
+    g_fibers[g_cur].ignoring = false;
+    __tsan_ignore_thread_end();
+  }
+  __tsan_acquire(&g_cluster_start);
+#endif
   g_body();
+#if EMU_TSAN
+  __tsan_release(&g_block_done);
+  __tsan_ignore_thread_begin();
+  g_fibers[g_cur].ignoring = true;
+#endif
   g_fibers[g_cur].done = true;
   ++g_progress;
 }
@@ -111,12 +168,20 @@ inline Block& cur_block() { return g_blocks[g_fibers[g_cur].blk]; }
 
 // Runs the blocks in g_blocks (one cluster) to completion, blockDim fibers each.
 inline void run_cluster() {
+#if EMU_TSAN
+  g_host_fiber = __tsan_get_current_fiber();
+  __tsan_acquire(&g_block_done);  // the clusters before this one, and the host's writes
+  __tsan_release(&g_cluster_start);
+#endif
   const int per = static_cast<int>(g_block_dim.x * g_block_dim.y * g_block_dim.z);
   const int nt = per * static_cast<int>(g_blocks.size());
   if (static_cast<int>(g_fibers.size()) < nt) g_fibers.resize(nt);
   for (int t = 0; t < nt; ++t) {
     Fiber& f = g_fibers[t];
     if (!f.stack) f.stack.reset(new char[kStack]);
+#if EMU_TSAN
+    if (!f.tsan) f.tsan = __tsan_create_fiber(0);
+#endif
     f.tid = dim3(t % per, 0, 0);
     f.blk = t / per;
     f.done = false;
@@ -155,7 +220,13 @@ inline void run_cluster() {
             for (int t = t0; t < t1; ++t) {
               if (g_fibers[t].done) continue;
               g_cur = t;
+#if EMU_TSAN
+              __tsan_switch_to_fiber(g_fibers[t].tsan, __tsan_switch_to_fiber_no_sync);
+#endif
               swapcontext(&g_sched, &g_fibers[t].ctx);
+#if EMU_TSAN
+              if (g_fibers[t].done) __tsan_switch_to_fiber(g_host_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
               if (g_fibers[t].done) --left;
             }
           }
@@ -185,6 +256,12 @@ inline void run_cluster() {
 // block to arrive at a counter is always the last one of its row tile or sample, so a finishing
 // step that worked only for that block would pass (test_emulated_block_order_does_not_matter).
 inline void launch(const std::function<void()>& body, dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes) {
+#if EMU_TSAN
+  struct Done {
+    ~Done() { __tsan_acquire(&g_block_done); }  // the host reads after it
+  } done;
+  TsanIgnore ignore_launch;
+#endif
   if (cluster_y == 0 || grid.y % cluster_y != 0) {
     std::fprintf(stderr, "cuda_emu: grid.y %u is not a multiple of the cluster's %u blocks\n", grid.y, cluster_y);
     std::abort();
@@ -228,7 +305,13 @@ inline void launch(const std::function<void()>& body, dim3 grid, dim3 block, uns
 inline void __syncthreads() { emu::wait(emu::cur_block().barrier); }
 inline int __syncthreads_or(int p) {
   __syncthreads();
+#if EMU_TSAN
+  __tsan_ignore_thread_begin();
+#endif
   if (p) emu::cur_block().sync_acc = 1;
+#if EMU_TSAN
+  __tsan_ignore_thread_end();
+#endif
   __syncthreads();
   const int r = emu::cur_block().sync_acc;
   __syncthreads();
