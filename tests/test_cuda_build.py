@@ -154,11 +154,13 @@ def builds(tmp_path_factory):
     if CMAKE is not None:
         gen = "-G Ninja" if shutil.which("ninja") else ""
         prefix = torch.utils.cmake_prefix_path
-        for name, src in (("cmake:lib", ROOT), ("cmake:prog", ROOT / "tests" / "cpp")):
-            build = root / name.replace(":", "_")
-            b.dirs[name] = build
-            b.start(name, ["sh", "-c", f'"{CMAKE}" -S "{src}" -B "{build}" {gen} -DCMAKE_PREFIX_PATH="{prefix}" '
-                                       f'&& "{CMAKE}" --build "{build}" -j 2'])
+        # The library, installed, then the LibTorch program that finds and links it, in turn.
+        lib, inst, prog = root / "cmake_lib", root / "cmake_install", root / "cmake_prog"
+        b.dirs.update({"cmake:lib": lib, "cmake:install": inst, "cmake:prog": prog})
+        b.start("cmake", ["sh", "-c", f'"{CMAKE}" -S "{ROOT}" -B "{lib}" {gen} -DCMAKE_PREFIX_PATH="{prefix}" '
+                                      f'&& "{CMAKE}" --build "{lib}" -j 2 && "{CMAKE}" --install "{lib}" --prefix "{inst}" '
+                                      f'&& "{CMAKE}" -S "{ROOT / "tests" / "cpp"}" -B "{prog}" {gen} '
+                                      f'-DCMAKE_PREFIX_PATH="{prefix};{inst}" && "{CMAKE}" --build "{prog}" -j 2'])
     cuda_inc = cuda_include_dir()
     if CXX is not None and cuda_inc is not None:
         from torch.utils.cpp_extension import include_paths
@@ -299,7 +301,7 @@ def test_binding_parses(builds):
 def cmake_library(builds):
     if CMAKE is None:
         pytest.skip("cmake not found")
-    builds.require("cmake:lib")
+    builds.require("cmake")
     libs = glob.glob(str(builds.dirs["cmake:lib"] / "libfastprune.*"))
     assert libs, f"no libfastprune in {builds.dirs['cmake:lib']}"
     return pathlib.Path(libs[0])
@@ -330,11 +332,17 @@ print("OK", out[3].tolist())
     assert proc.stdout.strip() == "OK [9, 9]", proc.stdout + proc.stderr
 
 
-def test_libtorch_program_calls_prune(cmake_library, builds):
-    builds.require("cmake:prog")
-    proc = run([str(builds.dirs["cmake:prog"] / "libtorch_prune"), str(cmake_library)], timeout=120)
+def test_libtorch_program_calls_the_ops(cmake_library, builds):
+    """A LibTorch program that links the installed library (find_package(fastprune), the
+    README's way) gets the ops registered without loading anything itself: the imported
+    target's --no-as-needed keeps libfastprune.so among its needed libraries."""
+    exe = builds.dirs["cmake:prog"] / "libtorch_prune"
+    assert list(builds.dirs["cmake:install"].glob("**/cmake/fastprune/fastpruneConfig.cmake"))
+    proc = run([str(exe)], timeout=120)
     assert proc.stdout.startswith("OK implicit counts=["), proc.stdout
     assert "keep_tokens=10 counts=[10, 10, 10]" in proc.stdout, proc.stdout
+    needed = run(["readelf", "-d", str(exe)]).stdout if shutil.which("readelf") else "libfastprune.so"
+    assert "libfastprune.so" in needed
 
 
 # --- the kernels on the CPU emulator --------------------------------------------------------------

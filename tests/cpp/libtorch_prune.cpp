@@ -1,13 +1,13 @@
-// LibTorch user of the fastprune op library: dlopen()s the library built by CMakeLists.txt at
-// the repository root (its static initialisers register torch.ops.fastprune), then calls
-// fastprune::prune on CPU tensors through the dispatcher and checks the result: counts agree
-// with kept_mask, kept indices increase and are valid patches, kept rows equal the input rows,
-// padding is zero, and a budget keeps exactly keep_tokens per sample.
+// LibTorch user of the fastprune op library: linked as CMake's fastprune::fastprune
+// (tests/cpp/CMakeLists.txt; the library's static initialisers register torch.ops.fastprune), it
+// calls the three eval ops on CPU tensors through the dispatcher and checks the results: counts
+// agree with kept_mask, kept indices increase and are valid patches, kept rows equal the input
+// rows, padding is zero, a budget keeps exactly keep_tokens per sample, the static cap gives
+// max_tokens rows, and select's row argmax is the one prune's selection votes with.
 //
-//   libtorch_prune /path/to/libfastprune.so     -> prints "OK ..." and exits 0
+//   libtorch_prune     -> prints "OK ..." and exits 0
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <dlfcn.h>
 
 #include <cstdio>
 #include <optional>
@@ -15,10 +15,19 @@
 #include <string>
 #include <tuple>
 
-using PruneOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using PruneFn = PruneOut(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                         const std::optional<at::Tensor>&, std::optional<int64_t>, bool,
-                         c10::string_view);
+// The C++ signatures of the schemas in csrc/fastprune.cpp (Tensor? -> std::optional<at::Tensor>,
+// SymInt? -> std::optional<int64_t>, SymInt -> int64_t, str -> c10::string_view). A keep_ratio
+// is the caller's to turn into keep_tokens = max(1, ceil(keep_ratio * N)).
+using PruneOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // pruned, kept_mask, kept_idx, counts
+using SelectFn = at::Tensor(const at::Tensor& patches, const at::Tensor& task, const std::optional<at::Tensor>& task_mask,
+                            const std::optional<at::Tensor>& patch_mask, bool mask_voters, c10::string_view backend);
+using PruneFn = PruneOut(const at::Tensor& patches, const at::Tensor& task, const std::optional<at::Tensor>& task_mask,
+                         const std::optional<at::Tensor>& patch_mask, std::optional<int64_t> keep_tokens,
+                         bool mask_voters, c10::string_view backend);
+using PrunePaddedFn = PruneOut(const at::Tensor& patches, const at::Tensor& task,
+                               const std::optional<at::Tensor>& task_mask, const std::optional<at::Tensor>& patch_mask,
+                               std::optional<int64_t> keep_tokens, int64_t max_tokens, bool mask_voters,
+                               c10::string_view backend);
 
 static int fail(const std::string& what) {
   std::fprintf(stderr, "FAIL: %s\n", what.c_str());
@@ -63,11 +72,11 @@ static std::string check(const PruneOut& out, const at::Tensor& patches, const a
   return err.str();
 }
 
-int main(int argc, char** argv) {
-  if (argc < 2) return fail("usage: libtorch_prune /path/to/libfastprune.so");
-  if (dlopen(argv[1], RTLD_NOW | RTLD_GLOBAL) == nullptr) return fail(std::string("dlopen: ") + dlerror());
-
-  auto prune = c10::Dispatcher::singleton().findSchemaOrThrow("fastprune::prune", "").typed<PruneFn>();
+int main() {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  auto select = dispatcher.findSchemaOrThrow("fastprune::select", "").typed<SelectFn>();
+  auto prune = dispatcher.findSchemaOrThrow("fastprune::prune", "").typed<PruneFn>();
+  auto prune_padded = dispatcher.findSchemaOrThrow("fastprune::prune_padded", "").typed<PrunePaddedFn>();
 
   at::manual_seed(0);
   const int64_t B = 3, N = 96, T = 12, D = 64;
@@ -84,6 +93,18 @@ int main(int argc, char** argv) {
   const auto budget = prune.call(patches, task, task_mask, patch_mask, int64_t{10}, false, "auto");
   e = check(budget, patches, patch_mask, int64_t{10});
   if (!e.empty()) return fail("keep_tokens=10: " + e);
+
+  // The static cap: exactly max_tokens rows; here no sample keeps more than the cap.
+  const int64_t cap = std::get<0>(implicit).size(1) + 3;
+  const auto padded = prune_padded.call(patches, task, task_mask, patch_mask, std::nullopt, cap, false, "cpu");
+  if (std::get<0>(padded).size(1) != cap || !at::equal(std::get<3>(padded), std::get<3>(implicit)))
+    return fail("prune_padded: rows or counts");
+  // Implicit mode keeps the valid patches that some row's argmax chose.
+  const auto idx = select.call(patches, task, task_mask, patch_mask, false, "cpu");
+  for (int64_t b = 0; b < B; ++b) {
+    const auto chosen = at::zeros({N}, at::kBool).index_fill_(0, idx[b], true) & patch_mask[b];
+    if (chosen.sum().item<int64_t>() != std::get<3>(implicit)[b].item<int64_t>()) return fail("select vs prune counts");
+  }
 
   bool rejected = false;  // bad input is refused before any kernel runs
   try {
