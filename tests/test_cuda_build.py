@@ -3,8 +3,8 @@
 CPU part (no GPU needed; builds are cached per module):
 - every kernels/*.cu compiles with plain ``nvcc -arch=sm_90`` and ``-arch=sm_80``;
 - csrc/prune_cuda.cpp parses against the torch headers plus the CUDA runtime headers;
-- the CMake build of the op library succeeds, and a LibTorch C++ program (tests/cpp) loads it
-  and runs fastprune::prune on CPU tensors through the dispatcher;
+- the CMake build of the op library succeeds and installs, and a LibTorch C++ program (tests/cpp)
+  links it (find_package) and runs its eval ops on CPU tensors through the dispatcher;
 - the kernels run on the CPU under tests/cpp/cuda_emu.h (every CUDA thread a fiber, blocks in
   turn, in grid order or shuffled, wmma as whole tiles), built with UBSan where the compiler has
   it, both with the tensor-core path and the FMA path, against the float64 truth and the exact
