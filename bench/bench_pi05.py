@@ -627,7 +627,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: dummy size, eager, 2 steps, few reps")
     ap.add_argument("--short", action="store_true",
                     help="gpu_check: B=1, cases implicit,budget128, eager phases, few reps")
-    ap.add_argument("--size", choices=("full", "dummy"), default=None, help="full (default) or dummy")
+    ap.add_argument("--size", choices=("full", "dummy"), default=None, help="full (default on CUDA) or dummy (default on the CPU and with --quick)")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="bf16 on GPU, fp32 on CPU by default")
     ap.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1)")
     ap.add_argument("--cases", default=None, help=f"comma-separated, default {','.join(CASES)}")
@@ -659,7 +659,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = H.pick_device(args.device)
-    args.size = args.size or ("dummy" if args.quick else "full")
+    args.size = args.size or ("full" if device.type == "cuda" and not args.quick else "dummy")
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.batch = [int(b) for b in (args.batch or "1").split(",")]
     default_cases = "implicit,budget128" if (args.quick or args.short) else ",".join(CASES)
