@@ -159,16 +159,16 @@ def serve(args, device: torch.device) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname).1s] %(message)s")
     policy = load_policy(args, device, robot=args.robot)
-    budget = {}
+    overrides = {}
     if args.token_prune_keep_tokens is not None or args.token_prune_keep_ratio is not None:
         # The budget given replaces the checkpoint's (the flags exclude each other).
-        budget.update(keep_tokens=args.token_prune_keep_tokens, keep_ratio=args.token_prune_keep_ratio)
+        overrides.update(keep_tokens=args.token_prune_keep_tokens, keep_ratio=args.token_prune_keep_ratio)
     if args.token_prune_max_tokens is not None:
-        budget["max_tokens"] = args.token_prune_max_tokens
+        overrides["max_tokens"] = args.token_prune_max_tokens
     enabled = args.token_pruning
     if enabled is None:  # the checkpoint's setting, or on when a budget is given
-        enabled = policy.pruning["enabled"] or bool(budget)
-    policy.set_pruning(enabled=enabled, **budget)
+        enabled = policy.pruning["enabled"] or bool(overrides)
+    policy.set_pruning(enabled=enabled, **overrides)
     metadata = {"action_horizon": policy.model.config.action_horizon, "action_dims": policy.action_dims,
                 "pruning": policy.pruning}
     print(f"[serve] warm-up inference: {policy.warmup():.1f} s", flush=True)
@@ -218,9 +218,9 @@ def main(argv=None) -> None:
                      help="observations keyed as openpi's client for this robot sends them (default: the "
                           "model's camera names), with openpi's config for it (action dims, state in the prompt)")
     # The seed's serve_policy.py overrides (the budget over all cameras).
-    budget = srv.add_mutually_exclusive_group()
-    budget.add_argument("--token-prune-keep-ratio", type=float)
-    budget.add_argument("--token-prune-keep-tokens", type=int)
+    budget_flags = srv.add_mutually_exclusive_group()
+    budget_flags.add_argument("--token-prune-keep-ratio", type=float)
+    budget_flags.add_argument("--token-prune-keep-tokens", type=int)
     srv.add_argument("--token-prune-max-tokens", type=int, help="static cap on kept patches")
     srv.add_argument("--token-pruning", action=argparse.BooleanOptionalAction, default=None,
                      help="prune (default: the checkpoint's setting, or on when a budget is given)")
