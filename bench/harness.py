@@ -30,7 +30,6 @@ import os
 import pathlib
 import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -174,11 +173,24 @@ def time_cuda_graph(fn: Callable[[], Any], inner: int, replays: int) -> dict:
 
 def kernel_label(name: str) -> str:
     """A kernel's name without namespaces, template and call arguments:
-    ``void ns::(anonymous namespace)::scores_kernel<__half, true>(Args)`` -> ``scores_kernel``."""
-    head = name.replace("(anonymous namespace)", "").split("(")[0]
-    while "<" in head:  # nested template arguments, innermost first
-        head = re.sub(r"<[^<>]*>", "", head)
-    return head.split("::")[-1].split()[-1] if head.strip() else name
+    ``void ns::(anonymous namespace)::scores_kernel<__half, true>(Args)`` -> ``scores_kernel``.
+
+    Read at template depth 0 up to the call's "(": template arguments may hold parentheses
+    themselves (ATen's ``elementwise_kernel<..., gpu_kernel_impl<...>(TensorIteratorBase&)::
+    {lambda(int)#1}>``), so cutting at the first "(" and then stripping ``<...>`` pairs would
+    leave an unclosed "<"."""
+    head, depth = [], 0
+    for ch in name.replace("(anonymous namespace)", ""):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth = max(depth - 1, 0)
+        elif depth == 0:
+            if ch == "(":
+                break
+            head.append(ch)
+    words = "".join(head).split("::")[-1].split()
+    return words[-1] if words else name
 
 
 def kernel_times(fn: Callable[[], Any], reps: int) -> tuple[dict[str, float], float]:

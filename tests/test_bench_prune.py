@@ -47,6 +47,12 @@ def test_kernel_labels():
     assert label("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>, "
                  "std::array<char*, 1ul> >(int, at::native::FillFunctor<int>, std::array<char*, 1ul>)") == \
         "vectorized_elementwise_kernel"
+    # a "(" inside the template arguments (backward passes launch these): bench_train hung here
+    assert label("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
+                 "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() "
+                 "const::{lambda()#7}::operator()() const::{lambda(float)#1}>(at::TensorIteratorBase&, "
+                 "{lambda(float)#1} const&)::{lambda(int)#1}>(int, {lambda(int)#1})") == "elementwise_kernel"
+    assert label("Memcpy DtoH (Device -> Pinned)") == "DtoH"
 
 
 def test_markdown_lists_device_time_per_kernel():
