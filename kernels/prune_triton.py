@@ -1095,6 +1095,13 @@ class _Cfg:
             # and spilled 5188 B (sm_90; 16 slices: 2 s here, no spills).
             row_programs = B * triton.cdiv(N, self.bm1)
             self.ksplit = max(1, min(triton.cdiv(want // 2, row_programs), D // (2 * self.bk), MAX_KSPLIT))
+            # 16-bit 64-row score programs take 193 registers (2 per SM); where there are more
+            # of them than 2 per SM hold, a cap of 168 fits 3 and so takes fewer waves (the only
+            # spills are pointers kept across the D loop, v71). Run 14's sweep (H200, pi05 bf16):
+            # 124.5 -> 101.3 µs at B=64 (768 programs); at B=8 (192 programs, one wave either
+            # way) 23.6 -> 23.5.
+            if self.bm1 == 64 and elem_size == 2 and row_programs * self.ksplit > want:
+                self.maxnreg1 = 168
         else:
             self.ksplit = 2  # interpreter: the slices' partials are added in every test
         for name, value in tuned:
@@ -1123,8 +1130,14 @@ class _Cfg:
             # Column splits so that the select programs fill the GPU in one wave of two 4-warp
             # programs per SM (run 10's sweep, pi05 bf16 on an H200: 42.2 -> 30.1 µs at B=8, 30.3
             # -> 26.0 at N=1536, 12.5 -> 12.3 at B=1, against one program per SM); in the
-            # interpreter a few splits, so the merge is exercised.
-            self.n_split = max(1, min(n_col_tiles, want // max(1, n_row_tiles * B)))
+            # interpreter a few splits, so the merge is exercised. Since v64 the kernel takes
+            # 96-120 registers, so 4 programs fit an SM: where that wave leaves a row fewer than 4
+            # splits, it gets up to 4 (a wave of 4 per SM). Run 14's sweep: B=8, 2 -> 4 splits,
+            # 18.0 -> 14.7 µs (6: 16.0); where the wave of 2 already asks for many, more cost (B=1
+            # with 1536 patches, 11 -> 22: 11.0 -> 11.8 µs), as each row's merge takes one key
+            # per split.
+            rows = max(1, n_row_tiles * B)
+            self.n_split = max(1, min(n_col_tiles, max(want // rows, min(2 * want // rows, 4))))
         self.n_split = min(self.n_split, n_col_tiles)
 
 

@@ -91,14 +91,22 @@ def _triton_ops():
     return triton_ops
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+# "auto" on CUDA sends calls of at least this many patch rows (B * N) to the Triton kernels when
+# both backends are there. Run 14 (H200, pi0.5 bf16, static cap, both backends side by side;
+# CUDA-graph replay): the CUDA C++ kernels are faster at B=1 (19.8 vs 20.6 µs), the Triton ones
+# at B=8 (47.5 vs 48.5) and B=64 (219.2 vs 229.6), and more so with the launch parameters that
+# run's sweep measured and the Triton defaults now take (45.0 and 198.7). B=2..7 are not
+# measured (gpu_check's bench_auto step times B=1, 2, 4, 8), nor is B=1 with 1536 patches on the
+# Triton side of this line (26.9 vs 28.7 µs there), so the threshold is B=8 of 768 patches.
+AUTO_TRITON_ROWS = 6144
+
+
+def resolve_backend(backend: str, device: torch.device, rows: Optional[int] = None) -> str:
     """"auto" -> "cpu" on CPU; on CUDA the environment variable FASTPRUNE_BACKEND, else the
-    CUDA C++ kernels where built, Triton where they are not. The CUDA C++ kernels are the ones a
-    GPU run last measured right and fastest at pi0.5 B=1, 8 and 64 (bench/results/h200-2026-11-28/
-    run13 against run 11's Triton, the faster at B >= 8 in run 11); the Triton eval kernels failed
-    run 13's GPU tests and their fix (PERF_LOG v71) has not run on a GPU since, so "auto" waits
-    for a run that measures both side by side (gpu_check's bench_auto step). The ops' own "auto"
-    (C++, also for LibTorch users) is the CUDA C++ kernels."""
+    faster backend measured (bench/results/h200-2026-11-28/run14): the CUDA C++ kernels where
+    built, except for calls of ``rows`` >= AUTO_TRITON_ROWS patch rows (B * N) when triton is
+    installed; Triton where the CUDA C++ kernels are not built. The ops' own "auto" (C++, also
+    for LibTorch users) is the CUDA C++ kernels."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -110,7 +118,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if env not in ("triton", "cuda"):
             raise ValueError(f"FASTPRUNE_BACKEND must be 'triton' or 'cuda', got {env!r}")
         return env
-    return "cuda" if cuda_kernels_built() else "triton"
+    if not cuda_kernels_built():
+        return "triton"
+    if rows is None or rows < AUTO_TRITON_ROWS:
+        return "cuda"  # pi0.5 at small batches: no triton import on this path
+    return "triton" if _triton_ops().HAVE_TRITON else "cuda"
 
 
 def resolve_keep_tokens(keep_tokens: Optional[int], keep_ratio: Optional[float], n: int) -> Optional[int]:
@@ -136,7 +148,7 @@ def select_tokens(
 
     With ``mask_voters`` the rows of invalid patches do not vote and hold -1.
     """
-    backend = resolve_backend(backend, patches.device)
+    backend = resolve_backend(backend, patches.device, _rows(patches))
     try:
         if backend == "triton":
             return _triton_ops().call("select", patches, task, task_mask, patch_mask, mask_voters)
@@ -169,7 +181,7 @@ def prune_tokens(
     """
     if keep_ratio is not None:
         keep_tokens = resolve_keep_tokens(keep_tokens, keep_ratio, patches.shape[1] if patches.dim() == 3 else 0)
-    backend = resolve_backend(backend, patches.device)
+    backend = resolve_backend(backend, patches.device, _rows(patches))
     try:
         if backend == "triton":
             # The Triton ops (not fastprune::prune's dispatch to them), so that Inductor sees
@@ -190,6 +202,12 @@ def prune_tokens(
         check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)  # bad input: ValueError
         raise
     return PruneResult(*out)
+
+
+def _rows(patches: torch.Tensor) -> Optional[int]:
+    """B * N of ``patches`` for resolve_backend; None for a malformed shape, which the op rejects."""
+    ps = patches.shape
+    return ps[0] * ps[1] if len(ps) == 3 else None
 
 
 def _prune_outputs(patches: torch.Tensor, K) -> tuple[torch.Tensor, ...]:

@@ -71,8 +71,9 @@ def test_auto_backend(monkeypatch):
     from pi05_fastprune.prune import resolve_backend
 
     monkeypatch.delenv("FASTPRUNE_BACKEND", raising=False)
-    # Both built here (test_backends_built): the CUDA C++ kernels.
-    assert resolve_backend("auto", torch.device("cuda")) == "cuda"
+    # Both built here (test_backends_built): the CUDA C++ kernels at pi0.5 B=1, Triton from B=8 (run 14).
+    assert resolve_backend("auto", torch.device("cuda"), 768) == "cuda"
+    assert resolve_backend("auto", torch.device("cuda"), 8 * 768) == "triton"
     monkeypatch.setenv("FASTPRUNE_BACKEND", "triton")
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
 

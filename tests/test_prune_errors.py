@@ -100,21 +100,31 @@ def test_select_rejects_before_kernel():
 
 
 def test_auto_backend_choice(monkeypatch):
-    """"auto" on CUDA tensors: FASTPRUNE_BACKEND, else the CUDA C++ kernels where built (at
-    every size: the backend last measured right and fastest), Triton where they are not.
-    Decided without touching a GPU."""
+    """"auto" on CUDA tensors: FASTPRUNE_BACKEND, else the faster backend measured (run 14): the
+    CUDA C++ kernels where built, Triton from AUTO_TRITON_ROWS patch rows on where triton is
+    installed, and Triton where the CUDA C++ kernels are not built. Decided without a GPU."""
     from pi05_fastprune import prune as P
+    from pi05_fastprune import triton_ops
 
     cuda = torch.device("cuda")
     monkeypatch.delenv("FASTPRUNE_BACKEND", raising=False)
-    assert P.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert P.resolve_backend("auto", torch.device("cpu"), 10**6) == "cpu"
+    big = P.AUTO_TRITON_ROWS
     for built in (True, False):
         monkeypatch.setattr(P, "cuda_kernels_built", lambda built=built: built)
-        assert P.resolve_backend("auto", cuda) == ("cuda" if built else "triton")
+        for have_triton in (True, False):
+            monkeypatch.setattr(triton_ops, "HAVE_TRITON", have_triton)
+            assert P.resolve_backend("auto", cuda, big) == ("triton" if have_triton or not built else "cuda")
+            assert P.resolve_backend("auto", cuda, big - 1) == ("cuda" if built else "triton")
+            assert P.resolve_backend("auto", cuda) == ("cuda" if built else "triton")
+    monkeypatch.setattr(P, "cuda_kernels_built", lambda: True)
+    monkeypatch.setattr(triton_ops, "HAVE_TRITON", True)
+    # pi0.5 (768 patches a sample): B=1 on the CUDA C++ kernels, B=8 and B=64 on Triton.
+    assert [P.resolve_backend("auto", cuda, b * 768) for b in (1, 8, 64)] == ["cuda", "triton", "triton"]
     monkeypatch.setenv("FASTPRUNE_BACKEND", "triton")
     assert P.resolve_backend("auto", cuda) == "triton"
     monkeypatch.setenv("FASTPRUNE_BACKEND", "cuda")
-    assert P.resolve_backend("auto", cuda) == "cuda"
+    assert P.resolve_backend("auto", cuda, big) == "cuda"
     assert P.resolve_backend("triton", cuda) == "triton"
     monkeypatch.setenv("FASTPRUNE_BACKEND", "tpu")
     with pytest.raises(ValueError, match="FASTPRUNE_BACKEND must be 'triton' or 'cuda', got 'tpu'"):

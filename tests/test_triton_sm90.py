@@ -438,6 +438,27 @@ def _ttgir(kernel_name: str, **tuned) -> str:
     return tcompile(src, target=target, options=_options(kwargs)).asm["ttgir"]
 
 
+def test_launch_grids_follow_the_programs_an_sm_holds():
+    """Run 14's sweep (H200, pi05 bf16) in the defaults: the 64-row 16-bit score programs take a
+    register cap of 168 (3 per SM) only where more of them than 2 per SM hold are launched
+    (B=64: 101 vs 125 µs; B=8 runs one wave either way), and the select kernel splits a row's
+    columns up to 4 ways where a wave of 2 programs per SM would give fewer (B=8: 4 splits, 14.7
+    vs 18.0 µs) and no further where that wave already asks for more (B=1, 1536 patches: 11)."""
+    from pi05_fastprune.kernels import prune_triton as K
+
+    def cfg(B, N=768, dtype=torch.bfloat16, **tuned):
+        with K.tuning(**tuned):
+            c = K._config(torch.empty(B, N, 2048, dtype=dtype), 200, gpu_sms=H100_SMS)
+            return c.maxnreg1, c.n_split
+
+    assert cfg(64) == (168, 1)
+    assert cfg(23) == (168, 1)  # 276 programs of 64 rows: past 2 x 132
+    assert cfg(22)[0] is None and cfg(8) == (None, 4) and cfg(1) == (None, 22)
+    assert cfg(1, N=1536) == (None, 11)
+    assert cfg(64, dtype=torch.float32)[0] is None  # 32-row fp32 tiles: no cap measured
+    assert cfg(64, maxnreg1=255, n_split=2) == (255, 2)  # the sweep's values stay as set
+
+
 @pytest.mark.parametrize("bk", [128, 64])
 def test_scores_pipeline_buffers(bk):
     """PERF_LOG v58, the 3-stage race (runs 7 and 12): at 3 stages the pipeline copies each D
