@@ -982,8 +982,10 @@ SEL_PRECS = ("f16x3", "f16x4") + DOT_PRECS
 # The tunable parameters with a fixed set of values (the precisions are strings); the others are
 # positive ints.
 PRECISIONS = {"dot_prec": DOT_PRECS, "sel_prec": SEL_PRECS}
-# prefetch1: the scores kernel's D-step tiles loaded 0, 1 or 2 steps ahead.
-CHOICES = {**PRECISIONS, **{flag: (0, 1) for flag in FLAGS}, "prefetch1": (0, 1, 2)}
+# prefetch1: the scores kernel's D-step tiles loaded 0, 1 or 2 steps ahead; maxnreg1/2: a
+# register cap, 0 for none (ptxas allocates up to 255 per thread).
+CHOICES = {**PRECISIONS, **{flag: (0, 1) for flag in FLAGS}, "prefetch1": (0, 1, 2),
+           **{cap: range(256) for cap in ("maxnreg1", "maxnreg2")}}
 _tuning: tuple = ()  # (name, value) pairs over the defaults of _Cfg, set by tuning()
 
 
@@ -1000,7 +1002,7 @@ def tuning(**overrides: int | str):
            if not (v in CHOICES[k] if k in CHOICES else isinstance(v, int) and v >= 1)}
     if bad:
         raise ValueError(f"tuning: launch parameters must be positive ints ({', '.join(FLAGS)}: 0 or 1; prefetch1: "
-                         f"0, 1 or 2; dot_prec "
+                         f"0, 1 or 2; maxnreg1, maxnreg2: 0 (no cap) to 255; dot_prec "
                          f"one of {DOT_PRECS}; sel_prec one of {SEL_PRECS}), got {bad}")
     saved = _tuning
     _tuning = tuple(sorted({**dict(saved), **overrides}.items()))
@@ -1074,8 +1076,9 @@ class _Cfg:
         # loads of their own (1): the candidate fix of the 3-stage race (PERF_LOG v58), for the
         # sweep to time and check against the float64 truth.
         self.ssq_loads = 0
-        # Register caps per thread (ptx .maxnreg) of the scores and select kernels, for the sweep;
-        # None leaves the count to ptxas. An SM holds 64 K registers, so fewer fit more programs
+        # Register caps per thread (ptx .maxnreg) of the scores and select kernels; None (or 0,
+        # how the sweep asks for it) leaves the count to ptxas, which a cap of 255 does not
+        # (pi05 B=64, sm_90: scores 184 registers at 255, 193 with none). An SM holds 64 K registers, so fewer fit more programs
         # of 4 warps per SM: at pi05 B=64 the scores kernel takes 193 (2 programs), 168 fits 3
         # (40 B spilled, outside its D loop); the select kernel takes 120 (4 programs; sm_90
         # compile, v71).
@@ -1174,7 +1177,7 @@ def _scratch(cfg: _Cfg, dev: torch.device) -> torch.Tensor:
 def _reg_cap(maxnreg: Optional[int]) -> dict:
     """The launch option of a register cap, only where one is set: the default launches
     (Inductor's wrapped ones included) pass the options they always did."""
-    return {} if maxnreg is None else {"maxnreg": maxnreg}
+    return {"maxnreg": maxnreg} if maxnreg else {}
 
 
 def _run_select(

@@ -457,6 +457,9 @@ def test_launch_grids_follow_the_programs_an_sm_holds():
     assert cfg(1, N=1536) == (None, 11)
     assert cfg(64, dtype=torch.float32)[0] is None  # 32-row fp32 tiles: no cap measured
     assert cfg(64, maxnreg1=255, n_split=2) == (255, 2)  # the sweep's values stay as set
+    # maxnreg1=0: the uncapped kernel (a cap of 255 is not that: ptxas allocates differently)
+    assert "maxnreg" in _launch_b64("_scores_kernel")[2]
+    assert "maxnreg" not in _launch_b64("_scores_kernel", maxnreg1=0)[2]
 
 
 @pytest.mark.parametrize("bk", [128, 64])
