@@ -12,6 +12,9 @@ backend measured interleaved, harness.host_times):
                  calls go to the ``op`` on CUDA, elsewhere launch the kernels, triton_ops.call)
 - ``op``         torch.ops.fastprune.prune_padded(..., backend): the C++ dispatcher entry (Triton on
                  CUDA: the C++ replay of the call's launch plan, csrc/triton_plan.h)
+- ``call``       triton_ops.call("prune_padded", ...): what ``api`` runs for Triton, without
+                 prune_tokens' own Python (its checks of what traces the call, then the ``op``:
+                 run 14 had api 46.5 us against op 33.5, CUDA C++ 38.9 against 36.0)
 - ``triton_op``  torch.ops.fastprune.triton_prune_padded: the torch.library op (Triton only)
 - ``launches``   kernels.prune_triton.prune_padded: allocations and the launches, no library
 - ``jit_run``    the same, every launch through JITFunction.run (without the eager launch cache)
@@ -73,9 +76,10 @@ def layers(backend: str, inp, cap: int) -> dict:
         "op": lambda: torch.ops.fastprune.prune_padded(p, t, tm, pm, None, cap, False, backend),
     }
     if backend == "triton":
-        from pi05_fastprune import triton_ops  # noqa: F401  (registers fastprune::triton_*)
+        from pi05_fastprune import triton_ops  # registers fastprune::triton_*
         from pi05_fastprune.kernels import prune_triton as K
 
+        out["call"] = lambda: triton_ops.call("prune_padded", p, t, tm, pm, None, cap, False)
         out["triton_op"] = lambda: torch.ops.fastprune.triton_prune_padded(p, t, tm, pm, None, cap, False)
         out["launches"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False)
         out["jit_run"] = lambda: K.prune_padded(p, t, tm, pm, None, cap, False, wrap=_JitRun)

@@ -764,7 +764,7 @@ def test_host_breakdown_with_the_fake_driver(tmp_path):
 
     assert host_prune.main(["--quick", "--fake-driver", "--reps", "5", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "host.json").read_text())
-    assert [r["layer"] for r in result["rows"]] == ["api", "op", "triton_op", "launches", "jit_run", "no_launch",
+    assert [r["layer"] for r in result["rows"]] == ["api", "op", "call", "triton_op", "launches", "jit_run", "no_launch",
                                                     "gather", "empty"]
     assert all(r["host_us"] > 0 for r in result["rows"]) and "fake_driver" in result["environment"]
     # The API's eager launches go through the launch cache (_CachedLaunch.launch).
