@@ -1076,13 +1076,13 @@ class _Cfg:
         # loads of their own (1): the candidate fix of the 3-stage race (PERF_LOG v58), for the
         # sweep to time and check against the float64 truth.
         self.ssq_loads = 0
-        # Register caps per thread (ptx .maxnreg) of the scores and select kernels; None (or 0,
-        # how the sweep asks for it) leaves the count to ptxas, which a cap of 255 does not
-        # (pi05 B=64, sm_90: scores 184 registers at 255, 193 with none). An SM holds 64 K registers, so fewer fit more programs
-        # of 4 warps per SM: at pi05 B=64 the scores kernel takes 193 (2 programs), 168 fits 3
-        # (40 B spilled, outside its D loop); the select kernel takes 120 (4 programs; sm_90
-        # compile, v71).
-        self.maxnreg1 = self.maxnreg2 = None
+        # Register caps per thread (ptx .maxnreg) of the scores and select kernels; 0 leaves the
+        # count to ptxas, which a cap of 255 does not (pi05
+        # B=64 with masks, sm_90: scores 214 registers at 255, 193 with none). An SM holds 64 K
+        # registers, so fewer fit more programs of 4 warps per SM: at pi05 B=64 the scores
+        # kernel takes 193 (2 programs), 168 fits 3 (40 B spilled, outside its D loop); the
+        # select kernel takes 120 (4 programs; sm_90 compile, v71).
+        self.maxnreg1 = self.maxnreg2 = 0
         self.dot_prec = DOT_PREC
         # The select product as fp16 halves: as close to fp32 as tf32x3 (PERF_LOG v59) with half
         # the tensor-core work, operand loads and stores to shared memory (sm_90 SASS).
@@ -1098,13 +1098,6 @@ class _Cfg:
             # and spilled 5188 B (sm_90; 16 slices: 2 s here, no spills).
             row_programs = B * triton.cdiv(N, self.bm1)
             self.ksplit = max(1, min(triton.cdiv(want // 2, row_programs), D // (2 * self.bk), MAX_KSPLIT))
-            # 16-bit 64-row score programs take 193 registers (2 per SM); where there are more
-            # of them than 2 per SM hold, a cap of 168 fits 3 and so takes fewer waves (the only
-            # spills are pointers kept across the D loop, v71). Run 14's sweep (H200, pi05 bf16):
-            # 124.5 -> 101.3 µs at B=64 (768 programs); at B=8 (192 programs, one wave either
-            # way) 23.6 -> 23.5.
-            if self.bm1 == 64 and elem_size == 2 and row_programs * self.ksplit > want:
-                self.maxnreg1 = 168
         else:
             self.ksplit = 2  # interpreter: the slices' partials are added in every test
         for name, value in tuned:
@@ -1119,6 +1112,17 @@ class _Cfg:
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
+        if on_gpu and "maxnreg1" not in dict(tuned):
+            # 16-bit 64-row score programs at 4 warps take 193 registers (2 per SM, pi05 B=64
+            # with masks); where there are more of them than 2 per SM hold, a cap of 168 fits 3
+            # and so takes fewer waves (the only spills are pointers kept across the D loop, v71).
+            # Run 14's sweep (H200, pi05 bf16): 124.5 -> 101.3 µs at B=64 (768 programs); at B=8
+            # (192 programs, one wave either way) 23.6 -> 23.5; at 3 stages it cost (0.80x). Decided
+            # on the final launch parameters, the sweep's overrides included.
+            programs = B * triton.cdiv(N, self.bm1) * self.ksplit
+            one_stage = self.stages1 == 1 and self.prefetch1 == 0
+            if self.bm1 == 64 and self.warps1 == 4 and elem_size == 2 and one_stage and programs > want:
+                self.maxnreg1 = 168
         self.n_score_tiles = triton.cdiv(N, self.bm1)
         # The scratch's token stride: T rounded up to 16. Triton specialises an int argument
         # divisible by 16, so the kernels know that S rows start 64-byte aligned, and load and
@@ -1174,10 +1178,15 @@ def _scratch(cfg: _Cfg, dev: torch.device) -> torch.Tensor:
     return ws
 
 
-def _reg_cap(maxnreg: Optional[int]) -> dict:
-    """The launch option of a register cap, only where one is set: the default launches
-    (Inductor's wrapped ones included) pass the options they always did."""
-    return {"maxnreg": maxnreg} if maxnreg else {}
+def _reg_cap(maxnreg: int, wrap: Callable) -> dict:
+    """The launch option of a register cap, where one is set and the launch is not through
+    ``wrap_triton``: Inductor hands a user kernel's num_warps and num_stages to its compile
+    (torch's SPECIAL_CONFIG_NAMES), not maxnreg, so those launches (torch.compile, and the Triton
+    ops' autograd path) keep the options they had before the caps; eager calls and the launch
+    plans they record take the cap."""
+    if not maxnreg or wrap is getattr(torch.library, "wrap_triton", None):
+        return {}
+    return {"maxnreg": maxnreg}
 
 
 def _run_select(
@@ -1210,7 +1219,8 @@ def _run_select(
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
         DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=cfg.prefetch1,
-        SSQ_LOADS=bool(cfg.ssq_loads), S_SHIFT=cfg.s_shift, num_warps=cfg.warps1, num_stages=cfg.stages1, **_reg_cap(cfg.maxnreg1),
+        SSQ_LOADS=bool(cfg.ssq_loads), S_SHIFT=cfg.s_shift, num_warps=cfg.warps1, num_stages=cfg.stages1,
+        **_reg_cap(cfg.maxnreg1, wrap),
     )
     n_programs = cfg.n_row_tiles * cfg.n_split
     _launcher(wrap, _select_kernel)[(n_programs, B)](
@@ -1221,7 +1231,7 @@ def _run_select(
         BLOCK_M=cfg.bm2, BLOCK_N=cfg.bn2, BLOCK_T=cfg.bt, BLOCK_TALL=cfg.block_tall,
         BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, SEL_PREC=cfg.sel_prec, S_SHIFT=cfg.s_shift,
         A_ONCE=bool(cfg.a_once),
-        num_warps=cfg.warps2, num_stages=cfg.stages2, **_reg_cap(cfg.maxnreg2),
+        num_warps=cfg.warps2, num_stages=cfg.stages2, **_reg_cap(cfg.maxnreg2, wrap),
     )
     return out, ws, cfg
 

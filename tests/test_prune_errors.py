@@ -119,8 +119,10 @@ def test_auto_backend_choice(monkeypatch):
             assert P.resolve_backend("auto", cuda) == ("cuda" if built else "triton")
     monkeypatch.setattr(P, "cuda_kernels_built", lambda: True)
     monkeypatch.setattr(triton_ops, "HAVE_TRITON", True)
-    # pi0.5 (768 patches a sample): B=1 on the CUDA C++ kernels, B=8 and B=64 on Triton.
-    assert [P.resolve_backend("auto", cuda, b * 768) for b in (1, 8, 64)] == ["cuda", "triton", "triton"]
+    # pi0.5 (768 patches a sample): B=1 on the CUDA C++ kernels, B=8 and B=64 on Triton (B=2-7,
+    # unmeasured, stay on the CUDA C++ kernels).
+    assert [P.resolve_backend("auto", cuda, b * 768) for b in (1, 2, 7, 8, 64)] == \
+        ["cuda", "cuda", "cuda", "triton", "triton"]
     monkeypatch.setenv("FASTPRUNE_BACKEND", "triton")
     assert P.resolve_backend("auto", cuda) == "triton"
     monkeypatch.setenv("FASTPRUNE_BACKEND", "cuda")
@@ -129,6 +131,21 @@ def test_auto_backend_choice(monkeypatch):
     monkeypatch.setenv("FASTPRUNE_BACKEND", "tpu")
     with pytest.raises(ValueError, match="FASTPRUNE_BACKEND must be 'triton' or 'cuda', got 'tpu'"):
         P.resolve_backend("auto", cuda)
+
+
+def test_api_passes_its_row_count_to_auto(monkeypatch):
+    """prune_tokens and select_tokens hand "auto" their B * N patch rows (the threshold above)."""
+    from pi05_fastprune import prune as P
+
+    seen = []
+    real = P.resolve_backend
+    monkeypatch.setattr(P, "resolve_backend", lambda backend, device, rows=None: seen.append(rows) or
+                        real(backend, device, rows))
+    patches, task = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    P.prune_tokens(patches, task)
+    P.prune_tokens(patches, task, max_tokens=2)
+    P.select_tokens(patches, task)
+    assert seen == [10, 10, 10]
 
 
 def test_cpp_checks_format_without_iostreams():

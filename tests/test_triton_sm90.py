@@ -453,13 +453,18 @@ def test_launch_grids_follow_the_programs_an_sm_holds():
 
     assert cfg(64) == (168, 1)
     assert cfg(23) == (168, 1)  # 276 programs of 64 rows: past 2 x 132
-    assert cfg(22)[0] is None and cfg(8) == (None, 4) and cfg(1) == (None, 22)
-    assert cfg(1, N=1536) == (None, 11)
-    assert cfg(64, dtype=torch.float32)[0] is None  # 32-row fp32 tiles: no cap measured
+    assert cfg(22)[0] == 0 and cfg(8) == (0, 4) and cfg(1) == (0, 22)
+    assert cfg(16) == (0, 2) and cfg(1, N=1536) == (0, 11)
+    assert cfg(64, dtype=torch.float32)[0] == 0  # 32-row fp32 tiles: no cap measured
     assert cfg(64, maxnreg1=255, n_split=2) == (255, 2)  # the sweep's values stay as set
+    # Decided on the swept tiles: 16-row tiles (two steps loaded ahead, ~233 registers) and 3
+    # stages stay uncapped at B=64; 8 D slices at B=8 (768 programs) take the cap.
+    assert cfg(64, bm1=16)[0] == 0 and cfg(64, stages1=3)[0] == 0 and cfg(8, ksplit=8)[0] == 168
     # maxnreg1=0: the uncapped kernel (a cap of 255 is not that: ptxas allocates differently)
     assert "maxnreg" in _launch_b64("_scores_kernel")[2]
     assert "maxnreg" not in _launch_b64("_scores_kernel", maxnreg1=0)[2]
+    # Launches that Inductor compiles (wrap_triton) take no cap: it would not pass it on.
+    assert K._reg_cap(168, torch.library.wrap_triton) == {} and K._reg_cap(168, K._identity) == {"maxnreg": 168}
 
 
 @pytest.mark.parametrize("bk", [128, 64])
