@@ -458,6 +458,26 @@ def test_compile_once_across_kept_counts(backend):
     assert len(counts) > 1, counts
 
 
+def test_compiled_triton_ops_at_a_capped_batch():
+    """pi0.5 at B=32: 384 score programs of 64 rows, where eager launches cap the scores kernel at
+    168 registers (PERF_LOG v76) and launches through wrap_triton, which Inductor compiles, take
+    no cap. Compiled, the Triton ops give the eager (capped) call's outputs bit for bit (a cap
+    changes registers, not the arithmetic), and the eager call took the cap."""
+    why = _backend_available("triton")
+    if why:
+        pytest.skip(why)
+    from pi05_fastprune.kernels import prune_triton as K
+
+    p, t, tm, pm = structured_inputs(batch=32, dtype=torch.bfloat16, seed=3, device="cuda")
+    assert K._config(p, t.shape[1]).maxnreg1 == 168
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: ops.triton_prune_padded(*a, None, 128, False), fullgraph=True)
+    got = compiled(p, t, tm, pm)
+    want = fp.prune_tokens(p, t, task_mask=tm, patch_mask=pm, max_tokens=128, backend="triton")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("batch", [1, 4])  # 1: with the Triton D split (its tagged arrival counters)
 def test_cuda_graph_static_cap(backend, batch):
     """prune_padded never syncs with the host: captured once, replayed on new inputs, it gives
