@@ -1077,11 +1077,11 @@ class _Cfg:
         # sweep to time and check against the float64 truth.
         self.ssq_loads = 0
         # Register caps per thread (ptx .maxnreg) of the scores and select kernels; 0 leaves the
-        # count to ptxas, which a cap of 255 does not (pi05
-        # B=64 with masks, sm_90: scores 214 registers at 255, 193 with none). An SM holds 64 K
-        # registers, so fewer fit more programs of 4 warps per SM: at pi05 B=64 the scores
-        # kernel takes 193 (2 programs), 168 fits 3 (40 B spilled, outside its D loop); the
-        # select kernel takes 120 (4 programs; sm_90 compile, v71).
+        # count to ptxas, which a cap of 255 does not (pi05 B=64 with masks, sm_90: scores 214
+        # registers at 255, 193 with none). An SM holds 64 K registers, so fewer fit more
+        # programs of 4 warps per SM: at pi05 B=64 the scores kernel takes 193 (2 programs), 168
+        # fits 3 (40 B spilled, outside its D loop); the select kernel takes 120 (4 programs;
+        # sm_90 compile, v71).
         self.maxnreg1 = self.maxnreg2 = 0
         self.dot_prec = DOT_PREC
         # The select product as fp16 halves: as close to fp32 as tf32x3 (PERF_LOG v59) with half
