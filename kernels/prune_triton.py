@@ -1100,9 +1100,10 @@ class _Cfg:
             self.ksplit = max(1, min(triton.cdiv(want // 2, row_programs), D // (2 * self.bk), MAX_KSPLIT))
         else:
             self.ksplit = 2  # interpreter: the slices' partials are added in every test
-        for name, value in tuned:
+        swept = dict(tuned)
+        for name, value in swept.items():
             setattr(self, name, value)
-        if "prefetch1" not in dict(tuned):
+        if "prefetch1" not in swept:
             # The scores kernel loads each D step's tiles ahead, in registers, where its tiles have
             # 16 rows (pi05 at B=1): two steps ahead for 16-bit inputs (bf16: 233 registers, no
             # spills, at most 2 programs per SM there; 188 one step ahead, the default until v66),
@@ -1112,7 +1113,7 @@ class _Cfg:
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
-        if on_gpu and "maxnreg1" not in dict(tuned):
+        if on_gpu and "maxnreg1" not in swept:
             # 16-bit 64-row score programs at 4 warps take 193 registers (2 per SM, pi05 B=64
             # with masks); where there are more of them than 2 per SM hold, a cap of 168 fits 3
             # and so takes fewer waves (the only spills are pointers kept across the D loop, v71).
@@ -1133,7 +1134,7 @@ class _Cfg:
         n_row_tiles = triton.cdiv(N, self.bm2)
         n_col_tiles = triton.cdiv(N, self.bn2)
         self.n_row_tiles = n_row_tiles
-        if "n_split" not in dict(tuned):
+        if "n_split" not in swept:
             # Column splits so that the select programs fill the GPU in one wave of two 4-warp
             # programs per SM (run 10's sweep, pi05 bf16 on an H200: 42.2 -> 30.1 µs at B=8, 30.3
             # -> 26.0 at N=1536, 12.5 -> 12.3 at B=1, against one program per SM); in the
@@ -1184,7 +1185,7 @@ def _reg_cap(maxnreg: int, wrap: Callable) -> dict:
     (torch's SPECIAL_CONFIG_NAMES), not maxnreg, so those launches (torch.compile, and the Triton
     ops' autograd path) keep the options they had before the caps; eager calls and the launch
     plans they record take the cap."""
-    if not maxnreg or wrap is getattr(torch.library, "wrap_triton", None):
+    if not maxnreg or wrap is torch.library.wrap_triton:
         return {}
     return {"maxnreg": maxnreg}
 

@@ -391,16 +391,22 @@ def test_eval_kernels_compile_for_sm80():
         compile_distinct(launches, labels, dtype, A100)
 
 
+def _gpu_config(B, N=768, D=2048, dtype=torch.bfloat16, **tuned):
+    """The Triton launch parameters (_Cfg) of a pi0.5-like call (200 prompt tokens) on a 132-SM
+    GPU, under the sweep's ``tuned`` overrides."""
+    from pi05_fastprune.kernels import prune_triton as K
+
+    with K.tuning(**tuned):
+        return K._config(torch.empty(B, N, D, dtype=dtype), 200, gpu_sms=H100_SMS)
+
+
 def test_scores_kernel_runs_one_stage():
     """GPU tiles of the scores kernel run 1 stage at every shape (PERF_LOG v54: 64-row tiles at 3
     stages gave wrong S at pi05 B=64 and B=8 with 4 D slices on an H200); a swept stage count
     stays as set."""
-    from pi05_fastprune.kernels import prune_triton as K
-
     def cfg(B, dtype, D=2048, **tuned):
-        with K.tuning(**tuned):
-            c = K._config(torch.empty(B, 768, D, dtype=dtype), 200, gpu_sms=H100_SMS)
-            return c.bm1, c.ksplit, c.stages1
+        c = _gpu_config(B, D=D, dtype=dtype, **tuned)
+        return c.bm1, c.ksplit, c.stages1
 
     assert cfg(64, torch.bfloat16) == (64, 1, 1)
     assert cfg(8, torch.float16) == (64, 2, 1)
@@ -447,9 +453,8 @@ def test_launch_grids_follow_the_programs_an_sm_holds():
     from pi05_fastprune.kernels import prune_triton as K
 
     def cfg(B, N=768, dtype=torch.bfloat16, **tuned):
-        with K.tuning(**tuned):
-            c = K._config(torch.empty(B, N, 2048, dtype=dtype), 200, gpu_sms=H100_SMS)
-            return c.maxnreg1, c.n_split
+        c = _gpu_config(B, N=N, dtype=dtype, **tuned)
+        return c.maxnreg1, c.n_split
 
     assert cfg(64) == (168, 1)
     assert cfg(23) == (168, 1)  # 276 programs of 64 rows: past 2 x 132
