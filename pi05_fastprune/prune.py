@@ -96,8 +96,9 @@ def _triton_ops():
 # CUDA-graph replay): the CUDA C++ kernels are faster at B=1 (19.8 vs 20.6 µs), the Triton ones
 # at B=8 (47.5 vs 48.5) and B=64 (219.2 vs 229.6), and more so with the launch parameters that
 # run's sweep measured and the Triton defaults now take (45.0 and 198.7). B=2..7 are not
-# measured (gpu_check's bench_auto step times B=1, 2, 4, 8), nor is B=1 with 1536 patches on the
-# Triton side of this line (26.9 vs 28.7 µs there), so the threshold is B=8 of 768 patches.
+# measured (gpu_check's bench_auto step times B=1, 2, 4, 8), so the threshold is B=8 of 768
+# patches. B=1 with 1536 patches (1536 rows: CUDA C++ by this line) measured Triton ahead (26.9
+# vs 28.7 µs); one shape, so the line does not move for it.
 AUTO_TRITON_ROWS = 6144
 
 
