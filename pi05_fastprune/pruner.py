@@ -46,14 +46,12 @@ TELEMETRY_KEYS = (
 class PrunerCore:
     """Settings and last-call state of a pruner (the seed's `_LightVLACore` attributes)."""
 
-    def __init__(self, hidden_size: int) -> None:
-        self.hidden_size = int(hidden_size)
+    def __init__(self) -> None:
         self.noise_scale: Optional[float] = None
         self.keep_tokens: Optional[int] = None
         self.keep_ratio: Optional[float] = None
         self.max_tokens: Optional[int] = None
         self.mask_voters = False
-        self.backend = "auto"
         self.last_kept_indices_padded: Optional[torch.Tensor] = None  # [B, K] eval
         self.last_kept_indices_mask: Optional[torch.Tensor] = None  # [B, K] eval
         self.last_selected_indices_train: Optional[torch.Tensor] = None  # [B, N] train (noisy)
@@ -127,7 +125,7 @@ class PrunerCore:
         out: dict = {}
         valid = patch_mask if patch_mask is not None else torch.ones(B, N, dtype=torch.bool, device=patches.device)
 
-        det = select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend=self.backend)
+        det = select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
         votes = R.votes_from_idx(det)
         out["last_argmax_union_det"] = (votes > 0).sum(-1).to(torch.int32)
         out["last_argmax_top1_share_det"] = votes.max(-1).values.float() / max(1, N)
@@ -201,9 +199,9 @@ class ImageTokenPruner(_SeedSettings):
     train(): sequence length unchanged, straight-through selection with `noise_scale`.
     """
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int) -> None:  # hidden_size: the seed's signature; the op reads D
         super().__init__()
-        self.core = PrunerCore(hidden_size)
+        self.core = PrunerCore()
 
     @torch.no_grad()
     def last_kept_per_sample(self) -> Optional[torch.Tensor]:
@@ -234,7 +232,7 @@ class ImageTokenPruner(_SeedSettings):
         out = prune_tokens(
             image_patches, task_tokens, task_mask=task_token_mask, patch_mask=patch_token_mask,
             keep_tokens=core.budget(image_patches.shape[1], keep_tokens), mask_voters=core.mask_voters,
-            max_tokens=core.max_tokens, backend=core.backend,
+            max_tokens=core.max_tokens,
         )
         core.record(inputs, counts=out.counts, kept_idx=out.kept_idx, kept_mask=out.kept_mask)
         return out.pruned, out.kept_mask
@@ -253,10 +251,10 @@ class TokenPruner(_SeedSettings):
     selected patches.
     """
 
-    def __init__(self, hidden_size: int, num_patches: int) -> None:
+    def __init__(self, hidden_size: int, num_patches: int) -> None:  # hidden_size: as ImageTokenPruner's
         super().__init__()
         self.num_patches = int(num_patches)
-        self.core = PrunerCore(hidden_size)
+        self.core = PrunerCore()
 
     def forward(
         self,
@@ -280,15 +278,13 @@ class TokenPruner(_SeedSettings):
         cls_m, patch_m, task_m = attention_mask.split(split, dim=1)
         core = self.core
         if self.training:
-            patches, idx = select_soft(patches, task, noise_scale=core.noise_scale)
-            core.record((patches, task, None, None), selected=idx)
+            selected, idx = select_soft(patches, task, noise_scale=core.noise_scale)
+            core.record((patches, task, None, None), selected=idx)  # the telemetry reads the input patches
+            patches = selected
             patch_pos = patch_pos.gather(1, idx)
             patch_m = patch_m.gather(1, idx)
         else:
-            out = prune_tokens(
-                patches, task, keep_tokens=core.budget(self.num_patches), max_tokens=core.max_tokens,
-                backend=core.backend,
-            )
+            out = prune_tokens(patches, task, keep_tokens=core.budget(self.num_patches), max_tokens=core.max_tokens)
             core.record((patches, task, None, None), counts=out.counts, kept_idx=out.kept_idx,
                         kept_mask=out.kept_mask)
             patches = out.pruned

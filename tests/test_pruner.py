@@ -189,6 +189,21 @@ def test_token_pruner_train_keeps_sequence_length():
     assert tokens.grad is not None
 
 
+def test_token_pruner_train_telemetry_reads_its_input_patches():
+    """Training replaces the patch block by the selected rows; the telemetry describes the
+    patches that came in, as in eval."""
+    tokens, pos, mask, patches, task = _sequence()
+    trained = TokenPruner(hidden_size=D, num_patches=96).train()
+    trained.set_noise_scale(0.5)
+    trained(tokens, pos, mask)
+    evaluated = TokenPruner(hidden_size=D, num_patches=96).eval()
+    evaluated(tokens, pos, mask)
+    for key in ("last_patches_std_mean", "last_argmax_union_det", "last_score_abs_max_det"):
+        assert torch.equal(getattr(trained.core, key), getattr(evaluated.core, key)), key
+    det = R.votes_from_idx(R.select_ref(patches, task))
+    assert torch.equal(trained.core.last_argmax_union_det, (det > 0).sum(-1).to(torch.int32))
+
+
 def test_token_pruner_rejects_short_sequences():
     with pytest.raises(ValueError, match="cannot hold 1 cls tokens, 96 patches"):
         TokenPruner(hidden_size=D, num_patches=96)(torch.randn(1, 97, D), torch.arange(97)[None])
