@@ -56,7 +56,6 @@ def extension():
             "pi05_fastprune._C",
             cpu_sources + rel("csrc/*_cuda.cpp") + rel("kernels/*.cu"),
             include_dirs=[os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")],
-            define_macros=[("FASTPRUNE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
             extra_link_args=openmp,
         )

@@ -100,7 +100,7 @@ def mode_args(mode: str, N: int) -> tuple[Optional[int], Optional[int]]:
 _compiled_ref = None
 
 
-def provider_fns(device: torch.device, args) -> dict[str, Callable]:
+def provider_fns(device: torch.device) -> dict[str, Callable]:
     """name -> make(inputs, keep_tokens, max_tokens) -> zero-argument callable."""
     global _compiled_ref
     out: dict[str, Callable] = {}
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     h = H.Harness("prune", device, quick=args.quick, profile=args.profile, graph=not args.no_graph,
                   rep_ms=args.rep_ms, warmup_ms=min(25.0, args.rep_ms / 4))
-    providers = provider_fns(device, args)
+    providers = provider_fns(device)
     if args.providers:
         wanted = args.providers.split(",")
         missing = [w for w in wanted if w not in providers]

@@ -1,6 +1,8 @@
-// Backend choice shared by the C++ implementations of the fastprune ops. "triton" runs the
-// Python-registered Triton launchers (fastprune::triton_*) through the dispatcher, so the
-// same op call reaches every backend; LibTorch users without Python get "cpu"/"cuda".
+// Backend choice shared by the C++ implementations of the fastprune ops. "triton" reaches the
+// Python-registered Triton launchers, so the same op call reaches every backend: on CUDA tensors
+// by replaying the call's recorded launch plan, or recording it through fastprune::triton_record
+// (eval_ops.h, triton_plan.h); on CPU tensors (the Triton interpreter, for tests) through the
+// dispatcher as fastprune::triton_*. LibTorch users without Python get "cpu"/"cuda".
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>

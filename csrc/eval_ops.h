@@ -22,6 +22,10 @@ using PruneOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 //   static void check_device_backend(const std::string&)  rejects backends of other devices
 //   static at::Tensor select(patches, task, task_mask, patch_mask, mask_voters)
 //   static PruneOut prune(patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters)
+//   static constexpr bool kTritonPlans  whether backend="triton" replays recorded launch plans
+//                                       (CUDA) instead of calling fastprune::triton_* (CPU)
+//   replay_triton(op, inputs..., flags)  with kTritonPlans: the replay of the call's plan, or
+//                                       nullopt where none is stored
 template <class Kernels>
 struct EvalOps {
   using OptTensor = std::optional<at::Tensor>;

@@ -2,8 +2,8 @@
 // kernels in kernels/prune_cuda.cu (checks, device guard, current stream, dtype, workspace and
 // outputs). Built only with CUDA torch (setup.py / CMakeLists.txt add *_cuda.cpp then).
 //
-// backend: "auto"/"cuda" run these kernels, "triton" the Python-registered Triton ops, "cpu"
-// is an error on CUDA tensors. `prune` reads the kept-count maximum on the host once (its only
+// backend: "auto"/"cuda" run these kernels, "triton" replays the Triton launch plan recorded
+// for the call's key (replay_triton below; eval_ops.h), "cpu" is an error on CUDA tensors. `prune` reads the kept-count maximum on the host once (its only
 // sync, to size K); `prune_padded` never syncs (CUDA-graph capturable).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -94,7 +94,7 @@ fastprune_cuda::DType to_dtype(at::ScalarType t) {
     case at::kBFloat16:
       return fastprune_cuda::DType::kBFloat16;
     default:
-      FASTPRUNE_CHECK(false, "fastprune: unsupported dtype %s", dtype_str(t));
+      FASTPRUNE_CHECK(false, "fastprune: patches dtype %s is not float32, float16 or bfloat16", dtype_str(t));
   }
 }
 

@@ -20,7 +20,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <limits>
 #include <numeric>
@@ -190,14 +189,9 @@ at::Tensor noisy_scores(const Sample& s, const NoiseSpec& ns, int64_t b, int64_t
 // with intra-op parallel ATen ops. Both run the same ops on a sample, but its values can round
 // differently between them (ATen's parallel reductions split their sums by thread): a fuzz run
 // saw gradients of one sample differ by ~1e-7 relative alone (B=1) and within a batch of 4.
-// FASTPRUNE_SAMPLE_PARALLEL=0 forces the second mode (for comparisons).
 template <typename F>
 void for_samples(int64_t B, const F& body) {
-  static const bool sample_parallel = [] {
-    const char* e = std::getenv("FASTPRUNE_SAMPLE_PARALLEL");
-    return e == nullptr || std::string(e) != "0";
-  }();
-  if (sample_parallel && B >= at::get_num_threads() && B > 1) {
+  if (B >= at::get_num_threads() && B > 1) {
     parallel_ops(0, B, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) body(b);
     });

@@ -1698,7 +1698,7 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 constexpr int kGatherRows = 4;
 
 struct GArgs {
-  int64_t B, N, D, K;
+  int64_t N, D, K;
   const void* patches;
   int64_t p_sb, p_sr;
   const int* list;
@@ -1956,7 +1956,6 @@ cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* worksp
                           int64_t* kept_idx, cudaStream_t stream) {
   if (!plan_fits(p, plan) || K < 1) return cudaErrorInvalidValue;
   GArgs g{};
-  g.B = p.B;
   g.N = p.N;
   g.D = p.D;
   g.K = K;

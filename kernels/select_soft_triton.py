@@ -36,6 +36,7 @@ Backward (``G`` = grad of the output), deterministic (no atomics), nothing ``N x
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -43,10 +44,20 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-6
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# fp32 tl.dot precision ("ieee" exact; "tf32x3" faster on tensor cores, close to fp32).
-DOT_PREC = os.environ.get("FASTPRUNE_TRITON_DOT_PREC", "ieee")
+# fp32 tl.dot precision of these kernels: "ieee" (exact fp32 FMA) or "tf32x3" (three tf32
+# tensor-core products, close to fp32, fewer spills on sm_90: PERF_LOG lead 6, unmeasured).
+# FASTPRUNE_TRITON_TRAIN_DOT_PREC=tf32x3 is that lead's A/B on a GPU (bench_train).
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_prec() -> str:
+    # Checked at the first launch: an import error here would only disable the backend.
+    prec = os.environ.get("FASTPRUNE_TRITON_TRAIN_DOT_PREC", "ieee")
+    if prec not in ("ieee", "tf32x3"):
+        raise ValueError(f"FASTPRUNE_TRITON_TRAIN_DOT_PREC must be 'ieee' or 'tf32x3', got {prec!r}")
+    return prec
+
 
 __all__ = ["select_soft_fwd", "select_soft_bwd", "INTERPRET"]
 
@@ -549,7 +560,7 @@ def _prep(patches, task, pr: _Prep, wrap):
     RT = torch.empty(B, BT, **f32)
     wrap(_prep_kernel)[(triton.cdiv(N, pr.BM), B)](
         patches, task, pr.tok, pr.cnt, S, A, C, RP, RT, N, T, D, pr.scale,
-        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, UPCAST=pr.upcast, DOT_PREC=DOT_PREC, num_warps=pr.warps,
+        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, UPCAST=pr.upcast, DOT_PREC=_dot_prec(), num_warps=pr.warps,
     )
     return S, A, C, RP, RT
 
@@ -587,7 +598,7 @@ def select_soft_fwd(patches, task, task_mask=None, patch_mask=None, noise_scale=
     wrap(_fwd_kernel)[(triton.cdiv(N, pr.BM), B)](
         patches, S, A, C, pr.allowed, NS, SEED, NZ, selected, idx, lse, N, D, pr.scale,
         HAS_NOISE=has_noise, EXPLICIT=explicit,
-        BLOCK_M=pr.BM, BLOCK_N=pr.BN, BLOCK_T=pr.BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps,
+        BLOCK_M=pr.BM, BLOCK_N=pr.BN, BLOCK_T=pr.BT, BLOCK_D=pr.BD, DOT_PREC=_dot_prec(), num_warps=pr.warps,
     )
     return selected, idx, lse
 
@@ -612,7 +623,7 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
     kc = torch.empty(B, N, **f32)
     dS = torch.empty(B, N, BT, **f32)
     common = dict(HAS_NOISE=has_noise, EXPLICIT=explicit, BLOCK_M=pr.BM, BLOCK_N=pr.BN, BLOCK_T=BT,
-                  BLOCK_D=pr.BD, UPCAST=pr.upcast, DOT_PREC=DOT_PREC, num_warps=pr.warps)
+                  BLOCK_D=pr.BD, UPCAST=pr.upcast, DOT_PREC=_dot_prec(), num_warps=pr.warps)
     wrap(_bwd_row_kernel)[(triton.cdiv(N, pr.BM), B)](
         grad, patches, task, pr.tok, pr.cnt, S, A, C, RT, pr.allowed, NS, SEED, NZ, lse, delta, kc, dS,
         N, T, D, pr.scale, **common,
@@ -629,7 +640,7 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
         # 1 stage: software pipelining of its D loops costs 255 registers and 212-344 B of spills
         # per thread on sm_90 at the training shapes (1 stage: 54 registers and no spills at B=8,
         # 128 and 12 B at B=32; tests/test_triton_sm90.py).
-        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps, num_stages=1,
+        BLOCK_M=pr.BM, BLOCK_T=BT, BLOCK_D=pr.BD, DOT_PREC=_dot_prec(), num_warps=pr.warps, num_stages=1,
     )
     # Interpreter: small blocks, so that the tests' small shapes cross several of each.
     BJ, BS, BDD = (4, 4, 16) if INTERPRET else (16, 32, 256)
@@ -639,13 +650,13 @@ def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_
     BTO = min(BT, 64)
     mm = torch.empty(B, BT, BT, **f32)
     wrap(_bwd_task_mm_kernel)[(BT // BTO, BT // BTO, B)](
-        A, kc, mm, N, BLOCK_N=pr.BN, BLOCK_T=BT, BLOCK_TO=BTO, DOT_PREC=DOT_PREC,
+        A, kc, mm, N, BLOCK_N=pr.BN, BLOCK_T=BT, BLOCK_TO=BTO, DOT_PREC=_dot_prec(),
     )
     dtn = torch.empty(B, BT, D, **f32)
     wrap(_bwd_task_kernel)[(triton.cdiv(D, pr.BD), BT // BTO, B)](
         patches, task, pr.tok, pr.cnt, dS, mm, RP, RT, dtn, N, T, D,
         # 1 stage, as the patch kernel: 80 registers and no spills instead of 255 and ~280 B.
-        BLOCK_N=pr.BN, BLOCK_T=BT, BLOCK_TO=BTO, BLOCK_D=pr.BD, DOT_PREC=DOT_PREC, num_warps=pr.warps,
+        BLOCK_N=pr.BN, BLOCK_T=BT, BLOCK_TO=BTO, BLOCK_D=pr.BD, DOT_PREC=_dot_prec(), num_warps=pr.warps,
         num_stages=1,
     )
     BTT = min(BT, 16)

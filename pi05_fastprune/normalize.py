@@ -155,7 +155,7 @@ def normalize(x, stats: NormStats | Mapping, use_quantiles: bool = True) -> np.n
     x = np.asarray(x)
     d = x.shape[-1]
     if d > stats.dim:
-        raise ValueError(f"cannot normalize {d} dimensions with statistics of {stats.dim}")
+        raise ValueError(f"cannot normalize x of {d} dimensions with stats of {stats.dim}")
     if use_quantiles:
         q01, q99 = (q[..., :d] for q in _quantiles(stats))
         return (x - q01) / (q99 - q01 + EPS) * 2.0 - 1.0
@@ -168,7 +168,7 @@ def unnormalize(x, stats: NormStats | Mapping, use_quantiles: bool = True) -> np
     stats = _as_norm_stats(stats)
     x = np.asarray(x)
     if stats.dim > x.shape[-1]:
-        raise ValueError(f"cannot unnormalize {x.shape[-1]} dimensions with statistics of {stats.dim}")
+        raise ValueError(f"cannot unnormalize x of {x.shape[-1]} dimensions with stats of {stats.dim}")
     if use_quantiles:
         q01, q99 = _quantiles(stats)
         d = q01.shape[-1]

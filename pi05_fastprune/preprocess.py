@@ -59,15 +59,15 @@ def to_uint8_hwc(image, float_range: str = "unit") -> np.ndarray:
         raise ValueError("to_uint8_hwc takes [0, 1] float images; signed ones skip the uint8 step")
     x = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if x.ndim != 3:
-        raise ValueError(f"expected one image [H, W, C] or [C, H, W], got shape {x.shape}")
+        raise ValueError(f"image must be one image [H, W, C] or [C, H, W], got shape {x.shape}")
     if _is_chw(x.shape):
         x = np.transpose(x, (1, 2, 0))
     if x.shape[-1] != 3:
-        raise ValueError(f"expected 3 colour channels, got shape {x.shape}")
+        raise ValueError(f"image must have 3 colour channels, got shape {x.shape}")
     if np.issubdtype(x.dtype, np.floating):
         x = (255 * np.clip(x, 0.0, 1.0)).astype(np.uint8)
     elif x.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 or float, got {x.dtype}")
+        raise ValueError(f"image must be uint8 or float, got {x.dtype}")
     return np.ascontiguousarray(x)
 
 
@@ -175,11 +175,11 @@ def preprocess_image(image, resolution: int = IMAGE_RESOLUTION, float_range: str
     if float_range == "signed" and is_float:
         x = image.detach().cpu() if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
         if x.ndim != 3:
-            raise ValueError(f"expected one image [H, W, C] or [C, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(f"image must be one image [H, W, C] or [C, H, W], got shape {tuple(x.shape)}")
         if not _is_chw(x.shape):
             x = x.permute(2, 0, 1)
         if x.shape[0] != 3:
-            raise ValueError(f"expected 3 colour channels, got shape {tuple(x.shape)}")
+            raise ValueError(f"image must have 3 colour channels, got shape {tuple(x.shape)}")
         x = x.to(torch.float32)
         return resize_with_pad_signed(x[None], resolution, resolution)[0].contiguous()
     u8 = resize_with_pad(to_uint8_hwc(image), resolution, resolution)

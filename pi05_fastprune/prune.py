@@ -85,7 +85,8 @@ def cuda_kernels_built() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_ops():
-    """pi05_fastprune.triton_ops (it imports this module: not at its top), imported on first use."""
+    """pi05_fastprune.triton_ops, which imports this module (so not at its top; the package's
+    __init__ imports both)."""
     from pi05_fastprune import triton_ops
 
     return triton_ops
@@ -122,7 +123,7 @@ def resolve_backend(backend: str, device: torch.device, rows: Optional[int] = No
     if not cuda_kernels_built():
         return "triton"
     if rows is None or rows < AUTO_TRITON_ROWS:
-        return "cuda"  # pi0.5 at small batches: no triton import on this path
+        return "cuda"  # pi0.5 at small batches
     return "triton" if _triton_ops().HAVE_TRITON else "cuda"
 
 

@@ -179,7 +179,7 @@ if HAVE_TRITON:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check(patches, task, task_mask, patch_mask, noise_scale, seed, noise)
         if patches.dtype == torch.float64:
-            raise ValueError("the Triton select_soft computes in float32: float64 runs on backend='cpu'")
+            raise ValueError("patches is float64: the Triton select_soft computes in float32 (float64 runs on backend='cpu')")
         return _tk.select_soft_fwd(patches, task, task_mask, patch_mask, noise_scale, seed, noise)
 
     @_triton_select_soft.register_fake

@@ -905,7 +905,7 @@ def train(cfg: TrainConfig) -> dict:
 
             done = step + 1
             if step % cfg.log_freq == 0 or done == cfg.num_train_steps:
-                last_metrics = _log_step(cfg, step, net, model, loss_sum, gnorm_sum, n_acc, lr, t_last,
+                last_metrics = _log_step(cfg, step, model, loss_sum, gnorm_sum, n_acc, lr, t_last,
                                          world_size, device, writer)
                 loss_sum.zero_(), gnorm_sum.zero_()
                 n_acc, t_last = 0, time.time()
@@ -925,7 +925,7 @@ def train(cfg: TrainConfig) -> dict:
     return dict(step=step, run_dir=str(run_dir), last_metrics=last_metrics, rank=rank, world_size=world_size)
 
 
-def _log_step(cfg, step, net, model, loss_sum, gnorm_sum, n_acc, lr, t_last, world_size, device, writer):
+def _log_step(cfg, step, model, loss_sum, gnorm_sum, n_acc, lr, t_last, world_size, device, writer):
     sums = torch.stack([loss_sum, gnorm_sum])
     digests = None
     if world_size > 1:

@@ -1,8 +1,9 @@
 """The Triton ops of fastprune: ``fastprune::triton_select``, ``triton_prune``,
 ``triton_prune_padded`` (kernels in ``pi05_fastprune.kernels.prune_triton``).
 
-The C++ ``fastprune::{select, prune, prune_padded}`` reach them with ``backend="triton"``
-through the dispatcher, with these argument orders:
+The C++ ``fastprune::{select, prune, prune_padded}`` with ``backend="triton"`` call them through
+the dispatcher on CPU tensors (the interpreter); on CUDA tensors they replay the launch plan
+recorded for the call (``triton_record`` below). Their argument orders:
 
     triton_select(patches, task, task_mask, patch_mask, mask_voters) -> idx
     triton_prune(patches, task, task_mask, patch_mask, keep_tokens, mask_voters)

@@ -454,3 +454,23 @@ def test_triton_nonfinite_inputs_interp():
     task[1, 0, 1] = float("inf")
     sel, idx, gp, gt = run(ours, patches, task, task_mask=tm, patch_mask=pm, noise_scale=1.0, backend="triton")
     assert idx.min() >= 0 and idx.max() < patches.shape[1]
+
+
+@interp
+def test_triton_train_dot_prec_is_checked_interp(monkeypatch):
+    """FASTPRUNE_TRITON_TRAIN_DOT_PREC (the training kernels' fp32 dot, PERF_LOG lead 6): a value
+    they do not take raises at the launch, naming the variable; tf32x3 is a valid choice."""
+    from pi05_fastprune.kernels import select_soft_triton as TK
+
+    patches, task, tm, pm = make(B=1, cams=2, per_cam=8, T=6, D=16, case="masks")
+    for prec in ("tf32", "tf32x3"):
+        monkeypatch.setenv("FASTPRUNE_TRITON_TRAIN_DOT_PREC", prec)
+        TK._dot_prec.cache_clear()
+        try:
+            if prec == "tf32":
+                with pytest.raises(ValueError, match="FASTPRUNE_TRITON_TRAIN_DOT_PREC must be 'ieee' or 'tf32x3'"):
+                    ops.select_soft(patches, task, tm, pm, None, None, None, "triton")
+            else:
+                ops.select_soft(patches, task, tm, pm, None, None, None, "triton")
+        finally:
+            TK._dot_prec.cache_clear()
