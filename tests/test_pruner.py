@@ -123,17 +123,41 @@ def test_telemetry_is_lazy_and_matches_the_seed_formulas():
     assert torch.equal(core.last_kept_per_sample_noisy, ((noisy_votes > 0) & patch_mask).sum(-1))
     assert torch.equal(core.last_task_valid_len, task_mask.sum(-1))
     assert torch.equal(core.last_task_attn_masked_len, (~task_mask).sum(-1))
-    # Query spread: the pairwise cosine without an N x N matrix equals the explicit one.
-    q = R.attend(R.rms(patches), R.rms(task), task_mask)
-    u = q / (q.norm(dim=-1, keepdim=True) + 1e-8)
-    sim = u @ u.transpose(1, 2)
-    off = ~torch.eye(96, dtype=torch.bool)
-    explicit = torch.stack([sim[b][off].mean() for b in range(2)])
-    assert torch.allclose(core.last_queries_before_norm_cosine_sim, explicit, atol=1e-5)
+    assert torch.allclose(core.last_argmax_top1_share_noisy, noisy_votes.max(-1).values.float() / 96)
+
+    # Embedding spread: per sample, the std over tokens (valid prompt tokens only) of each
+    # RMS-normalised feature, averaged over features.
+    def spread(x):
+        return x.std(0).mean()
+
+    p, t = R.rms(patches), R.rms(task)
+    assert torch.allclose(core.last_patches_std_mean, torch.stack([spread(p[b]) for b in range(2)]))
+    assert torch.allclose(core.last_task_std_mean, torch.stack([spread(t[b][task_mask[b]]) for b in range(2)]))
+    q = R.attend(p, t, task_mask)
+    assert torch.allclose(core.last_queries_before_norm_std_mean, torch.stack([spread(q[b]) for b in range(2)]))
+    qn = R.rms(q)
+    assert torch.allclose(core.last_queries_after_norm_std_mean, torch.stack([spread(qn[b]) for b in range(2)]))
+
+    # Query direction: the pairwise cosine without an N x N matrix equals the explicit one.
+    def explicit_cosine(x):
+        u = x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+        sim = u @ u.transpose(1, 2)
+        off = ~torch.eye(96, dtype=torch.bool)
+        return torch.stack([sim[b][off].mean() for b in range(2)])
+
+    assert torch.allclose(core.last_queries_before_norm_cosine_sim, explicit_cosine(q), atol=1e-5)
+    assert torch.allclose(core.last_queries_after_norm_cosine_sim, explicit_cosine(qn), atol=1e-5)
+    finite = torch.stack([score[b][torch.isfinite(score[b])].abs().max() for b in range(2)])
+    assert torch.equal(core.last_score_abs_max_det, finite)
     top2 = score.topk(2, dim=-1).values
     assert torch.allclose(core.last_score_top1_gap_mean_det, (top2[..., 0] - top2[..., 1]).mean(-1))
-    for key in TELEMETRY_KEYS:
-        assert getattr(core, key) is not None, key
+    assert set(TELEMETRY_KEYS) == {
+        "last_task_valid_len", "last_task_attn_masked_len", "last_argmax_union_det", "last_argmax_union_noisy",
+        "last_argmax_top1_share_det", "last_argmax_top1_share_noisy", "last_patches_std_mean", "last_task_std_mean",
+        "last_queries_before_norm_std_mean", "last_queries_after_norm_std_mean",
+        "last_queries_before_norm_cosine_sim", "last_queries_after_norm_cosine_sim", "last_score_abs_max_det",
+        "last_score_top1_gap_mean_det",
+    }  # every key is checked above
 
 
 def test_seed_vectors_through_the_pruner(data_dir):

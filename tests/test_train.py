@@ -314,17 +314,22 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
 
 
 def test_gradient_accumulation_matches_one_batch(tmp_path):
-    """One step on a batch of 4 in 2 micro-batches == one step on the whole batch."""
+    """One step on a batch of 4 in 2 micro-batches == one step on the whole batch: the same
+    optimizer state, and the same logged loss and gradient norm (taken before clipping, which
+    would hide a gradient of the wrong scale from the optimizer state)."""
     sys.modules.setdefault("test_train", sys.modules[__name__])
-    states = []
+    states, logged = [], []
     for accum in (1, 2):
         cfg = small(tmp_path / str(accum), data="test_train:make_fixed_source", batch_size=4, num_train_steps=1,
                     save_interval=1, grad_accum_steps=accum, prune_noise_schedule="config",
                     model=dict(MODEL, token_prune_noise_scale=0.0))
         T.train(cfg)
         states.append(load_file(str(cfg.run_dir / "1" / "optimizer.safetensors")))
+        (record,) = read_metrics(cfg.run_dir)
+        logged.append((record["loss"], record["grad_norm"]))
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-9, msg=k)
+    assert logged[1] == pytest.approx(logged[0], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------ DDP
