@@ -870,10 +870,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   SmemA<T>& sm = *reinterpret_cast<SmemA<T>*>(smem);
   const ClusterSmem cl = cluster_smem(smem, cluster_smem_head<T>(), a.ts);  // kCluster only
 
-  // Kernel B may be scheduled as soon as every block of this kernel runs (it waits for our
-  // writes in pdl_wait). Kernel A itself is a plain launch: it follows the previous call in
-  // stream order.
-  pdl_launch_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t rt = blockIdx.x, b = blockIdx.z;
   const int ks = blockIdx.y;
@@ -1009,6 +1005,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
       else a.psq[(static_cast<int64_t>(ks) * B + b) * N + j] = v;
     }
   }
+  // With PDL, kernel B is scheduled once every block of this one is here (it waits for our
+  // writes in pdl_wait): its launch overlaps the finishing steps below, the serial end of this
+  // kernel, and its blocks do not hold SM slots through the loop over D (v77; until then this
+  // came first, and runs 4 and 5 measured PDL slower). Kernel A itself is a plain launch: it
+  // follows the previous call in stream order.
+  pdl_launch_dependents();
   if constexpr (kCluster) {
     // The prompt range and mask again, from shared memory (written once, before the loop) and
     // the arguments: held in registers through the loop over D, they spilled at 128 registers
@@ -1487,7 +1489,6 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   const int64_t b = blockIdx.z, N = a.N, ts = a.ts;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int n_ct = static_cast<int>(a.row_tiles), ct_step = static_cast<int>(gridDim.y);
-  pdl_launch_dependents();  // the gather kernel, launched the same way, waits for the tail
   const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
   // Column indices in 32 bits (the plan admits N < INT_MAX only): the merge below is the
   // kernel's busiest code after the product, and a 64-bit compare is two instructions.
@@ -1675,6 +1676,9 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
     if (ct + ct_step < n_ct) __syncthreads();  // before the next tile's S loads overwrite the product
   }
   if (mq == 0 && i0 + mr < N && row_best != 0ull) atomicMax(&a.keys[b * N + i0 + mr], row_best);
+  // The gather kernel, launched the same way, is scheduled once every block is past its column
+  // tiles and waits for the tail below (v77, as in kernel A).
+  pdl_launch_dependents();
 
   __syncthreads();
   if (tid == 0) s_last = arrive(&a.counters_b[b]) == static_cast<int>(gridDim.x * gridDim.y) - 1;
