@@ -140,6 +140,9 @@ def builds(tmp_path_factory):
                         [NVCC, f"-arch={arch}", "-O3", "-std=c++17", "--use_fast_math", "-Werror", "all-warnings",
                          "-Xptxas", "-v", "--keep", "--keep-dir", str(keep), "-I", str(ROOT / "kernels"), "-c", cu,
                          "-o", str(obj)])
+        # bench/b1_probe.cu: cluster and bulk-copy instructions, sm_90 only.
+        b.start("nvcc:b1_probe.cu:sm_90", [NVCC, "-arch=sm_90", "-O3", "-std=c++17", "-Werror", "all-warnings", "-c",
+                                           str(ROOT / "bench" / "b1_probe.cu"), "-o", str(root / "b1_probe.o")])
     if CXX is not None:
         b.ubsan = ubsan_flags(root)
         for name, extra in (("mma", ["-DFASTPRUNE_EMU_MMA"]), ("fma", [])):
@@ -182,6 +185,13 @@ def test_cu_compiles(builds, cu, arch):
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit): the .cu compile check needs it")
     builds.require(f"nvcc:{pathlib.Path(cu).name}:{arch}")
+
+
+def test_b1_probe_compiles(builds):
+    """bench/b1_probe.cu, which gpu_check's probe_b1 step builds with the GPU machine's nvcc."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (no CUDA toolkit): the .cu compile check needs it")
+    builds.require("nvcc:b1_probe.cu:sm_90")
 
 
 def ptxas_resources(log):

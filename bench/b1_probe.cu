@@ -1,0 +1,328 @@
+// What one launch of a thread block cluster can do at pi0.5 batch 1: the numbers that PERF_LOG
+// lead 1 (one launch of a 16-CTA cluster for B=1, estimated 7-9 µs from arithmetic alone) rests
+// on, measured before anyone writes that kernel. Plain CUDA, no torch; prints one JSON object.
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90 bench/b1_probe.cu -o b1_probe && ./b1_probe > b1_probe.json
+//
+// (bench/gpu_check step `probe_b1`.) Every time is device time per launch from CUDA-graph replay
+// (20 launches a graph, median of 5 rounds of 50 replays), as the op benchmark's graph rows, with
+// its input resident in L2 as theirs is. Keys:
+//   launch_us               an empty kernel of one block: a kernel boundary inside a graph
+//   launch_cluster16_us     the same as one cluster of 16 CTAs (the non-portable size)
+//   max_active_clusters     clusters of 8 and 16 CTAs at 200 KB of shared memory each that the
+//                           GPU holds at once (cudaOccupancyMaxActiveClusters; 0: none)
+//   stream_us               16 CTAs (one cluster) streaming their share of pi0.5's patches
+//                           (3 MB, 192 KB a CTA) and, in the `_task` rows, each the whole valid
+//                           prompt as well (48 x 2048 bf16 more a CTA), by 16-byte loads (1024
+//                           threads a CTA) or by bulk copies into shared memory (TMA,
+//                           cp.async.bulk, 4 stages of 32 KB); the `grid128_4MB` rows 32 KB in
+//                           each of 128 CTAs without a cluster (the bandwidth the three-kernel
+//                           design draws on), by loads (256 threads a CTA) or one bulk copy
+//   allgather_us            every CTA of the cluster copies every CTA's share of S and A' (768 x
+//                           48 as fp16 halves, 144 KB in all) out of distributed shared memory
+//   cluster_sync_us         one cluster barrier of 16 CTAs (64 in a row, less one, per barrier)
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace cg = cooperative_groups;
+
+#define CHECK(x)                                                                                  \
+  do {                                                                                            \
+    const cudaError_t e_ = (x);                                                                   \
+    if (e_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                               \
+    }                                                                                             \
+  } while (0)
+
+constexpr int kThreads = 256;
+constexpr int kCluster = 16;
+constexpr int64_t kPatchBytes = 768LL * 2048 * 2;           // pi0.5's patches, bf16
+constexpr int64_t kTaskBytes = 48LL * 2048 * 2;             // 48 valid prompt tokens, bf16
+constexpr int64_t kShareBytes = kPatchBytes / kCluster;     // 192 KB: 48 patch rows a CTA
+constexpr int kChunk = 32 * 1024, kStages = 4;              // the bulk copies' ring
+constexpr int kGatherBytes = 768 * 48 * 2 * 2 * 2;          // S and A', hi and lo halves
+constexpr size_t kBigSmem = 200 * 1024;
+
+__global__ void empty_kernel() {}
+
+// An XOR of everything a block read, so that no load is optimised away.
+__device__ void write_checksum(uint32_t acc, uint32_t* out) {
+  __shared__ uint32_t s;
+  if (threadIdx.x == 0) s = 0;
+  __syncthreads();
+  atomicXor(&s, acc);
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+// Block b reads n16 16-byte words from src + b * stride16 with kT threads (n16 a multiple of
+// kT * 4). ptxas keeps about 5 such loads of a thread in flight however many are written ahead
+// of their use (sm_90 SASS), so the bytes in flight come from the thread count: 1024 threads,
+// 80 KB a CTA.
+template <int kT>
+__global__ void __launch_bounds__(kT) load_kernel(const uint4* src, int64_t stride16, int64_t n16, uint32_t* out) {
+  constexpr int kInFlight = 4;
+  const uint4* p = src + blockIdx.x * stride16;
+  uint32_t acc = 0;
+  for (int64_t i = threadIdx.x; i < n16; i += kT * kInFlight) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) v[k] = __ldcg(p + i + static_cast<int64_t>(k) * kT);
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+  }
+  write_checksum(acc, out);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The same reads as bulk copies (the TMA's cp.async.bulk) of kChunk bytes into a ring of kStages
+// shared-memory buffers, each with an mbarrier that its copy completes; thread 0 issues, every
+// thread reads a buffer once its copy has landed. bytes is a multiple of kChunk.
+__global__ void __launch_bounds__(kThreads) bulk_kernel(const unsigned char* src, int64_t stride, int64_t bytes,
+                                                        uint32_t* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem);
+  unsigned char* buf = smem + 128;
+  const unsigned char* p = src + blockIdx.x * stride;
+  const int n_chunks = static_cast<int>(bytes / kChunk);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bars[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int c) {
+    const int s = c % kStages;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(&bars[s])), "r"(kChunk)
+                 : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            smem_addr(buf + s * kChunk)),
+        "l"(p + static_cast<int64_t>(c) * kChunk), "r"(kChunk), "r"(smem_addr(&bars[s]))
+        : "memory");
+  };
+  if (threadIdx.x == 0)
+    for (int c = 0; c < kStages && c < n_chunks; ++c) issue(c);
+  uint32_t acc = 0;
+  for (int c = 0; c < n_chunks; ++c) {
+    const int s = c % kStages;
+    const uint32_t parity = static_cast<uint32_t>((c / kStages) & 1);
+    uint32_t done = 0;
+    while (!done) {
+      asm volatile(
+          "{\n\t.reg .pred p;\n\t"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+          "selp.u32 %0, 1, 0, p;\n\t}"
+          : "=r"(done)
+          : "r"(smem_addr(&bars[s])), "r"(parity)
+          : "memory");
+    }
+    const uint4* q = reinterpret_cast<const uint4*>(buf + s * kChunk);
+    for (int i = threadIdx.x; i < kChunk / 16; i += kThreads) {
+      const uint4 v = q[i];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    __syncthreads();  // every thread has read buffer s before the next copy into it
+    if (threadIdx.x == 0 && c + kStages < n_chunks) issue(c + kStages);
+  }
+  write_checksum(acc, out);
+}
+
+// Each CTA fills its share of kGatherBytes, then copies all the cluster's shares (its own from
+// distributed shared memory too, as a kernel would not special-case it) into its own buffer.
+__global__ void __launch_bounds__(kThreads) allgather_kernel(uint32_t* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned n = cluster.num_blocks(), rank = cluster.block_rank();
+  const int share16 = kGatherBytes / 16 / static_cast<int>(n);
+  uint4* mine = reinterpret_cast<uint4*>(smem);
+  uint4* all = mine + share16;
+  for (int i = threadIdx.x; i < share16; i += kThreads) mine[i] = make_uint4(rank, i, rank ^ i, 1u);
+  cluster.sync();
+  constexpr int kInFlight = 8;
+  const int total = share16 * static_cast<int>(n);
+  for (int e = threadIdx.x; e < total; e += kThreads * kInFlight) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int f = e + k * kThreads;
+      v[k] = f < total ? cluster.map_shared_rank(mine, f / share16)[f % share16] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k)
+      if (e + k * kThreads < total) all[e + k * kThreads] = v[k];
+  }
+  cluster.sync();  // no CTA leaves while another may still read its shared memory
+  uint32_t acc = 0;
+  for (int i = threadIdx.x; i < total; i += kThreads) acc ^= all[i].x ^ all[i].w;
+  write_checksum(acc, out);
+}
+
+__global__ void __launch_bounds__(kThreads) cluster_sync_kernel(int iters, uint32_t* out) {
+  cg::cluster_group cluster = cg::this_cluster();
+  for (int i = 0; i < iters; ++i) cluster.sync();
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<uint32_t>(iters);
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...) as clusters of `cluster` CTAs (1: a plain
+// launch); the launch's error, if any.
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), int grid, int threads, int cluster, size_t smem, cudaStream_t stream,
+                   Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename... Params>
+void allow(void (*kernel)(Params...), size_t smem) {
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+}
+
+// Device µs per launch of `one` (which launches once on a stream) from CUDA-graph replay, or a
+// negative number where the launch fails (its error then goes to stderr).
+template <class F>
+double per_launch_us(const char* name, F one) {
+  constexpr int kPerGraph = 20, kReplays = 50, kRounds = 5;
+  cudaStream_t s;
+  CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaError_t err = one(s);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+  if (err != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", name, cudaGetErrorString(err));
+    cudaGetLastError();
+    CHECK(cudaStreamDestroy(s));
+    return -1.0;
+  }
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < kPerGraph; ++i) CHECK(one(s));
+  CHECK(cudaStreamEndCapture(s, &graph));
+  CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  CHECK(cudaGraphLaunch(exec, s));
+  cudaEvent_t t0, t1;
+  CHECK(cudaEventCreate(&t0));
+  CHECK(cudaEventCreate(&t1));
+  std::vector<double> us;
+  for (int r = 0; r < kRounds; ++r) {
+    CHECK(cudaEventRecord(t0, s));
+    for (int g = 0; g < kReplays; ++g) CHECK(cudaGraphLaunch(exec, s));
+    CHECK(cudaEventRecord(t1, s));
+    CHECK(cudaEventSynchronize(t1));
+    float ms = 0.f;
+    CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    us.push_back(1e3 * ms / (kPerGraph * kReplays));
+  }
+  std::sort(us.begin(), us.end());
+  CHECK(cudaEventDestroy(t0));
+  CHECK(cudaEventDestroy(t1));
+  CHECK(cudaGraphExecDestroy(exec));
+  CHECK(cudaGraphDestroy(graph));
+  CHECK(cudaStreamDestroy(s));
+  return us[kRounds / 2];
+}
+
+int max_clusters(int cluster) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(cluster);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kBigSmem;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, bulk_kernel, &cfg) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+int main() {
+  cudaDeviceProp prop{};
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int64_t task_share = kShareBytes + kTaskBytes;  // a CTA's patch rows and the whole prompt
+  unsigned char* src = nullptr;
+  uint32_t* out = nullptr;
+  CHECK(cudaMalloc(&src, kCluster * task_share));
+  CHECK(cudaMemset(src, 1, kCluster * task_share));
+  CHECK(cudaMalloc(&out, 1024 * sizeof(uint32_t)));
+  const size_t bulk_smem = 128 + static_cast<size_t>(kStages) * kChunk;
+  allow(bulk_kernel, kBigSmem);
+  allow(allgather_kernel, kBigSmem);
+  allow(cluster_sync_kernel, 0);
+  allow(empty_kernel, 0);
+  allow(load_kernel<1024>, 0);
+  allow(load_kernel<256>, 0);
+  const uint4* src16 = reinterpret_cast<const uint4*>(src);
+
+  const double launch_us =
+      per_launch_us("launch", [&](cudaStream_t s) { return launch(empty_kernel, 1, kThreads, 1, 0, s); });
+  const double launch16_us = per_launch_us("launch_cluster16", [&](cudaStream_t s) {
+    return launch(empty_kernel, kCluster, kThreads, kCluster, 0, s);
+  });
+  auto loads = [&](const char* name, int grid, int cluster, int64_t bytes) {
+    return per_launch_us(name, [=](cudaStream_t s) {
+      return cluster > 1 ? launch(load_kernel<1024>, grid, 1024, cluster, 0, s, src16, bytes / 16, bytes / 16, out)
+                         : launch(load_kernel<256>, grid, 256, cluster, 0, s, src16, bytes / 16, bytes / 16, out);
+    });
+  };
+  auto bulk = [&](const char* name, int grid, int cluster, int64_t bytes) {
+    return per_launch_us(name, [=](cudaStream_t s) {
+      return launch(bulk_kernel, grid, kThreads, cluster, bulk_smem, s, static_cast<const unsigned char*>(src), bytes,
+                    bytes, out);
+    });
+  };
+  const double ld16 = loads("load_cluster16", kCluster, kCluster, kShareBytes);
+  const double ld16_task = loads("load_cluster16_task", kCluster, kCluster, task_share);
+  const double ld_grid = loads("load_grid128_4MB", 128, 1, kChunk);
+  const double bk16 = bulk("bulk_cluster16", kCluster, kCluster, kShareBytes);
+  const double bk16_task = bulk("bulk_cluster16_task", kCluster, kCluster, task_share);
+  const double bk_grid = bulk("bulk_grid128", 128, 1, kChunk);  // 128 x 32 KB = 4 MB: one chunk a CTA
+  const double gather_us = per_launch_us("allgather16", [&](cudaStream_t s) {
+    const size_t smem = static_cast<size_t>(kGatherBytes) / kCluster + kGatherBytes;
+    return launch(allgather_kernel, kCluster, kThreads, kCluster, smem, s, out);
+  });
+  const double sync1 = per_launch_us("cluster_sync1", [&](cudaStream_t s) {
+    return launch(cluster_sync_kernel, kCluster, kThreads, kCluster, 0, s, 1, out);
+  });
+  const double sync64 = per_launch_us("cluster_sync64", [&](cudaStream_t s) {
+    return launch(cluster_sync_kernel, kCluster, kThreads, kCluster, 0, s, 64, out);
+  });
+
+  std::printf(
+      "{\"gpu\": \"%s\", \"sms\": %d, \"launch_us\": %.3f, \"launch_cluster16_us\": %.3f, "
+      "\"max_active_clusters\": {\"8\": %d, \"16\": %d}, "
+      "\"stream_us\": {\"load_cluster16\": %.3f, \"load_cluster16_task\": %.3f, \"load_grid128_4MB\": %.3f, "
+      "\"bulk_cluster16\": %.3f, \"bulk_cluster16_task\": %.3f, \"bulk_grid128_4MB\": %.3f}, "
+      "\"allgather_us\": %.3f, \"cluster_sync_us\": %.4f}\n",
+      prop.name, prop.multiProcessorCount, launch_us, launch16_us, max_clusters(8), max_clusters(kCluster), ld16,
+      ld16_task, ld_grid, bk16, bk16_task, bk_grid, gather_us, sync1 > 0 && sync64 > 0 ? (sync64 - sync1) / 63 : -1.0);
+  CHECK(cudaFree(src));
+  CHECK(cudaFree(out));
+  return 0;
+}
