@@ -480,7 +480,8 @@ def test_scores_pipeline_buffers(bk):
     buffers, so the copy 2 steps ahead lands in the buffer the MMA in flight reads. With
     SSQ_LOADS (the sums from loads of their own) they get 3. If this triton allocates 3 either
     way, or waits for every MMA, the race is gone: measure 3 stages again (v54). The same at
-    D steps of 64 (the sweep's 3-stage variant with a register cap, v62)."""
+    D steps of 64 (the sweep's 3-stage variant with a register cap, v62). At 2 stages the same
+    holds one buffer lower: 1 for the copy one step ahead, 2 with SSQ_LOADS."""
     def buffers_and_pendings(ttgir):
         allocs = {int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x{bk}xbf16", ttgir)}
         pendings = {int(n) for n in re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", ttgir)}
@@ -488,6 +489,8 @@ def test_scores_pipeline_buffers(bk):
 
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, bk=bk)) == ({2}, 1)
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, ssq_loads=1, bk=bk)) == ({3}, 1)
+    assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=2, bk=bk)) == ({1}, 1)
+    assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=2, ssq_loads=1, bk=bk)) == ({2}, 1)
 
 
 def test_scores_sums_of_squares_stay_in_the_thread():
