@@ -6,20 +6,24 @@
 //
 // (bench/gpu_check step `probe_b1`.) Every time is device time per launch from CUDA-graph replay
 // (20 launches a graph, median of 5 rounds of 50 replays), as the op benchmark's graph rows, with
-// its input resident in L2 as theirs is. Keys:
+// its input resident in L2 as theirs is. Every CTA asks for 128 KB of shared memory or more, so
+// that a cluster's 16 CTAs take 16 SMs, as the design's would (small CTAs share SMs). A row whose
+// launch the GPU refuses reads -1; each row also goes to stderr as it finishes. Keys:
 //   launch_us               an empty kernel of one block: a kernel boundary inside a graph
 //   launch_cluster16_us     the same as one cluster of 16 CTAs (the non-portable size)
 //   max_active_clusters     clusters of 8 and 16 CTAs at 200 KB of shared memory each that the
 //                           GPU holds at once (cudaOccupancyMaxActiveClusters; 0: none)
 //   stream_us               16 CTAs (one cluster) streaming their share of pi0.5's patches
 //                           (3 MB, 192 KB a CTA) and, in the `_task` rows, each the whole valid
-//                           prompt as well (48 x 2048 bf16 more a CTA), by 16-byte loads (1024
-//                           threads a CTA) or by bulk copies into shared memory (TMA,
-//                           cp.async.bulk, 4 stages of 32 KB); the `grid128_4MB` rows 32 KB in
+//                           prompt as well (48 x 2048 bf16 more a CTA; distinct bytes here, the
+//                           same ones in the design), by 16-byte loads (1024 threads a CTA) or
+//                           by bulk copies into shared memory (TMA, cp.async.bulk, 4 stages of
+//                           32 KB); the `grid128_4MB` rows 32 KB in
 //                           each of 128 CTAs without a cluster (the bandwidth the three-kernel
 //                           design draws on), by loads (256 threads a CTA) or one bulk copy
-//   allgather_us            every CTA of the cluster copies every CTA's share of S and A' (768 x
-//                           48 as fp16 halves, 144 KB in all) out of distributed shared memory
+//   allgather_us            every CTA of the cluster copies every CTA's share of S (768 x 48 as
+//                           fp16 hi and lo halves, 144 KB in all: each CTA's rows select over all
+//                           of S, their A' rows stay local) out of distributed shared memory
 //   cluster_sync_us         one cluster barrier of 16 CTAs (64 in a row, less one, per barrier)
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -28,7 +32,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <vector>
 
 namespace cg = cooperative_groups;
@@ -48,7 +51,7 @@ constexpr int64_t kPatchBytes = 768LL * 2048 * 2;           // pi0.5's patches, 
 constexpr int64_t kTaskBytes = 48LL * 2048 * 2;             // 48 valid prompt tokens, bf16
 constexpr int64_t kShareBytes = kPatchBytes / kCluster;     // 192 KB: 48 patch rows a CTA
 constexpr int kChunk = 32 * 1024, kStages = 4;              // the bulk copies' ring
-constexpr int kGatherBytes = 768 * 48 * 2 * 2 * 2;          // S and A', hi and lo halves
+constexpr int kGatherBytes = 768 * 48 * 2 * 2;              // S as fp16 hi and lo halves
 constexpr size_t kBigSmem = 200 * 1024;
 
 __global__ void empty_kernel() {}
@@ -65,8 +68,8 @@ __device__ void write_checksum(uint32_t acc, uint32_t* out) {
 
 // Block b reads n16 16-byte words from src + b * stride16 with kT threads (n16 a multiple of
 // kT * 4). ptxas keeps about 5 such loads of a thread in flight however many are written ahead
-// of their use (sm_90 SASS), so the bytes in flight come from the thread count: 1024 threads,
-// 80 KB a CTA.
+// of their use (sm_90 SASS), so the bytes in flight come from the thread count: 4 a thread at
+// 1024 threads, 64 KB a CTA.
 template <int kT>
 __global__ void __launch_bounds__(kT) load_kernel(const uint4* src, int64_t stride16, int64_t n16, uint32_t* out) {
   constexpr int kInFlight = 4;
@@ -240,6 +243,7 @@ double per_launch_us(const char* name, F one) {
   CHECK(cudaGraphExecDestroy(exec));
   CHECK(cudaGraphDestroy(graph));
   CHECK(cudaStreamDestroy(s));
+  std::fprintf(stderr, "%s: %.3f us\n", name, us[kRounds / 2]);
   return us[kRounds / 2];
 }
 
@@ -271,47 +275,58 @@ int main() {
   CHECK(cudaMalloc(&src, kCluster * task_share));
   CHECK(cudaMemset(src, 1, kCluster * task_share));
   CHECK(cudaMalloc(&out, 1024 * sizeof(uint32_t)));
-  const size_t bulk_smem = 128 + static_cast<size_t>(kStages) * kChunk;
+  CHECK(cudaDeviceSynchronize());  // the memset, before the timing streams (non-blocking) read
+  const size_t smem = 128 + static_cast<size_t>(kStages) * kChunk;  // 128 KB: one CTA an SM
   allow(bulk_kernel, kBigSmem);
   allow(allgather_kernel, kBigSmem);
-  allow(cluster_sync_kernel, 0);
-  allow(empty_kernel, 0);
-  allow(load_kernel<1024>, 0);
-  allow(load_kernel<256>, 0);
+  allow(cluster_sync_kernel, kBigSmem);
+  allow(empty_kernel, kBigSmem);
+  allow(load_kernel<1024>, kBigSmem);
+  allow(load_kernel<256>, kBigSmem);
   const uint4* src16 = reinterpret_cast<const uint4*>(src);
+  const int clusters8 = max_clusters(8), clusters16 = max_clusters(kCluster);
+  // A 16-CTA cluster that the GPU cannot place is not launched: its failure might be sticky and
+  // end the probe before it prints.
+  auto in_cluster16 = [&](const char* name, auto one) {
+    if (clusters16 > 0) return per_launch_us(name, one);
+    std::fprintf(stderr, "%s: skipped (no 16-CTA cluster fits)\n", name);
+    return -1.0;
+  };
 
   const double launch_us =
-      per_launch_us("launch", [&](cudaStream_t s) { return launch(empty_kernel, 1, kThreads, 1, 0, s); });
-  const double launch16_us = per_launch_us("launch_cluster16", [&](cudaStream_t s) {
-    return launch(empty_kernel, kCluster, kThreads, kCluster, 0, s);
+      per_launch_us("launch", [&](cudaStream_t s) { return launch(empty_kernel, 1, kThreads, 1, smem, s); });
+  const double launch16_us = in_cluster16("launch_cluster16", [&](cudaStream_t s) {
+    return launch(empty_kernel, kCluster, kThreads, kCluster, smem, s);
   });
   auto loads = [&](const char* name, int grid, int cluster, int64_t bytes) {
-    return per_launch_us(name, [=](cudaStream_t s) {
-      return cluster > 1 ? launch(load_kernel<1024>, grid, 1024, cluster, 0, s, src16, bytes / 16, bytes / 16, out)
-                         : launch(load_kernel<256>, grid, 256, cluster, 0, s, src16, bytes / 16, bytes / 16, out);
-    });
+    auto one = [=](cudaStream_t s) {
+      return cluster > 1 ? launch(load_kernel<1024>, grid, 1024, cluster, smem, s, src16, bytes / 16, bytes / 16, out)
+                         : launch(load_kernel<256>, grid, 256, cluster, smem, s, src16, bytes / 16, bytes / 16, out);
+    };
+    return cluster > 1 ? in_cluster16(name, one) : per_launch_us(name, one);
   };
   auto bulk = [&](const char* name, int grid, int cluster, int64_t bytes) {
-    return per_launch_us(name, [=](cudaStream_t s) {
-      return launch(bulk_kernel, grid, kThreads, cluster, bulk_smem, s, static_cast<const unsigned char*>(src), bytes,
+    auto one = [=](cudaStream_t s) {
+      return launch(bulk_kernel, grid, kThreads, cluster, smem, s, static_cast<const unsigned char*>(src), bytes,
                     bytes, out);
-    });
+    };
+    return cluster > 1 ? in_cluster16(name, one) : per_launch_us(name, one);
   };
   const double ld16 = loads("load_cluster16", kCluster, kCluster, kShareBytes);
   const double ld16_task = loads("load_cluster16_task", kCluster, kCluster, task_share);
   const double ld_grid = loads("load_grid128_4MB", 128, 1, kChunk);
   const double bk16 = bulk("bulk_cluster16", kCluster, kCluster, kShareBytes);
   const double bk16_task = bulk("bulk_cluster16_task", kCluster, kCluster, task_share);
-  const double bk_grid = bulk("bulk_grid128", 128, 1, kChunk);  // 128 x 32 KB = 4 MB: one chunk a CTA
-  const double gather_us = per_launch_us("allgather16", [&](cudaStream_t s) {
-    const size_t smem = static_cast<size_t>(kGatherBytes) / kCluster + kGatherBytes;
-    return launch(allgather_kernel, kCluster, kThreads, kCluster, smem, s, out);
+  const double bk_grid = bulk("bulk_grid128_4MB", 128, 1, kChunk);  // one 32 KB copy a CTA
+  const double gather_us = in_cluster16("allgather16", [&](cudaStream_t s) {
+    const size_t gather_smem = static_cast<size_t>(kGatherBytes) / kCluster + kGatherBytes;
+    return launch(allgather_kernel, kCluster, kThreads, kCluster, gather_smem, s, out);
   });
-  const double sync1 = per_launch_us("cluster_sync1", [&](cudaStream_t s) {
-    return launch(cluster_sync_kernel, kCluster, kThreads, kCluster, 0, s, 1, out);
+  const double sync1 = in_cluster16("cluster_sync1", [&](cudaStream_t s) {
+    return launch(cluster_sync_kernel, kCluster, kThreads, kCluster, smem, s, 1, out);
   });
-  const double sync64 = per_launch_us("cluster_sync64", [&](cudaStream_t s) {
-    return launch(cluster_sync_kernel, kCluster, kThreads, kCluster, 0, s, 64, out);
+  const double sync64 = in_cluster16("cluster_sync64", [&](cudaStream_t s) {
+    return launch(cluster_sync_kernel, kCluster, kThreads, kCluster, smem, s, 64, out);
   });
 
   std::printf(
@@ -320,8 +335,8 @@ int main() {
       "\"stream_us\": {\"load_cluster16\": %.3f, \"load_cluster16_task\": %.3f, \"load_grid128_4MB\": %.3f, "
       "\"bulk_cluster16\": %.3f, \"bulk_cluster16_task\": %.3f, \"bulk_grid128_4MB\": %.3f}, "
       "\"allgather_us\": %.3f, \"cluster_sync_us\": %.4f}\n",
-      prop.name, prop.multiProcessorCount, launch_us, launch16_us, max_clusters(8), max_clusters(kCluster), ld16,
-      ld16_task, ld_grid, bk16, bk16_task, bk_grid, gather_us, sync1 > 0 && sync64 > 0 ? (sync64 - sync1) / 63 : -1.0);
+      prop.name, prop.multiProcessorCount, launch_us, launch16_us, clusters8, clusters16, ld16, ld16_task, ld_grid,
+      bk16, bk16_task, bk_grid, gather_us, sync1 > 0 && sync64 > 0 ? (sync64 - sync1) / 63 : -1.0);
   CHECK(cudaFree(src));
   CHECK(cudaFree(out));
   return 0;
