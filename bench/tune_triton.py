@@ -45,9 +45,10 @@ KERNELS = ("_scores_kernel", "_select_kernel", "_gather_kernel")
 GPU_VARIANTS = {
     "_scores_kernel": [dict(ksplit=1), dict(ksplit="x2"), dict(ksplit="x4"), dict(bk=64, ksplit="x2"),
                        dict(bm1=16), dict(bm1=32), dict(bm1=64), dict(bk=64), dict(bk=256), dict(warps1=2),
-                       dict(warps1=8), dict(stages1=2), dict(stages1=3), dict(stages1=4),
-                       dict(prefetch1=0), dict(prefetch1=1), dict(stages1=3, ssq_loads=1), dict(maxnreg1=0),
-                       dict(maxnreg1=168), dict(stages1=3, ssq_loads=1, bk=64, maxnreg1=168)],
+                       dict(warps1=8), dict(stages1=3), dict(stages1=4), dict(prefetch1=0), dict(prefetch1=1),
+                       dict(stages1=2, ssq_loads=1), dict(stages1=2, ssq_loads=1, maxnreg1=168),
+                       dict(stages1=3, ssq_loads=1), dict(maxnreg1=0), dict(maxnreg1=168),
+                       dict(stages1=3, ssq_loads=1, bk=64, maxnreg1=168)],
     # Around run 8's 64 x 32 tiles at 4 warps; the first is the default before it.
     "_select_kernel": [dict(bn2=64, warps2=8), dict(bn2=64), dict(warps2=8), dict(bn2=16), dict(bm2=32),
                        dict(bm2=128, warps2=8), dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"),

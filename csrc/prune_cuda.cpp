@@ -2,9 +2,11 @@
 // kernels in kernels/prune_cuda.cu (checks, device guard, current stream, dtype, workspace and
 // outputs). Built only with CUDA torch (setup.py / CMakeLists.txt add *_cuda.cpp then).
 //
-// backend: "auto"/"cuda" run these kernels, "triton" replays the Triton launch plan recorded
-// for the call's key (replay_triton below; eval_ops.h), "cpu" is an error on CUDA tensors. `prune` reads the kept-count maximum on the host once (its only
-// sync, to size K); `prune_padded` never syncs (CUDA-graph capturable).
+// backend: "auto"/"cuda" run these kernels; "triton" replays the Triton launch plan recorded for
+// the call's key (replay_triton below), or without one has fastprune::triton_record run the
+// call and record it (eval_ops.h); "cpu" is an error on CUDA tensors. `prune` reads the
+// kept-count maximum on the host once (its only sync, to size K); `prune_padded` never syncs
+// (CUDA-graph capturable).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -62,7 +62,7 @@ struct Plan {
   int ksplit = 1;         // slices of D in kernel A
   bool a_one_wave = false;  // kernel A's blocks fit one per SM (its variant with twice the registers)
   int64_t col_splits = 0;   // kernel B's blocks per row tile, each taking every col_splits-th column tile
-  int64_t kchunk = 0;     // width of one slice of D (a multiple of kChunkAlign = 64)
+  int64_t kchunk = 0;     // width of one slice of D (a multiple of 64, kChunkAlign in the .cu)
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
   // Byte offsets into the workspace (all 16-byte aligned).
