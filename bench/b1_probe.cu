@@ -177,23 +177,31 @@ __global__ void __launch_bounds__(kThreads) cluster_sync_kernel(int iters, uint3
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<uint32_t>(iters);
 }
 
-// kernel<<<grid, threads, smem, stream>>>(args...) as clusters of `cluster` CTAs (1: a plain
-// launch); the launch's error, if any.
+// The launch configuration of `grid` CTAs of `threads` as clusters of `cluster` CTAs (1: none).
+struct Config {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr{};
+  Config(int grid, int threads, int cluster, size_t smem, cudaStream_t stream) {
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = cluster;
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = cluster > 1 ? 1 : 0;
+  }
+  Config(const Config&) = delete;  // cfg.attrs points into the object
+};
+
+// kernel<<<grid, threads, smem, stream>>>(args...) as clusters of `cluster` CTAs; the launch's
+// error, if any.
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), int grid, int threads, int cluster, size_t smem, cudaStream_t stream,
                    Args... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = cluster;
-  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = cluster > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, args...);
+  const Config c(grid, threads, cluster, smem, stream);
+  return cudaLaunchKernelEx(&c.cfg, kernel, args...);
 }
 
 template <typename... Params>
@@ -248,18 +256,9 @@ double per_launch_us(const char* name, F one) {
 }
 
 int max_clusters(int cluster) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(cluster);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kBigSmem;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = cluster;
-  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  const Config c(cluster, kThreads, cluster, kBigSmem, nullptr);
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, bulk_kernel, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&n, bulk_kernel, &c.cfg) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
