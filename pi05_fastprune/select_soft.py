@@ -254,7 +254,10 @@ def select_soft(
     torch.compile: a float is specialised per value). ``noise``: an explicit ``[B, N, N]``
     U[0, 1) tensor, scaled by ``noise_scale`` (then ``generator`` is unused). Otherwise the
     noise is regenerated from a (seed, offset) pair drawn from ``generator`` (default: the
-    device's generator); ``seed`` (int64 ``[2]``) may be given directly instead.
+    device's generator); ``seed`` (int64 ``[2]``) may be given directly instead. Under
+    ``torch.compile(dynamic=True)`` a ``seed`` passed in at a batch of 2 shares the batch's size
+    symbol (dynamo's duck sizing), and the next batch size compiles again;
+    ``torch._dynamo.mark_static(seed, 0)`` avoids it.
     """
     if isinstance(noise_scale, torch.Tensor):
         ns = noise_scale.to(device=patches.device, dtype=torch.float32)

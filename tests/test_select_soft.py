@@ -320,6 +320,33 @@ def test_compile_noise_scale_tensor_no_recompile():
 
 
 @not_interp
+def test_compiled_seed_of_size_two_and_mark_static():
+    """The documented limit (select_soft's docstring): under dynamic=True a seed passed in at B=2
+    is duck-sized with the batch, so B=3 compiles again; mark_static(seed, 0) keeps one compile.
+    If this fails because torch stops duck-sizing them, drop the note."""
+    from torch._dynamo.testing import CompileCounter
+
+    def compiles(mark_static):
+        cnt = CompileCounter()
+        torch._dynamo.reset()
+
+        @torch.compile(backend=cnt, fullgraph=True, dynamic=True)
+        def step(p, t, seed):
+            sel, idx = SS.select_soft(p, t, noise_scale=torch.tensor(0.5), seed=seed)
+            return sel.sum(), idx
+
+        for B in (2, 3, 4):
+            patches, task, _, _ = make(B=B, cams=2, per_cam=8, T=6, D=16, case="masks")
+            seed = torch.tensor([1, 2], dtype=torch.int64)
+            if mark_static:
+                torch._dynamo.mark_static(seed, 0)
+            step(patches, task, seed)
+        return cnt.frame_count
+
+    assert (compiles(False), compiles(True)) == (2, 1)
+
+
+@not_interp
 def test_bad_inputs():
     patches, task, tm, pm = make(case="masks")
     B, N = patches.shape[:2]
