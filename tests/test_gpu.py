@@ -24,7 +24,7 @@ from pi05_fastprune.structured import structured_inputs
 
 from test_cuda_build import check_prune, select_precision
 from test_cuda_build import check_selection as check_selection_truth
-from test_prune import MASKS, SHAPES, make_inputs
+from test_prune import MASKS, SHAPES, make_inputs, well_separated
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -204,10 +204,7 @@ def test_backends_agree_on_pi05(backend):
     gpu_idx = fp.select_tokens(*cuda(patches, task), backend=backend, **on_gpu).cpu()
     for idx in (cpu_idx, gpu_idx):
         check_selection_truth(idx, patches, task, task_mask, patch_mask)
-    truth = R.truth_scores(patches, task, task_mask, patch_mask)
-    top2 = truth.topk(2, dim=-1).values
-    spread = top2[..., 0] - truth.masked_fill(~torch.isfinite(truth), float("inf")).min(-1).values
-    clear = top2[..., 0] - top2[..., 1] > 2e-3 * spread
+    clear = well_separated(patches, task, task_mask, patch_mask, rel=2e-3)
     assert clear.float().mean() > 0.5  # the comparison covers most rows
     assert torch.equal(gpu_idx[clear], cpu_idx[clear])
     for name, idx in (("cpu", cpu_idx), (backend, gpu_idx)):

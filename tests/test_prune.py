@@ -55,6 +55,17 @@ def assert_selection_correct(idx, patches, task, task_mask, patch_mask):
     assert not bad.any(), f"{int(bad.sum())} rows miss the float64 maximum"
 
 
+def well_separated(patches, task, task_mask, patch_mask, rel=1e-3):
+    """Rows whose float64 best beats the runner-up by more than rel * row range."""
+    truth = R.truth_scores(patches, task, task_mask, patch_mask)
+    if truth.shape[-1] < 2:
+        return torch.ones(truth.shape[:2], dtype=torch.bool)
+    finite = torch.isfinite(truth)
+    top2 = truth.topk(2, dim=-1).values
+    rng = top2[..., 0] - truth.masked_fill(~finite, float("inf")).min(-1).values
+    return (top2[..., 0] - top2[..., 1] > rel * rng) | (finite.sum(-1) == 1)
+
+
 SHAPES = [  # B, N, T, D
     (1, 1, 1, 64),
     (2, 7, 13, 96),

@@ -40,6 +40,7 @@ from pi05_fastprune import reference as R  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import select_precision  # noqa: E402
+from test_prune import well_separated  # noqa: E402
 
 if HAVE_TRITON:
     import triton
@@ -131,17 +132,6 @@ def assert_same(out, ref):
     for name, a, b in zip(names, out, ref):
         assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
         assert torch.equal(a.cpu(), b.cpu()), name
-
-
-def well_separated(patches, task, task_mask, patch_mask, rel=1e-3):
-    """Rows whose float64 best beats the runner-up by more than rel * row range."""
-    truth = R.truth_scores(patches, task, task_mask, patch_mask)
-    if truth.shape[-1] < 2:
-        return torch.ones(truth.shape[:2], dtype=torch.bool)
-    finite = torch.isfinite(truth)
-    top2 = truth.topk(2, dim=-1).values
-    rng = top2[..., 0] - truth.masked_fill(~finite, float("inf")).min(-1).values
-    return (top2[..., 0] - top2[..., 1] > rel * rng) | (finite.sum(-1) == 1)
 
 
 def check_selection(idx, patches, task, task_mask, patch_mask):
