@@ -48,7 +48,8 @@ GPU_VARIANTS = {
                        dict(warps1=8), dict(stages1=3), dict(stages1=4), dict(prefetch1=0), dict(prefetch1=1),
                        dict(stages1=2, ssq_loads=1), dict(stages1=2, ssq_loads=1, maxnreg1=168),
                        dict(stages1=3, ssq_loads=1), dict(maxnreg1=0), dict(maxnreg1=168),
-                       dict(stages1=3, ssq_loads=1, bk=64, maxnreg1=168)],
+                       dict(stages1=3, ssq_loads=1, bk=64, maxnreg1=168), dict(ssq_mma=1, stages1=2),
+                       dict(ssq_mma=1, stages1=3), dict(ssq_mma=1, stages1=4, bk=64)],
     # Around run 8's 64 x 32 tiles at 4 warps; the first is the default before it.
     "_select_kernel": [dict(bn2=64, warps2=8), dict(bn2=64), dict(warps2=8), dict(bn2=16), dict(bm2=32),
                        dict(bm2=128, warps2=8), dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"),

@@ -298,26 +298,59 @@ def _k_tile(base, ok, k0, d_hi, BLOCK_K: tl.constexpr, CG: tl.constexpr = False)
 
 
 @triton.jit
-def _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One D step of the scores kernel: the sums of squares of the patch and prompt tiles ``ps``
-    and ``qs`` (``p`` and ``q`` themselves, or the same tiles loaded again, see SSQ_LOADS), and
-    the dot products of ``p`` and ``q`` added to ``acc``. The squares go into partial sums
-    ``ssp``/``sst`` of shape [rows, G], G = BLOCK_K / 8 (the caller adds their G columns after
-    its loop over D): a row's 8 consecutive elements of a thread's load are one group, so each
-    thread adds its own elements and no step shuffles across lanes (per-step row sums took 64
-    shuffles a step, PERF_LOG v65). The reshape keeps every element's place (no ``can_reorder``:
-    with it, triton reinterprets the thread's registers under another layout, and the groups mix
-    rows; GPU run 13, PERF_LOG v71)."""
-    G: tl.constexpr = ssp.shape[1]
-    xp = ps.to(tl.float32)
-    xq = qs.to(tl.float32)
-    ssp += tl.sum(tl.reshape(xp * xp, [xp.shape[0], G, xp.shape[1] // G]), 2)
-    sst += tl.sum(tl.reshape(xq * xq, [xq.shape[0], G, xq.shape[1] // G]), 2)
+def _dot_t(x, y, acc, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + x y^T."""
     if DOT_NATIVE:
-        acc = tl.dot(p, tl.trans(q), acc)
+        return tl.dot(x, tl.trans(y), acc)
+    return tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _ssq_init(rows: tl.constexpr, BLOCK_K: tl.constexpr, SSQ_MMA: tl.constexpr):
+    """The zero partial sums of squares of ``rows`` rows that _scores_step adds to: [rows, rows]
+    Gram matrices with SSQ_MMA, else [rows, BLOCK_K / 8] per-thread groups."""
+    return tl.zeros([rows, rows if SSQ_MMA else BLOCK_K // 8], tl.float32)
+
+
+@triton.jit
+def _ssq_total(x, SSQ_MMA: tl.constexpr):
+    """The row sums of squares [rows] out of _scores_step's partials ``x``: a Gram matrix's
+    diagonal (SSQ_MMA), else the sum of the groups."""
+    if SSQ_MMA:
+        i = tl.arange(0, x.shape[0])
+        return tl.sum(tl.where(i[:, None] == i[None, :], x, 0.0), 1)
+    return tl.sum(x, 1)
+
+
+@triton.jit
+def _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr,
+                 SSQ_MMA: tl.constexpr):
+    """One D step of the scores kernel: the dot products of the patch and prompt tiles ``p`` and
+    ``q`` added to ``acc``, and their sums of squares to ``ssp``/``sst`` (_ssq_init).
+
+    SSQ_MMA: as the Gram matrices p p^T and q q^T, whose diagonals are the sums (_ssq_total), on
+    the tensor cores beside the product. The tiles are then operands of MMAs only, never read into
+    registers, so triton's pipeline at 2+ stages gives them a buffer per stage (the race of
+    PERF_LOG v58 needs a tile read both ways) and every load of the step is an asynchronous copy
+    (with SSQ_LOADS the sums' own loads wait out an L2 round trip each step; sm_90 TTGIR). The
+    tensor cores do 3x the product's work, which the memory-bound 64-row tiles leave idle.
+
+    Else from ``ps`` and ``qs`` (``p`` and ``q`` themselves, or the same tiles loaded again, see
+    SSQ_LOADS), into partial sums of shape [rows, G], G = BLOCK_K / 8: a row's 8 consecutive
+    elements of a thread's load are one group, so each thread adds its own elements and no step
+    shuffles across lanes (per-step row sums took 64 shuffles a step, PERF_LOG v65). The reshape
+    keeps every element's place (no ``can_reorder``: with it, triton reinterprets the thread's
+    registers under another layout, and the groups mix rows; GPU run 13, PERF_LOG v71)."""
+    if SSQ_MMA:
+        ssp = _dot_t(p, p, ssp, DOT_NATIVE, DOT_PREC)
+        sst = _dot_t(q, q, sst, DOT_NATIVE, DOT_PREC)
     else:
-        acc = tl.dot(p.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision=DOT_PREC)
-    return acc, ssp, sst
+        G: tl.constexpr = ssp.shape[1]
+        xp = ps.to(tl.float32)
+        xq = qs.to(tl.float32)
+        ssp += tl.sum(tl.reshape(xp * xp, [xp.shape[0], G, xp.shape[1] // G]), 2)
+        sst += tl.sum(tl.reshape(xq * xq, [xq.shape[0], G, xq.shape[1] // G]), 2)
+    return _dot_t(p, q, acc, DOT_NATIVE, DOT_PREC), ssp, sst
 
 
 @triton.jit
@@ -327,7 +360,7 @@ def _scores_kernel(
     KSPLIT: tl.constexpr, HAS_TMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_TALL: tl.constexpr, DOT_NATIVE: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
-    SSQ_LOADS: tl.constexpr, S_SHIFT: tl.constexpr,
+    SSQ_LOADS: tl.constexpr, SSQ_MMA: tl.constexpr, S_SHIFT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     ks = tl.program_id(1)
@@ -358,8 +391,8 @@ def _scores_kernel(
         tin = tt < TS  # the scratch rows, padding included (zeros: masked prompt rows load as 0)
         t_base = TK + b * T * D + tt.to(tl.int64)[:, None] * D
         acc = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-        ssp = tl.zeros([BLOCK_M, BLOCK_K // 8], tl.float32)
-        sst = tl.zeros([BLOCK_T, BLOCK_K // 8], tl.float32)
+        ssp = _ssq_init(BLOCK_M, BLOCK_K, SSQ_MMA)
+        sst = _ssq_init(BLOCK_T, BLOCK_K, SSQ_MMA)
         if PREFETCH:
             # Each D step's tiles load PREFETCH steps ahead (zeros past the slice), so that their
             # round trip overlaps the arithmetic of the steps before. At 1 stage (the default: run
@@ -374,7 +407,7 @@ def _scores_kernel(
             for k0 in range(d_lo, d_hi, BLOCK_K):
                 p_ahead = _k_tile(p_base, rmask, k0 + PREFETCH * BLOCK_K, d_hi, BLOCK_K)
                 q_ahead = _k_tile(t_base, vt, k0 + PREFETCH * BLOCK_K, d_hi, BLOCK_K)
-                acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC, SSQ_MMA)
                 if PREFETCH == 2:
                     p, q, p1, q1 = p1, q1, p_ahead, q_ahead
                 else:
@@ -392,11 +425,11 @@ def _scores_kernel(
                     # still reads (PERF_LOG v58).
                     ps = _k_tile(p_base, rmask, k0, d_hi, BLOCK_K, True)
                     qs = _k_tile(t_base, vt, k0, d_hi, BLOCK_K, True)
-                    acc, ssp, sst = _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
+                    acc, ssp, sst = _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE, DOT_PREC, SSQ_MMA)
                 else:
-                    acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC)
-        ssp = tl.sum(ssp, 1)
-        sst = tl.sum(sst, 1)
+                    acc, ssp, sst = _scores_step(p, q, p, q, acc, ssp, sst, DOT_NATIVE, DOT_PREC, SSQ_MMA)
+        ssp = _ssq_total(ssp, SSQ_MMA)
+        sst = _ssq_total(sst, SSQ_MMA)
         if KSPLIT == 1:
             m = _store_s(S, A, b, N, TS, D, rows64, rmask, tt, vt, acc, ssp, sst, scale, m, t_end, BLOCK_T, S_SHIFT)
         else:
@@ -970,9 +1003,9 @@ def _programs_wanted(device: torch.device) -> int:
 MAX_KSPLIT = 16  # D slices of the scores kernel at most (_Cfg)
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
-TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "maxnreg1", "bm2", "bn2", "warps2",
-           "stages2", "maxnreg2", "n_split", "a_once", "br", "bd", "warps3", "dot_prec", "sel_prec")
-FLAGS = ("a_once", "ssq_loads")  # 0 or 1
+TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "ssq_mma", "maxnreg1", "bm2", "bn2",
+           "warps2", "stages2", "maxnreg2", "n_split", "a_once", "br", "bd", "warps3", "dot_prec", "sel_prec")
+FLAGS = ("a_once", "ssq_loads", "ssq_mma")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
 DOT_PRECS = ("ieee", "tf32x3")
@@ -1005,7 +1038,10 @@ def tuning(**overrides: int | str):
                          f"0, 1 or 2; maxnreg1, maxnreg2: 0 (no cap) to 255; dot_prec "
                          f"one of {DOT_PRECS}; sel_prec one of {SEL_PRECS}), got {bad}")
     saved = _tuning
-    _tuning = tuple(sorted({**dict(saved), **overrides}.items()))
+    merged = {**dict(saved), **overrides}
+    if merged.get("ssq_loads") and merged.get("ssq_mma"):
+        raise ValueError("tuning: ssq_loads and ssq_mma are two sources of the same sums of squares; set one")
+    _tuning = tuple(sorted(merged.items()))
     # Launch plans replay what a call launched with the parameters of their recording.
     _clear_plans()
     try:
@@ -1076,6 +1112,9 @@ class _Cfg:
         # loads of their own (1): the candidate fix of the 3-stage race (PERF_LOG v58), for the
         # sweep to time and check against the float64 truth.
         self.ssq_loads = 0
+        # Or (1) as the diagonals of Gram matrices on the tensor cores, which leaves the tiles
+        # to the MMAs alone (_scores_step), for the sweep to time at 2 and 3 stages.
+        self.ssq_mma = 0
         # Register caps per thread (ptx .maxnreg) of the scores and select kernels; 0 leaves the
         # count to ptxas, which a cap of 255 does not (pi05 B=64 with masks, sm_90: scores 214
         # registers at 255, 193 with none). An SM holds 64 K registers, so fewer fit more
@@ -1121,7 +1160,7 @@ class _Cfg:
             # (192 programs, one wave either way) 23.6 -> 23.5; at 3 stages it cost (0.80x). Decided
             # on the final launch parameters, the sweep's overrides included.
             programs = B * triton.cdiv(N, self.bm1) * self.ksplit
-            one_stage = self.stages1 == 1 and self.prefetch1 == 0
+            one_stage = self.stages1 == 1 and self.prefetch1 == 0 and not self.ssq_mma
             if self.bm1 == 64 and self.warps1 == 4 and elem_size == 2 and one_stage and programs > want:
                 self.maxnreg1 = 168
         self.n_score_tiles = triton.cdiv(N, self.bm1)
@@ -1220,7 +1259,7 @@ def _run_select(
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
         DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=cfg.prefetch1,
-        SSQ_LOADS=bool(cfg.ssq_loads), S_SHIFT=cfg.s_shift, num_warps=cfg.warps1, num_stages=cfg.stages1,
+        SSQ_LOADS=bool(cfg.ssq_loads), SSQ_MMA=bool(cfg.ssq_mma), S_SHIFT=cfg.s_shift, num_warps=cfg.warps1, num_stages=cfg.stages1,
         **_reg_cap(cfg.maxnreg1, wrap),
     )
     n_programs = cfg.n_row_tiles * cfg.n_split

@@ -493,6 +493,23 @@ def test_scores_pipeline_buffers(bk):
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=2, ssq_loads=1, bk=bk)) == ({2}, 1)
 
 
+
+@pytest.mark.parametrize("stages, bk", [(2, 128), (3, 128), (4, 64)])
+def test_scores_gram_sums_leave_the_tiles_to_the_mmas(stages, bk):
+    """The sweep's ``ssq_mma`` (sums of squares as the diagonals of p p^T and q q^T): the D loop
+    reads its tiles only as MMA operands, so it loads them by asynchronous copies alone (no
+    ``tt.load`` in it: a load into registers waits out its round trip each step, as SSQ_LOADS's
+    do) into one buffer per stage, and waits for a step's MMAs (3) before the copy that reuses
+    their buffer: the race of test_scores_pipeline_buffers cannot happen."""
+    ttgir = _ttgir("_scores_kernel", stages1=stages, ssq_mma=1, bk=bk, maxnreg1=0)
+    first_dot = ttgir.index("ttng.warp_group_dot ")
+    loop = ttgir[ttgir.rindex("scf.for", 0, first_dot):ttgir.index("scf.yield", first_dot)]
+    assert loop.count("ttng.warp_group_dot ") == 3
+    assert "tt.load " not in loop and loop.count("async_copy_global_to_local") == 2
+    allocs = set(re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x{bk}xbf16", ttgir))
+    assert allocs == {str(stages)}
+    assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["3"]
+
 def test_scores_sums_of_squares_stay_in_the_thread():
     """PERF_LOG v65 and v71: each D step adds its squares into per-thread partial sums through a
     reshape that keeps element order (check_and_report rejects ``can_reorder``, which mixed rows
