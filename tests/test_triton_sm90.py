@@ -27,8 +27,8 @@ when this triton lacks the compiler API used here (``ASTSource``, ``GPUTarget``,
 The lent GPU machines ship an older triton (``GPU_TRITON``, with their torch 2.11) than the one
 torch 2.13 pins here, so ``test_compiles_with_the_gpu_machines_triton`` repeats the bf16 compiles
 in a subprocess with that triton installed beside the tests (skipped where it cannot be installed),
-and the eager launch cache's test (``test_cached_launch_gives_each_launch_what_jit_run_gives_it``)
-with it.
+and with it the eager launch cache's test (``test_cached_launch_gives_each_launch_what_jit_run_gives_it``)
+and the scores kernel's pipeline checks (the race of PERF_LOG v58 was seen with that triton).
 """
 
 from __future__ import annotations
@@ -868,7 +868,7 @@ def test_compiles_with_the_gpu_machines_triton(tmp_path):
     env.pop("PYTEST_ADDOPTS", None)
     code = (f"import triton, sys; assert triton.__version__ == {GPU_TRITON!r}, triton.__version__; "
             f"import pytest; sys.exit(pytest.main([{__file__!r}, '-q', '-x', '-p', 'no:cacheprovider', '-k', "
-            f"'bf16 or cached_launch']))")
+            f"'bf16 or cached_launch or pipeline_buffers or gram_sums']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
