@@ -7,7 +7,8 @@ What it measures per (provider, config):
   overhead; a provider that syncs or allocates data-dependently cannot be captured and gets
   ``graph_us = None`` with the reason in ``graph_error``.
 - host latency per call: wall time of one call from a synced start until it returns (no sync
-  after; a call that syncs internally, e.g. a data-dependent output size, includes it).
+  after; a call that syncs internally, e.g. a data-dependent output size, includes it);
+  bench/host_prune.py also times calls back to back (``host_times(..., burst=)``).
 - on CPU: ``time.perf_counter`` medians and quantiles (so it runs, and is smoke-tested, here).
 
 Every call runs inside NVTX ranges ``<provider>`` / ``<phase>`` (the ``nvtx`` package; a
@@ -270,22 +271,30 @@ def host_latency(fn: Callable[[], Any], device: torch.device, reps: int) -> floa
     return statistics.median(host_times({"fn": fn}, device, reps)["fn"])
 
 
-def host_times(fns: dict[Any, Callable[[], Any]], device: torch.device, reps: int) -> dict[Any, list[float]]:
+def host_times(fns: dict[Any, Callable[[], Any]], device: torch.device, reps: int,
+               burst: int = 1) -> dict[Any, list[float]]:
     """``reps`` wall times (µs) of one call of each of ``fns``, each from a synced start, measured
     in rounds that call every function once in a shuffled order (seeded): so that drift of the
     machine (clocks, other processes) spreads over all of them alike instead of landing on
     whichever was measured last. Measured one function after another, run 13's CUDA C++ API
-    call took 28.1 µs and the op it calls 34.4."""
+    call took 28.1 µs and the op it calls 34.4.
+
+    ``burst`` > 1: each time is the mean of that many calls back to back from the synced start,
+    the host's cost per call in a loop that does not wait for the device (as a model's forward
+    calls it), without the first call's return from a sync; while the host is the slower side
+    (pi0.5's calls: ~35 µs of host to ~20 of device), the device never holds the calls back."""
     order = list(fns)
     rng = random.Random(0)
     ts: dict[Any, list[float]] = {name: [] for name in order}
     for _ in range(reps):
         rng.shuffle(order)
         for name in order:
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
-            fns[name]()
-            ts[name].append((time.perf_counter() - t0) * 1e6)
+            for _ in range(burst):
+                fn()
+            ts[name].append((time.perf_counter() - t0) * 1e6 / burst)
     _sync(device)
     return ts
 

@@ -21,7 +21,10 @@ backend measured interleaved, harness.host_times):
 - ``no_launch``  the same with the launches left out: allocations and Python
 - ``gather``     one launch of the gather kernel alone
 - ``empty``      one torch.empty on the device (the launch code makes 5 per call)
-Then a cProfile of ``api`` calls (top functions by total time) into profile_<backend>.txt.
+Each layer is timed twice: one call from a synced start (the median of ``--reps``), and the
+mean of BURST calls back to back from one (the host's cost per call in a loop that does not wait
+for the device, as a model's forward calls the op; a quarter as many samples). Then a cProfile of
+``api`` calls (top functions by total time) into profile_<backend>.txt.
 
 ``--fake-driver`` (a machine without a GPU): the Triton layers on CPU tensors, with kernels
 compiled for sm_90 and launches that run nothing (bench/triton_fake_driver.py). The host side of
@@ -67,6 +70,9 @@ class _NoLaunch:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+BURST = 20  # calls back to back per sample of the second timing
 
 
 def layers(backend: str, inp, cap: int) -> dict:
@@ -145,16 +151,22 @@ def _measure(args, out: pathlib.Path, device: torch.device) -> int:
         except Exception as e:  # e.g. _C built without the CUDA kernels
             fns.pop(backend, None)
             print(f"[host] {backend}: not available ({str(e).splitlines()[0][:120]})", flush=True)
-    # Every layer of every backend in one interleaved measurement (harness.host_times).
-    times = H.host_times({(b, layer): fn for b, layer_fns in fns.items() for layer, fn in layer_fns.items()},
-                         device, args.reps)
+    # Every layer of every backend in one interleaved measurement (harness.host_times): one call
+    # from a synced start, then BURST calls back to back from one.
+    every = {(b, layer): fn for b, layer_fns in fns.items() for layer, fn in layer_fns.items()}
+    times = H.host_times(every, device, args.reps)
+    loop_times = H.host_times(every, device, max(3, args.reps // 4), burst=BURST)
     rows = []
-    md = ["| backend | layer | host µs per call | p20 | p80 |", "|---|---|---|---|---|"]
+    md = [f"| backend | layer | host µs per call | p20 | p80 | back to back ({BURST} calls), µs per call | p20 | p80 |",
+          "|---|---|---|---|---|---|---|---|"]
     for (backend, layer), ts in times.items():
         med, p20, p80 = H._quantiles(ts)
-        rows.append({"backend": backend, "layer": layer, "host_us": med, "p20_us": p20, "p80_us": p80})
-        md.append(f"| {backend} | {layer} | {med:.1f} | {p20:.1f} | {p80:.1f} |")
-        print(f"[host] {backend:7s} {layer:10s} {med:8.1f} us (p20 {p20:.1f}, p80 {p80:.1f})", flush=True)
+        lmed, lp20, lp80 = H._quantiles(loop_times[backend, layer])
+        rows.append({"backend": backend, "layer": layer, "host_us": med, "p20_us": p20, "p80_us": p80,
+                     "loop_us": lmed, "loop_p20_us": lp20, "loop_p80_us": lp80})
+        md.append(f"| {backend} | {layer} | {med:.1f} | {p20:.1f} | {p80:.1f} | {lmed:.1f} | {lp20:.1f} | {lp80:.1f} |")
+        print(f"[host] {backend:7s} {layer:10s} {med:8.1f} us (p20 {p20:.1f}, p80 {p80:.1f}); back to back "
+              f"{lmed:.1f} us (p20 {lp20:.1f}, p80 {lp80:.1f})", flush=True)
     for backend, layer_fns in fns.items():
         prof = cProfile.Profile()
         prof.enable()

@@ -65,10 +65,27 @@ def test_markdown_lists_device_time_per_kernel():
     assert "launches" not in md.split("## Device time per kernel")[0]  # not a column of the main table
 
 
+def test_host_times_interleave_and_burst(monkeypatch):
+    """host_times: every function once per round in a shuffled order; with ``burst`` a sample is
+    the mean over that many calls back to back, from one synced start."""
+    calls, syncs = [], []
+    monkeypatch.setattr(harness, "_sync", lambda device: syncs.append(len(calls)))
+    clock = iter(range(0, 10_000, 1))
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock) * 1e-6)
+    fns = {name: (lambda name=name: (calls.append(name), next(clock))) for name in "abc"}
+    ts = harness.host_times(fns, torch.device("cpu"), reps=3, burst=4)
+    assert sorted(calls) == sorted("abc" * 12) and len(syncs) == 3 * 3 + 1
+    assert all(calls[i:i + 4] == calls[i:i + 1] * 4 for i in range(0, 36, 4))  # a burst is one function
+    assert {name: len(t) for name, t in ts.items()} == {"a": 3, "b": 3, "c": 3}
+    # 4 calls, each advancing the clock by one tick of 1 µs, between the two clock reads: (4 + 1) / 4 µs
+    assert all(t == [1.25] * 3 for t in ts.values())
+
+
 def test_host_breakdown_quick(tmp_path):
     import host_prune
 
     assert host_prune.main(["--quick", "--reps", "5", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "host.json").read_text())["rows"]
     assert [r["layer"] for r in rows] == ["api", "op", "empty"] and all(r["host_us"] > 0 for r in rows)
+    assert all(r["loop_p20_us"] <= r["loop_us"] <= r["loop_p80_us"] for r in rows)
     assert "fastprune.prune_padded" in (tmp_path / "profile_cpu.txt").read_text()

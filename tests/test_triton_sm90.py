@@ -796,7 +796,7 @@ def test_host_breakdown_with_the_fake_driver(tmp_path):
     result = json.loads((tmp_path / "host.json").read_text())
     assert [r["layer"] for r in result["rows"]] == ["api", "op", "call", "triton_op", "launches", "jit_run", "no_launch",
                                                     "gather", "empty"]
-    assert all(r["host_us"] > 0 for r in result["rows"]) and "fake_driver" in result["environment"]
+    assert all(r["host_us"] > 0 and r["loop_us"] > 0 for r in result["rows"]) and "fake_driver" in result["environment"]
     # The API's eager launches go through the launch cache (_CachedLaunch.launch).
     assert "prune_triton.py" in (profile := (tmp_path / "profile_triton.txt").read_text()) and "(launch)" in profile
 
