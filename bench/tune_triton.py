@@ -54,7 +54,7 @@ GPU_VARIANTS = {
     "_select_kernel": [dict(bn2=64, warps2=8), dict(bn2=64), dict(warps2=8), dict(bn2=16), dict(bm2=32),
                        dict(bm2=128, warps2=8), dict(stages2=2), dict(n_split="x0.5"), dict(n_split="x2"),
                        dict(sel_prec="f16x4"), dict(sel_prec="tf32x3"), dict(sel_prec="ieee"), dict(a_once=0),
-                       dict(bn2=64, maxnreg2=168)],
+                       dict(bn2=64, maxnreg2=168), dict(s_ahead=0, stages2=2), dict(s_ahead=0, stages2=3)],
     "_gather_kernel": [dict(br=4), dict(br=16), dict(br=32), dict(bd=256), dict(bd=1024), dict(bd=2048),
                        dict(warps3=2), dict(warps3=8)],
 }

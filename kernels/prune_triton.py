@@ -584,7 +584,7 @@ def _select_kernel(
     SELECT_ONLY: tl.constexpr, BUDGET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_TALL: tl.constexpr, BLOCK_NALL: tl.constexpr, SEARCH_ITERS: tl.constexpr,
-    SEL_PREC: tl.constexpr, S_SHIFT: tl.constexpr, A_ONCE: tl.constexpr,
+    SEL_PREC: tl.constexpr, S_SHIFT: tl.constexpr, A_ONCE: tl.constexpr, S_AHEAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -604,7 +604,8 @@ def _select_kernel(
     if A_ONCE and HAS_TMASK:
         ai_hi, ai_lo = _load_halves(A, b, N, TS, rows64, rmask, tl.arange(0, BLOCK_T))
         cols_first = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        sj_hi, sj_lo = _load_halves(S, b, N, TS, cols_first, cols_first < N, tl.arange(0, BLOCK_T))
+        if S_AHEAD:
+            sj_hi, sj_lo = _load_halves(S, b, N, TS, cols_first, cols_first < N, tl.arange(0, BLOCK_T))
     t_end = _prompt_extent(TMASK, b, T, HAS_TMASK, BLOCK_TALL)[0]
 
     no_patch = False
@@ -628,12 +629,21 @@ def _select_kernel(
             # mask loaded in its own iteration, the product waited for it: sm_90 SASS at B=64,
             # where run 11's ncu put 6.6 % of the kernel's warp samples on that wait.)
             cols_next = cols + n_split * BLOCK_N
-            sj_hi_next, sj_lo_next = _load_halves(S, b, N, TS, cols_next, cols_next < N, tt)
             pm_next = _pm_tile(cols_next, PMASK, b, N, HAS_PMASK)
-            acc = _tile_product(a_hi, a_lo, sj_hi, sj_lo, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC, S_SHIFT)
+            if S_AHEAD:
+                sj_hi_next, sj_lo_next = _load_halves(S, b, N, TS, cols_next, cols_next < N, tt)
+                acc = _tile_product(a_hi, a_lo, sj_hi, sj_lo, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC,
+                                    S_SHIFT)
+                sj_hi = sj_hi_next
+                sj_lo = sj_lo_next
+            else:
+                # The tile loaded where it is multiplied: an MMA operand only, which triton's
+                # pipeline at 2+ stages copies ahead into shared memory itself (cp.async), with no
+                # registers held for it and no store of them to shared memory.
+                s_hi, s_lo = _load_halves(S, b, N, TS, cols, cols < N, tt)
+                acc = _tile_product(a_hi, a_lo, s_hi, s_lo, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC,
+                                    S_SHIFT)
             best_s, best_c = _merge_best(best_s, best_c, acc, cols, _allowed(cols, pm, no_patch, N, HAS_PMASK))
-            sj_hi = sj_hi_next
-            sj_lo = sj_lo_next
             pm = pm_next
     else:
         for ct in range(split, n_col_tiles, n_split):
@@ -1004,8 +1014,8 @@ MAX_KSPLIT = 16  # D slices of the scores kernel at most (_Cfg)
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
 TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "ssq_mma", "maxnreg1", "bm2", "bn2",
-           "warps2", "stages2", "maxnreg2", "n_split", "a_once", "br", "bd", "warps3", "dot_prec", "sel_prec")
-FLAGS = ("a_once", "ssq_loads", "ssq_mma")  # 0 or 1
+           "warps2", "stages2", "maxnreg2", "n_split", "a_once", "s_ahead", "br", "bd", "warps3", "dot_prec", "sel_prec")
+FLAGS = ("a_once", "s_ahead", "ssq_loads", "ssq_mma")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
 DOT_PRECS = ("ieee", "tf32x3")
@@ -1108,6 +1118,9 @@ class _Cfg:
         # exact fp32 dots). With tf32x3 dots that branch spilled 284 B on sm_90 until v36; the
         # sweep times a_once=0, which recomputes A' per column tile (PERF_LOG v27).
         self.a_once = 1
+        # In that branch each column tile of S loads one tile ahead into registers (1), or where
+        # it is multiplied (0), for triton's pipeline to copy ahead at 2+ stages (the sweep's).
+        self.s_ahead = 1
         # The scores kernel's sums of squares from the operand tiles' own registers (0), or from
         # loads of their own (1): the candidate fix of the 3-stage race (PERF_LOG v58), for the
         # sweep to time and check against the float64 truth.
@@ -1259,7 +1272,8 @@ def _run_select(
         KSPLIT=cfg.ksplit, HAS_TMASK=task_mask is not None,
         BLOCK_M=cfg.bm1, BLOCK_T=cfg.bt, BLOCK_K=cfg.bk, BLOCK_TALL=cfg.block_tall,
         DOT_NATIVE=cfg.dot_native, DOT_PREC=cfg.dot_prec, PREFETCH=cfg.prefetch1,
-        SSQ_LOADS=bool(cfg.ssq_loads), SSQ_MMA=bool(cfg.ssq_mma), S_SHIFT=cfg.s_shift, num_warps=cfg.warps1, num_stages=cfg.stages1,
+        SSQ_LOADS=bool(cfg.ssq_loads), SSQ_MMA=bool(cfg.ssq_mma), S_SHIFT=cfg.s_shift,
+        num_warps=cfg.warps1, num_stages=cfg.stages1,
         **_reg_cap(cfg.maxnreg1, wrap),
     )
     n_programs = cfg.n_row_tiles * cfg.n_split
@@ -1270,7 +1284,7 @@ def _run_select(
         MASK_VOTERS=bool(mask_voters), SELECT_ONLY=select_only, BUDGET=budget,
         BLOCK_M=cfg.bm2, BLOCK_N=cfg.bn2, BLOCK_T=cfg.bt, BLOCK_TALL=cfg.block_tall,
         BLOCK_NALL=cfg.block_nall, SEARCH_ITERS=cfg.search_iters, SEL_PREC=cfg.sel_prec, S_SHIFT=cfg.s_shift,
-        A_ONCE=bool(cfg.a_once),
+        A_ONCE=bool(cfg.a_once), S_AHEAD=bool(cfg.s_ahead),
         num_warps=cfg.warps2, num_stages=cfg.stages2, **_reg_cap(cfg.maxnreg2, wrap),
     )
     return out, ws, cfg

@@ -488,8 +488,9 @@ def test_launch_parameters_do_not_change_results():
     are: tile sizes, column splits (1 = no merge across programs), D slices (1 = no partials to
     add; 3 slices of 16, 16 and 8), warps, stages, the fp32 dot's precision, A' kept across column
     tiles or not (the prompt fits one token tile here), the scores kernel's D steps loaded 2, 1
-    or 0 steps ahead, its sums of squares as Gram diagonals. Only float rounding can move, and
-    these inputs have no near-ties."""
+    or 0 steps ahead, its sums of squares as Gram diagonals, the select kernel's S tiles loaded
+    one ahead or where they are multiplied. Only float rounding can move, and these inputs have no
+    near-ties."""
     from pi05_fastprune.kernels import prune_triton as K
 
     patches, task, task_mask, patch_mask = make_case("masks", seed=4)
@@ -501,7 +502,8 @@ def test_launch_parameters_do_not_change_results():
                   dict(dot_prec="tf32x3"), dict(sel_prec="f16x4"), dict(sel_prec="f16x4", a_once=0),
                   dict(sel_prec="tf32x3"), dict(sel_prec="ieee", a_once=0),
                   dict(a_once=0), dict(prefetch1=0), dict(prefetch1=1), dict(ksplit=1, bk=16, prefetch1=0),
-                  dict(ssq_mma=1), dict(ssq_mma=1, prefetch1=0, stages1=2), dict(ssq_mma=1, ksplit=1, prefetch1=0)):
+                  dict(ssq_mma=1), dict(ssq_mma=1, prefetch1=0, stages1=2), dict(ssq_mma=1, ksplit=1, prefetch1=0),
+                  dict(s_ahead=0), dict(s_ahead=0, stages2=3, n_split=1)):
         with K.tuning(**tuned):
             assert torch.equal(ops.triton_select(*args, True), want_idx), tuned
             assert_same(ops.triton_prune_padded(*args, 5, 9, False), want)

@@ -417,27 +417,29 @@ def test_scores_kernel_runs_one_stage():
     assert cfg(8, torch.bfloat16, stages1=3)[2] == 3
 
 
-def _launch_b64(kernel_name: str, **tuned):
-    """(kernel, args, kwargs) of one eval kernel's launch at pi05 B=64 (bf16, no masks) under
-    ``tuned``."""
+def _launch_b64(kernel_name: str, task_mask: bool = False, **tuned):
+    """(kernel, args, kwargs) of one eval kernel's launch at pi05 B=64 (bf16; no masks, or a
+    prompt mask) under ``tuned``."""
     from pi05_fastprune.kernels import prune_triton as K
 
     rec = Recorder()
     real_config = K._config
     K._config = functools.partial(real_config, gpu_sms=H100_SMS)
+    tm = torch.ones(64, 200, dtype=torch.bool) if task_mask else None
     try:
         with K.tuning(**tuned):
             p = torch.empty(64, 768, 2048, dtype=torch.bfloat16)
-            K.prune_padded(p, torch.empty(64, 200, 2048, dtype=torch.bfloat16), None, None, None, 128, False, wrap=rec)
+            K.prune_padded(p, torch.empty(64, 200, 2048, dtype=torch.bfloat16), tm, None, None, 128, False, wrap=rec)
     finally:
         K._config = real_config
     kernel, _, args, kwargs = next(launch for launch in rec.launches if launch[0].fn.__name__ == kernel_name)
     return kernel, args, kwargs
 
 
-def _ttgir(kernel_name: str, **tuned) -> str:
-    """The sm_90 TTGIR of one eval kernel at pi05 B=64 (bf16, no masks) under ``tuned``."""
-    kernel, args, kwargs = _launch_b64(kernel_name, **tuned)
+def _ttgir(kernel_name: str, task_mask: bool = False, **tuned) -> str:
+    """The sm_90 TTGIR of one eval kernel at pi05 B=64 (bf16; no masks, or a prompt mask) under
+    ``tuned``."""
+    kernel, args, kwargs = _launch_b64(kernel_name, task_mask, **tuned)
     target, _ = _target_backend()
     signature, constexprs, attrs = specialise(kernel, args, kwargs)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -494,6 +496,12 @@ def test_scores_pipeline_buffers(bk):
 
 
 
+def _first_loop(ttgir: str) -> str:
+    """The body of the first loop of ``ttgir`` that holds a warpgroup MMA."""
+    first_dot = ttgir.index("ttng.warp_group_dot ")
+    return ttgir[ttgir.rindex("scf.for", 0, first_dot):ttgir.index("scf.yield", first_dot)]
+
+
 @pytest.mark.parametrize("stages, bk", [(2, 128), (3, 128), (4, 64)])
 def test_scores_gram_sums_leave_the_tiles_to_the_mmas(stages, bk):
     """The sweep's ``ssq_mma`` (sums of squares as the diagonals of p p^T and q q^T): the D loop
@@ -502,13 +510,25 @@ def test_scores_gram_sums_leave_the_tiles_to_the_mmas(stages, bk):
     do) into one buffer per stage, and waits for a step's MMAs (3) before the copy that reuses
     their buffer: the race of test_scores_pipeline_buffers cannot happen."""
     ttgir = _ttgir("_scores_kernel", stages1=stages, ssq_mma=1, bk=bk, maxnreg1=0)
-    first_dot = ttgir.index("ttng.warp_group_dot ")
-    loop = ttgir[ttgir.rindex("scf.for", 0, first_dot):ttgir.index("scf.yield", first_dot)]
+    loop = _first_loop(ttgir)
     assert loop.count("ttng.warp_group_dot ") == 3
     assert "tt.load " not in loop and loop.count("async_copy_global_to_local") == 2
     allocs = set(re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x{bk}xbf16", ttgir))
     assert allocs == {str(stages)}
     assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["3"]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_select_tiles_loaded_where_multiplied_pipeline_as_copies(stages):
+    """The sweep's ``s_ahead=0``: in the select kernel's one-prompt-tile loop (pi0.5: a prompt mask,
+    48 valid tokens) each column tile of S loads where it is multiplied, and triton's pipeline at
+    2+ stages turns its two halves' loads into asynchronous copies (no register load left in the
+    loop); with the tile loaded one ahead (the default) they stay register loads at any stage count."""
+    loop = _first_loop(_ttgir("_select_kernel", task_mask=True, s_ahead=0, stages2=stages))
+    assert "tt.load " not in loop and loop.count("async_copy_global_to_local") == 2
+    assert loop.count("ttng.warp_group_dot ") == 3
+    ahead = _first_loop(_ttgir("_select_kernel", task_mask=True, stages2=stages))
+    assert ahead.count("tt.load ") == 2 and "async_copy_global_to_local" not in ahead
 
 def test_scores_sums_of_squares_stay_in_the_thread():
     """PERF_LOG v65 and v71: each D step adds its squares into per-thread partial sums through a
@@ -868,7 +888,7 @@ def test_compiles_with_the_gpu_machines_triton(tmp_path):
     env.pop("PYTEST_ADDOPTS", None)
     code = (f"import triton, sys; assert triton.__version__ == {GPU_TRITON!r}, triton.__version__; "
             f"import pytest; sys.exit(pytest.main([{__file__!r}, '-q', '-x', '-p', 'no:cacheprovider', '-k', "
-            f"'bf16 or cached_launch or pipeline_buffers or gram_sums']))")
+            f"'bf16 or cached_launch or pipeline_buffers or gram_sums or where_multiplied']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
