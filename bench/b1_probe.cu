@@ -25,8 +25,16 @@
 //                           fp16 hi and lo halves, 144 KB in all: each CTA's rows select over all
 //                           of S, their A' rows stay local) out of distributed shared memory
 //   cluster_sync_us         one cluster barrier of 16 CTAs (64 in a row, less one, per barrier)
+//   mma_us                  16 CTAs (one cluster) each doing its share of the tensor-core work
+//                           with warp-level MMA (wmma 16x16x16 fp16, fp32 accumulate, fragments
+//                           from shared memory, 8 warps; bf16 runs at the same rate): `s_share` 48 patch rows x 48 prompt
+//                           tokens x 2048 (S, 4.7 M multiply-adds a CTA), `select_share` 48 rows
+//                           x 768 columns x 48 tokens x 3 (the f16x3 selection, 5.3 M); both as
+//                           64 x 64 x 64 tile steps (18 and 21), the launch included
 #include <cooperative_groups.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -177,6 +185,48 @@ __global__ void __launch_bounds__(kThreads) cluster_sync_kernel(int iters, uint3
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<uint32_t>(iters);
 }
 
+// `steps` tile steps of a 64 x 64 output over 64 of K, fragments from shared memory, as the
+// fused kernel's products would run: warp w owns rows 16 (w % 4) and columns 32 (w / 4) as two
+// 16 x 16 accumulators (kernel A's layout in kernels/prune_cuda.cu). The tiles stay in shared
+// memory (the probe times the tensor cores and fragment loads, not the streaming); steps
+// alternate between two copies of each, so that the fragment loads stay in the loop.
+// fp16: wmma's bf16 fragment loads take generic addresses (32-bit loads instead of LDSM; see
+// load_frag in kernels/prune_cuda.cu), which would time the loads rather than the products.
+constexpr int kTile = 64, kLd = kTile + 8;  // wmma: ldm % 8 == 0; +8 staggers the banks
+__global__ void __launch_bounds__(kThreads) mma_kernel(int steps, uint32_t* out) {
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __half* a = reinterpret_cast<__half*>(smem);  // [2][kTile][kLd], then b the same
+  __half* b = a + 2 * kTile * kLd;
+  for (int i = threadIdx.x; i < 2 * kTile * kLd; i += kThreads) {
+    a[i] = __float2half(static_cast<float>((i * 7 + blockIdx.x) % 13) / 16.f);
+    b[i] = __float2half(static_cast<float>((i * 5) % 11) / 16.f);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, ra = 16 * (warp % 4), cb = 32 * (warp / 4);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  for (int s = 0; s < steps; ++s) {
+    const __half* as = a + (s & 1) * kTile * kLd;
+    const __half* bs = b + (s & 1) * kTile * kLd;
+#pragma unroll
+    for (int kk = 0; kk < kTile; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[2];
+      wmma::load_matrix_sync(fa, as + ra * kLd + kk, kLd);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) wmma::load_matrix_sync(fb[c], bs + (cb + 16 * c) * kLd + kk, kLd);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) wmma::mma_sync(acc[c], fa, fb[c], acc[c]);
+    }
+  }
+  float sum = 0.f;
+  for (int c = 0; c < 2; ++c)
+    for (int e = 0; e < acc[c].num_elements; ++e) sum += acc[c].x[e];
+  write_checksum(__float_as_uint(sum), out);
+}
+
 // The launch configuration of `grid` CTAs of `threads` as clusters of `cluster` CTAs (1: none).
 struct Config {
   cudaLaunchConfig_t cfg{};
@@ -282,6 +332,7 @@ int main() {
   allow(empty_kernel, kBigSmem);
   allow(load_kernel<1024>, kBigSmem);
   allow(load_kernel<256>, kBigSmem);
+  allow(mma_kernel, kBigSmem);
   const uint4* src16 = reinterpret_cast<const uint4*>(src);
   const int clusters8 = max_clusters(8), clusters16 = max_clusters(kCluster);
   // A 16-CTA cluster that the GPU cannot place is not launched: its failure might be sticky and
@@ -328,14 +379,27 @@ int main() {
     return launch(cluster_sync_kernel, kCluster, kThreads, kCluster, smem, s, 64, out);
   });
 
+  // A CTA's share of pi0.5's products in 64 x 64 x 64 steps (262144 multiply-adds each).
+  constexpr int kSSteps = 48 * 48 * 2048 / (kTile * kTile * kTile);          // 18
+  constexpr int kSelectSteps = (48 * 768 * 48 * 3 + 262143) / 262144;        // 21
+  auto mma = [&](const char* name, int steps) {
+    return in_cluster16(name, [&, steps](cudaStream_t s) {
+      return launch(mma_kernel, kCluster, kThreads, kCluster, smem, s, steps, out);
+    });
+  };
+  const double mma_s = mma("mma_s_share", kSSteps);
+  const double mma_select = mma("mma_select_share", kSelectSteps);
+
   std::printf(
       "{\"gpu\": \"%s\", \"sms\": %d, \"launch_us\": %.3f, \"launch_cluster16_us\": %.3f, "
       "\"max_active_clusters\": {\"8\": %d, \"16\": %d}, "
       "\"stream_us\": {\"load_cluster16\": %.3f, \"load_cluster16_task\": %.3f, \"load_grid128_4MB\": %.3f, "
       "\"bulk_cluster16\": %.3f, \"bulk_cluster16_task\": %.3f, \"bulk_grid128_4MB\": %.3f}, "
-      "\"allgather_us\": %.3f, \"cluster_sync_us\": %.4f}\n",
+      "\"allgather_us\": %.3f, \"cluster_sync_us\": %.4f, "
+      "\"mma_us\": {\"s_share\": %.3f, \"select_share\": %.3f}}\n",
       prop.name, prop.multiProcessorCount, launch_us, launch16_us, clusters8, clusters16, ld16, ld16_task, ld_grid,
-      bk16, bk16_task, bk_grid, gather_us, sync1 > 0 && sync64 > 0 ? (sync64 - sync1) / 63 : -1.0);
+      bk16, bk16_task, bk_grid, gather_us, sync1 > 0 && sync64 > 0 ? (sync64 - sync1) / 63 : -1.0, mma_s,
+      mma_select);
   CHECK(cudaFree(src));
   CHECK(cudaFree(out));
   return 0;
