@@ -27,10 +27,13 @@
 //   cluster_sync_us         one cluster barrier of 16 CTAs (64 in a row, less one, per barrier)
 //   mma_us                  16 CTAs (one cluster) each doing its share of the tensor-core work
 //                           with warp-level MMA (wmma 16x16x16 fp16, fp32 accumulate, fragments
-//                           from shared memory, 8 warps; bf16 runs at the same rate): `s_share` 48 patch rows x 48 prompt
-//                           tokens x 2048 (S, 4.7 M multiply-adds a CTA), `select_share` 48 rows
-//                           x 768 columns x 48 tokens x 3 (the f16x3 selection, 5.3 M); both as
-//                           64 x 64 x 64 tile steps (18 and 21), the launch included
+//                           from shared memory, 8 warps; bf16 runs at the same rate) as 64 x 64 x
+//                           64 tile steps, launch included: `s_share` 48 patch rows x 48 prompt
+//                           tokens x 2048 (S, 4.7 M multiply-adds a CTA: 18 steps' worth, the
+//                           work with no padding) and `select_share` 48 rows x 768 columns x 48
+//                           tokens x 3 (the f16x3 selection, 5.3 M: 21 steps); `_padded` the
+//                           same shares in whole 64 x 64 x 64 tiles (48 rows and 48 tokens padded
+//                           to 64: 32 and 36 steps), the simplest kernel's work
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -379,9 +382,12 @@ int main() {
     return launch(cluster_sync_kernel, kCluster, kThreads, kCluster, smem, s, 64, out);
   });
 
-  // A CTA's share of pi0.5's products in 64 x 64 x 64 steps (262144 multiply-adds each).
-  constexpr int kSSteps = 48 * 48 * 2048 / (kTile * kTile * kTile);          // 18
-  constexpr int kSelectSteps = (48 * 768 * 48 * 3 + 262143) / 262144;        // 21
+  // A CTA's share of pi0.5's products in 64 x 64 x 64 steps (262144 multiply-adds each): the
+  // multiply-adds alone, and in whole tiles (48 rows and 48 tokens padded to 64).
+  constexpr int kStepMacs = kTile * kTile * kTile;
+  constexpr int kSSteps = 48 * 48 * 2048 / kStepMacs;                                 // 18
+  constexpr int kSelectSteps = (48 * 768 * 48 * 3 + kStepMacs - 1) / kStepMacs;       // 21
+  constexpr int kSStepsPadded = 2048 / kTile, kSelectStepsPadded = 768 / kTile * 3;  // 32, 36
   auto mma = [&](const char* name, int steps) {
     return in_cluster16(name, [&, steps](cudaStream_t s) {
       return launch(mma_kernel, kCluster, kThreads, kCluster, smem, s, steps, out);
@@ -389,6 +395,8 @@ int main() {
   };
   const double mma_s = mma("mma_s_share", kSSteps);
   const double mma_select = mma("mma_select_share", kSelectSteps);
+  const double mma_s_padded = mma("mma_s_share_padded", kSStepsPadded);
+  const double mma_select_padded = mma("mma_select_share_padded", kSelectStepsPadded);
 
   std::printf(
       "{\"gpu\": \"%s\", \"sms\": %d, \"launch_us\": %.3f, \"launch_cluster16_us\": %.3f, "
@@ -396,10 +404,11 @@ int main() {
       "\"stream_us\": {\"load_cluster16\": %.3f, \"load_cluster16_task\": %.3f, \"load_grid128_4MB\": %.3f, "
       "\"bulk_cluster16\": %.3f, \"bulk_cluster16_task\": %.3f, \"bulk_grid128_4MB\": %.3f}, "
       "\"allgather_us\": %.3f, \"cluster_sync_us\": %.4f, "
-      "\"mma_us\": {\"s_share\": %.3f, \"select_share\": %.3f}}\n",
+      "\"mma_us\": {\"s_share\": %.3f, \"select_share\": %.3f, \"s_share_padded\": %.3f, "
+      "\"select_share_padded\": %.3f}}\n",
       prop.name, prop.multiProcessorCount, launch_us, launch16_us, clusters8, clusters16, ld16, ld16_task, ld_grid,
       bk16, bk16_task, bk_grid, gather_us, sync1 > 0 && sync64 > 0 ? (sync64 - sync1) / 63 : -1.0, mma_s,
-      mma_select);
+      mma_select, mma_s_padded, mma_select_padded);
   CHECK(cudaFree(src));
   CHECK(cudaFree(out));
   return 0;

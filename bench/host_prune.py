@@ -157,8 +157,8 @@ def _measure(args, out: pathlib.Path, device: torch.device) -> int:
     times = H.host_times(every, device, args.reps)
     loop_times = H.host_times(every, device, max(3, args.reps // 4), burst=BURST)
     rows = []
-    md = [f"| backend | layer | host µs per call | p20 | p80 | back to back ({BURST} calls), µs per call | p20 | p80 |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = [f"| backend | layer | host µs per call | p20 | p80 | back to back ({BURST} calls), µs per call | p20 "
+          "| p80 |", "|---|---|---|---|---|---|---|---|"]
     for (backend, layer), ts in times.items():
         med, p20, p80 = H._quantiles(ts)
         lmed, lp20, lp80 = H._quantiles(loop_times[backend, layer])

@@ -329,8 +329,9 @@ def _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC
     ``q`` added to ``acc``, and their sums of squares to ``ssp``/``sst`` (_ssq_init).
 
     SSQ_MMA: as the Gram matrices p p^T and q q^T, whose diagonals are the sums (_ssq_total), on
-    the tensor cores beside the product. The tiles are then operands of MMAs only, never read into
-    registers, so triton's pipeline at 2+ stages gives them a buffer per stage (the race of
+    the tensor cores beside the product. In the loop without PREFETCH (_Cfg sets none with it) the
+    tiles are then operands of MMAs only, never read into registers, so triton's pipeline at 2+
+    stages gives them a buffer per stage (the race of
     PERF_LOG v58 needs a tile read both ways) and every load of the step is an asynchronous copy
     (with SSQ_LOADS the sums' own loads wait out an L2 round trip each step; sm_90 TTGIR). The
     tensor cores do 3x the product's work, which the memory-bound 64-row tiles leave idle.
@@ -1013,8 +1014,9 @@ def _programs_wanted(device: torch.device) -> int:
 MAX_KSPLIT = 16  # D slices of the scores kernel at most (_Cfg)
 
 # Launch parameters that bench/tune_triton.py sweeps on a GPU (see tuning()).
-TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "ssq_mma", "maxnreg1", "bm2", "bn2",
-           "warps2", "stages2", "maxnreg2", "n_split", "a_once", "s_ahead", "br", "bd", "warps3", "dot_prec", "sel_prec")
+TUNABLE = ("bm1", "bk", "ksplit", "warps1", "stages1", "prefetch1", "ssq_loads", "ssq_mma", "maxnreg1", "bm2",
+           "bn2", "warps2", "stages2", "maxnreg2", "n_split", "a_once", "s_ahead", "br", "bd", "warps3", "dot_prec",
+           "sel_prec")
 FLAGS = ("a_once", "s_ahead", "ssq_loads", "ssq_mma")  # 0 or 1
 # fp32 dot precisions within SPEC's tolerance: exact FMA, or 3 tf32 tensor-core products
 # (plain "tf32" rounds inputs to 10 bits, which can miss SPEC's 1e-3 score margin).
@@ -1126,7 +1128,8 @@ class _Cfg:
         # sweep to time and check against the float64 truth.
         self.ssq_loads = 0
         # Or (1) as the diagonals of Gram matrices on the tensor cores, which leaves the tiles
-        # to the MMAs alone (_scores_step), for the sweep to time at 2 and 3 stages.
+        # to the MMAs alone (_scores_step; no register prefetch then), for the sweep to time at
+        # 2-4 stages.
         self.ssq_mma = 0
         # Register caps per thread (ptx .maxnreg) of the scores and select kernels; 0 leaves the
         # count to ptxas, which a cap of 255 does not (pi05 B=64 with masks, sm_90: scores 214
@@ -1161,7 +1164,8 @@ class _Cfg:
             # spills, at most 2 programs per SM there; 188 one step ahead, the default until v66),
             # one for fp32 (two spill 40 B). With 32 or 64 rows one step ahead already spills on
             # sm_90 (264-520 B).
-            self.prefetch1 = (2 if elem_size == 2 else 1) if self.bm1 == 16 else 0
+            # Not with ssq_mma, whose point is tiles that only the MMAs read.
+            self.prefetch1 = (2 if elem_size == 2 else 1) if self.bm1 == 16 and not self.ssq_mma else 0
         # Slices of whole BLOCK_K steps; the last may be shorter, none is empty.
         self.kchunk = triton.cdiv(triton.cdiv(D, self.ksplit), self.bk) * self.bk
         self.ksplit = triton.cdiv(D, self.kchunk)
@@ -1173,6 +1177,8 @@ class _Cfg:
             # (192 programs, one wave either way) 23.6 -> 23.5; at 3 stages it cost (0.80x). Decided
             # on the final launch parameters, the sweep's overrides included.
             programs = B * triton.cdiv(N, self.bm1) * self.ksplit
+            # Not with ssq_mma: its two Gram accumulators take ~64 registers more (255 at pi05
+            # B=64), and a cap of 168 spills 200-350 B.
             one_stage = self.stages1 == 1 and self.prefetch1 == 0 and not self.ssq_mma
             if self.bm1 == 64 and self.warps1 == 4 and elem_size == 2 and one_stage and programs > want:
                 self.maxnreg1 = 168

@@ -3,6 +3,7 @@
 import json
 import pathlib
 import sys
+import types
 
 import torch
 
@@ -71,11 +72,12 @@ def test_host_times_interleave_and_burst(monkeypatch):
     calls, syncs = [], []
     monkeypatch.setattr(harness, "_sync", lambda device: syncs.append(len(calls)))
     clock = iter(range(0, 10_000, 1))
-    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock) * 1e-6)
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) * 1e-6))
     fns = {name: (lambda name=name: (calls.append(name), next(clock))) for name in "abc"}
     ts = harness.host_times(fns, torch.device("cpu"), reps=3, burst=4)
-    assert sorted(calls) == sorted("abc" * 12) and len(syncs) == 3 * 3 + 1
+    assert syncs == list(range(0, 37, 4))  # one before every burst (and one after), none inside
     assert all(calls[i:i + 4] == calls[i:i + 1] * 4 for i in range(0, 36, 4))  # a burst is one function
+    assert all(sorted(calls[i:i + 12:4]) == list("abc") for i in range(0, 36, 12))  # each once a round
     assert {name: len(t) for name, t in ts.items()} == {"a": 3, "b": 3, "c": 3}
     # 4 calls, each advancing the clock by one tick of 1 µs, between the two clock reads: (4 + 1) / 4 µs
     assert all(t == [1.25] * 3 for t in ts.values())
@@ -87,5 +89,5 @@ def test_host_breakdown_quick(tmp_path):
     assert host_prune.main(["--quick", "--reps", "5", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "host.json").read_text())["rows"]
     assert [r["layer"] for r in rows] == ["api", "op", "empty"] and all(r["host_us"] > 0 for r in rows)
-    assert all(r["loop_p20_us"] <= r["loop_us"] <= r["loop_p80_us"] for r in rows)
+    assert all(r["loop_us"] > 0 for r in rows)
     assert "fastprune.prune_padded" in (tmp_path / "profile_cpu.txt").read_text()

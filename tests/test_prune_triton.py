@@ -502,7 +502,7 @@ def test_launch_parameters_do_not_change_results():
                   dict(dot_prec="tf32x3"), dict(sel_prec="f16x4"), dict(sel_prec="f16x4", a_once=0),
                   dict(sel_prec="tf32x3"), dict(sel_prec="ieee", a_once=0),
                   dict(a_once=0), dict(prefetch1=0), dict(prefetch1=1), dict(ksplit=1, bk=16, prefetch1=0),
-                  dict(ssq_mma=1), dict(ssq_mma=1, prefetch1=0, stages1=2), dict(ssq_mma=1, ksplit=1, prefetch1=0),
+                  dict(ssq_mma=1), dict(ssq_mma=1, prefetch1=2), dict(ssq_mma=1, stages1=2), dict(ssq_mma=1, ksplit=1),
                   dict(s_ahead=0), dict(s_ahead=0, stages2=3, n_split=1)):
         with K.tuning(**tuned):
             assert torch.equal(ops.triton_select(*args, True), want_idx), tuned

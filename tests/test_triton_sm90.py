@@ -495,7 +495,6 @@ def test_scores_pipeline_buffers(bk):
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=2, ssq_loads=1, bk=bk)) == ({2}, 1)
 
 
-
 def _first_loop(ttgir: str) -> str:
     """The body of the first loop of ``ttgir`` that holds a warpgroup MMA."""
     first_dot = ttgir.index("ttng.warp_group_dot ")
@@ -529,6 +528,7 @@ def test_select_tiles_loaded_where_multiplied_pipeline_as_copies(stages):
     assert loop.count("ttng.warp_group_dot ") == 3
     ahead = _first_loop(_ttgir("_select_kernel", task_mask=True, stages2=stages))
     assert ahead.count("tt.load ") == 2 and "async_copy_global_to_local" not in ahead
+
 
 def test_scores_sums_of_squares_stay_in_the_thread():
     """PERF_LOG v65 and v71: each D step adds its squares into per-thread partial sums through a
