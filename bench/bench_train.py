@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small CPU shapes, few reps")
     ap.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=[8, 32])
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    ap.add_argument("--providers", default="eager-ref,fastprune")
+    # fastprune first: a run cut short by its time limit (gpu_check's step) still has our numbers.
+    ap.add_argument("--providers", default="fastprune,eager-ref")
     ap.add_argument("--compile", action="store_true", help="add compile-ref")
     ap.add_argument("--device", default=None)
     ap.add_argument("--cpu-reps", type=int, default=5)
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     h = H.Harness("train", device, quick=args.quick, graph=False, cpu_reps=args.cpu_reps, host_reps=1,
                   rep_ms=200, warmup_ms=50)
     print(f"[train] device {device}, dtype {dtype}, providers {providers}", flush=True)
+    out = pathlib.Path(args.out) if args.out else H.default_out_dir("train")
     for s in shape_list(args):
         inp = make_inputs(s, dtype, device)
         config = {"shape": shape_label(s), "dtype": args.dtype}
@@ -147,6 +149,7 @@ def main(argv=None) -> int:
                       f"tensors {row['peak_tensor_mib']} MiB", flush=True)
             except Exception as e:  # recorded, never raised
                 row["memory_error"] = f"{type(e).__name__}: {e}"[:300]
+        h.save(out)  # after each shape, so that a run cut short keeps what it measured
     for r in h.ratios("eager-ref", keys=("shape", "dtype")):
         base = next(x for x in h.rows if x["provider"] == "eager-ref" and x["shape"] == r["shape"])
         ours = next(x for x in h.rows if x["provider"] == r["provider"] and x["shape"] == r["shape"])
@@ -154,7 +157,6 @@ def main(argv=None) -> int:
             r["tensor_memory_ratio"] = ours["peak_tensor_mib"] / base["peak_tensor_mib"]
         print(f"[train] {r['shape']} {r['provider']} vs eager-ref: "
               + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)), flush=True)
-    out = pathlib.Path(args.out) if args.out else H.default_out_dir("train")
     h.save(out)
     print((out / "results.md").read_text())
     return 0

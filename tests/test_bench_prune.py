@@ -1,4 +1,5 @@
-"""CPU smoke test of the op benchmark and the shared harness (the GPU run is bench/gpu_check)."""
+"""CPU smoke tests of the op and training benchmarks and the shared harness (the GPU run is
+bench/gpu_check)."""
 
 import json
 import pathlib
@@ -91,3 +92,27 @@ def test_host_breakdown_quick(tmp_path):
     assert [r["layer"] for r in rows] == ["api", "op", "empty"] and all(r["host_us"] > 0 for r in rows)
     assert all(r["loop_us"] > 0 for r in rows)
     assert "fastprune.prune_padded" in (tmp_path / "profile_cpu.txt").read_text()
+
+
+def test_bench_train_quick(tmp_path, monkeypatch):
+    """bench/bench_train.py on the CPU: both providers at both quick shapes, ours first (a GPU run
+    cut short by its time limit keeps our numbers: results are saved after each shape), and the
+    ratios against the eager reference."""
+    import bench_train
+
+    saved = []  # the providers measured at each save
+    real_save = harness.Harness.save
+
+    def save(self, out, *args, **kwargs):
+        saved.append([r["provider"] for r in self.rows])
+        return real_save(self, out, *args, **kwargs)
+
+    monkeypatch.setattr(harness.Harness, "save", save)
+    assert bench_train.main(["--quick", "--cpu-reps", "2", "--no-memory", "--out", str(tmp_path)]) == 0
+    assert saved[0] == ["fastprune", "eager-ref"] and len(saved) == 3  # after each shape, then with the ratios
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["rows"]
+    assert [(r["shape"], r["provider"]) for r in rows] == [
+        (shape, p) for shape in ("B2xN96xT24(8)xD128", "B4xN192xT48(12)xD256") for p in ("fastprune", "eager-ref")]
+    assert all(r["median_us"] > 0 for r in rows)
+    assert {r["provider"] for r in result["summary"]} == {"fastprune"}
