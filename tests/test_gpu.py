@@ -1,8 +1,8 @@
 """GPU tests of the eval ops, run against both GPU backends (``backend="triton"`` and
 ``backend="cuda"``): every dtype incl. bf16, the pi05 shape at B = 1/8/64, odd shapes, every
 mask case, budgets, caps, mask_voters, ties, NaN/Inf, strided inputs, int64 offsets,
-``torch.compile(fullgraph=True, dynamic=True)`` with one compile across kept counts, and the
-static-cap op captured in a CUDA graph. Skipped without CUDA (a backend not built or not
+``torch.compile(fullgraph=True, dynamic=True)`` with one compile across kept counts, the
+static-cap op captured in a CUDA graph, and the Triton sweep's pipeline candidates. Skipped without CUDA (a backend not built or not
 importable here is skipped by name). ``bench/gpu_check`` runs them with ``-m gpu``.
 
 Selections are checked against the float64 truth (SPEC tolerance, so genuine near-ties may
@@ -191,6 +191,40 @@ def test_odd_shape(backend, dtype):
                               mask_voters=mask_voters, max_tokens=max_tokens, backend=backend)
         check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
 
+
+
+# Sweep candidates that take triton's pipeline to 2+ stages (PERF_LOG v78, v79), right or not
+# before any becomes a default: the scores kernel's sums of squares as Gram diagonals, the select
+# kernel's S tiles loaded where they are multiplied.
+PIPELINE_VARIANTS = [dict(ssq_mma=1, stages1=2), dict(ssq_mma=1, stages1=3), dict(ssq_mma=1, stages1=4, bk=64),
+                     dict(s_ahead=0, stages2=2), dict(s_ahead=0, stages2=3)]
+
+
+@pytest.mark.parametrize("variant", PIPELINE_VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_pipeline_variants(variant, dtype):
+    """Each variant's selection within the SPEC tolerance of the float64 truth and its outputs the
+    reference's gather of it, at the odd shape (no tile multiple, a sample without prompt, one
+    without patches) and at pi05 B=8 (64-row score tiles, D in 2 slices)."""
+    why = _backend_available("triton")
+    if why:
+        pytest.skip(why)
+    from pi05_fastprune.kernels import prune_triton as K
+
+    g = torch.Generator().manual_seed(5)
+    odd = [torch.randn(3, 203, 1000, generator=g).to(dtype), torch.randn(3, 37, 1000, generator=g).to(dtype),
+           torch.rand(3, 37, generator=g) > 0.6, torch.rand(3, 203, generator=g) > 0.2]
+    odd[2][1] = False
+    odd[3][2] = False
+    pi05 = structured_inputs(batch=8, dtype=dtype, absent_cameras=((7, 2),), seed=8, device="cuda")
+    with K.tuning(**variant):
+        for patches, task, task_mask, patch_mask in (cuda(*odd), pi05):
+            idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="triton")
+            check_selection(idx, patches, task, task_mask, patch_mask)
+            for keep_tokens, max_tokens in [(None, None), (64, None), (None, 96)]:
+                out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask,
+                                      keep_tokens=keep_tokens, max_tokens=max_tokens, backend="triton")
+                check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
 
 def test_backends_agree_on_pi05(backend):
     """The GPU backend and the CPU kernel both pick rows within the SPEC tolerance of the
