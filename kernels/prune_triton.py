@@ -331,10 +331,10 @@ def _scores_step(p, q, ps, qs, acc, ssp, sst, DOT_NATIVE: tl.constexpr, DOT_PREC
     SSQ_MMA: as the Gram matrices p p^T and q q^T, whose diagonals are the sums (_ssq_total), on
     the tensor cores beside the product. In the loop without PREFETCH (_Cfg sets none with it) the
     tiles are then operands of MMAs only, never read into registers, so triton's pipeline at 2+
-    stages gives them a buffer per stage (the race of
-    PERF_LOG v58 needs a tile read both ways) and every load of the step is an asynchronous copy
-    (with SSQ_LOADS the sums' own loads wait out an L2 round trip each step; sm_90 TTGIR). The
-    tensor cores do 3x the product's work, which the memory-bound 64-row tiles leave idle.
+    stages gives them a buffer per stage (the race of PERF_LOG v58 needs a tile read both ways)
+    and every load of the step is an asynchronous copy (with SSQ_LOADS the sums' own loads wait
+    out an L2 round trip each step; sm_90 TTGIR). The tensor cores do 3x the product's work,
+    which the memory-bound 64-row tiles leave idle.
 
     Else from ``ps`` and ``qs`` (``p`` and ``q`` themselves, or the same tiles loaded again, see
     SSQ_LOADS), into partial sums of shape [rows, G], G = BLOCK_K / 8: a row's 8 consecutive
