@@ -37,7 +37,9 @@ def test_dry_run_all_steps(tmp_path):
     with tarfile.open(archive) as tar:  # everything done so far, in one file
         names = set(tar.getnames())
     assert {f"out/{name}.log" for name in steps} <= names
-    assert "out/summary.md" in names
+    assert "out/summary.md" in names and "out/targets.md" in names
+    # nothing timed in a dry run: every target reads "not measured"
+    assert (out / "targets.md").read_text().count("not measured") == 9
 
 
 def test_step_selection(tmp_path):
