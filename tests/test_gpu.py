@@ -2,8 +2,9 @@
 ``backend="cuda"``): every dtype incl. bf16, the pi05 shape at B = 1/8/64, odd shapes, every
 mask case, budgets, caps, mask_voters, ties, NaN/Inf, strided inputs, int64 offsets,
 ``torch.compile(fullgraph=True, dynamic=True)`` with one compile across kept counts, the
-static-cap op captured in a CUDA graph, and the Triton sweep's pipeline candidates. Skipped without CUDA (a backend not built or not
-importable here is skipped by name). ``bench/gpu_check`` runs them with ``-m gpu``.
+static-cap op captured in a CUDA graph, and the Triton sweep's pipeline candidates. Skipped
+without CUDA (a backend not built or not importable here is skipped by name). ``bench/gpu_check``
+runs them with ``-m gpu``.
 
 Selections are checked against the float64 truth (SPEC tolerance, so genuine near-ties may
 differ from the CPU's choice); every other output must equal what the reference builds from
@@ -192,7 +193,6 @@ def test_odd_shape(backend, dtype):
         check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
 
 
-
 # Sweep candidates that take triton's pipeline to 2+ stages (PERF_LOG v78, v79), right or not
 # before any becomes a default: the scores kernel's sums of squares as Gram diagonals, the select
 # kernel's S tiles loaded where they are multiplied.
@@ -225,6 +225,7 @@ def test_triton_pipeline_variants(variant, dtype):
                 out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask,
                                       keep_tokens=keep_tokens, max_tokens=max_tokens, backend="triton")
                 check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
+
 
 def test_backends_agree_on_pi05(backend):
     """The GPU backend and the CPU kernel both pick rows within the SPEC tolerance of the
