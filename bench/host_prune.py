@@ -164,7 +164,8 @@ def _measure(args, out: pathlib.Path, device: torch.device) -> int:
         lmed, lp20, lp80 = H._quantiles(loop_times[backend, layer])
         rows.append({"backend": backend, "layer": layer, "host_us": med, "p20_us": p20, "p80_us": p80,
                      "loop_us": lmed, "loop_p20_us": lp20, "loop_p80_us": lp80})
-        md.append(f"| {backend} | {layer} | {med:.1f} | {p20:.1f} | {p80:.1f} | {lmed:.1f} | {lp20:.1f} | {lp80:.1f} |")
+        cells = " | ".join(f"{x:.1f}" for x in (med, p20, p80, lmed, lp20, lp80))
+        md.append(f"| {backend} | {layer} | {cells} |")
         print(f"[host] {backend:7s} {layer:10s} {med:8.1f} us (p20 {p20:.1f}, p80 {p80:.1f}); back to back "
               f"{lmed:.1f} us (p20 {lp20:.1f}, p80 {lp80:.1f})", flush=True)
     for backend, layer_fns in fns.items():

@@ -173,10 +173,10 @@ def test_a_call_is_three_kernels(backend, batch):
         assert len(work) == 3 and not any("memset" in w.lower() or "fill" in w.lower() for w in work), (call, work)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_odd_shape(backend, dtype):
-    """Nothing a block multiple; one sample without a valid prompt token, one without patches."""
-    g = torch.Generator().manual_seed(1)
+def odd_inputs(dtype, seed):
+    """CUDA inputs of 3 x 203 patches, 37 prompt tokens, width 1000 (nothing a block multiple),
+    sample 1 without a valid prompt token, sample 2 without a valid patch."""
+    g = torch.Generator().manual_seed(seed)
     B, N, T, D = 3, 203, 37, 1000
     patches = torch.randn(B, N, D, generator=g).to(dtype)
     task = torch.randn(B, T, D, generator=g).to(dtype)
@@ -184,7 +184,13 @@ def test_odd_shape(backend, dtype):
     task_mask[1] = False
     patch_mask = torch.rand(B, N, generator=g) > 0.2
     patch_mask[2] = False
-    patches, task, task_mask, patch_mask = cuda(patches, task, task_mask, patch_mask)
+    return cuda(patches, task, task_mask, patch_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_odd_shape(backend, dtype):
+    """Nothing a block multiple; one sample without a valid prompt token, one without patches."""
+    patches, task, task_mask, patch_mask = odd_inputs(dtype, seed=1)
     idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend=backend)
     check_selection(idx, patches, task, task_mask, patch_mask)
     for keep_tokens, mask_voters, max_tokens in [(None, False, None), (64, True, None), (None, True, 96)]:
@@ -211,14 +217,9 @@ def test_triton_pipeline_variants(variant, dtype):
         pytest.skip(why)
     from pi05_fastprune.kernels import prune_triton as K
 
-    g = torch.Generator().manual_seed(5)
-    odd = [torch.randn(3, 203, 1000, generator=g).to(dtype), torch.randn(3, 37, 1000, generator=g).to(dtype),
-           torch.rand(3, 37, generator=g) > 0.6, torch.rand(3, 203, generator=g) > 0.2]
-    odd[2][1] = False
-    odd[3][2] = False
     pi05 = structured_inputs(batch=8, dtype=dtype, absent_cameras=((7, 2),), seed=8, device="cuda")
     with K.tuning(**variant):
-        for patches, task, task_mask, patch_mask in (cuda(*odd), pi05):
+        for patches, task, task_mask, patch_mask in (odd_inputs(dtype, seed=5), pi05):
             idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend="triton")
             check_selection(idx, patches, task, task_mask, patch_mask)
             for keep_tokens, max_tokens in [(None, None), (64, None), (None, 96)]:

@@ -485,7 +485,7 @@ def test_scores_pipeline_buffers(bk):
     D steps of 64 (the sweep's 3-stage variant with a register cap, v62). At 2 stages the same
     holds one buffer lower: 1 for the copy one step ahead, 2 with SSQ_LOADS."""
     def buffers_and_pendings(ttgir):
-        allocs = {int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x{bk}xbf16", ttgir)}
+        allocs = _tile_buffers(ttgir, bk)
         pendings = {int(n) for n in re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", ttgir)}
         return allocs, max(pendings)
 
@@ -493,6 +493,12 @@ def test_scores_pipeline_buffers(bk):
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=3, ssq_loads=1, bk=bk)) == ({3}, 1)
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=2, bk=bk)) == ({1}, 1)
     assert buffers_and_pendings(_ttgir("_scores_kernel", stages1=2, ssq_loads=1, bk=bk)) == ({2}, 1)
+
+
+def _tile_buffers(ttgir: str, bk: int) -> set[int]:
+    """The buffer counts of ``ttgir``'s shared-memory allocations of 64-row bf16 tiles of ``bk``
+    columns (one per pipeline stage in flight)."""
+    return {int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x{bk}xbf16", ttgir)}
 
 
 def _first_loop(ttgir: str) -> str:
@@ -512,8 +518,7 @@ def test_scores_gram_sums_leave_the_tiles_to_the_mmas(stages, bk):
     loop = _first_loop(ttgir)
     assert loop.count("ttng.warp_group_dot ") == 3
     assert "tt.load " not in loop and loop.count("async_copy_global_to_local") == 2
-    allocs = set(re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x64x{bk}xbf16", ttgir))
-    assert allocs == {str(stages)}
+    assert _tile_buffers(ttgir, bk) == {stages}
     assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["3"]
 
 
