@@ -34,6 +34,14 @@
 //                           tokens x 3 (the f16x3 selection, 5.3 M: 21 steps); `_padded` the
 //                           same shares in whole 64 x 64 x 64 tiles (48 rows and 48 tokens padded
 //                           to 64: 32 and 36 steps), the simplest kernel's work
+//   chain_ns                one dependent round trip, from a thread that waits for each result
+//                           before the next (the slope of 1 against 257 in a row): `l2` a load
+//                           through L2 (__ldcg) hopping over a 4 MB random cycle, resident in
+//                           L2; `dsmem` a load from another CTA's shared memory in a cluster of
+//                           16; `atomic_gpu` a gpu-scope acq_rel atomic add (the arrival of the
+//                           current kernels' last-block-done counters). Every phase of the
+//                           B=1 kernels is a chain of such trips, which the estimates in
+//                           PERF_LOG price at 0.4-0.7 µs for L2 without a measurement
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -230,6 +238,45 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(int steps, uint32_t* out)
   write_checksum(__float_as_uint(sum), out);
 }
 
+// Dependent round trips (chain_ns): thread 0 follows `hops` links, each read only once the
+// previous one has returned. l2: next[] holds a random cycle over 128-byte slots of a 4 MB
+// buffer (no two hops in one line, no pattern a prefetcher follows).
+__global__ void l2_chain_kernel(const uint32_t* next, int hops, uint32_t* out) {
+  uint32_t i = 0;
+  if (threadIdx.x == 0)
+    for (int h = 0; h < hops; ++h) i = __ldcg(next + i);
+  if (threadIdx.x == 0) out[blockIdx.x] = i;
+}
+
+// dsmem: CTA 0 of the cluster follows a cycle that the last CTA holds in its shared memory
+// (kChainSlots links 32 words apart, a stride of 7 slots).
+constexpr int kChainSlots = 1024;
+__global__ void __launch_bounds__(kThreads) dsmem_chain_kernel(int hops, uint32_t* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  cg::cluster_group cluster = cg::this_cluster();
+  uint32_t* link = reinterpret_cast<uint32_t*>(smem);
+  for (int k = threadIdx.x; k < kChainSlots; k += kThreads) link[32 * k] = 32u * ((k + 7) % kChainSlots);
+  cluster.sync();
+  uint32_t i = 0;
+  if (cluster.block_rank() == 0 && threadIdx.x == 0) {
+    const uint32_t* far = cluster.map_shared_rank(link, cluster.num_blocks() - 1);
+    for (int h = 0; h < hops; ++h) i = far[i];
+  }
+  cluster.sync();  // the last CTA stays until the chain is done with its shared memory
+  if (threadIdx.x == 0) out[blockIdx.x] = i;
+}
+
+// atomic_gpu: each add's address depends on the previous add's result (masked to word 0 by a
+// run-time argument of 0, which the compiler cannot fold).
+__global__ void atomic_chain_kernel(unsigned* counter, unsigned mask, int hops, uint32_t* out) {
+  unsigned v = 0;
+  if (threadIdx.x == 0) {
+    for (int h = 0; h < hops; ++h)
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(v) : "l"(counter + (v & mask)) : "memory");
+    out[blockIdx.x] = v;
+  }
+}
+
 // The launch configuration of `grid` CTAs of `threads` as clusters of `cluster` CTAs (1: none).
 struct Config {
   cudaLaunchConfig_t cfg{};
@@ -336,6 +383,7 @@ int main() {
   allow(load_kernel<1024>, kBigSmem);
   allow(load_kernel<256>, kBigSmem);
   allow(mma_kernel, kBigSmem);
+  allow(dsmem_chain_kernel, kBigSmem);
   const uint4* src16 = reinterpret_cast<const uint4*>(src);
   const int clusters8 = max_clusters(8), clusters16 = max_clusters(kCluster);
   // A 16-CTA cluster that the GPU cannot place is not launched: its failure might be sticky and
@@ -398,6 +446,41 @@ int main() {
   const double mma_s_padded = mma("mma_s_share_padded", kSStepsPadded);
   const double mma_select_padded = mma("mma_select_share_padded", kSelectStepsPadded);
 
+  // chain_ns: (t(1 + kHops) - t(1)) / kHops, so the launch and the single trip cancel.
+  constexpr int kHops = 256;
+  constexpr uint32_t kL2Slots = (4u << 20) / 128;
+  std::vector<uint32_t> next(kL2Slots * 32u, 0u), order(kL2Slots);
+  for (uint32_t k = 0; k < kL2Slots; ++k) order[k] = k;
+  uint64_t rng = 0x9E3779B97F4A7C15ull;  // a fixed shuffle: the same cycle every run
+  for (uint32_t k = kL2Slots - 1; k > 0; --k) {
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    std::swap(order[k], order[static_cast<uint32_t>(rng >> 33) % (k + 1)]);
+  }
+  for (uint32_t k = 0; k < kL2Slots; ++k) next[32u * order[k]] = 32u * order[(k + 1) % kL2Slots];
+  uint32_t* next_d = nullptr;
+  unsigned* counter = nullptr;
+  CHECK(cudaMalloc(&next_d, next.size() * sizeof(uint32_t)));
+  CHECK(cudaMemcpy(next_d, next.data(), next.size() * sizeof(uint32_t), cudaMemcpyHostToDevice));
+  CHECK(cudaMalloc(&counter, sizeof(unsigned)));
+  CHECK(cudaMemset(counter, 0, sizeof(unsigned)));
+  auto slope = [&](double one, double many) { return one > 0 && many > 0 ? 1e3 * (many - one) / kHops : -1.0; };
+  auto l2 = [&](const char* name, int hops) {
+    return per_launch_us(name, [=](cudaStream_t s) { return launch(l2_chain_kernel, 1, 32, 1, 0, s, next_d, hops, out); });
+  };
+  auto dsmem = [&](const char* name, int hops) {
+    return in_cluster16(name, [=](cudaStream_t s) {
+      return launch(dsmem_chain_kernel, kCluster, kThreads, kCluster, smem, s, hops, out);
+    });
+  };
+  auto atomic = [&](const char* name, int hops) {
+    return per_launch_us(name, [=](cudaStream_t s) {
+      return launch(atomic_chain_kernel, 1, 32, 1, 0, s, counter, 0u, hops, out);
+    });
+  };
+  const double chain_l2 = slope(l2("l2_chain1", 1), l2("l2_chain257", 1 + kHops));
+  const double chain_dsmem = slope(dsmem("dsmem_chain1", 1), dsmem("dsmem_chain257", 1 + kHops));
+  const double chain_atomic = slope(atomic("atomic_chain1", 1), atomic("atomic_chain257", 1 + kHops));
+
   std::printf(
       "{\"gpu\": \"%s\", \"sms\": %d, \"launch_us\": %.3f, \"launch_cluster16_us\": %.3f, "
       "\"max_active_clusters\": {\"8\": %d, \"16\": %d}, "
@@ -405,10 +488,13 @@ int main() {
       "\"bulk_cluster16\": %.3f, \"bulk_cluster16_task\": %.3f, \"bulk_grid128_4MB\": %.3f}, "
       "\"allgather_us\": %.3f, \"cluster_sync_us\": %.4f, "
       "\"mma_us\": {\"s_share\": %.3f, \"select_share\": %.3f, \"s_share_padded\": %.3f, "
-      "\"select_share_padded\": %.3f}}\n",
+      "\"select_share_padded\": %.3f}, "
+      "\"chain_ns\": {\"l2\": %.1f, \"dsmem\": %.1f, \"atomic_gpu\": %.1f}}\n",
       prop.name, prop.multiProcessorCount, launch_us, launch16_us, clusters8, clusters16, ld16, ld16_task, ld_grid,
       bk16, bk16_task, bk_grid, gather_us, sync1 > 0 && sync64 > 0 ? (sync64 - sync1) / 63 : -1.0, mma_s,
-      mma_select, mma_s_padded, mma_select_padded);
+      mma_select, mma_s_padded, mma_select_padded, chain_l2, chain_dsmem, chain_atomic);
+  CHECK(cudaFree(next_d));
+  CHECK(cudaFree(counter));
   CHECK(cudaFree(src));
   CHECK(cudaFree(out));
   return 0;
