@@ -50,6 +50,13 @@ def test_verdicts(over, verdict):
     assert verdict in b1_budget.budget(probe(**over))["verdict"]
 
 
+@pytest.mark.parametrize("current, against", [
+    (11.0, "even the worst case beats"), (8.0, "only the best case beats"), (6.0, "even the best case does not")])
+def test_against_the_three_kernels(current, against):
+    assert b1_budget.budget(probe(), current)["against_current"].startswith(against)
+    assert b1_budget.budget(probe())["against_current"] is None
+
+
 def test_markdown_from_the_command_line(tmp_path, capsys):
     src = tmp_path / "b1_probe.json"
     src.write_text(json.dumps(probe(chain_ns={"l2": 612.4, "dsmem": -1.0, "atomic_gpu": 880.0})))
@@ -58,3 +65,14 @@ def test_markdown_from_the_command_line(tmp_path, capsys):
     assert text == capsys.readouterr().out
     assert "| **best case** (streaming and S overlapped, prompt multicast) | **6.20** |" in text
     assert "l2 612, dsmem failed, atomic_gpu 880" in text
+
+
+def test_reads_the_three_kernels_from_the_run(tmp_path):
+    """gpu_check writes b1_probe.json into the run folder, beside the op benchmark's rows."""
+    run14 = ROOT / "bench" / "results" / "h200-2026-11-28" / "run14"
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.json").write_text((run14 / "bench" / "results.json").read_text())
+    (tmp_path / "b1_probe.json").write_text(json.dumps(probe()))
+    assert b1_budget.main([str(tmp_path / "b1_probe.json"), "--out", str(tmp_path / "b1_budget.md")]) == 0
+    text = (tmp_path / "b1_budget.md").read_text()
+    assert "Against the same run's CUDA C++ kernels at B=1: even the worst case beats the three kernels' 19.8 µs" in text
