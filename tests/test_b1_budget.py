@@ -33,6 +33,10 @@ def test_pieces_and_totals():
     assert pieces["5 cluster barriers"] == pytest.approx(0.5)
     # best: 2 + max(1.5, S 1.0) + gather 1.0 + select 1.2 + 0.5; worst: 2 + 3 + 2 + 1 + 2.4 + 0.5
     assert b["best_us"] == pytest.approx(6.2)
+    # a way of streaming that failed leaves the other
+    failed_bulk = dict(probe()["stream_us"], bulk_cluster16=-1.0)
+    assert b1_budget.budget(probe(stream_us=failed_bulk))["pieces"][
+        "streaming, prompt multicast (patches only)"] == pytest.approx(2.0)  # load 4.0 - 2
     assert b["worst_us"] == pytest.approx(10.9)
     assert "only with the streaming overlapped" in b["verdict"]
 
@@ -45,6 +49,8 @@ def test_pieces_and_totals():
      "meets 8 µs even with every piece in series"),
     (dict(max_active_clusters={"8": 16, "16": 0}), "no 16-CTA cluster fits"),
     (dict(allgather_us=-1.0), "not measured"),
+    (dict(stream_us={"load_cluster16": -1.0, "load_cluster16_task": -1.0, "bulk_cluster16": -1.0,
+                     "bulk_cluster16_task": -1.0}), "not measured"),
 ])
 def test_verdicts(over, verdict):
     assert verdict in b1_budget.budget(probe(**over))["verdict"]
