@@ -632,18 +632,14 @@ def _select_kernel(
             cols_next = cols + n_split * BLOCK_N
             pm_next = _pm_tile(cols_next, PMASK, b, N, HAS_PMASK)
             if S_AHEAD:
-                sj_hi_next, sj_lo_next = _load_halves(S, b, N, TS, cols_next, cols_next < N, tt)
-                acc = _tile_product(a_hi, a_lo, sj_hi, sj_lo, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC,
-                                    S_SHIFT)
-                sj_hi = sj_hi_next
-                sj_lo = sj_lo_next
+                s_hi, s_lo = sj_hi, sj_lo
+                sj_hi, sj_lo = _load_halves(S, b, N, TS, cols_next, cols_next < N, tt)
             else:
                 # The tile loaded where it is multiplied: an MMA operand only, which triton's
                 # pipeline at 2+ stages copies ahead into shared memory itself (cp.async), with no
                 # registers held for it and no store of them to shared memory.
                 s_hi, s_lo = _load_halves(S, b, N, TS, cols, cols < N, tt)
-                acc = _tile_product(a_hi, a_lo, s_hi, s_lo, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC,
-                                    S_SHIFT)
+            acc = _tile_product(a_hi, a_lo, s_hi, s_lo, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), SEL_PREC, S_SHIFT)
             best_s, best_c = _merge_best(best_s, best_c, acc, cols, _allowed(cols, pm, no_patch, N, HAS_PMASK))
             pm = pm_next
     else:
