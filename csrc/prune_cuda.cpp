@@ -45,10 +45,14 @@ void check_launch(cudaError_t err, const char* what) {
 // the same conditions as PDL; FASTPRUNE_CUDA_CLUSTER=0 turns that off. On an H200 the clusters
 // took kernel A from 13.7 to 8.0 us at pi05 B=1 and from 145 to 140 us at B=64
 // (bench/results/h200-2026-11-27/run6, bench_cluster against bench).
+// FASTPRUNE_CUDA_ONE_CLUSTER=1 (opt-in, same conditions; not yet measured on a GPU, PERF_LOG
+// v80) runs kernels A and B of a one-sample call as one launch of one thread block cluster where
+// it applies (prune_cuda.h, make_plan).
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;
   bool cluster = false;
+  bool one_cluster = false;
   int ksplit = 0;
 };
 
@@ -74,6 +78,7 @@ DeviceFacts device_facts(int device) {
     const bool sm90 = major >= 9 && fastprune_cuda::kernels_have_sm90();
     f.pdl = sm90 && env_flag("FASTPRUNE_CUDA_PDL", false);
     f.cluster = sm90 && env_flag("FASTPRUNE_CUDA_CLUSTER", true);
+    f.one_cluster = sm90 && env_flag("FASTPRUNE_CUDA_ONE_CLUSTER", false);
     if (const char* k = std::getenv("FASTPRUNE_CUDA_KSPLIT")) {
       char* end = nullptr;
       const long v = std::strtol(k, &end, 10);
@@ -140,7 +145,7 @@ Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
   p.patch_mask = r.patch_mask.defined() ? r.patch_mask.data_ptr<bool>() : nullptr;
   p.mask_voters = mask_voters;
   const DeviceFacts dev = device_facts(patches.get_device());
-  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit, dev.cluster);
+  r.plan = fastprune_cuda::make_plan(B, N, T, D, dev.sms, dev.pdl, dev.ksplit, dev.cluster, dev.one_cluster);
   r.workspace = at::empty({static_cast<int64_t>(r.plan.workspace_bytes)},
                           patches.options().dtype(at::kByte));
   return r;

@@ -16,8 +16,10 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -52,33 +54,73 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t st
   fp_launch_attr(kernel, grid, block, 0, stream, attr, args...);
 }
 
-// kernel<<<grid, block, smem_bytes, stream>>>(args...) as thread block clusters of cluster_y
-// blocks along y (sm_90+; grid.y a multiple of it). Dynamic shared memory past 48 KB needs the
-// kernel's opt-in, given once per kernel and device for smem_max bytes: it is no stream work, so
-// it need not (and inside CUDA-graph capture may not) be repeated per launch.
-template <typename... Params, typename... Actual>
-void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
-                       size_t smem_max, cudaStream_t stream, Actual... args) {
+// The kernel's opt-ins, given once per kernel and device: dynamic shared memory past 48 KB, up to
+// smem_max bytes, and clusters past the portable 8 blocks (sm_90 takes 16). They are no stream
+// work, so they need not (and inside CUDA-graph capture may not) be repeated per launch.
+template <typename... Params>
+bool fp_opt_in(void (*kernel)(Params...), size_t smem_max) {
   static std::mutex mu;
   static std::set<std::pair<const void*, int>> opted;
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return;  // errors surface through cudaGetLastError()
-  {
-    const std::lock_guard<std::mutex> lock(mu);
-    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
-    if (opted.count(key) == 0) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max)) !=
-          cudaSuccess)
-        return;
-      opted.insert(key);
-    }
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  if (opted.count(key) == 0) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max)) !=
+            cudaSuccess ||
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      return false;
+    opted.insert(key);
   }
+  return true;
+}
+
+cudaLaunchAttribute cluster_attr(unsigned cluster_y) {
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeClusterDimension;
   attr.val.clusterDim.x = 1;
   attr.val.clusterDim.y = cluster_y;
   attr.val.clusterDim.z = 1;
-  fp_launch_attr(kernel, grid, block, smem_bytes, stream, attr, args...);
+  return attr;
+}
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...) as thread block clusters of cluster_y
+// blocks along y (sm_90+; grid.y a multiple of it), after the kernel's opt-ins (fp_opt_in).
+template <typename... Params, typename... Actual>
+void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
+                       size_t smem_max, cudaStream_t stream, Actual... args) {
+  if (!fp_opt_in(kernel, smem_max)) return;  // errors surface through cudaGetLastError()
+  fp_launch_attr(kernel, grid, block, smem_bytes, stream, cluster_attr(cluster_y), args...);
+}
+
+// Whether the device places one cluster of cluster_y blocks of `kernel` with smem_bytes of
+// dynamic shared memory each (cudaOccupancyMaxActiveClusters: a GPC with that many free SMs),
+// asked once per kernel, device and shape. A refused query leaves no launch error behind.
+template <typename... Params>
+bool fp_cluster_fits(void (*kernel)(Params...), dim3 block, unsigned cluster_y, size_t smem_bytes, size_t smem_max) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, unsigned, size_t>, bool> known;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || !fp_opt_in(kernel, smem_max)) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, cluster_y, smem_bytes);
+  const auto at = known.find(key);
+  if (at != known.end()) return at->second;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(1, cluster_y, 1);
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cudaLaunchAttribute attr = cluster_attr(cluster_y);
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  const bool fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+  (void)cudaGetLastError();
+  known[key] = fits;
+  return fits;
 }
 
 // Distributed shared memory of a thread block cluster (sm_90+; the emulator has its own): the
@@ -113,6 +155,36 @@ __device__ __forceinline__ X* fp_cluster_map(X* p, int rank) {
 #else
   __trap();
   return p;
+#endif
+}
+
+// cp.async (sm_80+): a 16-byte copy from global to shared memory that does not pass through
+// registers. With `pred` false it reads nothing and writes 16 zero bytes (src-size 0). A thread's
+// copies are committed in groups; fp_cp_async_wait<n>() returns once at most n of its groups are
+// pending. A thread then sees its own copies; other threads' copies need a __syncthreads after
+// their waits. Only the one-cluster kernel (sm_90) uses them; the emulator has its own.
+__device__ __forceinline__ void fp_cp_async16(void* smem, const void* gmem, bool pred) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+               "l"(gmem), "r"(pred ? 16 : 0)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void fp_cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void fp_cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+#else
+  __trap();
 #endif
 }
 }  // namespace fastprune_cuda
@@ -483,12 +555,12 @@ struct AccA {
         for (int c = 0; c < 4; ++c) v[r][c] = fmaf(a[r], b[c], v[r][c]);
     }
   }
-  __device__ __forceinline__ void store(SmemA<T>& sm) {
+  __device__ __forceinline__ void store(float (*cs)[kBT + 4]) {
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) sm.cs[ty + 16 * r][tx + 16 * c] = v[r][c];
+      for (int c = 0; c < 4; ++c) cs[ty + 16 * r][tx + 16 * c] = v[r][c];
   }
 };
 
@@ -547,12 +619,12 @@ struct AccA<T, true> {
         if (u0 + cb + 16 * c < tr) wmma::mma_sync(acc[c], fa, fb[c], acc[c]);
     }
   }
-  __device__ __forceinline__ void store(SmemA<T>& sm) {
+  __device__ __forceinline__ void store(float (*cs)[kBT + 4]) {
     using namespace nvcuda;
     const int warp = threadIdx.x >> 5;
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
-    wmma::store_matrix_sync(&sm.cs[ra][cb], acc[0], kBT + 4, wmma::mem_row_major);
-    wmma::store_matrix_sync(&sm.cs[ra][cb + 16], acc[1], kBT + 4, wmma::mem_row_major);
+    wmma::store_matrix_sync(&cs[ra][cb], acc[0], kBT + 4, wmma::mem_row_major);
+    wmma::store_matrix_sync(&cs[ra][cb + 16], acc[1], kBT + 4, wmma::mem_row_major);
   }
 };
 template <typename T>
@@ -798,9 +870,9 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
 // and combine the row max by two shuffles. finish_cluster's warp per row did each row's loads,
 // sums, max and stores one after another, 8 rows per warp: run 12's ncu put 23 % of the B=64
 // kernel's warp samples after its main loop. The arithmetic is finish_cluster's on one block's
-// partials.
+// partials. first_tile: the block of the sample's row tile 0, which zeroes kernel B's counters.
 __device__ void finish_block(const Args& a, const ClusterSmem& cl, int64_t b, int64_t j0, int tr, int t_lo,
-                             bool all_t, const bool* tm) {
+                             bool all_t, const bool* tm, bool first_tile) {
   static_assert(kThreads == 4 * kBM, "4 threads per row");
   const int tid = threadIdx.x;
   const int64_t N = a.N, ts = a.ts;
@@ -812,7 +884,7 @@ __device__ void finish_block(const Args& a, const ClusterSmem& cl, int64_t b, in
     cl.tok[u] = all_t || tm[t_lo + u] ? 1 : 0;
   }
   if (tid < rows_here) a.keys[b * N + j0 + tid] = 0ull;
-  if (blockIdx.x == 0 && tid == 0) zero_b_counters(a, b);
+  if (first_tile && tid == 0) zero_b_counters(a, b);
   __syncthreads();  // invt, tok
   const int r = tid >> 2, q = tid & 3;
   const bool have = r < rows_here;
@@ -974,7 +1046,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
       if (d + kBK < d1) step(ld1, sm.buf[1], d + kBK);
     }
     __syncthreads();  // the last products read the tile buffers, which cs overlays
-    acc.store(sm);
+    acc.store(sm.cs);
     __syncthreads();
     for (int e = tid; e < kBM * kBT; e += kThreads) {
       const int r = e / kBT, c = e % kBT;
@@ -1019,7 +1091,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     const int lo_again = all_again ? 0 : sm.t_lo;
     const int tr_again = all_again ? static_cast<int>(T_) : sm.t_hi + 1 - lo_again;
     const bool* tm_again = a.task_mask != nullptr ? a.task_mask + b * T_ : nullptr;
-    if (a.ksplit == 1) finish_block(a, cl, b, j0, tr_again, lo_again, all_again, tm_again);
+    if (a.ksplit == 1) finish_block(a, cl, b, j0, tr_again, lo_again, all_again, tm_again, rt == 0);
     else finish_cluster(a, cl, b, j0, tr_again, lo_again, all_again, tm_again);
     return;
   }
@@ -1221,13 +1293,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
 // columns (64 B).
 constexpr int kLdu = kBU + 4;
 static_assert((16 * kLdu * sizeof(float)) % 32 == 0, "fragment rows stay 32-byte aligned");
-#if FP_HAVE_MMA
 // The tensor-core product takes both tiles as fp16 halves x = hi + lo (SelectMma), as kernel A
 // wrote them (put_pair). Their rows are kLdh = kBU + 8 halves (144 B): a fragment's 16 rows start 32-byte
 // aligned, and the 8 rows of each of its shared loads hit distinct banks. The product goes to
 // `prod` over the S halves, dead by then.
 constexpr int kLdh = kBU + 8;
 static_assert((16 * kLdh * sizeof(__half)) % 32 == 0 && kBU % 16 == 0, "fragment rows stay 32-byte aligned");
+#if FP_HAVE_MMA
 union SelectSmem {
   struct {
     alignas(128) __half ah[kBM][kLdh];
@@ -1433,26 +1505,32 @@ struct SelectMma {
     nvcuda::wmma::fill_fragment(acc[0], 0.f);
     nvcuda::wmma::fill_fragment(acc[1], 0.f);
   }
-  // Tokens [0, ku) of the tiles; ku is rounded up to 16 over their zero padding.
-  __device__ __forceinline__ void step(const SelectSmem& sm, int ku) {
+  // Tokens [0, ku) of A rows ah / al (lda halves apart) and S rows sh / sl; ku is rounded up to
+  // 16 over their zero padding.
+  __device__ __forceinline__ void step(const __half* ah, const __half* al, unsigned lda, const __half (*sh)[kLdh],
+                                       const __half (*sl)[kLdh], int ku) {
     using namespace nvcuda;
     const int warp = threadIdx.x >> 5;
     const int ra = 16 * (warp & 3), cb = 32 * (warp >> 2);
     for (int k = 0; k < ku; k += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a_hi, a_lo;
-      load_frag(a_hi, &sm.tile.ah[ra][k], kLdh);
-      load_frag(a_lo, &sm.tile.al[ra][k], kLdh);
+      load_frag(a_hi, ah + ra * lda + k, lda);
+      load_frag(a_lo, al + ra * lda + k, lda);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         // B[k][n] = S[j = n][k]: the S tile read column-major.
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_hi, b_lo;
-        load_frag(b_hi, &sm.tile.out.s.sh[cb + 16 * c][k], kLdh);
-        load_frag(b_lo, &sm.tile.out.s.sl[cb + 16 * c][k], kLdh);
+        load_frag(b_hi, &sh[cb + 16 * c][k], kLdh);
+        load_frag(b_lo, &sl[cb + 16 * c][k], kLdh);
         wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
         wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
         wmma::mma_sync(acc[c], a_hi, b_hi, acc[c]);
       }
     }
+  }
+  // Kernel B's tiles.
+  __device__ __forceinline__ void step(const SelectSmem& sm, int ku) {
+    step(&sm.tile.ah[0][0], &sm.tile.al[0][0], kLdh, sm.tile.out.s.sh, sm.tile.out.s.sl, ku);
   }
   // The product into a [64][kLdu] shared tile.
   __device__ __forceinline__ void store(float (*out)[kLdu]) const {
@@ -1463,6 +1541,45 @@ struct SelectMma {
   }
 };
 #endif
+
+// The best packed key of row mr = tid / 4 of column tile ct's 64 x 64 product `prod`, over its
+// allowed columns (column c's bit is bit c % 32 of cols[c / 32]); the same in the row's 4 lanes.
+// Thread (mr, mq) reads row mr's columns mq + 4 k (k < 16): a row's 64 scores are 4 lanes' and
+// one warp's loads hit 32 distinct banks (row stride kLdu = 4 mod 32 banks). In the product's
+// layout (4 rows x 4 columns a thread) each row's merge took 4 shuffle rounds of 64-bit keys;
+// here 2.
+__device__ __forceinline__ unsigned long long tile_best(const float (*prod)[kLdu], const unsigned* cols, int ct) {
+  const int mr = threadIdx.x >> 2, mq = threadIdx.x & 3;
+  // The row's best of this thread's 16 columns (mq + 4 k), packed once: the maximum m over the
+  // allowed columns (fmaxf passes over NaN), then the lowest allowed column equal to it, found
+  // as the lowest set bit of a mask. Column c's bit is bit 4 k of ok[k / 8], as cols holds
+  // it. pack_key's order: -0 ties +0 (the compare), and NaN ranks below every number but above
+  // a disallowed column: a row whose allowed scores are all NaN (m stays -inf and no allowed
+  // score equals it) takes its lowest allowed column as NaN. About 7 instructions a score,
+  // where v51's chain, which tracked NaN at every step, took 14 (sm_90 SASS, PERF_LOG v68).
+  const unsigned ok[2] = {(cols[0] >> mq) & 0x11111111u, (cols[1] >> mq) & 0x11111111u};
+  const float* row = &prod[mr][mq];
+  float v[16];
+  float m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    v[k] = row[4 * k];
+    m = fmaxf(m, (ok[k >> 3] >> (4 * (k & 7))) & 1u ? v[k] : -INFINITY);
+  }
+  unsigned eq[2] = {0u, 0u};
+#pragma unroll
+  for (int k = 0; k < 16; ++k) eq[k >> 3] |= v[k] == m ? 1u << (4 * (k & 7)) : 0u;
+  eq[0] &= ok[0];
+  eq[1] &= ok[1];
+  const bool hit = (eq[0] | eq[1]) != 0u;
+  const unsigned w0 = hit ? eq[0] : ok[0], w1 = hit ? eq[1] : ok[1];
+  const int bk = w0 != 0u ? (__ffs(w0) - 1) >> 2 : w1 != 0u ? 8 + ((__ffs(w1) - 1) >> 2) : -1;
+  unsigned long long best =
+      bk < 0 ? 0ull : pack_key(hit ? m : __int_as_float(0x7fffffff), ct * kBM + mq + 4 * bk);
+  best = max_u64(best, __shfl_xor_sync(kFull, best, 1));  // the row's 4 lanes
+  best = max_u64(best, __shfl_xor_sync(kFull, best, 2));
+  return best;
+}
 
 // Kernel B: score' tiles = A[i, :] . S[j, :] over the prompt range, row argmax merged across
 // column tiles by atomicMax on packed keys; the sample's last block runs keep_tail.
@@ -1552,13 +1669,9 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   auto put_s = [&](const uint4 (&v)[4]) { put_tile(ss, v); };
 #endif
 
-  // The merge reads the tile's product from shared memory in its own layout: thread (mr, mq)
-  // takes row mr and columns mq + 4 k (k < 16), so a row's 64 scores are 4 lanes' and one warp's
-  // loads hit 32 distinct banks (row stride kLdu = 4 mod 32 banks). In the product's layout (4
-  // rows x 4 columns a thread) each row's merge took 4 shuffle rounds of 64-bit keys; here 2.
-  const int mr = tid >> 2, mq = tid & 3;
   // The best packed key of row mr over the tiles done (0 below every key), the same in the 4
-  // threads of the row.
+  // threads of the row (tile_best's layout).
+  const int mr = tid >> 2, mq = tid & 3;
   unsigned long long row_best = 0ull;
   // The allowed columns of the tile, bit c for column c: warps 0 and 1 ballot one column a lane.
   __shared__ unsigned s_cols[2];
@@ -1642,37 +1755,7 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
       if ((tid & 31) == 0) s_cols[tid >> 5] = bits;
     }
     __syncthreads();
-    {
-      // The row's best of this thread's 16 columns (mq + 4 k), packed once: the maximum m over the
-      // allowed columns (fmaxf passes over NaN), then the lowest allowed column equal to it, found
-      // as the lowest set bit of a mask. Column c's bit is bit 4 k of ok[k / 8], as s_cols holds
-      // it. pack_key's order: -0 ties +0 (the compare), and NaN ranks below every number but above
-      // a disallowed column: a row whose allowed scores are all NaN (m stays -inf and no allowed
-      // score equals it) takes its lowest allowed column as NaN. About 7 instructions a score,
-      // where v51's chain, which tracked NaN at every step, took 14 (sm_90 SASS, PERF_LOG v68).
-      const unsigned ok[2] = {(s_cols[0] >> mq) & 0x11111111u, (s_cols[1] >> mq) & 0x11111111u};
-      const float* row = &prod[mr][mq];
-      float v[16];
-      float m = -INFINITY;
-#pragma unroll
-      for (int k = 0; k < 16; ++k) {
-        v[k] = row[4 * k];
-        m = fmaxf(m, (ok[k >> 3] >> (4 * (k & 7))) & 1u ? v[k] : -INFINITY);
-      }
-      unsigned eq[2] = {0u, 0u};
-#pragma unroll
-      for (int k = 0; k < 16; ++k) eq[k >> 3] |= v[k] == m ? 1u << (4 * (k & 7)) : 0u;
-      eq[0] &= ok[0];
-      eq[1] &= ok[1];
-      const bool hit = (eq[0] | eq[1]) != 0u;
-      const unsigned w0 = hit ? eq[0] : ok[0], w1 = hit ? eq[1] : ok[1];
-      const int bk = w0 != 0u ? (__ffs(w0) - 1) >> 2 : w1 != 0u ? 8 + ((__ffs(w1) - 1) >> 2) : -1;
-      unsigned long long best =
-          bk < 0 ? 0ull : pack_key(hit ? m : __int_as_float(0x7fffffff), ct * kBM + mq + 4 * bk);
-      best = max_u64(best, __shfl_xor_sync(kFull, best, 1));  // the row's 4 lanes
-      best = max_u64(best, __shfl_xor_sync(kFull, best, 2));
-      row_best = max_u64(row_best, best);
-    }
+    row_best = max_u64(row_best, tile_best(prod, s_cols, ct));
     if (ct + ct_step < n_ct) __syncthreads();  // before the next tile's S loads overwrite the product
   }
   if (mq == 0 && i0 + mr < N && row_best != 0ull) atomicMax(&a.keys[b * N + i0 + mr], row_best);
@@ -1690,6 +1773,270 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
     keep_tail<false>(a, b, a.votes + b * (N + 1), a.hist + b * (N + 1), s_warp, s_warp64, &s_vstar,
                      &s_above);
   }
+}
+
+// ------------------------------------------------------------------------------------------
+// The one-cluster kernel (PERF_LOG v80; opt-in, plan.one_cluster): kernels A and B of one sample
+// as one launch of one thread block cluster, block r taking patch row tile r over all of D (so N
+// <= 16 x 64, sm_90's largest cluster). At B=1 the three kernels are chains of round trips with a
+// launch, a drain and a gpu-scope arrival between them (PERF_LOG lead 1); here cluster barriers
+// order the phases, and the loads go out as deep cp.async rings, since 12-16 SMs must keep their
+// whole share of the 3 MB of patches and the prompt in flight:
+//   phase 1: the D steps of the row tile and the prompt's token tile through kOcStages step
+//            buffers (kernel A's tiles, product and sums of squares; the sums read each thread's
+//            own landed vectors, in the register path's order), then kernel A's finish_block:
+//            S and A' of the tile as fp16 halves in the workspace; cluster barrier;
+//   phase 2: the block's A' rows in shared memory for every token step, every S column tile of
+//            the sample through a ring of kOcRing, kernel B's product and merge: the block owns
+//            its rows' argmax, stored without atomics; cluster barrier;
+//   phase 3: block 0 runs kernel B's keep_tail on the sample's keys (votes in shared memory).
+// The gather stays kernel C. Only 16-bit inputs with 16-byte rows (the rings copy 16-byte vectors
+// and the product is wmma); everything else, and B > 1, keeps kernels A and B.
+constexpr int kOcStages = 8;     // D steps in flight in phase 1: 8 x 16 KB a block
+constexpr int kOcRing = 6;       // S column tiles in flight in phase 2
+constexpr int kOcMaxTiles = 16;  // row tiles: blocks a cluster
+constexpr size_t kOcSmemMax = 227 * 1024;
+
+// Block-wide scalars and the tail's scan scratch, at the start of the dynamic shared memory (a
+// cluster kernel keeps all of its shared memory there).
+struct OcHead {
+  int t_lo, t_hi;
+  unsigned cols[kOcMaxTiles * kBM / 32];  // allowed columns, bit c % 32 of word c / 32
+  int s_warp[kWarps];
+  long long s_warp64[kWarps];
+  int s_vstar, s_above;
+};
+constexpr size_t kOcHead = (sizeof(OcHead) + 127) / 128 * 128;
+struct OcSTile {  // one S column tile of phase 2's ring
+  alignas(128) __half sh[kBM][kLdh];
+  alignas(128) __half sl[kBM][kLdh];
+};
+// Phase 2's A' rows: every 64-token step of the range, padded by 8 halves (kLdh's reason).
+__host__ __device__ inline int64_t oc_lda(int64_t ts) { return (ts + kBU - 1) / kBU * kBU + 8; }
+// Bytes past the head: phase 1's step buffers and ClusterSmem arrays (cs overlays the first two
+// buffers), phase 2's A' rows, product tile and ring, or phase 3's votes, whichever is largest.
+// Step buffers of 16-bit tiles (StepTiles<__half> and <__nv_bfloat16> are alike).
+__host__ __device__ inline size_t oc_phase1_bytes(int64_t ts) {
+  return kOcStages * sizeof(StepTiles<__half>) + static_cast<size_t>(kBM * ts + kBM + 3 * ts) * sizeof(float);
+}
+__host__ __device__ inline size_t oc_phase2_bytes(int64_t ts) {
+  return 2 * kBM * static_cast<size_t>(oc_lda(ts)) * sizeof(__half) + sizeof(float) * kBM * kLdu +
+         kOcRing * sizeof(OcSTile);
+}
+__host__ __device__ inline size_t oc_smem_bytes(int64_t N, int64_t ts) {
+  const size_t p1 = oc_phase1_bytes(ts), p2 = oc_phase2_bytes(ts), p3 = 2 * (static_cast<size_t>(N) + 1) * sizeof(int);
+  const size_t p12 = p1 > p2 ? p1 : p2;
+  return kOcHead + (p12 > p3 ? p12 : p3);
+}
+static_assert(sizeof(StepTiles<__half>) % 128 == 0 && sizeof(StepTiles<__half>) == sizeof(StepTiles<__nv_bfloat16>),
+              "step buffers stay 128-byte aligned");
+static_assert(sizeof(float) * kBM * (kBT + 4) <= 2 * sizeof(StepTiles<__half>), "cs overlays two step buffers");
+static_assert((sizeof(float) * kBM * kLdu) % 128 == 0 && sizeof(OcSTile) % 128 == 0, "phase 2 arrays stay aligned");
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a) {
+#if FP_HAVE_MMA
+  using Ld = Loader<T, true>;
+  constexpr int kBK = ATile<T>::kBK;
+  static_assert(sizeof(T) == 2, "16-bit inputs");
+  unsigned char* const smem = fp_dyn_smem();
+  OcHead& hd = *reinterpret_cast<OcHead*>(smem);
+  unsigned char* const body = smem + kOcHead;
+  StepTiles<T>* const stage = reinterpret_cast<StepTiles<T>*>(body);
+  const ClusterSmem cl = cluster_smem(body, kOcStages * sizeof(StepTiles<T>), a.ts);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int rt = static_cast<int>(blockIdx.y);  // the block's rank in the cluster
+  const int64_t N = a.N, T_ = a.T, D = a.D, ts = a.ts;
+  const int64_t j0 = static_cast<int64_t>(rt) * kBM;
+  const T* P = static_cast<const T*>(a.patches);
+  const T* Q = static_cast<const T*>(a.task);
+  const bool* tm = a.task_mask;
+  const int n_steps = static_cast<int>((D + kBK - 1) / kBK);
+
+  // Phase 1. The copies of D step s into step buffer s % kOcStages: patch rows j0 + row(k) and
+  // prompt rows t_lo + u0 + row(k) below tr, zeros elsewhere (Loader<T, true>'s thread layout).
+  // Every call commits a group, empty past the last step, so that a wait for "all but the
+  // newest kOcStages - 2" always means the step in hand.
+  auto issue = [&](int s, int t_lo, int u0, int tr) {
+    if (s < n_steps) {
+      StepTiles<T>& st = stage[s % kOcStages];
+      const int c = Ld::col();
+      const int64_t dd = static_cast<int64_t>(s) * kBK + c;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int r = Ld::row(k);
+        const bool pj = j0 + r < N && dd < D, pu = u0 + r < tr && dd < D;
+        fp_cp_async16(&st.ps[r][c], pj ? P + (j0 + r) * a.p_sr + dd : P, pj);
+        fp_cp_async16(&st.ts[r][c], pu ? Q + (t_lo + u0 + r) * a.t_sr + dd : Q, pu);
+      }
+    }
+    fp_cp_async_commit();
+  };
+  // The first steps go out before the prompt range is known, on kernel A's guess that it starts
+  // at token 0 (pi0.5's prompts are a prefix): rows past the range are copied and not used.
+  for (int s = 0; s < kOcStages - 1; ++s) issue(s, 0, 0, static_cast<int>(T_));
+  if (tid == 0) {
+    hd.t_lo = INT_MAX;
+    hd.t_hi = -1;
+  }
+  __syncthreads();
+  if (tm != nullptr) {
+    int lo = INT_MAX, hi = -1;
+    for (int64_t t = tid; t < T_; t += kThreads) {
+      if (tm[t]) {
+        lo = mn(lo, static_cast<int>(t));
+        hi = mx(hi, static_cast<int>(t));
+      }
+    }
+    if (hi >= 0) {
+      atomicMin(&hd.t_lo, lo);
+      atomicMax(&hd.t_hi, hi);
+    }
+  }
+  __syncthreads();
+  const bool all_t = hd.t_hi < 0;
+  const int t_lo = all_t ? 0 : hd.t_lo;
+  const int tr = (all_t ? static_cast<int>(T_) : hd.t_hi + 1) - t_lo;
+  if (t_lo != 0) {  // a wrong guess: the same buffers again, after the thread's own copies landed
+    fp_cp_async_wait<0>();
+    for (int s = 0; s < kOcStages - 1; ++s) issue(s, t_lo, 0, tr);
+  }
+
+  float psq[2] = {0.f, 0.f};
+  for (int u0 = 0; u0 < tr; u0 += kBT) {  // token tiles, the patches streamed again for each
+    if (u0 > 0)
+      for (int s = 0; s < kOcStages - 1; ++s) issue(s, t_lo, u0, tr);
+    float tsq[2] = {0.f, 0.f};
+    AccA<T, true> acc;
+    acc.zero();
+    for (int s = 0; s < n_steps; ++s) {
+      fp_cp_async_wait<kOcStages - 2>();
+      // Every thread's copies of step s have landed, and every thread is past the product of step
+      // s - 1, whose buffer the copies below refill.
+      __syncthreads();
+      issue(s + kOcStages - 1, t_lo, u0, tr);
+      const StepTiles<T>& st = stage[s % kOcStages];
+      const int c = Ld::col();
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const uint4 pv4 = *reinterpret_cast<const uint4*>(&st.ps[Ld::row(k)][c]);
+        const uint4 qv4 = *reinterpret_cast<const uint4*>(&st.ts[Ld::row(k)][c]);
+        const T* pv = reinterpret_cast<const T*>(&pv4);
+        const T* qv = reinterpret_cast<const T*>(&qv4);
+#pragma unroll
+        for (int e = 0; e < Ld::kVE; ++e) {
+          const float x = to_f32(pv[e]), y = to_f32(qv[e]);
+          if (u0 == 0) psq[k] = fmaf(x, x, psq[k]);
+          tsq[k] = fmaf(y, y, tsq[k]);
+        }
+      }
+      acc.step(st, u0, tr);
+    }
+    __syncthreads();  // the last products read the step buffers, which cs overlays
+    float(*cs)[kBT + 4] = reinterpret_cast<float(*)[kBT + 4]>(body);
+    acc.store(cs);
+    __syncthreads();
+    for (int e = tid; e < kBM * kBT; e += kThreads) {
+      const int r = e / kBT, c = e % kBT;
+      if (j0 + r < N && u0 + c < tr) cl.part[r * ts + u0 + c] = cs[r][c];
+    }
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const float v = Ld::reduce(tsq[k]);
+      const int u = u0 + Ld::row(k);
+      if (Ld::leader() && u < tr) cl.tsq[u] = v;
+    }
+    __syncthreads();  // cs overlays the buffers that the next token tile's copies fill
+  }
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const float v = Ld::reduce(psq[k]);
+    if (Ld::leader() && j0 + Ld::row(k) < N) cl.psq[Ld::row(k)] = v;
+  }
+  finish_block(a, cl, 0, j0, tr, t_lo, all_t, tm, rt == 0);  // block 0 also zeroes max_count
+  fp_cluster_sync();  // every block's S and A' rows are in the workspace
+
+  // Phase 2. The block's A' rows, all 64-token steps of the range (zeros past u_end, the range
+  // rounded up to 8 as kernel B's fetch_tile bounds it), with the ring's first group.
+  const int lda = static_cast<int>(oc_lda(ts));
+  __half* const ah = reinterpret_cast<__half*>(body);
+  __half* const al = ah + kBM * lda;
+  float(*prod)[kLdu] = reinterpret_cast<float(*)[kLdu]>(al + kBM * lda);
+  OcSTile* const ring = reinterpret_cast<OcSTile*>(prod + kBM);
+  const int n_u = (tr + kBU - 1) / kBU, n_ct = static_cast<int>(a.row_tiles), n_items = n_ct * n_u;
+  const int u_end = (tr + 7) & ~7;
+  {
+    const int vecs = n_u * kBU / 8;  // 16-byte vectors a row and plane
+    for (int e = tid; e < 2 * kBM * vecs; e += kThreads) {
+      const int plane = e / (kBM * vecs), r = e / vecs % kBM, u = 8 * (e % vecs);
+      const bool on = j0 + r < N && u < u_end;
+      const __half* src = reinterpret_cast<const __half*>(a.A + (j0 + r) * ts) + plane * ts + u;
+      fp_cp_async16((plane ? al : ah) + r * lda + u, on ? src : reinterpret_cast<const __half*>(a.A), on);
+    }
+  }
+  // Item k: column tile k / n_u, token step k % n_u, into ring entry k % kOcRing (kernel B's
+  // fetch_tile layout: rows hr and hr + 32, tokens 8 hq .. + 7, both planes).
+  const int hr = tid >> 3, hq = tid & 7;
+  auto issue_s = [&](int k) {
+    if (k < n_items) {
+      OcSTile& t = ring[k % kOcRing];
+      const int64_t c0 = static_cast<int64_t>(k / n_u) * kBM;
+      const int u = (k % n_u) * kBU + 8 * hq;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t j = c0 + hr + 32 * h;
+        const bool on = j < N && u < u_end;
+        const __half* src = reinterpret_cast<const __half*>(a.S + j * ts) + u;
+        fp_cp_async16(&t.sh[hr + 32 * h][8 * hq], on ? src : reinterpret_cast<const __half*>(a.S), on);
+        fp_cp_async16(&t.sl[hr + 32 * h][8 * hq], on ? src + ts : reinterpret_cast<const __half*>(a.S), on);
+      }
+    }
+    fp_cp_async_commit();
+  };
+  for (int k = 0; k < kOcRing - 1; ++k) issue_s(k);
+  // Allowed columns: the valid patches, all without a mask, column 0 alone when none is valid.
+  const bool* pm = a.patch_mask;
+  for (int w = warp; w < 2 * n_ct; w += kWarps) {
+    const int64_t j = 32 * w + lane;
+    const unsigned bits = __ballot_sync(kFull, j < N && (pm == nullptr || pm[j]));
+    if (lane == 0) hd.cols[w] = bits;
+  }
+  __syncthreads();
+  unsigned any = 0u;
+  for (int w = 0; w < 2 * n_ct; ++w) any |= hd.cols[w];
+
+  const int mr = tid >> 2, mq = tid & 3;
+  unsigned long long row_best = 0ull;  // tile_best's layout
+  SelectMma tc;
+  for (int k = 0; k < n_items; ++k) {
+    const int ct = k / n_u, st = k % n_u;
+    fp_cp_async_wait<kOcRing - 2>();
+    // Every thread's copies of item k (and of the A' rows) have landed, and every thread is
+    // past item k - 1's product, whose ring entry the copies below refill, and its merge.
+    __syncthreads();
+    issue_s(k + kOcRing - 1);
+    if (st == 0) tc.zero();
+    const OcSTile& t = ring[k % kOcRing];
+    tc.step(ah + st * kBU, al + st * kBU, static_cast<unsigned>(lda), t.sh, t.sl, mn(kBU, tr - st * kBU));
+    if (st == n_u - 1) {
+      tc.store(prod);
+      const unsigned cols[2] = {any != 0u ? hd.cols[2 * ct] : (ct == 0 ? 1u : 0u),
+                                any != 0u ? hd.cols[2 * ct + 1] : 0u};
+      __syncthreads();  // the product
+      row_best = max_u64(row_best, tile_best(prod, cols, ct));
+    }
+  }
+  if (mq == 0 && j0 + mr < N) a.keys[j0 + mr] = row_best;
+  fp_cluster_sync();  // every block's keys
+
+  // Phase 3: block 0 alone, on the sample's keys (the others' phase 2 shared memory is not read).
+  if (rt != 0) return;
+  int* votes = reinterpret_cast<int*>(body);
+  keep_tail<true>(a, 0, votes, votes + N + 1, hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
+#else
+  (void)a;  // never launched: one_cluster_applies needs the tensor-core path
+#endif
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1821,12 +2168,36 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
   return a;
 }
 
-cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, cudaStream_t stream) {
-  // 16-byte loads in kernel A when every task/patch row start is 16-byte aligned.
+// 16-byte loads in kernel A when every task/patch row start is 16-byte aligned.
+bool vec_rows(const Problem& p) {
   const int64_t ve = p.dtype == DType::kFloat32 ? 4 : 8;
-  const bool vec = p.D % ve == 0 && p.patches_sb % ve == 0 && p.patches_sr % ve == 0 && p.task_sb % ve == 0 &&
-                   p.task_sr % ve == 0 && reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
+  return p.D % ve == 0 && p.patches_sb % ve == 0 && p.patches_sr % ve == 0 && p.task_sb % ve == 0 &&
+         p.task_sr % ve == 0 && reinterpret_cast<uintptr_t>(p.patches) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(p.task) % 16 == 0;
+}
+
+// The FMA emulator build has no tensor-core path, which the one-cluster kernel takes.
+#if defined(FASTPRUNE_CUDA_EMU) && !defined(FASTPRUNE_EMU_MMA)
+constexpr bool kOneClusterBuilt = false;
+#else
+constexpr bool kOneClusterBuilt = true;
+#endif
+
+cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, cudaStream_t stream) {
+  if (one_cluster_applies(p, plan)) {
+    const dim3 grid(1, static_cast<unsigned>(plan.row_tiles), 1);
+    const unsigned cy = static_cast<unsigned>(plan.row_tiles);
+    const size_t smem = oc_smem_bytes(p.N, plan.ts);
+    auto launch_oc = [&](auto kernel) {
+      if (!fp_cluster_fits(kernel, kThreads, cy, smem, kOcSmemMax)) return false;  // kernels A and B then
+      fp_launch_cluster(kernel, grid, kThreads, cy, smem, kOcSmemMax, stream, a);
+      return true;
+    };
+    const bool ran = p.dtype == DType::kFloat16 ? launch_oc(one_cluster_kernel<__half>)
+                                                : launch_oc(one_cluster_kernel<__nv_bfloat16>);
+    if (ran) return cudaGetLastError();
+  }
+  const bool vec = vec_rows(p);
   const bool cluster = plan.cluster && vec;
   const dim3 grid_a(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.ksplit),
                     static_cast<unsigned>(p.B));
@@ -1866,7 +2237,12 @@ cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, cudaStr
 
 }  // namespace
 
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit, bool cluster) {
+bool one_cluster_applies(const Problem& p, const Plan& plan) {
+  return kOneClusterBuilt && plan.one_cluster && p.dtype != DType::kFloat32 && vec_rows(p);
+}
+
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit, bool cluster,
+               bool one_cluster) {
   Plan plan;
   plan.pdl = pdl;
   plan.B = B;
@@ -1887,6 +2263,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
   plan.a_one_wave = num_sms > 0 && base * plan.ksplit <= num_sms;
   plan.cluster = cluster && plan.ksplit <= kMaxCluster && plan.ts <= (plan.a_one_wave ? kClusterMaxTs : kClusterMaxTs2);
+  plan.one_cluster = one_cluster && B == 1 && plan.row_tiles <= kOcMaxTiles && oc_smem_bytes(N, plan.ts) <= kOcSmemMax;
   // Kernel B: column splits for about two waves at its 4 blocks per SM, with the same number of
   // column tiles in every block (pi05: 12 splits of one tile at B=1, 6 of 2 at B=8, 2 of 6 at
   // B=64).

@@ -22,6 +22,9 @@
 //            applies the implicit / budget / cap rule and writes the sorted kept list and counts;
 //   kernel C grid-stride over (B, K) rows: gather-pad of the kept rows (16-byte copies when
 //            aligned), kept_mask, kept_idx.
+// With plan.one_cluster (sm_90, one sample, opt-in until measured) kernels A and B are one launch
+// of one thread block cluster instead (one_cluster_kernel: phases ordered by cluster barriers,
+// loads through deep cp.async rings, the argmax owned by the block of its row tile).
 // With plan.pdl (sm_90+, opt-in: measured slower on an H200), B and C are programmatic dependent
 // launches: each may be scheduled while its predecessor runs and waits for it on the device
 // before touching its outputs.
@@ -65,6 +68,7 @@ struct Plan {
   int64_t kchunk = 0;     // width of one slice of D (a multiple of 64, kChunkAlign in the .cu)
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
+  bool one_cluster = false;  // kernels A and B as one launch of one cluster (one_cluster_applies)
   // Byte offsets into the workspace (all 16-byte aligned).
   size_t off_counters = 0;  // counters_a [B*row_tiles][2] u64 (tagged), counters_b [B] int, max_count int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
@@ -93,8 +97,17 @@ constexpr int kMaxSplit = 32;
 // most 8 D slices, prompts of at most 512 tokens (256 when the blocks take more than one wave),
 // 16-byte aligned inputs. An automatic D split is then held to 8 slices (the portable cluster
 // size).
+// one_cluster: kernels A and B as one launch of one thread block cluster of a block per row tile
+// (compute capability 9.0+ only; PERF_LOG v80) where it applies: one sample, at most 16 row tiles
+// (N <= 1024), prompts short enough for its shared memory (T <= 312), and (one_cluster_applies)
+// 16-bit inputs with 16-byte aligned rows. The launch falls back to kernels A and B where the
+// device cannot place the cluster.
 Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit = 0,
-               bool cluster = false);
+               bool cluster = false, bool one_cluster = false);
+
+// Whether launch_select / launch_keep run the one-cluster kernel for this problem (the device's
+// cluster placement aside).
+bool one_cluster_applies(const Problem& p, const Plan& plan);
 
 // Whether the kernels loaded for the current device were compiled for compute_90+, so that
 // they carry the wait of a dependent launch and the cluster instructions; code JIT-compiled

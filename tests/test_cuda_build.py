@@ -253,12 +253,14 @@ def test_wmma_loads_are_shared(builds, arch):
 
 
 def test_cluster_barriers_in_ptx(builds):
-    """Only kernel A's cluster variant (PERF_LOG v45) uses cluster instructions, at one and two
-    blocks per SM for each dtype, each with two cluster barriers: the first releases the block's
+    """Kernel A's cluster variant (PERF_LOG v45) uses cluster instructions, at one and two blocks
+    per SM for each dtype, each with two cluster barriers: the first releases the block's
     partials and acquires the others' before any is read through distributed shared memory
     (mapa); the last only keeps every block resident until the others are done reading its shared
     memory, so its arrive is relaxed (a release arrive compiles to MEMBAR.ALL.GPU, which would
-    wait for the block's S and A stores)."""
+    wait for the block's S and A stores). The one-cluster kernel (v80, 16-bit types) has two
+    barriers that release what each block wrote to the workspace (S and A', then its keys) and
+    acquire the others', and no mapa: no block reads another's shared memory."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
@@ -269,10 +271,17 @@ def test_cluster_barriers_in_ptx(builds):
         barriers = re.findall(r"barrier\.cluster\.[\w.]+", entry)
         if barriers or re.search(r"\bmapa\b", entry):
             found[name] = barriers
-    assert len(found) == 6 and all("scores_kernel" in k for k in found), sorted(found)
-    for name, barriers in found.items():
-        assert barriers == ["barrier.cluster.arrive.release.aligned", "barrier.cluster.wait.acquire.aligned",
-                            "barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (name, barriers)
+    scores = {k: v for k, v in found.items() if "scores_kernel" in k}
+    one = {k: v for k, v in found.items() if "one_cluster_kernel" in k}
+    assert len(scores) == 6 and len(one) == 2 and len(found) == 8, sorted(found)
+    release = ["barrier.cluster.arrive.release.aligned", "barrier.cluster.wait.acquire.aligned"]
+    for name, barriers in scores.items():
+        assert barriers == release + ["barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (
+            name, barriers)
+    for name, barriers in one.items():
+        assert barriers == release * 2, (name, barriers)
+        entry = kept_ptx(builds, "sm_90").split(f".entry {name}")[1].split(".entry ")[0]
+        assert not re.search(r"\bmapa\b", entry), name
 
 
 def test_kernels_have_no_64bit_division(builds):
@@ -372,9 +381,11 @@ class Emulated:
         self.lib.fp_emu_barrier_probe.argtypes = [C, P]
 
     def __call__(self, op, patches, task, task_mask=None, patch_mask=None, *, mask_voters=False,
-                 keep_tokens=None, max_tokens=None, num_sms=132, cluster=False, ws_word=2**64 - 1, runs=1):
+                 keep_tokens=None, max_tokens=None, num_sms=132, cluster=False, one_cluster=False, ws_word=2**64 - 1,
+                 runs=1):
         """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit).
         cluster: ask for kernel A's cluster variant; self.clustered says whether it ran.
+        one_cluster: ask for the one-cluster kernel; self.one_cluster says whether it ran.
         ws_word: the 8-byte word the workspace starts filled with; runs: runs on that workspace,
         each on what the run before left (the outputs are the last run's)."""
         assert patches.stride(2) == 1 and task.stride(2) == 1
@@ -392,7 +403,7 @@ class Emulated:
         kidx = torch.full((B * cap,), -7, dtype=torch.int64)
         k_out = torch.zeros(1, dtype=torch.int64)
         code = {"select": 0, "prune": 1, "padded": 2}[op]
-        clustered = ctypes.c_int(int(cluster))
+        clustered = ctypes.c_int(int(cluster) | 2 * int(one_cluster))
         rc = self.lib.fp_emu_run(
             code, _DT[patches.dtype], B, N, T, D, ptr(patches), patches.stride(0), patches.stride(1),
             ptr(task), task.stride(0), task.stride(1), ptr(tm), ptr(pm), int(mask_voters), keep_tokens or 0,
@@ -400,7 +411,8 @@ class Emulated:
             ws_word, runs,
         )
         assert rc >= 1, f"emulated launch failed with code {rc} (-4: wrote past the workspace, -5: left a counter stale)"
-        self.clustered = bool(clustered.value)
+        self.clustered = bool(clustered.value & 1)
+        self.one_cluster = bool(clustered.value & 2)
         if op == "select":
             return idx, rc
         K = int(k_out)
@@ -556,6 +568,74 @@ def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype, cluster):
         check_prune(out, patches, idx, patch_mask, None, False, 20)
 
 
+# The one-cluster kernel (plan.one_cluster, PERF_LOG v80), one sample: N, T, D, masks.
+EMU_ONE_CLUSTER = [
+    (1, 1, 64, "none"),               # one row, one token, one D step
+    (70, 20, 256, "all"),             # 2 blocks, a 6-row last tile; 4 D steps, fewer than the 7 in flight
+    (65, 9, 640, "absent_camera"),    # 10 D steps: the ring of 8 step buffers wraps
+    (130, 150, 200, "padded_prompt"),  # up to 3 token tiles (patches streamed again, 3 token steps a
+                                       # column tile in phase 2); D = 200: a partial last D step
+    (200, 30, 128, "invalid_patches"),  # no valid patch: column 0 alone
+    (100, 12, 64, "invalid_prompt"),  # no valid token: the whole prompt
+    (1024, 5, 64, "all"),             # 16 blocks, sm_90's largest cluster; 16 S column tiles through a ring of 6
+]
+
+
+@pytest.mark.parametrize("N,T,D,masks", EMU_ONE_CLUSTER)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_one_cluster_matches_truth(emu, N, T, D, masks, dtype):
+    """Kernels A and B as one cluster launch: every block's phases in turn, its copies landing
+    only when waited for (NaN until then) and other blocks' rows read only after cluster
+    barriers. The selection matches the float64 truth and is kernels A and B's without a D split
+    (the same products and sums in the same order); prune and prune_padded (cap, mask_voters)
+    keep what the reference keeps from it."""
+    patches, task, task_mask, patch_mask = make_inputs(1, N, T, D, dtype, masks, seed=N + T)
+    lib = emu["mma"]
+    idx, _ = lib("select", patches, task, task_mask, patch_mask, one_cluster=True)
+    assert lib.one_cluster and not lib.clustered
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    want, _ = lib("select", patches, task, task_mask, patch_mask, num_sms=1)
+    assert not lib.one_cluster and torch.equal(idx, want)
+    keep = max(1, N // 9)
+    out, idx, _ = lib("prune", patches, task, task_mask, patch_mask, keep_tokens=keep, one_cluster=True)
+    check_prune(out, patches, idx, patch_mask, keep, False, None)
+    out, idx, _ = lib("padded", patches, task, task_mask, patch_mask, max_tokens=keep, mask_voters=True,
+                      one_cluster=True)
+    check_prune(out, patches, idx, patch_mask, None, True, keep)
+
+
+@pytest.mark.parametrize("T,lo,hi", [(20, 5, 13), (150, 70, 141)])
+def test_emulated_one_cluster_prompt_range_after_token_0(emu, T, lo, hi):
+    """The one-cluster kernel copies its first D steps before it knows the prompt range, guessing
+    token 0, and must wait for those copies and copy again; holes inside the range; T = 150: a
+    second token tile."""
+    N, D = 70, 640
+    patches, task, _, patch_mask = make_inputs(1, N, T, D, torch.bfloat16, "absent_camera", seed=T)
+    task_mask = torch.zeros(1, T, dtype=torch.bool)
+    task_mask[0, lo:hi] = True
+    task_mask[0, lo + 1 : hi - 1 : 3] = False
+    out, idx, _ = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=20, one_cluster=True)
+    assert emu["mma"].one_cluster
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, None, False, 20)
+
+
+@pytest.mark.parametrize("B,N,T,D,dtype,build", [
+    (2, 70, 20, 64, torch.bfloat16, "mma"),   # two samples
+    (1, 1025, 5, 64, torch.bfloat16, "mma"),  # 17 row tiles: past a cluster's 16 blocks
+    (1, 70, 313, 64, torch.bfloat16, "mma"),  # a prompt past the kernel's shared memory
+    (1, 70, 20, 36, torch.bfloat16, "mma"),   # rows not 16-byte multiples
+    (1, 70, 20, 64, torch.float32, "mma"),    # fp32
+    (1, 70, 20, 64, torch.bfloat16, "fma"),   # no tensor-core path
+])
+def test_emulated_one_cluster_declined(emu, B, N, T, D, dtype, build):
+    """Where the one-cluster kernel does not apply, kernels A and B run, right."""
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, "all", seed=N)
+    idx, _ = emu[build]("select", patches, task, task_mask, patch_mask, one_cluster=True)
+    assert not emu[build].one_cluster
+    check_selection(idx, patches, task, task_mask, patch_mask)
+
+
 @pytest.mark.parametrize("B,N,T,D,sms,cluster,op", [
     (2, 70, 20, 256, 16, False, "prune"),    # plain kernel A, D in 4 slices: any slice finishes
     (2, 70, 20, 192, 16, True, "padded"),    # clusters of 3 slices
@@ -595,6 +675,9 @@ TSAN_CASES = {
     "no_split_finish_in_block": "0 1 2 70 150 320 1 0 100 20 0 0",  # kernel A's own finishing step (v72)
     "select_3_column_tiles": "1 2 2 130 20 64 132 0 12 3 5 0",
     "cluster_one_split": "2 1 1 130 40 128 2 1 30 0 0 7",
+    # The one-cluster kernel (v80): 3 blocks, 10 D steps (the ring of 8 wraps), a prompt range
+    # after token 0 (the first copies again) over 2 token tiles.
+    "one_cluster_ring": "2 2 1 130 150 640 132 2 100 20 0 9",
 }
 
 
@@ -621,7 +704,7 @@ def test_emulated_kernels_race_free(builds):
     failed = {}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
-        if proc.returncode != 0 or "ThreadSanitizer" in out:
+        if proc.returncode != 0 or "ThreadSanitizer" in out or (name.startswith("one_cluster") and "clustered=2" not in out):
             failed[name] = out[-3000:]
     assert not failed, "\n".join(f"--- {name}:\n{out}" for name, out in failed.items())
 
@@ -821,11 +904,11 @@ def test_emulator_stops_at_undefined_behaviour(builds, emu, kind, past, report):
 
 def test_emulator_refuses_what_the_gpu_refuses(builds, emu):
     """A cluster launch with more dynamic shared memory than its opt-in, an opt-in past 227 KB,
-    or more than 8 blocks a cluster aborts the emulator, as the GPU would refuse it; the largest
-    launch the GPU takes runs."""
+    or more than 16 blocks a cluster (sm_90's non-portable maximum, which fp_launch_cluster opts
+    into) aborts the emulator, as the GPU would refuse it; the largest launch the GPU takes runs."""
     kb = 1024
-    for smem, opt_in, cluster, ok in ((227 * kb, 227 * kb, 8, True), (100 * kb + 4, 100 * kb, 2, False),
-                                      (100 * kb, 228 * kb, 2, False), (1 * kb, 1 * kb, 16, False)):
+    for smem, opt_in, cluster, ok in ((227 * kb, 227 * kb, 16, True), (100 * kb + 4, 100 * kb, 2, False),
+                                      (100 * kb, 228 * kb, 2, False), (1 * kb, 1 * kb, 17, False)):
         proc = run_probe(builds, "lib.fp_emu_launch_probe(ctypes.c_int64(int(a[0])), ctypes.c_int64(int(a[1])), int(a[2]))",
                          smem, opt_in, cluster)
         if ok:
@@ -843,12 +926,15 @@ def test_emulated_nan_column_never_wins(emu, path):
     assert_nan_columns_never_win(lambda p, t, pm: emu[path]("select", p, t, None, pm)[0], [1, 66])
 
 
-def test_emulated_pi05_shape_bf16(emu):
+@pytest.mark.parametrize("one_cluster", [False, True])
+def test_emulated_pi05_shape_bf16(emu, one_cluster):
     """The pi0.5 shape (768 patches, 200 prompt slots with 48 valid, D=2048), tensor-core path,
-    D split over 11 slices as on an H100; a missing camera keeps nothing."""
+    D split over 11 slices as on an H100, or the one-cluster kernel (12 blocks, 32 D steps); a
+    missing camera keeps nothing."""
     patches, task, task_mask, patch_mask = structured_inputs(batch=1, dtype=torch.bfloat16, absent_cameras=((0, 2),))
-    out, idx, ksplit = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=256)
-    assert ksplit > 1
+    out, idx, ksplit = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=256,
+                                  one_cluster=one_cluster)
+    assert emu["mma"].one_cluster == one_cluster and (one_cluster or ksplit > 1)
     check_selection(idx, patches, task, task_mask, patch_mask)
     check_prune(out, patches, idx, patch_mask, None, False, 256)
     assert 20 < int(out.counts) < 200

@@ -692,6 +692,27 @@ def test_cuda_cluster_variant(tmp_path):
     assert "FASTPRUNE_CUDA_CLUSTER must be 0 or 1, got 'yes'" in _child_error(tmp_path, FASTPRUNE_CUDA_CLUSTER="yes")
 
 
+def test_cuda_one_cluster(tmp_path):
+    """FASTPRUNE_CUDA_ONE_CLUSTER=1 (opt-in, PERF_LOG v80) runs kernels A and B of the pi05 B=1
+    call as one launch of one 12-block cluster; B=8 keeps kernels A and B. The selections are the
+    float64 truth's row argmax and the outputs the pruning of them, eager and from a CUDA graph. A
+    value other than 0 or 1 is an error naming the variable."""
+    import re
+
+    why = _backend_available("cuda")
+    if why:
+        pytest.skip(why)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need compute capability 9.0")
+    got = _child_matches_truth(tmp_path, "profile", FASTPRUNE_CUDA_ONE_CLUSTER="1")
+    for batch, one in ((1, True), (8, False)):
+        work = got[f"kernels{batch}"]
+        ran = [bool(re.search(r"one_cluster_kernel", k)) for k in work]
+        scores = [bool(re.search(r"scores_kernel", k)) for k in work]
+        assert any(ran) == one and any(scores) != one, (batch, work)
+    assert "FASTPRUNE_CUDA_ONE_CLUSTER must be 0 or 1, got '2'" in _child_error(tmp_path, FASTPRUNE_CUDA_ONE_CLUSTER="2")
+
+
 def test_pi05_model_prunes_on_gpu(backend, monkeypatch):
     """The dummy pi0.5 in fp32 on the GPU, pruning through `backend`: the pruned actions equal
     the unpruned model's with the dropped patches masked out of attention (test_model's

@@ -11,8 +11,9 @@ import sys
 import tarfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GPU_STEPS = ["build", "bench", "bench_pdl", "bench_ksplit", "bench_nocluster", "bench_auto", "probe_b1", "triton_repro", "host",
-             "host_nocluster", "tune", "ncu_src", "gpu_tests", "memcheck", "racecheck", "sanitize_nocluster", "bench_train", "bench_pi05"]
+GPU_STEPS = ["build", "bench", "bench_one_cluster", "bench_pdl", "bench_ksplit", "bench_nocluster", "bench_auto", "probe_b1",
+             "triton_repro", "host", "host_nocluster", "tune", "ncu_src", "gpu_tests", "memcheck", "racecheck",
+             "sanitize_nocluster", "sanitize_one_cluster", "bench_train", "bench_pi05"]
 
 
 def run_gpu_check(out, archive, **env):

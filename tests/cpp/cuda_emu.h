@@ -84,12 +84,21 @@ struct TsanIgnore {
 // Cooperative fibers (ucontext) on one host thread: a CUDA thread runs until it waits at a
 // barrier, then the next one runs. A pass in which no fiber makes progress is a deadlock
 // (e.g. a __syncthreads not reached by the whole block): it aborts.
+// A cp.async copy not yet landed: its destination and the 16 bytes it will write, read when
+// issued (a kernel issues a copy of memory another block wrote only after a barrier that orders
+// that write before it).
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+};
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;  // not zero-filled: untouched pages of a cluster's stacks stay free
   bool done = false;
   dim3 tid;
   int blk = 0;  // index of its block in g_blocks
+  std::vector<AsyncCopy> open;                 // cp.async copies since the last commit
+  std::vector<std::vector<AsyncCopy>> groups;  // committed groups, oldest first
   void* tsan = nullptr;
   bool ignoring = false;
 };
@@ -155,6 +164,15 @@ inline void fiber_entry() {
   __tsan_acquire(&g_cluster_start);
 #endif
   g_body();
+  {
+    const Fiber& f = g_fibers[g_cur];
+    bool pending = !f.open.empty();
+    for (const auto& g : f.groups) pending |= !g.empty();
+    if (pending) {
+      std::fprintf(stderr, "cuda_emu: thread %u ended with cp.async copies it never waited for\n", f.tid.x);
+      std::abort();
+    }
+  }
 #if EMU_TSAN
   __tsan_release(&g_block_done);
   __tsan_ignore_thread_begin();
@@ -185,6 +203,8 @@ inline void run_cluster() {
     f.tid = dim3(t % per, 0, 0);
     f.blk = t / per;
     f.done = false;
+    f.open.clear();
+    f.groups.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.get();
     f.ctx.uc_stack.ss_size = kStack;
@@ -528,6 +548,41 @@ X* fp_cluster_map(X* p, int rank) {
   return reinterpret_cast<X*>(emu::g_blocks[rank].smem + (c - own.smem));
 }
 
+// cp.async: 16 bytes from global memory (zeros where !pred) into this block's dynamic shared
+// memory, landing when the thread waits for its group (poison until then), so that a read that
+// no wait (own copies) or wait and barrier (others' copies) orders after it sees NaN.
+inline void fp_cp_async16(void* smem, const void* gmem, bool pred) {
+  emu::Block& own = emu::cur_block();
+  auto* dst = static_cast<unsigned char*>(smem);
+  if (dst < own.smem || dst + 16 > own.smem + own.smem_bytes || reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
+      (pred && reinterpret_cast<uintptr_t>(gmem) % 16 != 0)) {
+    std::fprintf(stderr, "emu: cp.async from %p to %p: not 16-byte aligned or not in dynamic shared memory\n", gmem,
+                 smem);
+    std::abort();
+  }
+  emu::AsyncCopy c;
+  c.dst = dst;
+  if (pred) std::memcpy(c.bytes, gmem, 16);
+  else std::memset(c.bytes, 0, 16);
+  std::memset(dst, 0xff, 16);
+  emu::g_fibers[emu::g_cur].open.push_back(c);
+}
+inline void fp_cp_async_commit() {
+  emu::Fiber& f = emu::g_fibers[emu::g_cur];
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+// The groups a wait completes land newest first: nothing orders copies of different groups to
+// one address, so an older one landing last must not break the kernel.
+template <int kPending>
+void fp_cp_async_wait() {
+  auto& groups = emu::g_fibers[emu::g_cur].groups;
+  const int land = static_cast<int>(groups.size()) - kPending;
+  for (int g = land - 1; g >= 0; --g)
+    for (const emu::AsyncCopy& c : groups[g]) std::memcpy(c.dst, c.bytes, 16);
+  if (land > 0) groups.erase(groups.begin(), groups.begin() + land);
+}
+
 namespace fastprune_cuda {
 template <typename... Params, typename... Actual>
 void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, bool /*pdl: launches are in order here*/,
@@ -535,15 +590,21 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, b
   emu::launch([&] { kernel(args...); }, grid, block, 1, 0);
 }
 // A launch the GPU refuses aborts here: more dynamic shared memory than the kernel's opt-in
-// (smem_max), an opt-in past sm_90's 227 KB per block, or a cluster past the portable 8 blocks.
+// (smem_max), an opt-in past sm_90's 227 KB per block, or a cluster past the 16 blocks of the
+// non-portable opt-in (fp_launch_cluster gives it past 8).
 template <typename... Params, typename... Actual>
 void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
                        size_t smem_max, cudaStream_t, Actual... args) {
-  if (smem_bytes > smem_max || smem_max > 227 * 1024 || cluster_y > 8) {
+  if (smem_bytes > smem_max || smem_max > 227 * 1024 || cluster_y > 16) {
     std::fprintf(stderr, "emu: cluster launch refused: %zu bytes of shared memory (opt-in %zu), %u blocks a cluster\n",
                  smem_bytes, smem_max, cluster_y);
     std::abort();
   }
   emu::launch([&] { kernel(args...); }, grid, block, cluster_y, smem_bytes);
+}
+// The GPU places a cluster where a GPC has that many SMs free; here every launch it takes fits.
+template <typename... Params>
+bool fp_cluster_fits(void (*)(Params...), dim3, unsigned cluster_y, size_t smem_bytes, size_t smem_max) {
+  return cluster_y <= 16 && smem_bytes <= smem_max && smem_max <= 227 * 1024;
 }
 }  // namespace fastprune_cuda

@@ -35,8 +35,11 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
   p.task_mask = task_mask;
   p.patch_mask = patch_mask;
   p.mask_voters = mask_voters != 0;
-  const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true, /*ksplit=*/0, *cluster != 0);
-  *cluster = plan.cluster ? 1 : 0;  // in: asked for, out: kernel A ran as clusters
+  // *cluster, in: bit 0 asks for kernel A's cluster variant, bit 1 for the one-cluster kernel; out:
+  // bit 0 kernel A ran as clusters, bit 1 the one-cluster kernel ran instead of kernels A and B.
+  const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true, /*ksplit=*/0, (*cluster & 1) != 0, (*cluster & 2) != 0);
+  const bool one = one_cluster_applies(p, plan);
+  *cluster = (plan.cluster && !one ? 1 : 0) | (one ? 2 : 0);
   constexpr size_t kGuard = 4096;
   std::vector<uint64_t> words((plan.workspace_bytes + 7) / 8, ws_word);
   std::vector<unsigned char> ws(plan.workspace_bytes + kGuard, 0xff);
