@@ -182,29 +182,32 @@ PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
   }
   Prepared r = prepare(patches, task, task_mask, patch_mask, mask_voters);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  check_launch(fastprune_cuda::launch_keep(r.problem, r.plan, r.workspace.data_ptr(),
-                                           keep_tokens.value_or(0), max_tokens.value_or(0),
+  auto outputs = [&](int64_t K) {
+    return PruneOut{at::empty({B, K, D}, patches.options()), at::empty({B, K}, patches.options().dtype(at::kBool)),
+                    at::empty({B, K}, long_opts), counts};
+  };
+  if (max_tokens.has_value()) {  // static shape: no host sync
+    PruneOut out = outputs(*max_tokens);
+    check_launch(fastprune_cuda::launch_prune_padded(r.problem, r.plan, r.workspace.data_ptr(), keep_tokens.value_or(0),
+                                                     *max_tokens, counts.data_ptr<int64_t>(),
+                                                     std::get<0>(out).data_ptr(), std::get<1>(out).data_ptr<bool>(),
+                                                     std::get<2>(out).data_ptr<int64_t>(), stream),
+                 "prune_padded kernel launch");
+    return out;
+  }
+  check_launch(fastprune_cuda::launch_keep(r.problem, r.plan, r.workspace.data_ptr(), keep_tokens.value_or(0), 0,
                                            counts.data_ptr<int64_t>(), stream),
                "selection kernel launch");
-  int64_t K = 0;
-  if (max_tokens.has_value()) {
-    K = *max_tokens;  // static shape: no host sync
-  } else {
-    // The op's only host sync: the largest kept count sizes the output.
-    const int* mc = fastprune_cuda::max_count_ptr(r.plan, r.workspace.data_ptr());
-    const int64_t off =
-        reinterpret_cast<const char*>(mc) - static_cast<const char*>(r.workspace.data_ptr());
-    K = std::max<int64_t>(1, r.workspace.narrow(0, off, sizeof(int)).view(at::kInt).item<int>());
-  }
-  auto pruned = at::empty({B, K, D}, patches.options());
-  auto kept_mask = at::empty({B, K}, patches.options().dtype(at::kBool));
-  auto kept_idx = at::empty({B, K}, long_opts);
-  check_launch(fastprune_cuda::launch_gather(r.problem, r.plan, r.workspace.data_ptr(),
-                                             counts.data_ptr<int64_t>(), K, pruned.data_ptr(),
-                                             kept_mask.data_ptr<bool>(),
-                                             kept_idx.data_ptr<int64_t>(), stream),
+  // The op's only host sync: the largest kept count sizes the output.
+  const int* mc = fastprune_cuda::max_count_ptr(r.plan, r.workspace.data_ptr());
+  const int64_t off = reinterpret_cast<const char*>(mc) - static_cast<const char*>(r.workspace.data_ptr());
+  PruneOut out = outputs(std::max<int64_t>(1, r.workspace.narrow(0, off, sizeof(int)).view(at::kInt).item<int>()));
+  check_launch(fastprune_cuda::launch_gather(r.problem, r.plan, r.workspace.data_ptr(), counts.data_ptr<int64_t>(),
+                                             std::get<0>(out).size(1), std::get<0>(out).data_ptr(),
+                                             std::get<1>(out).data_ptr<bool>(), std::get<2>(out).data_ptr<int64_t>(),
+                                             stream),
                "gather kernel launch");
-  return {pruned, kept_mask, kept_idx, counts};
+  return out;
 }
 
 // backend="triton" with a launch plan for the call's key (triton_plan.h): the recorded kernel

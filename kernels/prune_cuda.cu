@@ -95,13 +95,17 @@ void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigne
 
 // Whether the device places one cluster of cluster_y blocks of `kernel` with smem_bytes of
 // dynamic shared memory each (cudaOccupancyMaxActiveClusters: a GPC with that many free SMs),
-// asked once per kernel, device and shape. A refused query leaves no launch error behind.
+// asked once per kernel, device and shape. A refused query leaves no launch error behind. Not
+// yet asked while `stream` is being captured into a CUDA graph: false, without asking (the
+// opt-ins and the query are no stream work, and a capture in global mode may refuse calls it
+// does not know to be safe).
 template <typename... Params>
-bool fp_cluster_fits(void (*kernel)(Params...), dim3 block, unsigned cluster_y, size_t smem_bytes, size_t smem_max) {
+bool fp_cluster_fits(void (*kernel)(Params...), dim3 block, unsigned cluster_y, size_t smem_bytes, size_t smem_max,
+                     cudaStream_t stream) {
   static std::mutex mu;
   static std::map<std::tuple<const void*, int, unsigned, size_t>, bool> known;
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || !fp_opt_in(kernel, smem_max)) {
+  if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -109,6 +113,12 @@ bool fp_cluster_fits(void (*kernel)(Params...), dim3 block, unsigned cluster_y, 
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, cluster_y, smem_bytes);
   const auto at = known.find(key);
   if (at != known.end()) return at->second;
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone ||
+      !fp_opt_in(kernel, smem_max)) {
+    (void)cudaGetLastError();
+    return false;
+  }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(1, cluster_y, 1);
   cfg.blockDim = block;
@@ -1775,6 +1785,18 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
   }
 }
 
+// Arguments of the gather-pad: kernel C, or the one-cluster kernel's last phase (K = 0: none).
+struct GArgs {
+  int64_t N, D, K;
+  const void* patches;
+  int64_t p_sb, p_sr;
+  const int* list;
+  const int64_t* counts;
+  void* pruned;
+  bool* kept_mask;
+  int64_t* kept_idx;
+};
+
 // ------------------------------------------------------------------------------------------
 // The one-cluster kernel (PERF_LOG v80; opt-in, plan.one_cluster): kernels A and B of one sample
 // as one launch of one thread block cluster, block r taking patch row tile r over all of D (so N
@@ -1789,9 +1811,12 @@ __global__ void __launch_bounds__(kThreads, 4) select_kernel(Args a) {
 //   phase 2: the block's A' rows in shared memory for every token step, every S column tile of
 //            the sample through a ring of kOcRing, kernel B's product and merge: the block owns
 //            its rows' argmax, stored without atomics; cluster barrier;
-//   phase 3: block 0 runs kernel B's keep_tail on the sample's keys (votes in shared memory).
-// The gather stays kernel C. Only 16-bit inputs with 16-byte rows (the rings copy 16-byte vectors
-// and the product is wmma); everything else, and B > 1, keeps kernels A and B.
+//   phase 3: block 0 runs kernel B's keep_tail on the sample's keys (votes in shared memory);
+//   phase 4 (prune_padded, K = max_tokens <= N): after a cluster barrier, kernel C's gather-pad
+//            by every block (gather_in_cluster), so that the call is this one launch.
+// prune (K known only after a host read) and select keep kernel C, or none. Only 16-bit inputs
+// with 16-byte rows (the rings copy 16-byte vectors and the product is wmma); everything else,
+// and B > 1, keeps kernels A, B and C.
 constexpr int kOcStages = 8;     // D steps in flight in phase 1: 8 x 16 KB a block
 constexpr int kOcRing = 6;       // S column tiles in flight in phase 2
 constexpr int kOcMaxTiles = 16;  // row tiles: blocks a cluster
@@ -1833,8 +1858,51 @@ static_assert(sizeof(StepTiles<__half>) % 128 == 0 && sizeof(StepTiles<__half>) 
 static_assert(sizeof(float) * kBM * (kBT + 4) <= 2 * sizeof(StepTiles<__half>), "cs overlays two step buffers");
 static_assert((sizeof(float) * kBM * kLdu) % 128 == 0 && sizeof(OcSTile) % 128 == 0, "phase 2 arrays stay aligned");
 
+// Phase 4: block rt of the C takes output rows rt, rt + C, ... (rows at or past the count are
+// zeros). Their source rows go to shared memory first, all loaded at once; then each thread
+// copies its 16-byte vectors of as many rows as the buffer holds into its own slots (cp.async:
+// one round trip for all of them), waits for its own copies and stores them. A thread reads back
+// only its own slots, so no block barrier orders them.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a) {
+__device__ void gather_in_cluster(const GArgs& g, int rt, int C, unsigned char* buf, size_t buf_bytes) {
+  const int tid = threadIdx.x;
+  const int K = static_cast<int>(g.K), count = static_cast<int>(__ldcg(g.counts));
+  const int nvec = static_cast<int>(g.D * static_cast<int64_t>(sizeof(T)) / 16);  // vectors a row
+  const int rows_here = K > rt ? (K - rt + C - 1) / C : 0;
+  int* const src_row = reinterpret_cast<int*>(buf);
+  for (int i = tid; i < rows_here; i += kThreads) {
+    const int r = rt + C * i;
+    const bool real = r < count;
+    const int j = real ? __ldcg(&g.list[r]) : 0;
+    src_row[i] = j;
+    g.kept_mask[r] = real;
+    g.kept_idx[r] = j;
+  }
+  __syncthreads();  // src_row
+  const size_t head = (static_cast<size_t>(rows_here) * sizeof(int) + 15) / 16 * 16;
+  uint4* const slot = reinterpret_cast<uint4*>(buf + head);
+  const int chunk = static_cast<int>((buf_bytes - head) / 16);
+  const int items = rows_here * nvec;
+  const uint4* const P = static_cast<const uint4*>(g.patches);
+  const int64_t sr = g.p_sr * static_cast<int64_t>(sizeof(T)) / 16;  // row stride in vectors
+  for (int q0 = 0; q0 < items; q0 += chunk) {
+    const int q1 = mn(items, q0 + chunk);
+    for (int q = q0 + tid; q < q1; q += kThreads) {
+      const int i = q / nvec;
+      if (rt + C * i < count) fp_cp_async16(&slot[q - q0], P + src_row[i] * sr + q % nvec, true);
+    }
+    fp_cp_async_commit();
+    fp_cp_async_wait<0>();
+    for (int q = q0 + tid; q < q1; q += kThreads) {
+      const int i = q / nvec, r = rt + C * i;
+      reinterpret_cast<uint4*>(g.pruned)[static_cast<int64_t>(r) * nvec + q % nvec] =
+          r < count ? slot[q - q0] : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs g) {
 #if FP_HAVE_MMA
   using Ld = Loader<T, true>;
   constexpr int kBK = ATile<T>::kBK;
@@ -2031,11 +2099,16 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a) {
   fp_cluster_sync();  // every block's keys
 
   // Phase 3: block 0 alone, on the sample's keys (the others' phase 2 shared memory is not read).
-  if (rt != 0) return;
-  int* votes = reinterpret_cast<int*>(body);
-  keep_tail<true>(a, 0, votes, votes + N + 1, hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
+  if (rt == 0) {
+    int* votes = reinterpret_cast<int*>(body);
+    keep_tail<true>(a, 0, votes, votes + N + 1, hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
+  }
+  if (g.K == 0) return;
+  fp_cluster_sync();  // block 0's kept list and count
+  gather_in_cluster<T>(g, rt, static_cast<int>(a.row_tiles), body, oc_smem_bytes(N, ts) - kOcHead);
 #else
   (void)a;  // never launched: one_cluster_applies needs the tensor-core path
+  (void)g;
 #endif
 }
 
@@ -2047,17 +2120,6 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a) {
 // had one 16-byte load in flight at pi0.5's D = 2048, and the kernel took 25.0 µs at B=64
 // against 19.6 for Triton's 8 rows a program (run 13).
 constexpr int kGatherRows = 4;
-
-struct GArgs {
-  int64_t N, D, K;
-  const void* patches;
-  int64_t p_sb, p_sr;
-  const int* list;
-  const int64_t* counts;
-  void* pruned;
-  bool* kept_mask;
-  int64_t* kept_idx;
-};
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) gather_kernel(GArgs g) {
@@ -2183,20 +2245,23 @@ constexpr bool kOneClusterBuilt = false;
 constexpr bool kOneClusterBuilt = true;
 #endif
 
+// The one-cluster kernel where it applies and the device places its cluster, with phase 4's
+// gather-pad when g.K > 0: whether it was launched.
+bool launch_one_cluster(const Problem& p, const Plan& plan, const Args& a, const GArgs& g, cudaStream_t stream) {
+  if (!one_cluster_applies(p, plan)) return false;
+  const dim3 grid(1, static_cast<unsigned>(plan.row_tiles), 1);
+  const unsigned cy = static_cast<unsigned>(plan.row_tiles);
+  const size_t smem = oc_smem_bytes(p.N, plan.ts);
+  auto launch = [&](auto kernel) {
+    if (!fp_cluster_fits(kernel, kThreads, cy, smem, kOcSmemMax, stream)) return false;
+    fp_launch_cluster(kernel, grid, kThreads, cy, smem, kOcSmemMax, stream, a, g);
+    return true;
+  };
+  return p.dtype == DType::kFloat16 ? launch(one_cluster_kernel<__half>) : launch(one_cluster_kernel<__nv_bfloat16>);
+}
+
 cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, cudaStream_t stream) {
-  if (one_cluster_applies(p, plan)) {
-    const dim3 grid(1, static_cast<unsigned>(plan.row_tiles), 1);
-    const unsigned cy = static_cast<unsigned>(plan.row_tiles);
-    const size_t smem = oc_smem_bytes(p.N, plan.ts);
-    auto launch_oc = [&](auto kernel) {
-      if (!fp_cluster_fits(kernel, kThreads, cy, smem, kOcSmemMax)) return false;  // kernels A and B then
-      fp_launch_cluster(kernel, grid, kThreads, cy, smem, kOcSmemMax, stream, a);
-      return true;
-    };
-    const bool ran = p.dtype == DType::kFloat16 ? launch_oc(one_cluster_kernel<__half>)
-                                                : launch_oc(one_cluster_kernel<__nv_bfloat16>);
-    if (ran) return cudaGetLastError();
-  }
+  if (launch_one_cluster(p, plan, a, GArgs{}, stream)) return cudaGetLastError();
   const bool vec = vec_rows(p);
   const bool cluster = plan.cluster && vec;
   const dim3 grid_a(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.ksplit),
@@ -2332,10 +2397,9 @@ const int* max_count_ptr(const Plan& plan, const void* workspace) {
          plan.B;
 }
 
-cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* workspace,
-                          const int64_t* counts, int64_t K, void* pruned, bool* kept_mask,
-                          int64_t* kept_idx, cudaStream_t stream) {
-  if (!plan_fits(p, plan) || K < 1) return cudaErrorInvalidValue;
+namespace {
+GArgs make_gargs(const Problem& p, const Plan& plan, const void* workspace, const int64_t* counts, int64_t K,
+                 void* pruned, bool* kept_mask, int64_t* kept_idx) {
   GArgs g{};
   g.N = p.N;
   g.D = p.D;
@@ -2348,6 +2412,35 @@ cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* worksp
   g.pruned = pruned;
   g.kept_mask = kept_mask;
   g.kept_idx = kept_idx;
+  return g;
+}
+}  // namespace
+
+cudaError_t launch_prune_padded(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
+                                int64_t max_tokens, int64_t* counts_out, void* pruned, bool* kept_mask,
+                                int64_t* kept_idx, cudaStream_t stream) {
+  if (!plan_fits(p, plan) || counts_out == nullptr || max_tokens < 1) return cudaErrorInvalidValue;
+  Args a = make_args(p, plan, workspace);
+  a.counts_out = counts_out;
+  a.want_keep = 1;
+  a.keep_tokens = keep_tokens;
+  a.max_tokens = max_tokens;
+  // Phase 4 of the one-cluster kernel: at most N rows (its row arithmetic is 32-bit), each a whole
+  // number of 16-byte vectors (one_cluster_applies), into a 16-byte aligned output.
+  if (max_tokens <= p.N && reinterpret_cast<uintptr_t>(pruned) % 16 == 0 &&
+      launch_one_cluster(p, plan, a, make_gargs(p, plan, workspace, counts_out, max_tokens, pruned, kept_mask, kept_idx),
+                         stream))
+    return cudaGetLastError();
+  const cudaError_t err = launch_ab(p, plan, a, stream);
+  if (err != cudaSuccess) return err;
+  return launch_gather(p, plan, workspace, counts_out, max_tokens, pruned, kept_mask, kept_idx, stream);
+}
+
+cudaError_t launch_gather(const Problem& p, const Plan& plan, const void* workspace,
+                          const int64_t* counts, int64_t K, void* pruned, bool* kept_mask,
+                          int64_t* kept_idx, cudaStream_t stream) {
+  if (!plan_fits(p, plan) || K < 1) return cudaErrorInvalidValue;
+  const GArgs g = make_gargs(p, plan, workspace, counts, K, pruned, kept_mask, kept_idx);
   const int64_t row_groups = ceil_div(K, kGatherRows);
   const dim3 grid(static_cast<unsigned>(row_groups < (int64_t{1} << 20) ? row_groups : (int64_t{1} << 20)),
                   static_cast<unsigned>(p.B));

@@ -24,7 +24,8 @@
 //            aligned), kept_mask, kept_idx.
 // With plan.one_cluster (sm_90, one sample, opt-in until measured) kernels A and B are one launch
 // of one thread block cluster instead (one_cluster_kernel: phases ordered by cluster barriers,
-// loads through deep cp.async rings, the argmax owned by the block of its row tile).
+// loads through deep cp.async rings, the argmax owned by the block of its row tile), and for
+// prune_padded (launch_prune_padded) kernel C's gather-pad is that launch's last phase.
 // With plan.pdl (sm_90+, opt-in: measured slower on an H200), B and C are programmatic dependent
 // launches: each may be scheduled while its predecessor runs and waits for it on the device
 // before touching its outputs.
@@ -123,6 +124,13 @@ cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, i
 // max_tokens <= 0: no cap. Writes counts_out [B] int64 and the max count (max_count_ptr).
 cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
                         int64_t max_tokens, int64_t* counts_out, cudaStream_t stream);
+
+// prune_padded: launch_keep with max_tokens (>= 1), then the gather-pad to K = max_tokens rows
+// (outputs as launch_gather's). Where the one-cluster kernel applies, the cap is at most N and
+// `pruned` 16-byte aligned, that kernel does both: one launch.
+cudaError_t launch_prune_padded(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
+                                int64_t max_tokens, int64_t* counts_out, void* pruned, bool* kept_mask,
+                                int64_t* kept_idx, cudaStream_t stream);
 
 // Device pointer to the int max_b counts[b] written by launch_keep.
 const int* max_count_ptr(const Plan& plan, const void* workspace);

@@ -258,9 +258,9 @@ def test_cluster_barriers_in_ptx(builds):
     partials and acquires the others' before any is read through distributed shared memory
     (mapa); the last only keeps every block resident until the others are done reading its shared
     memory, so its arrive is relaxed (a release arrive compiles to MEMBAR.ALL.GPU, which would
-    wait for the block's S and A stores). The one-cluster kernel (v80, 16-bit types) has two
-    barriers that release what each block wrote to the workspace (S and A', then its keys) and
-    acquire the others', and no mapa: no block reads another's shared memory."""
+    wait for the block's S and A stores). The one-cluster kernel (v80, 16-bit types) has three
+    barriers that release what blocks wrote to the workspace (S and A', the keys, block 0's kept
+    list) and acquire it, and no mapa: no block reads another's shared memory."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
     import re
@@ -279,7 +279,7 @@ def test_cluster_barriers_in_ptx(builds):
         assert barriers == release + ["barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (
             name, barriers)
     for name, barriers in one.items():
-        assert barriers == release * 2, (name, barriers)
+        assert barriers == release * 3, (name, barriers)
         entry = kept_ptx(builds, "sm_90").split(f".entry {name}")[1].split(".entry ")[0]
         assert not re.search(r"\bmapa\b", entry), name
 
@@ -386,6 +386,7 @@ class Emulated:
         """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit).
         cluster: ask for kernel A's cluster variant; self.clustered says whether it ran.
         one_cluster: ask for the one-cluster kernel; self.one_cluster says whether it ran.
+        self.launches: the kernel launches of the last run.
         ws_word: the 8-byte word the workspace starts filled with; runs: runs on that workspace,
         each on what the run before left (the outputs are the last run's)."""
         assert patches.stride(2) == 1 and task.stride(2) == 1
@@ -413,6 +414,7 @@ class Emulated:
         assert rc >= 1, f"emulated launch failed with code {rc} (-4: wrote past the workspace, -5: left a counter stale)"
         self.clustered = bool(clustered.value & 1)
         self.one_cluster = bool(clustered.value & 2)
+        self.launches = clustered.value >> 8
         if op == "select":
             return idx, rc
         K = int(k_out)
@@ -584,11 +586,11 @@ EMU_ONE_CLUSTER = [
 @pytest.mark.parametrize("N,T,D,masks", EMU_ONE_CLUSTER)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_one_cluster_matches_truth(emu, N, T, D, masks, dtype):
-    """Kernels A and B as one cluster launch: every block's phases in turn, its copies landing
-    only when waited for (NaN until then) and other blocks' rows read only after cluster
-    barriers. The selection matches the float64 truth and is kernels A and B's without a D split
-    (the same products and sums in the same order); prune and prune_padded (cap, mask_voters)
-    keep what the reference keeps from it."""
+    """Kernels A and B (and for prune_padded C) as one cluster launch: every block's phases in
+    turn, its copies landing only when waited for (NaN until then) and other blocks' rows read
+    only after cluster barriers. The selection matches the float64 truth and is kernels A and B's
+    without a D split (the same products and sums in the same order); prune and prune_padded (cap,
+    mask_voters) keep what the reference keeps from it."""
     patches, task, task_mask, patch_mask = make_inputs(1, N, T, D, dtype, masks, seed=N + T)
     lib = emu["mma"]
     idx, _ = lib("select", patches, task, task_mask, patch_mask, one_cluster=True)
@@ -598,10 +600,15 @@ def test_emulated_one_cluster_matches_truth(emu, N, T, D, masks, dtype):
     assert not lib.one_cluster and torch.equal(idx, want)
     keep = max(1, N // 9)
     out, idx, _ = lib("prune", patches, task, task_mask, patch_mask, keep_tokens=keep, one_cluster=True)
+    assert lib.launches == 2  # the gather as kernel C: K is read on the host in between
     check_prune(out, patches, idx, patch_mask, keep, False, None)
-    out, idx, _ = lib("padded", patches, task, task_mask, patch_mask, max_tokens=keep, mask_voters=True,
-                      one_cluster=True)
-    check_prune(out, patches, idx, patch_mask, None, True, keep)
+    # prune_padded: the gather-pad in the same launch up to N rows (K = N: every row, padding
+    # included), as kernel C past it.
+    for cap, launches in ((keep, 1), (N, 1), (N + 3, 2)):
+        out, idx, _ = lib("padded", patches, task, task_mask, patch_mask, max_tokens=cap, mask_voters=True,
+                          one_cluster=True)
+        assert lib.launches == launches
+        check_prune(out, patches, idx, patch_mask, None, True, cap)
 
 
 @pytest.mark.parametrize("T,lo,hi", [(20, 5, 13), (150, 70, 141)])

@@ -570,13 +570,15 @@ profile = sys.argv[2:] == ["profile"]  # record the device work: which kernel A 
 for batch in (1, 8):
     p, t, tm, pm = structured_inputs(batch=batch, dtype=torch.bfloat16, seed=batch, device="cuda",
                                      absent_cameras=((batch - 1, 2),))
-    if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            torch.ops.fastprune.select(p, t, tm, pm, False, "cuda")
-        out[f"kernels{batch}"] = sorted({e.name for e in prof.events()
-                                         if e.device_type == torch.autograd.DeviceType.CUDA})
-    out[f"select{batch}"] = torch.ops.fastprune.select(p, t, tm, pm, False, "cuda").cpu()
     run = lambda: torch.ops.fastprune.prune_padded(p, t, tm, pm, 96, 256, True, "cuda")  # noqa: E731
+    if profile:
+        for name, call in (("kernels", lambda: torch.ops.fastprune.select(p, t, tm, pm, False, "cuda")),
+                           ("padded_kernels", run)):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                call()
+            out[f"{name}{batch}"] = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out[f"kernels{batch}"] = sorted(set(out[f"kernels{batch}"]))
+    out[f"select{batch}"] = torch.ops.fastprune.select(p, t, tm, pm, False, "cuda").cpu()
     out[f"eager{batch}"] = [x.cpu() for x in run()]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -694,9 +696,10 @@ def test_cuda_cluster_variant(tmp_path):
 
 def test_cuda_one_cluster(tmp_path):
     """FASTPRUNE_CUDA_ONE_CLUSTER=1 (opt-in, PERF_LOG v80) runs kernels A and B of the pi05 B=1
-    call as one launch of one 12-block cluster; B=8 keeps kernels A and B. The selections are the
-    float64 truth's row argmax and the outputs the pruning of them, eager and from a CUDA graph. A
-    value other than 0 or 1 is an error naming the variable."""
+    call as one launch of one 12-block cluster, and prune_padded (cap 256) as that launch alone;
+    B=8 keeps kernels A, B and C. The selections are the float64 truth's row argmax and the
+    outputs the pruning of them, eager and from a CUDA graph. A value other than 0 or 1 is an
+    error naming the variable."""
     import re
 
     why = _backend_available("cuda")
@@ -710,6 +713,8 @@ def test_cuda_one_cluster(tmp_path):
         ran = [bool(re.search(r"one_cluster_kernel", k)) for k in work]
         scores = [bool(re.search(r"scores_kernel", k)) for k in work]
         assert any(ran) == one and any(scores) != one, (batch, work)
+        padded = got[f"padded_kernels{batch}"]
+        assert len(padded) == (1 if one else 3), (batch, padded)
     assert "FASTPRUNE_CUDA_ONE_CLUSTER must be 0 or 1, got '2'" in _child_error(tmp_path, FASTPRUNE_CUDA_ONE_CLUSTER="2")
 
 

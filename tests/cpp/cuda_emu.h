@@ -275,7 +275,9 @@ inline void run_cluster() {
 // order shuffled by that seed: the GPU runs blocks in no set order, and in grid order the last
 // block to arrive at a counter is always the last one of its row tile or sample, so a finishing
 // step that worked only for that block would pass (test_emulated_block_order_does_not_matter).
+inline int g_launches = 0;  // kernel launches so far (the tests count a call's)
 inline void launch(const std::function<void()>& body, dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes) {
+  ++g_launches;
 #if EMU_TSAN
   struct Done {
     ~Done() { __tsan_acquire(&g_block_done); }  // the host reads after it
@@ -604,7 +606,7 @@ void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigne
 }
 // The GPU places a cluster where a GPC has that many SMs free; here every launch it takes fits.
 template <typename... Params>
-bool fp_cluster_fits(void (*)(Params...), dim3, unsigned cluster_y, size_t smem_bytes, size_t smem_max) {
+bool fp_cluster_fits(void (*)(Params...), dim3, unsigned cluster_y, size_t smem_bytes, size_t smem_max, cudaStream_t) {
   return cluster_y <= 16 && smem_bytes <= smem_max && smem_max <= 227 * 1024;
 }
 }  // namespace fastprune_cuda

@@ -39,23 +39,32 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
   // bit 0 kernel A ran as clusters, bit 1 the one-cluster kernel ran instead of kernels A and B.
   const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true, /*ksplit=*/0, (*cluster & 1) != 0, (*cluster & 2) != 0);
   const bool one = one_cluster_applies(p, plan);
-  *cluster = (plan.cluster && !one ? 1 : 0) | (one ? 2 : 0);
+  *cluster = (plan.cluster && !one ? 1 : 0) | (one ? 2 : 0);  // bits 8 on: the last run's kernel launches
   constexpr size_t kGuard = 4096;
   std::vector<uint64_t> words((plan.workspace_bytes + 7) / 8, ws_word);
   std::vector<unsigned char> ws(plan.workspace_bytes + kGuard, 0xff);
   std::memcpy(ws.data(), words.data(), plan.workspace_bytes);
   for (int run = 0; run < runs; ++run) {
+    const int launches_before = emu::g_launches;
     if (op == 0) {
       if (launch_select(p, plan, ws.data(), idx_out, nullptr) != cudaSuccess) return -1;
-    } else {
-      if (launch_keep(p, plan, ws.data(), keep_tokens, op == 2 ? max_tokens : 0, counts_out, nullptr) != cudaSuccess)
+    } else if (op == 2) {  // prune_padded: one call, as the binding makes it
+      if (max_tokens > k_capacity) return -2;
+      *k_out = max_tokens;
+      if (launch_prune_padded(p, plan, ws.data(), keep_tokens, max_tokens, counts_out, pruned, kept_mask, kept_idx,
+                              nullptr) != cudaSuccess)
         return -1;
-      int64_t K = op == 2 ? max_tokens : *max_count_ptr(plan, ws.data());
+    } else {
+      if (launch_keep(p, plan, ws.data(), keep_tokens, 0, counts_out, nullptr) != cudaSuccess) return -1;
+      int64_t K = *max_count_ptr(plan, ws.data());
       if (K < 1) K = 1;
       if (K > k_capacity) return -2;
       *k_out = K;
       if (launch_gather(p, plan, ws.data(), counts_out, K, pruned, kept_mask, kept_idx, nullptr) != cudaSuccess)
         return -3;
+    }
+    *cluster = (*cluster & 0xff) | (emu::g_launches - launches_before) << 8;
+    if (op != 0) {
       // The row argmax behind this selection, decoded from the packed keys.
       const auto* keys = reinterpret_cast<const unsigned long long*>(ws.data() + plan.off_keys);
       for (int64_t i = 0; i < B * N; ++i) idx_out[i] = 0xffffffffll - static_cast<int64_t>(keys[i] & 0xffffffffull);
