@@ -1353,78 +1353,16 @@ __device__ __forceinline__ void segment(int n, int* lo, int* hi) {
   *hi = mn(n, *lo + per);
 }
 
+// A masked patch's vote count starts here, so that it stays negative whatever it gets.
+constexpr int kMasked = INT_MIN / 2;
+
+// The keep rule on a sample's vote counts (kMasked and below for masked patches), every thread of
+// the block: implicit / budget / cap, the kept list in increasing j and the count.
 template <bool kSmem>
-__device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* s_warp,
-                          long long* s_warp64, int* s_vstar, int* s_above) {
+__device__ void keep_rule(const Args& a, int64_t b, const int* votes, int* hist, int* s_warp, long long* s_warp64,
+                          int* s_vstar, int* s_above) {
   const int tid = threadIdx.x;
   const int N = static_cast<int>(a.N);
-  const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
-  const bool mask_rows = a.mask_voters && pm != nullptr;
-  const unsigned long long* keys = a.keys + b * N;
-
-  // The passes below load kBatch items per thread at once, unpredicated (an index past the end
-  // reads item N - 1, unused): a loop that loads and then updates `votes` waited for each load
-  // in turn. A masked patch starts at kMasked votes, so no pass reads the mask again: it stays
-  // negative whatever it gets (all votes go to column 0 when no patch is valid).
-  //
-  // The first batch of keys is loaded before the vote counts are cleared, so that its L2 round
-  // trip overlaps the mask's: the tail waited for one, then the other (the finishing step is
-  // the kernel's serial end at pi05 B=1; run 10's ncu put about 8 k cycles on its one SM).
-  constexpr int kBatch = 4;
-  constexpr int kMasked = INT_MIN / 2;
-  unsigned long long key[kBatch];
-  bool voter[kBatch];
-  auto load_rows = [&](int i0) {
-#pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      key[k] = __ldcg(&keys[mn(i0 + tid + k * kThreads, N - 1)]);
-      voter[k] = true;
-    }
-    if (mask_rows) {
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) voter[k] = pm[mn(i0 + tid + k * kThreads, N - 1)];
-    }
-  };
-  auto vote_rows = [&](int i0) {
-#pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      const int i = i0 + tid + k * kThreads;
-      if (i >= N) break;
-      int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key[k] & 0xffffffffull));
-      if (j >= N) j = 0;  // unreachable: every row has an allowed column
-      if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter[k] ? j : -1;
-      if (a.want_keep && voter[k]) atomicAdd(&votes[j], 1);
-    }
-  };
-  load_rows(0);
-  if (a.want_keep) {
-    for (int j0 = 0; j0 <= N; j0 += kBatch * kThreads) {
-      bool on[kBatch];
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) on[k] = true;
-      if (pm != nullptr) {
-#pragma unroll
-        for (int k = 0; k < kBatch; ++k) on[k] = pm[mn(j0 + tid + k * kThreads, N - 1)];
-      }
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int j = j0 + tid + k * kThreads;
-        if (j <= N) {
-          votes[j] = j < N && !on[k] ? kMasked : 0;
-          hist[j] = 0;
-        }
-      }
-    }
-  }
-  __syncthreads();
-  vote_rows(0);
-  for (int i0 = kBatch * kThreads; i0 < N; i0 += kBatch * kThreads) {
-    load_rows(i0);
-    vote_rows(i0);
-  }
-  if (!a.want_keep) return;
-  __syncthreads();
-
   const bool budget = a.keep_tokens > 0;
   int limit = budget && a.keep_tokens < N ? static_cast<int>(a.keep_tokens) : N;
   if (a.max_tokens > 0 && a.max_tokens < limit) limit = static_cast<int>(a.max_tokens);
@@ -1499,6 +1437,80 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
     ties += tie ? 1 : 0;
   }
   finish(limit);
+}
+
+template <bool kSmem>
+__device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* s_warp,
+                          long long* s_warp64, int* s_vstar, int* s_above) {
+  const int tid = threadIdx.x;
+  const int N = static_cast<int>(a.N);
+  const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
+  const bool mask_rows = a.mask_voters && pm != nullptr;
+  const unsigned long long* keys = a.keys + b * N;
+
+  // The passes below load kBatch items per thread at once, unpredicated (an index past the end
+  // reads item N - 1, unused): a loop that loads and then updates `votes` waited for each load
+  // in turn. A masked patch starts at kMasked votes, so no pass reads the mask again: it stays
+  // negative whatever it gets (all votes go to column 0 when no patch is valid).
+  //
+  // The first batch of keys is loaded before the vote counts are cleared, so that its L2 round
+  // trip overlaps the mask's: the tail waited for one, then the other (the finishing step is
+  // the kernel's serial end at pi05 B=1; run 10's ncu put about 8 k cycles on its one SM).
+  constexpr int kBatch = 4;
+  unsigned long long key[kBatch];
+  bool voter[kBatch];
+  auto load_rows = [&](int i0) {
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      key[k] = __ldcg(&keys[mn(i0 + tid + k * kThreads, N - 1)]);
+      voter[k] = true;
+    }
+    if (mask_rows) {
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) voter[k] = pm[mn(i0 + tid + k * kThreads, N - 1)];
+    }
+  };
+  auto vote_rows = [&](int i0) {
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = i0 + tid + k * kThreads;
+      if (i >= N) break;
+      int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key[k] & 0xffffffffull));
+      if (j >= N) j = 0;  // unreachable: every row has an allowed column
+      if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter[k] ? j : -1;
+      if (a.want_keep && voter[k]) atomicAdd(&votes[j], 1);
+    }
+  };
+  load_rows(0);
+  if (a.want_keep) {
+    for (int j0 = 0; j0 <= N; j0 += kBatch * kThreads) {
+      bool on[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) on[k] = true;
+      if (pm != nullptr) {
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) on[k] = pm[mn(j0 + tid + k * kThreads, N - 1)];
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int j = j0 + tid + k * kThreads;
+        if (j <= N) {
+          votes[j] = j < N && !on[k] ? kMasked : 0;
+          hist[j] = 0;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  vote_rows(0);
+  for (int i0 = kBatch * kThreads; i0 < N; i0 += kBatch * kThreads) {
+    load_rows(i0);
+    vote_rows(i0);
+  }
+  if (!a.want_keep) return;
+  __syncthreads();
+
+  keep_rule<kSmem>(a, b, votes, hist, s_warp, s_warp64, s_vstar, s_above);
 }
 
 #if FP_HAVE_MMA
@@ -1811,7 +1823,8 @@ struct GArgs {
 //   phase 2: the block's A' rows in shared memory for every token step, every S column tile of
 //            the sample through a ring of kOcRing, kernel B's product and merge: the block owns
 //            its rows' argmax, stored without atomics; cluster barrier;
-//   phase 3: block 0 runs kernel B's keep_tail on the sample's keys (votes in shared memory);
+//   phase 3: every block counts its rows' votes in shared memory; after a cluster barrier block
+//            0 adds them up through distributed shared memory and runs kernel B's keep rule;
 //   phase 4 (prune_padded, K = max_tokens <= N): after a cluster barrier, kernel C's gather-pad
 //            by every block (gather_in_cluster), so that the call is this one launch.
 // prune (K known only after a host read) and select keep kernel C, or none. Only 16-bit inputs
@@ -1849,7 +1862,8 @@ __host__ __device__ inline size_t oc_phase2_bytes(int64_t ts) {
          kOcRing * sizeof(OcSTile);
 }
 __host__ __device__ inline size_t oc_smem_bytes(int64_t N, int64_t ts) {
-  const size_t p1 = oc_phase1_bytes(ts), p2 = oc_phase2_bytes(ts), p3 = 2 * (static_cast<size_t>(N) + 1) * sizeof(int);
+  // phase 3: every block's vote counts [N], block 0's sums and histogram [N + 1] each, aligned
+  const size_t p1 = oc_phase1_bytes(ts), p2 = oc_phase2_bytes(ts), p3 = (3 * static_cast<size_t>(N) + 12) * sizeof(int);
   const size_t p12 = p1 > p2 ? p1 : p2;
   return kOcHead + (p12 > p3 ? p12 : p3);
 }
@@ -2095,17 +2109,50 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
       row_best = max_u64(row_best, tile_best(prod, cols, ct));
     }
   }
-  if (mq == 0 && j0 + mr < N) a.keys[j0 + mr] = row_best;
-  fp_cluster_sync();  // every block's keys
-
-  // Phase 3: block 0 alone, on the sample's keys (the others' phase 2 shared memory is not read).
-  if (rt == 0) {
-    int* votes = reinterpret_cast<int*>(body);
-    keep_tail<true>(a, 0, votes, votes + N + 1, hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
+  // Phase 3. Each block decodes its own rows' argmax (the row index, or -1 for a masked voter,
+  // to idx_out) and counts their votes in its shared memory; block 0 adds every block's counts
+  // through distributed shared memory and runs the keep rule. Kernel B's tail instead loads every
+  // row's key back from L2 and counts all N rows' votes on one SM. The keys stay in the
+  // workspace as kernel B leaves them (the emulator decodes a prune's selection from them).
+  __syncthreads();  // phase 2's shared memory is dead
+  int* const my_votes = reinterpret_cast<int*>(body);  // [N]
+  if (a.want_keep)
+    for (int j = tid; j < N; j += kThreads) my_votes[j] = 0;
+  __syncthreads();
+  if (mq == 0 && j0 + mr < N) {
+    const int64_t i = j0 + mr;
+    int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(row_best & 0xffffffffull));
+    if (j >= N) j = 0;  // unreachable: every row has an allowed column
+    const bool voter = !a.mask_voters || pm == nullptr || pm[i];
+    a.keys[i] = row_best;
+    if (a.idx_out != nullptr) a.idx_out[i] = voter ? j : -1;
+    if (a.want_keep && voter) atomicAdd(&my_votes[j], 1);
   }
-  if (g.K == 0) return;
-  fp_cluster_sync();  // block 0's kept list and count
-  gather_in_cluster<T>(g, rt, static_cast<int>(a.row_tiles), body, oc_smem_bytes(N, ts) - kOcHead);
+  if (!a.want_keep) return;
+  const int C = static_cast<int>(a.row_tiles);
+  fp_cluster_sync();  // every block's counts
+  if (rt == 0) {
+    int* const votes = my_votes + (N + 3) / 4 * 4;  // [N + 1], 16-byte aligned
+    int* const hist = votes + (N + 4) / 4 * 4;      // [N + 1]
+    for (int j = tid; j <= N; j += kThreads) {
+      int v[kOcMaxTiles];  // the C loads go out together; ranks past C add 0 (never mapped)
+#pragma unroll
+      for (int q = 0; q < kOcMaxTiles; ++q) v[q] = q < C && j < N ? *fp_cluster_map(my_votes + j, q) : 0;
+      int sum = j < N && pm != nullptr && !pm[j] ? kMasked : 0;
+#pragma unroll
+      for (int q = 0; q < kOcMaxTiles; ++q) sum += v[q];
+      votes[j] = sum;
+      hist[j] = 0;
+    }
+    __syncthreads();
+    keep_rule<true>(a, 0, votes, hist, hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
+  }
+  if (g.K == 0) {
+    fp_cluster_sync_relaxed();  // no block leaves before block 0 has read its counts
+    return;
+  }
+  fp_cluster_sync();  // block 0's kept list and count (and it has read every block's counts)
+  gather_in_cluster<T>(g, rt, C, body, oc_smem_bytes(N, ts) - kOcHead);
 #else
   (void)a;  // never launched: one_cluster_applies needs the tensor-core path
   (void)g;
