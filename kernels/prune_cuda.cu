@@ -928,6 +928,41 @@ __device__ void finish_block(const Args& a, const ClusterSmem& cl, int64_t b, in
   }
 }
 
+// The prompt range [t_lo, t_hi) of a sample: first to last valid token, or all T when none is
+// valid (all_t). Every thread of the block; s_lo and s_hi are two ints of shared memory, which
+// keep the range's ends (t_hi - 1, or -1 for all_t) after the return.
+struct PromptRange {
+  bool all_t;
+  int t_lo, t_hi;
+};
+__device__ __forceinline__ PromptRange prompt_range(const bool* tm, int64_t T, int* s_lo, int* s_hi) {
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    *s_lo = INT_MAX;
+    *s_hi = -1;
+  }
+  __syncthreads();
+  if (tm != nullptr) {
+    int lo = INT_MAX, hi = -1;
+    for (int64_t t = tid; t < T; t += kThreads) {
+      if (tm[t]) {
+        lo = mn(lo, static_cast<int>(t));
+        hi = mx(hi, static_cast<int>(t));
+      }
+    }
+    if (hi >= 0) {
+      atomicMin(s_lo, lo);
+      atomicMax(s_hi, hi);
+    }
+  }
+  __syncthreads();
+  PromptRange r;
+  r.all_t = *s_hi < 0;
+  r.t_lo = r.all_t ? 0 : *s_lo;
+  r.t_hi = r.all_t ? static_cast<int>(T) : *s_hi + 1;
+  return r;
+}
+
 // Kernel A's shared memory: a static SmemA for the plain kernel, dynamic for the cluster variant.
 template <typename T, bool kCluster>
 __device__ __forceinline__ unsigned char* smem_a() {
@@ -977,29 +1012,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   if (d0 < d1) ld0.load_q(Q, a, 0, 0, t_all, d0, d1);
   if (d0 + kBK < d1) ld1.load_q(Q, a, 0, 0, t_all, d0 + kBK, d1);
 
-  // 1. The prompt range [t_lo, t_hi): first to last valid token, or all T when none is valid.
-  if (tid == 0) {
-    sm.t_lo = INT_MAX;
-    sm.t_hi = -1;
-  }
-  __syncthreads();
-  if (tm != nullptr) {
-    int lo = INT_MAX, hi = -1;
-    for (int64_t t = tid; t < T_; t += kThreads) {
-      if (tm[t]) {
-        lo = mn(lo, static_cast<int>(t));
-        hi = mx(hi, static_cast<int>(t));
-      }
-    }
-    if (hi >= 0) {
-      atomicMin(&sm.t_lo, lo);
-      atomicMax(&sm.t_hi, hi);
-    }
-  }
-  __syncthreads();
-  const bool all_t = sm.t_hi < 0;
-  const int t_lo = all_t ? 0 : sm.t_lo;
-  const int t_hi = all_t ? static_cast<int>(T_) : sm.t_hi + 1;
+  // 1. The prompt range.
+  const PromptRange range = prompt_range(tm, T_, &sm.t_lo, &sm.t_hi);
+  const bool all_t = range.all_t;
+  const int t_lo = range.t_lo, t_hi = range.t_hi;
   const int tr = t_hi - t_lo;
 
   if (rt == 0 && ks == 0) {  // per-sample facts for kernel B (one writer)
@@ -1958,28 +1974,9 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
   // The first steps go out before the prompt range is known, on kernel A's guess that it starts
   // at token 0 (pi0.5's prompts are a prefix): rows past the range are copied and not used.
   for (int s = 0; s < kOcStages - 1; ++s) issue(s, 0, 0, static_cast<int>(T_));
-  if (tid == 0) {
-    hd.t_lo = INT_MAX;
-    hd.t_hi = -1;
-  }
-  __syncthreads();
-  if (tm != nullptr) {
-    int lo = INT_MAX, hi = -1;
-    for (int64_t t = tid; t < T_; t += kThreads) {
-      if (tm[t]) {
-        lo = mn(lo, static_cast<int>(t));
-        hi = mx(hi, static_cast<int>(t));
-      }
-    }
-    if (hi >= 0) {
-      atomicMin(&hd.t_lo, lo);
-      atomicMax(&hd.t_hi, hi);
-    }
-  }
-  __syncthreads();
-  const bool all_t = hd.t_hi < 0;
-  const int t_lo = all_t ? 0 : hd.t_lo;
-  const int tr = (all_t ? static_cast<int>(T_) : hd.t_hi + 1) - t_lo;
+  const PromptRange range = prompt_range(tm, T_, &hd.t_lo, &hd.t_hi);
+  const bool all_t = range.all_t;
+  const int t_lo = range.t_lo, tr = range.t_hi - range.t_lo;
   if (t_lo != 0) {  // a wrong guess: the same buffers again, after the thread's own copies landed
     fp_cp_async_wait<0>();
     for (int s = 0; s < kOcStages - 1; ++s) issue(s, t_lo, 0, tr);
