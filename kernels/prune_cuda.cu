@@ -54,21 +54,23 @@ void fp_launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t st
   fp_launch_attr(kernel, grid, block, 0, stream, attr, args...);
 }
 
-// The kernel's opt-ins, given once per kernel and device: dynamic shared memory past 48 KB, up to
-// smem_max bytes, and clusters past the portable 8 blocks (sm_90 takes 16). They are no stream
-// work, so they need not (and inside CUDA-graph capture may not) be repeated per launch.
+// The kernel's opt-ins for clusters of cluster_y blocks, given once per kernel and device: dynamic
+// shared memory past 48 KB, up to smem_max bytes, and past the portable 8 blocks a cluster the
+// non-portable sizes (sm_90 takes 16). They are no stream work, so they need not (and inside
+// CUDA-graph capture may not) be repeated per launch.
 template <typename... Params>
-bool fp_opt_in(void (*kernel)(Params...), size_t smem_max) {
+bool fp_opt_in(void (*kernel)(Params...), size_t smem_max, unsigned cluster_y) {
   static std::mutex mu;
-  static std::set<std::pair<const void*, int>> opted;
+  static std::set<std::tuple<const void*, int, bool>> opted;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
+  const bool non_portable = cluster_y > 8;
   const std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, non_portable);
   if (opted.count(key) == 0) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max)) !=
             cudaSuccess ||
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+        (non_portable && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess))
       return false;
     opted.insert(key);
   }
@@ -89,7 +91,7 @@ cudaLaunchAttribute cluster_attr(unsigned cluster_y) {
 template <typename... Params, typename... Actual>
 void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster_y, size_t smem_bytes,
                        size_t smem_max, cudaStream_t stream, Actual... args) {
-  if (!fp_opt_in(kernel, smem_max)) return;  // errors surface through cudaGetLastError()
+  if (!fp_opt_in(kernel, smem_max, cluster_y)) return;  // errors surface through cudaGetLastError()
   fp_launch_attr(kernel, grid, block, smem_bytes, stream, cluster_attr(cluster_y), args...);
 }
 
@@ -115,7 +117,7 @@ bool fp_cluster_fits(void (*kernel)(Params...), dim3 block, unsigned cluster_y, 
   if (at != known.end()) return at->second;
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone ||
-      !fp_opt_in(kernel, smem_max)) {
+      !fp_opt_in(kernel, smem_max, cluster_y)) {
     (void)cudaGetLastError();
     return false;
   }
