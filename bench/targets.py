@@ -10,6 +10,8 @@ without which no time counts as met); a target whose numbers the run lacks reads
 All at the pi0.5 shape (``B?xN768xT200(48)xD2048``, bf16) in the static-cap mode (``padded``, max_tokens =
 N/3, the mode a CUDA graph can hold):
 - B=1 device time, CUDA-graph replay: Triton <= 10 µs; CUDA C++ <= 8 µs and not above Triton's;
+  also CUDA C++ with the opt-in one-cluster kernel (``bench_one_cluster/results.json``, PERF_LOG
+  v80) against 8 µs;
 - B=64 within 3x of the floor: graph replay <= 3 x the bytes the call must move (patches, valid
   prompt, M = N/3 rows written; bench/README.md "The floor") at the card's HBM peak;
 - eager at B=1 (median per call, host included): Triton >= 30x the eager reference and >= 5x its
@@ -54,7 +56,9 @@ def gpu_tests_status(run: pathlib.Path) -> str:
 def targets(run: pathlib.Path) -> tuple[dict, list[dict]]:
     """(environment, rows): each row a target with backend, measured, limit and met (None when
     the run lacks the numbers; False for every time when its GPU tests did not pass)."""
-    bench = _load(run / "bench" / "results.json") or {"rows": [], "summary": [], "environment": {}}
+    empty = {"rows": [], "summary": [], "environment": {}}
+    bench = _load(run / "bench" / "results.json") or empty
+    one_cluster = _load(run / "bench_one_cluster" / "results.json") or empty
     host = _load(run / "host" / "host.json") or {"rows": []}
     env = dict(bench["environment"] or host.get("environment", {}), gpu_tests=gpu_tests_status(run))
     gpu = env.get("gpu") or ""
@@ -64,8 +68,8 @@ def targets(run: pathlib.Path) -> tuple[dict, list[dict]]:
         m = PI05.fullmatch(row.get("shape", ""))
         return row.get("mode") == "padded" and m is not None and int(m.group(1)) == batch
 
-    def graph(provider: str, batch: int) -> tuple[str, float | None]:
-        row = next((r for r in bench["rows"] if r.get("provider") == provider and pi05_padded(r, batch)), None)
+    def graph(provider: str, batch: int, results: dict = bench) -> tuple[str, float | None]:
+        row = next((r for r in results["rows"] if r.get("provider") == provider and pi05_padded(r, batch)), None)
         return (f"B{batch}xN768xT200(48)xD2048", None) if row is None else (row["shape"], row.get("graph_us"))
 
     def speedup(provider: str, baseline: str) -> float | None:
@@ -88,6 +92,7 @@ def targets(run: pathlib.Path) -> tuple[dict, list[dict]]:
     add("B=1 graph replay, µs", "triton", tri1, 10.0)
     add("B=1 graph replay, µs", "cuda", cu1, 8.0)
     add("B=1 graph replay, µs, not above Triton's", "cuda", cu1, tri1)
+    add("B=1 graph replay, µs, one cluster (opt-in)", "cuda", graph("fastprune-cuda", 1, one_cluster)[1], 8.0)
     for provider, backend in (("fastprune-triton", "triton"), ("fastprune-cuda", "cuda")):
         shape, t64 = graph(provider, 64)
         floor = floor_us(shape, gpu)
