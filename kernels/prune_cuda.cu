@@ -278,6 +278,7 @@ struct Args {
   int want_keep;
   int64_t keep_tokens;  // <= 0: implicit
   int64_t max_tokens;   // <= 0: no cap
+  int oc_rows;          // the one-cluster kernel's rows a block (a multiple of 16, at most 64)
 };
 
 template <typename X>
@@ -882,13 +883,13 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
 // and combine the row max by two shuffles. finish_cluster's warp per row did each row's loads,
 // sums, max and stores one after another, 8 rows per warp: run 12's ncu put 23 % of the B=64
 // kernel's warp samples after its main loop. The arithmetic is finish_cluster's on one block's
-// partials. first_tile: the block of the sample's row tile 0, which zeroes kernel B's counters.
-__device__ void finish_block(const Args& a, const ClusterSmem& cl, int64_t b, int64_t j0, int tr, int t_lo,
-                             bool all_t, const bool* tm, bool first_tile) {
+// partials. rows_here: the block's rows from j0 on (at most 64); first_tile: the block of the
+// sample's first rows, which zeroes kernel B's counters.
+__device__ void finish_block(const Args& a, const ClusterSmem& cl, int64_t b, int64_t j0, int rows_here, int tr,
+                             int t_lo, bool all_t, const bool* tm, bool first_tile) {
   static_assert(kThreads == 4 * kBM, "4 threads per row");
   const int tid = threadIdx.x;
   const int64_t N = a.N, ts = a.ts;
-  const int rows_here = static_cast<int>(mn<int64_t>(kBM, N - j0));
   const int tw = written_tokens(ts, tr);
   __syncthreads();  // every thread's partials are in shared memory
   for (int u = tid; u < tr; u += kThreads) {
@@ -1119,7 +1120,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
     const int lo_again = all_again ? 0 : sm.t_lo;
     const int tr_again = all_again ? static_cast<int>(T_) : sm.t_hi + 1 - lo_again;
     const bool* tm_again = a.task_mask != nullptr ? a.task_mask + b * T_ : nullptr;
-    if (a.ksplit == 1) finish_block(a, cl, b, j0, tr_again, lo_again, all_again, tm_again, rt == 0);
+    if (a.ksplit == 1)
+      finish_block(a, cl, b, j0, static_cast<int>(mn<int64_t>(kBM, N - j0)), tr_again, lo_again, all_again, tm_again,
+                   rt == 0);
     else finish_cluster(a, cl, b, j0, tr_again, lo_again, all_again, tm_again);
     return;
   }
@@ -1829,8 +1832,9 @@ struct GArgs {
 
 // ------------------------------------------------------------------------------------------
 // The one-cluster kernel (PERF_LOG v80; opt-in, plan.one_cluster): kernels A and B of one sample
-// as one launch of one thread block cluster, block r taking patch row tile r over all of D (so N
-// <= 16 x 64, sm_90's largest cluster). At B=1 the three kernels are chains of round trips with a
+// as one launch of one thread block cluster of C <= 16 blocks (sm_90's largest), block r taking
+// patch rows R r .. R r + R - 1 over all of D (R = Args::oc_rows <= 64, so N <= 1024) in kernel A's
+// and B's 64-row tiles, zeros past its rows. At B=1 the three kernels are chains of round trips with a
 // launch, a drain and a gpu-scope arrival between them (PERF_LOG lead 1); here cluster barriers
 // order the phases, and the loads go out as deep cp.async rings, since 12-16 SMs must keep their
 // whole share of the 3 MB of patches and the prompt in flight:
@@ -1946,16 +1950,18 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
   const ClusterSmem cl = cluster_smem(body, kOcStages * sizeof(StepTiles<T>), a.ts);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int rt = static_cast<int>(blockIdx.y);  // the block's rank in the cluster
+  const int rt = static_cast<int>(blockIdx.y), C = static_cast<int>(gridDim.y);  // rank, blocks
   const int64_t N = a.N, T_ = a.T, D = a.D, ts = a.ts;
-  const int64_t j0 = static_cast<int64_t>(rt) * kBM;
+  const int64_t j0 = static_cast<int64_t>(rt) * a.oc_rows;
+  const int rows_here = static_cast<int>(mn<int64_t>(a.oc_rows, N - j0));  // the rest of the 64-row tiles is zeros
   const T* P = static_cast<const T*>(a.patches);
   const T* Q = static_cast<const T*>(a.task);
   const bool* tm = a.task_mask;
   const int n_steps = static_cast<int>((D + kBK - 1) / kBK);
 
-  // Phase 1. The copies of D step s into step buffer s % kOcStages: patch rows j0 + row(k) and
-  // prompt rows t_lo + u0 + row(k) below tr, zeros elsewhere (Loader<T, true>'s thread layout).
+  // Phase 1. The copies of D step s into step buffer s % kOcStages: patch rows j0 + row(k) below
+  // rows_here and prompt rows t_lo + u0 + row(k) below tr, zeros elsewhere (Loader<T, true>'s
+  // thread layout).
   // Every call commits a group, empty past the last step, so that a wait for "all but the
   // newest kOcStages - 2" always means the step in hand.
   auto issue = [&](int s, int t_lo, int u0, int tr) {
@@ -1966,7 +1972,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int r = Ld::row(k);
-        const bool pj = j0 + r < N && dd < D, pu = u0 + r < tr && dd < D;
+        const bool pj = r < rows_here && dd < D, pu = u0 + r < tr && dd < D;
         fp_cp_async16(&st.ps[r][c], pj ? P + (j0 + r) * a.p_sr + dd : P, pj);
         fp_cp_async16(&st.ts[r][c], pu ? Q + (t_lo + u0 + r) * a.t_sr + dd : Q, pu);
       }
@@ -2020,7 +2026,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     __syncthreads();
     for (int e = tid; e < kBM * kBT; e += kThreads) {
       const int r = e / kBT, c = e % kBT;
-      if (j0 + r < N && u0 + c < tr) cl.part[r * ts + u0 + c] = cs[r][c];
+      if (r < rows_here && u0 + c < tr) cl.part[r * ts + u0 + c] = cs[r][c];
     }
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
@@ -2033,9 +2039,9 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const float v = Ld::reduce(psq[k]);
-    if (Ld::leader() && j0 + Ld::row(k) < N) cl.psq[Ld::row(k)] = v;
+    if (Ld::leader() && Ld::row(k) < rows_here) cl.psq[Ld::row(k)] = v;
   }
-  finish_block(a, cl, 0, j0, tr, t_lo, all_t, tm, rt == 0);  // block 0 also zeroes max_count
+  finish_block(a, cl, 0, j0, rows_here, tr, t_lo, all_t, tm, rt == 0);  // block 0 also zeroes max_count
   fp_cluster_sync();  // every block's S and A' rows are in the workspace
 
   // Phase 2. The block's A' rows, all 64-token steps of the range (zeros past u_end, the range
@@ -2051,7 +2057,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     const int vecs = n_u * kBU / 8;  // 16-byte vectors a row and plane
     for (int e = tid; e < 2 * kBM * vecs; e += kThreads) {
       const int plane = e / (kBM * vecs), r = e / vecs % kBM, u = 8 * (e % vecs);
-      const bool on = j0 + r < N && u < u_end;
+      const bool on = r < rows_here && u < u_end;
       const __half* src = reinterpret_cast<const __half*>(a.A + (j0 + r) * ts) + plane * ts + u;
       fp_cp_async16((plane ? al : ah) + r * lda + u, on ? src : reinterpret_cast<const __half*>(a.A), on);
     }
@@ -2118,7 +2124,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
   if (a.want_keep)
     for (int j = tid; j < N; j += kThreads) my_votes[j] = 0;
   __syncthreads();
-  if (mq == 0 && j0 + mr < N) {
+  if (mq == 0 && mr < rows_here) {
     const int64_t i = j0 + mr;
     int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(row_best & 0xffffffffull));
     if (j >= N) j = 0;  // unreachable: every row has an allowed column
@@ -2128,7 +2134,6 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     if (a.want_keep && voter) atomicAdd(&my_votes[j], 1);
   }
   if (!a.want_keep) return;
-  const int C = static_cast<int>(a.row_tiles);
   fp_cluster_sync();  // every block's counts
   if (rt == 0) {
     int* const votes = my_votes + (N + 3) / 4 * 4;  // [N + 1], 16-byte aligned
@@ -2292,18 +2297,27 @@ constexpr bool kOneClusterBuilt = true;
 #endif
 
 // The one-cluster kernel where it applies and the device places its cluster, with phase 4's
-// gather-pad when g.K > 0: whether it was launched.
+// gather-pad when g.K > 0: whether it was launched. Rows a block: the fewest multiple of 16 that
+// spreads N over at most 16 blocks (pi05: 48 rows, 16 blocks, so that each SM takes in 48 patch
+// rows a D step beside the prompt's 48, not 64), or whole 64-row tiles (12 blocks at pi05) where
+// the device does not place that many.
 bool launch_one_cluster(const Problem& p, const Plan& plan, const Args& a, const GArgs& g, cudaStream_t stream) {
   if (!one_cluster_applies(p, plan)) return false;
-  const dim3 grid(1, static_cast<unsigned>(plan.row_tiles), 1);
-  const unsigned cy = static_cast<unsigned>(plan.row_tiles);
   const size_t smem = oc_smem_bytes(p.N, plan.ts);
-  auto launch = [&](auto kernel) {
-    if (!fp_cluster_fits(kernel, kThreads, cy, smem, kOcSmemMax, stream)) return false;
-    fp_launch_cluster(kernel, grid, kThreads, cy, smem, kOcSmemMax, stream, a, g);
-    return true;
-  };
-  return p.dtype == DType::kFloat16 ? launch(one_cluster_kernel<__half>) : launch(one_cluster_kernel<__nv_bfloat16>);
+  const int64_t spread = ceil_div(ceil_div(p.N, kOcMaxTiles), 16) * 16;
+  for (const int64_t rows : {spread, int64_t{kBM}}) {
+    const unsigned cy = static_cast<unsigned>(ceil_div(p.N, rows));
+    Args with_rows = a;
+    with_rows.oc_rows = static_cast<int>(rows);
+    auto launch = [&](auto kernel) {
+      if (!fp_cluster_fits(kernel, kThreads, cy, smem, kOcSmemMax, stream)) return false;
+      fp_launch_cluster(kernel, dim3(1, cy, 1), kThreads, cy, smem, kOcSmemMax, stream, with_rows, g);
+      return true;
+    };
+    if (p.dtype == DType::kFloat16 ? launch(one_cluster_kernel<__half>) : launch(one_cluster_kernel<__nv_bfloat16>))
+      return true;
+  }
+  return false;
 }
 
 cudaError_t launch_ab(const Problem& p, const Plan& plan, const Args& a, cudaStream_t stream) {

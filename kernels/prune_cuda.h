@@ -98,7 +98,7 @@ constexpr int kMaxSplit = 32;
 // most 8 D slices, prompts of at most 512 tokens (256 when the blocks take more than one wave),
 // 16-byte aligned inputs. An automatic D split is then held to 8 slices (the portable cluster
 // size).
-// one_cluster: kernels A and B as one launch of one thread block cluster of a block per row tile
+// one_cluster: kernels A and B as one launch of one thread block cluster of at most 16 blocks
 // (compute capability 9.0+ only; PERF_LOG v80) where it applies: one sample, at most 16 row tiles
 // (N <= 1024), prompts short enough for its shared memory (T <= 312), and (one_cluster_applies)
 // 16-bit inputs with 16-byte aligned rows. The launch falls back to kernels A and B where the

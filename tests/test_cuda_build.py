@@ -574,13 +574,13 @@ def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype, cluster):
 # The one-cluster kernel (plan.one_cluster, PERF_LOG v80), one sample: N, T, D, masks.
 EMU_ONE_CLUSTER = [
     (1, 1, 64, "none"),               # one row, one token, one D step
-    (70, 20, 256, "all"),             # 2 blocks, a 6-row last tile; 4 D steps, fewer than the 7 in flight
+    (70, 20, 256, "all"),             # 5 blocks of 16 rows, 6 in the last; 4 D steps, fewer than the 7 in flight
     (65, 9, 640, "absent_camera"),    # 10 D steps: the ring of 8 step buffers wraps
     (130, 150, 200, "padded_prompt"),  # up to 3 token tiles (patches streamed again, 3 token steps a
                                        # column tile in phase 2); D = 200: a partial last D step
     (200, 30, 128, "invalid_patches"),  # no valid patch: column 0 alone
     (100, 12, 64, "invalid_prompt"),  # no valid token: the whole prompt
-    (1024, 5, 64, "all"),             # 16 blocks, sm_90's largest cluster; 16 S column tiles through a ring of 6
+    (1024, 5, 64, "all"),             # 16 blocks of 64 rows, sm_90's largest cluster; 16 S column tiles, a ring of 6
 ]
 
 
@@ -630,6 +630,21 @@ def test_emulated_one_cluster_prompt_range_after_token_0(emu, T, lo, hi):
     assert emu["mma"].one_cluster
     check_selection(idx, patches, task, task_mask, patch_mask)
     check_prune(out, patches, idx, patch_mask, None, False, 20)
+
+
+@pytest.mark.parametrize("most,launches", [(16, 1), (9, 1), (4, 3)])
+def test_emulated_one_cluster_block_rows(emu, monkeypatch, most, launches):
+    """The one-cluster kernel spreads N = 300 over 10 blocks of 32 rows (kernel A's and B's 64-row
+    tiles, zeros past a block's rows); where the device places no cluster that large (the
+    emulator's FASTPRUNE_EMU_MAX_CLUSTER), 5 blocks of 64 rows; where not even those, kernels A,
+    B and C. Each way prune_padded keeps what the reference keeps from the float64 truth's
+    selection."""
+    monkeypatch.setenv("FASTPRUNE_EMU_MAX_CLUSTER", str(most))
+    patches, task, task_mask, patch_mask = make_inputs(1, 300, 20, 64, torch.bfloat16, "all", seed=7)
+    out, idx, _ = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=40, one_cluster=True)
+    assert emu["mma"].launches == launches
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, None, False, 40)
 
 
 @pytest.mark.parametrize("B,N,T,D,dtype,build", [
@@ -687,7 +702,7 @@ TSAN_CASES = {
     "no_split_finish_in_block": "0 1 2 70 150 320 1 0 100 20 0 0",  # kernel A's own finishing step (v72)
     "select_3_column_tiles": "1 2 2 130 20 64 132 0 12 3 5 0",
     "cluster_one_split": "2 1 1 130 40 128 2 1 30 0 0 7",
-    # The one-cluster kernel (v80): 3 blocks, 10 D steps (the ring of 8 wraps), a prompt range
+    # The one-cluster kernel (v80): 9 blocks of 16 rows, 10 D steps (the ring of 8 wraps), a prompt range
     # after token 0 (the first copies again) over 2 token tiles.
     "one_cluster_ring": "2 2 1 130 150 640 132 2 100 20 0 9",
 }
@@ -941,7 +956,7 @@ def test_emulated_nan_column_never_wins(emu, path):
 @pytest.mark.parametrize("one_cluster", [False, True])
 def test_emulated_pi05_shape_bf16(emu, one_cluster):
     """The pi0.5 shape (768 patches, 200 prompt slots with 48 valid, D=2048), tensor-core path,
-    D split over 11 slices as on an H100, or the one-cluster kernel (12 blocks, 32 D steps); a
+    D split over 11 slices as on an H100, or the one-cluster kernel (16 blocks of 48 rows, 32 D steps); a
     missing camera keeps nothing."""
     patches, task, task_mask, patch_mask = structured_inputs(batch=1, dtype=torch.bfloat16, absent_cameras=((0, 2),))
     out, idx, ksplit = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=256,

@@ -696,7 +696,7 @@ def test_cuda_cluster_variant(tmp_path):
 
 def test_cuda_one_cluster(tmp_path):
     """FASTPRUNE_CUDA_ONE_CLUSTER=1 (opt-in, PERF_LOG v80) runs kernels A and B of the pi05 B=1
-    call as one launch of one 12-block cluster, and prune_padded (cap 256) as that launch alone;
+    call as one launch of one 16-block cluster (12 where the device places no 16), and prune_padded (cap 256) as that launch alone;
     B=8 keeps kernels A, B and C. The selections are the float64 truth's row argmax and the
     outputs the pruning of them, eager and from a CUDA graph. A value other than 0 or 1 is an
     error naming the variable."""

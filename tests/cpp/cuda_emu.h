@@ -604,9 +604,12 @@ void fp_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigne
   }
   emu::launch([&] { kernel(args...); }, grid, block, cluster_y, smem_bytes);
 }
-// The GPU places a cluster where a GPC has that many SMs free; here every launch it takes fits.
+// The GPU places a cluster where a GPC has that many SMs free; here every launch it takes fits,
+// up to FASTPRUNE_EMU_MAX_CLUSTER blocks where that is set (a GPU whose GPCs are smaller).
 template <typename... Params>
 bool fp_cluster_fits(void (*)(Params...), dim3, unsigned cluster_y, size_t smem_bytes, size_t smem_max, cudaStream_t) {
-  return cluster_y <= 16 && smem_bytes <= smem_max && smem_max <= 227 * 1024;
+  const char* most = std::getenv("FASTPRUNE_EMU_MAX_CLUSTER");
+  const unsigned limit = most != nullptr ? static_cast<unsigned>(std::strtoul(most, nullptr, 10)) : 16u;
+  return cluster_y <= limit && cluster_y <= 16 && smem_bytes <= smem_max && smem_max <= 227 * 1024;
 }
 }  // namespace fastprune_cuda
