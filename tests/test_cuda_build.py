@@ -386,7 +386,8 @@ class Emulated:
                  runs=1):
         """op "select" -> (idx, ksplit); "prune"/"padded" -> (PruneResult, idx, ksplit).
         cluster: ask for kernel A's cluster variant; self.clustered says whether it ran.
-        one_cluster: ask for the one-cluster kernel; self.one_cluster says whether it ran.
+        one_cluster: ask for the one-cluster kernel; self.one_cluster says whether it applies
+        (self.launches, whether the emulated device placed it).
         self.launches: the kernel launches of the last run.
         ws_word: the 8-byte word the workspace starts filled with; runs: runs on that workspace,
         each on what the run before left (the outputs are the last run's)."""

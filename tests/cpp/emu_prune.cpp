@@ -36,7 +36,8 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
   p.patch_mask = patch_mask;
   p.mask_voters = mask_voters != 0;
   // *cluster, in: bit 0 asks for kernel A's cluster variant, bit 1 for the one-cluster kernel; out:
-  // bit 0 kernel A ran as clusters, bit 1 the one-cluster kernel ran instead of kernels A and B.
+  // bit 0 kernel A ran as clusters, bit 1 the one-cluster kernel applies (whether the emulated
+  // device placed it shows in the launches).
   const Plan plan = make_plan(B, N, T, D, num_sms, /*pdl=*/true, /*ksplit=*/0, (*cluster & 1) != 0, (*cluster & 2) != 0);
   const bool one = one_cluster_applies(p, plan);
   *cluster = (plan.cluster && !one ? 1 : 0) | (one ? 2 : 0);  // bits 8 on: the last run's kernel launches
