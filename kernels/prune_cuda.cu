@@ -470,6 +470,13 @@ __device__ __forceinline__ unsigned long long pack_key(float s, int64_t j) {
          static_cast<unsigned long long>(0xffffffffu - static_cast<unsigned>(j));
 }
 
+// The column j of a row's best key (pack_key's low word); 0 for a row with no key, which cannot
+// happen: every row has an allowed column.
+__device__ __forceinline__ int key_column(unsigned long long key, int n) {
+  const int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key & 0xffffffffull));
+  return j < n ? j : 0;
+}
+
 __device__ __forceinline__ unsigned long long max_u64(unsigned long long a, unsigned long long b) {
   return a > b ? a : b;
 }
@@ -1496,8 +1503,7 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
     for (int k = 0; k < kBatch; ++k) {
       const int i = i0 + tid + k * kThreads;
       if (i >= N) break;
-      int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(key[k] & 0xffffffffull));
-      if (j >= N) j = 0;  // unreachable: every row has an allowed column
+      const int j = key_column(key[k], N);
       if (a.idx_out != nullptr) a.idx_out[b * N + i] = voter[k] ? j : -1;
       if (a.want_keep && voter[k]) atomicAdd(&votes[j], 1);
     }
@@ -2126,8 +2132,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
   __syncthreads();
   if (mq == 0 && mr < rows_here) {
     const int64_t i = j0 + mr;
-    int j = static_cast<int>(0xffffffffu - static_cast<unsigned>(row_best & 0xffffffffull));
-    if (j >= N) j = 0;  // unreachable: every row has an allowed column
+    const int j = key_column(row_best, N);
     const bool voter = !a.mask_voters || pm == nullptr || pm[i];
     a.keys[i] = row_best;
     if (a.idx_out != nullptr) a.idx_out[i] = voter ? j : -1;
@@ -2305,7 +2310,9 @@ bool launch_one_cluster(const Problem& p, const Plan& plan, const Args& a, const
   if (!one_cluster_applies(p, plan)) return false;
   const size_t smem = oc_smem_bytes(p.N, plan.ts);
   const int64_t spread = ceil_div(ceil_div(p.N, kOcMaxTiles), 16) * 16;
-  for (const int64_t rows : {spread, int64_t{kBM}}) {
+  const int64_t tries[2] = {spread, kBM};
+  for (int t = 0; t < (spread < kBM ? 2 : 1); ++t) {
+    const int64_t rows = tries[t];
     const unsigned cy = static_cast<unsigned>(ceil_div(p.N, rows));
     Args with_rows = a;
     with_rows.oc_rows = static_cast<int>(rows);
