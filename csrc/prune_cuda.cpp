@@ -198,10 +198,13 @@ PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
   check_launch(fastprune_cuda::launch_keep(r.problem, r.plan, r.workspace.data_ptr(), keep_tokens.value_or(0), 0,
                                            counts.data_ptr<int64_t>(), stream),
                "selection kernel launch");
-  // The op's only host sync: the largest kept count sizes the output.
-  const int* mc = fastprune_cuda::max_count_ptr(r.plan, r.workspace.data_ptr());
-  const int64_t off = reinterpret_cast<const char*>(mc) - static_cast<const char*>(r.workspace.data_ptr());
-  PruneOut out = outputs(std::max<int64_t>(1, r.workspace.narrow(0, off, sizeof(int)).view(at::kInt).item<int>()));
+  // The op's only host sync: the largest kept count sizes the output. The counts come over as they
+  // are (one copy of B words, as one word would be) and the host takes their maximum, so that no
+  // kernel keeps a running maximum across samples: the one-cluster kernel's samples are clusters
+  // in no set order, which no one of them could zero it for.
+  const at::Tensor host_counts = counts.to(at::kCPU);
+  const int64_t* c = host_counts.data_ptr<int64_t>();
+  PruneOut out = outputs(std::max<int64_t>(1, *std::max_element(c, c + B)));
   check_launch(fastprune_cuda::launch_gather(r.problem, r.plan, r.workspace.data_ptr(), counts.data_ptr<int64_t>(),
                                              std::get<0>(out).size(1), std::get<0>(out).data_ptr(),
                                              std::get<1>(out).data_ptr<bool>(), std::get<2>(out).data_ptr<int64_t>(),

@@ -260,7 +260,6 @@ struct Args {
   // workspace
   unsigned long long* counters_a;  // [B * row_tiles][2], tagged (arrive_tagged)
   int* counters_b;
-  int* max_count;
   float* part;
   float* psq;
   float* tsq;
@@ -346,12 +345,9 @@ __device__ __forceinline__ unsigned long long cas_acq_rel(unsigned long long* p,
 #endif
 }
 
-// Kernel B's arrival counter of sample b and (sample 0) the max kept count, zeroed by kernel A:
-// kernel B reads them after kernel A (in stream order, or after its pdl_wait).
-__device__ __forceinline__ void zero_b_counters(const Args& a, int64_t b) {
-  a.counters_b[b] = 0;
-  if (b == 0) *a.max_count = 0;
-}
+// Kernel B's arrival counter of sample b, zeroed by kernel A: kernel B reads it after kernel A (in
+// stream order, or after its pdl_wait).
+__device__ __forceinline__ void zero_b_counter(const Args& a, int64_t b) { a.counters_b[b] = 0; }
 
 // arrive() on the tagged counter counter[0..1] of n arrivals: whether this one is the last, which
 // leaves both words fresh for the next call on this workspace (a CUDA-graph replay). An atomic
@@ -860,7 +856,7 @@ __device__ void finish_cluster(const Args& a, const ClusterSmem& cl, int64_t b, 
     cl.tok[u] = all_t || tm[t_lo + u] ? 1 : 0;
   }
   if (rank == 0 && tid < rows_here) a.keys[b * N + j0 + tid] = 0ull;
-  if (rank == 0 && blockIdx.x == 0 && tid == 0) zero_b_counters(a, b);
+  if (rank == 0 && blockIdx.x == 0 && tid == 0) zero_b_counter(a, b);
   __syncthreads();  // invt, tok
   for (int r = r0; r < rows_here; r += ks * kWarps) {
     float* own = cl.part + r * ts;
@@ -904,7 +900,7 @@ __device__ void finish_block(const Args& a, const ClusterSmem& cl, int64_t b, in
     cl.tok[u] = all_t || tm[t_lo + u] ? 1 : 0;
   }
   if (tid < rows_here) a.keys[b * N + j0 + tid] = 0ull;
-  if (first_tile && tid == 0) zero_b_counters(a, b);
+  if (first_tile && tid == 0) zero_b_counter(a, b);
   __syncthreads();  // invt, tok
   const int r = tid >> 2, q = tid & 3;
   const bool have = r < rows_here;
@@ -1139,7 +1135,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scores_kernel(Args a) {
   if (tid == 0) sm.is_last = arrive_tagged(&a.counters_a[2 * (b * a.row_tiles + rt)], a.ksplit);
   __syncthreads();
   if (!sm.is_last) return;
-  if (tid == 0 && rt == 0) zero_b_counters(a, b);
+  if (tid == 0 && rt == 0) zero_b_counter(a, b);
 
   // 4. S and A' of the tile from the ksplit partials, one 64 x 64 token tile at a time.
   //
@@ -1404,10 +1400,7 @@ __device__ void keep_rule(const Args& a, int64_t b, const int* votes, int* hist,
   const int elig_before = block_excl_scan(cnt, s_warp, &n_elig);
   int* list = a.list + b * a.N;
   auto finish = [&](int count) {
-    if (tid == 0) {
-      a.counts_out[b] = count;
-      atomicMax(a.max_count, count);
-    }
+    if (tid == 0) a.counts_out[b] = count;
   };
   if (n_elig <= limit) {  // block-uniform: every eligible patch is kept, placed by the scan above
     int pos = elig_before;
@@ -1837,13 +1830,15 @@ struct GArgs {
 };
 
 // ------------------------------------------------------------------------------------------
-// The one-cluster kernel (PERF_LOG v80; opt-in, plan.one_cluster): kernels A and B of one sample
-// as one launch of one thread block cluster of C <= 16 blocks (sm_90's largest), block r taking
-// patch rows R r .. R r + R - 1 over all of D (R = Args::oc_rows <= 64, so N <= 1024) in kernel A's
-// and B's 64-row tiles, zeros past its rows. At B=1 the three kernels are chains of round trips with a
-// launch, a drain and a gpu-scope arrival between them (PERF_LOG lead 1); here cluster barriers
-// order the phases, and the loads go out as deep cp.async rings, since 12-16 SMs must keep their
-// whole share of the 3 MB of patches and the prompt in flight:
+// The one-cluster kernel (PERF_LOG v80, v81; opt-in, plan.one_cluster): kernels A and B as one
+// launch, each sample one thread block cluster of C <= 16 blocks (sm_90's largest; grid (B, C)),
+// block r taking patch rows R r .. R r + R - 1 over all of D (R = Args::oc_rows <= 64, so N <=
+// 1024) in kernel A's and B's 64-row tiles, zeros past its rows. At B=1 the three kernels are
+// chains of round trips with a launch, a drain and a gpu-scope arrival between them (PERF_LOG lead
+// 1); here cluster barriers order the phases, and the loads go out as deep cp.async rings, since
+// 12-16 SMs must keep their whole share of the 3 MB of patches and the prompt in flight. The
+// clusters of a call share nothing and wait for no other (they run in no set order, as many at
+// once as the GPCs hold):
 //   phase 1: the D steps of the row tile and the prompt's token tile through kOcStages step
 //            buffers (kernel A's tiles, product and sums of squares; the sums read each thread's
 //            own landed vectors, in the register path's order), then kernel A's finish_block:
@@ -1856,8 +1851,8 @@ struct GArgs {
 //   phase 4 (prune_padded, K = max_tokens <= N): after a cluster barrier, kernel C's gather-pad
 //            by every block (gather_in_cluster), so that the call is this one launch.
 // prune (K known only after a host read) and select keep kernel C, or none. Only 16-bit inputs
-// with 16-byte rows (the rings copy 16-byte vectors and the product is wmma); everything else,
-// and B > 1, keeps kernels A, B and C.
+// with 16-byte rows (the rings copy 16-byte vectors and the product is wmma); everything else
+// keeps kernels A, B and C.
 constexpr int kOcStages = 8;     // D steps in flight in phase 1: 8 x 16 KB a block
 constexpr int kOcRing = 6;       // S column tiles in flight in phase 2
 constexpr int kOcMaxTiles = 16;  // row tiles: blocks a cluster
@@ -1900,33 +1895,36 @@ static_assert(sizeof(StepTiles<__half>) % 128 == 0 && sizeof(StepTiles<__half>) 
 static_assert(sizeof(float) * kBM * (kBT + 4) <= 2 * sizeof(StepTiles<__half>), "cs overlays two step buffers");
 static_assert((sizeof(float) * kBM * kLdu) % 128 == 0 && sizeof(OcSTile) % 128 == 0, "phase 2 arrays stay aligned");
 
-// Phase 4: block rt of the C takes output rows rt, rt + C, ... (rows at or past the count are
-// zeros). Their source rows go to shared memory first, all loaded at once; then each thread
+// Phase 4: block rt of sample b's C takes output rows rt, rt + C, ... (rows at or past the count
+// are zeros). Their source rows go to shared memory first, all loaded at once; then each thread
 // copies its 16-byte vectors of as many rows as the buffer holds into its own slots (cp.async:
 // one round trip for all of them), waits for its own copies and stores them. A thread reads back
 // only its own slots, so no block barrier orders them.
 template <typename T>
-__device__ void gather_in_cluster(const GArgs& g, int rt, int C, unsigned char* buf, size_t buf_bytes) {
+__device__ void gather_in_cluster(const GArgs& g, int64_t b, int rt, int C, unsigned char* buf, size_t buf_bytes) {
   const int tid = threadIdx.x;
-  const int K = static_cast<int>(g.K), count = static_cast<int>(__ldcg(g.counts));
+  const int K = static_cast<int>(g.K), count = static_cast<int>(__ldcg(&g.counts[b]));
+  const int* const list = g.list + b * g.N;
+  const int64_t out0 = b * g.K;  // the sample's first output row
   const int nvec = static_cast<int>(g.D * static_cast<int64_t>(sizeof(T)) / 16);  // vectors a row
   const int rows_here = K > rt ? (K - rt + C - 1) / C : 0;
   int* const src_row = reinterpret_cast<int*>(buf);
   for (int i = tid; i < rows_here; i += kThreads) {
     const int r = rt + C * i;
     const bool real = r < count;
-    const int j = real ? __ldcg(&g.list[r]) : 0;
+    const int j = real ? __ldcg(&list[r]) : 0;
     src_row[i] = j;
-    g.kept_mask[r] = real;
-    g.kept_idx[r] = j;
+    g.kept_mask[out0 + r] = real;
+    g.kept_idx[out0 + r] = j;
   }
   __syncthreads();  // src_row
   const size_t head = (static_cast<size_t>(rows_here) * sizeof(int) + 15) / 16 * 16;
   uint4* const slot = reinterpret_cast<uint4*>(buf + head);
   const int chunk = static_cast<int>((buf_bytes - head) / 16);
   const int items = rows_here * nvec;
-  const uint4* const P = static_cast<const uint4*>(g.patches);
-  const int64_t sr = g.p_sr * static_cast<int64_t>(sizeof(T)) / 16;  // row stride in vectors
+  // The sample's rows (strides in vectors: whole ones, one_cluster_applies)
+  const uint4* const P = static_cast<const uint4*>(g.patches) + b * g.p_sb * static_cast<int64_t>(sizeof(T)) / 16;
+  const int64_t sr = g.p_sr * static_cast<int64_t>(sizeof(T)) / 16;
   for (int q0 = 0; q0 < items; q0 += chunk) {
     const int q1 = mn(items, q0 + chunk);
     for (int q = q0 + tid; q < q1; q += kThreads) {
@@ -1937,7 +1935,7 @@ __device__ void gather_in_cluster(const GArgs& g, int rt, int C, unsigned char* 
     fp_cp_async_wait<0>();
     for (int q = q0 + tid; q < q1; q += kThreads) {
       const int i = q / nvec, r = rt + C * i;
-      reinterpret_cast<uint4*>(g.pruned)[static_cast<int64_t>(r) * nvec + q % nvec] =
+      reinterpret_cast<uint4*>(g.pruned)[(out0 + r) * nvec + q % nvec] =
           r < count ? slot[q - q0] : make_uint4(0u, 0u, 0u, 0u);
     }
   }
@@ -1957,12 +1955,15 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rt = static_cast<int>(blockIdx.y), C = static_cast<int>(gridDim.y);  // rank, blocks
+  const int64_t b = blockIdx.x;  // the cluster's sample
   const int64_t N = a.N, T_ = a.T, D = a.D, ts = a.ts;
   const int64_t j0 = static_cast<int64_t>(rt) * a.oc_rows;
   const int rows_here = static_cast<int>(mn<int64_t>(a.oc_rows, N - j0));  // the rest of the 64-row tiles is zeros
-  const T* P = static_cast<const T*>(a.patches);
-  const T* Q = static_cast<const T*>(a.task);
-  const bool* tm = a.task_mask;
+  const T* P = static_cast<const T*>(a.patches) + b * a.p_sb;
+  const T* Q = static_cast<const T*>(a.task) + b * a.t_sb;
+  const bool* tm = a.task_mask != nullptr ? a.task_mask + b * T_ : nullptr;
+  const bool* pm = a.patch_mask != nullptr ? a.patch_mask + b * N : nullptr;
+  const int64_t row0 = b * N;  // the sample's first row in the [B * N] workspace arrays and idx_out
   const int n_steps = static_cast<int>((D + kBK - 1) / kBK);
 
   // Phase 1. The copies of D step s into step buffer s % kOcStages: patch rows j0 + row(k) below
@@ -2047,7 +2048,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     const float v = Ld::reduce(psq[k]);
     if (Ld::leader() && Ld::row(k) < rows_here) cl.psq[Ld::row(k)] = v;
   }
-  finish_block(a, cl, 0, j0, rows_here, tr, t_lo, all_t, tm, rt == 0);  // block 0 also zeroes max_count
+  finish_block(a, cl, b, j0, rows_here, tr, t_lo, all_t, tm, false);  // no kernel B: its counter stays
   fp_cluster_sync();  // every block's S and A' rows are in the workspace
 
   // Phase 2. The block's A' rows, all 64-token steps of the range (zeros past u_end, the range
@@ -2064,7 +2065,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     for (int e = tid; e < 2 * kBM * vecs; e += kThreads) {
       const int plane = e / (kBM * vecs), r = e / vecs % kBM, u = 8 * (e % vecs);
       const bool on = r < rows_here && u < u_end;
-      const __half* src = reinterpret_cast<const __half*>(a.A + (j0 + r) * ts) + plane * ts + u;
+      const __half* src = reinterpret_cast<const __half*>(a.A + (row0 + j0 + r) * ts) + plane * ts + u;
       fp_cp_async16((plane ? al : ah) + r * lda + u, on ? src : reinterpret_cast<const __half*>(a.A), on);
     }
   }
@@ -2080,7 +2081,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
       for (int h = 0; h < 2; ++h) {
         const int64_t j = c0 + hr + 32 * h;
         const bool on = j < N && u < u_end;
-        const __half* src = reinterpret_cast<const __half*>(a.S + j * ts) + u;
+        const __half* src = reinterpret_cast<const __half*>(a.S + (row0 + j) * ts) + u;
         fp_cp_async16(&t.sh[hr + 32 * h][8 * hq], on ? src : reinterpret_cast<const __half*>(a.S), on);
         fp_cp_async16(&t.sl[hr + 32 * h][8 * hq], on ? src + ts : reinterpret_cast<const __half*>(a.S), on);
       }
@@ -2089,7 +2090,6 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
   };
   for (int k = 0; k < kOcRing - 1; ++k) issue_s(k);
   // Allowed columns: the valid patches, all without a mask, column 0 alone when none is valid.
-  const bool* pm = a.patch_mask;
   for (int w = warp; w < 2 * n_ct; w += kWarps) {
     const int64_t j = 32 * w + lane;
     const unsigned bits = __ballot_sync(kFull, j < N && (pm == nullptr || pm[j]));
@@ -2134,8 +2134,8 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     const int64_t i = j0 + mr;
     const int j = key_column(row_best, N);
     const bool voter = !a.mask_voters || pm == nullptr || pm[i];
-    a.keys[i] = row_best;
-    if (a.idx_out != nullptr) a.idx_out[i] = voter ? j : -1;
+    a.keys[row0 + i] = row_best;
+    if (a.idx_out != nullptr) a.idx_out[row0 + i] = voter ? j : -1;
     if (a.want_keep && voter) atomicAdd(&my_votes[j], 1);
   }
   if (!a.want_keep) return;
@@ -2154,14 +2154,14 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
       hist[j] = 0;
     }
     __syncthreads();
-    keep_rule<true>(a, 0, votes, hist, hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
+    keep_rule<true>(a, b, votes, hist, hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
   }
   if (g.K == 0) {
     fp_cluster_sync_relaxed();  // no block leaves before block 0 has read its counts
     return;
   }
   fp_cluster_sync();  // block 0's kept list and count (and it has read every block's counts)
-  gather_in_cluster<T>(g, rt, C, body, oc_smem_bytes(N, ts) - kOcHead);
+  gather_in_cluster<T>(g, b, rt, C, body, oc_smem_bytes(N, ts) - kOcHead);
 #else
   (void)a;  // never launched: one_cluster_applies needs the tensor-core path
   (void)g;
@@ -2271,7 +2271,6 @@ Args make_args(const Problem& p, const Plan& plan, void* ws) {
   a.s_scale = std::ldexp(1.f, -s_shift);
   a.counters_a = ws_at<unsigned long long>(ws, plan.off_counters);
   a.counters_b = reinterpret_cast<int*>(a.counters_a + 2 * p.B * plan.row_tiles);
-  a.max_count = a.counters_b + p.B;
   a.part = ws_at<float>(ws, plan.off_part);
   a.psq = ws_at<float>(ws, plan.off_psq);
   a.tsq = ws_at<float>(ws, plan.off_tsq);
@@ -2318,7 +2317,8 @@ bool launch_one_cluster(const Problem& p, const Plan& plan, const Args& a, const
     with_rows.oc_rows = static_cast<int>(rows);
     auto launch = [&](auto kernel) {
       if (!fp_cluster_fits(kernel, kThreads, cy, smem, kOcSmemMax, stream)) return false;
-      fp_launch_cluster(kernel, dim3(1, cy, 1), kThreads, cy, smem, kOcSmemMax, stream, with_rows, g);
+      fp_launch_cluster(kernel, dim3(static_cast<unsigned>(p.B), cy, 1), kThreads, cy, smem, kOcSmemMax, stream,
+                        with_rows, g);
       return true;
     };
     if (p.dtype == DType::kFloat16 ? launch(one_cluster_kernel<__half>) : launch(one_cluster_kernel<__nv_bfloat16>))
@@ -2395,7 +2395,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
   plan.ksplit = static_cast<int>(ceil_div(D, plan.kchunk));
   plan.a_one_wave = num_sms > 0 && base * plan.ksplit <= num_sms;
   plan.cluster = cluster && plan.ksplit <= kMaxCluster && plan.ts <= (plan.a_one_wave ? kClusterMaxTs : kClusterMaxTs2);
-  plan.one_cluster = one_cluster && B == 1 && plan.row_tiles <= kOcMaxTiles && oc_smem_bytes(N, plan.ts) <= kOcSmemMax;
+  plan.one_cluster = one_cluster && plan.row_tiles <= kOcMaxTiles && oc_smem_bytes(N, plan.ts) <= kOcSmemMax;
   // Kernel B: column splits for about two waves at its 4 blocks per SM, with the same number of
   // column tiles in every block (pi05: 12 splits of one tile at B=1, 6 of 2 at B=8, 2 of 6 at
   // B=64).
@@ -2411,7 +2411,7 @@ Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl
     off = align16(off + bytes);
     return at;
   };
-  plan.off_counters = take(2 * Bz * rtz * sizeof(unsigned long long) + (Bz + 1) * i);
+  plan.off_counters = take(2 * Bz * rtz * sizeof(unsigned long long) + Bz * i);
   plan.off_part = take(ksz * Bz * Nz * ts * f);
   plan.off_psq = take(ksz * Bz * Nz * f);
   plan.off_tsq = take(ksz * Bz * rtz * ts * f);
@@ -2456,12 +2456,6 @@ cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int
   a.keep_tokens = keep_tokens;
   a.max_tokens = max_tokens;
   return launch_ab(p, plan, a, stream);
-}
-
-const int* max_count_ptr(const Plan& plan, const void* workspace) {
-  return reinterpret_cast<const int*>(static_cast<const unsigned char*>(workspace) + plan.off_counters +
-                                      2 * plan.B * plan.row_tiles * sizeof(unsigned long long)) +
-         plan.B;
 }
 
 namespace {

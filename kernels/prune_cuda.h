@@ -22,14 +22,14 @@
 //            applies the implicit / budget / cap rule and writes the sorted kept list and counts;
 //   kernel C grid-stride over (B, K) rows: gather-pad of the kept rows (16-byte copies when
 //            aligned), kept_mask, kept_idx.
-// With plan.one_cluster (sm_90, one sample, opt-in until measured) kernels A and B are one launch
-// of one thread block cluster instead (one_cluster_kernel: phases ordered by cluster barriers,
+// With plan.one_cluster (sm_90, opt-in until measured) kernels A and B are one launch of one thread
+// block cluster per sample instead (one_cluster_kernel: phases ordered by cluster barriers,
 // loads through deep cp.async rings, the argmax owned by the block of its row tile), and for
 // prune_padded (launch_prune_padded) kernel C's gather-pad is that launch's last phase.
 // With plan.pdl (sm_90+, opt-in: measured slower on an H200), B and C are programmatic dependent
 // launches: each may be scheduled while its predecessor runs and waits for it on the device
 // before touching its outputs.
-// Nothing here synchronises with the host; the dynamic-K op reads max_count_ptr() once.
+// Nothing here synchronises with the host; the dynamic-K op reads the counts once, for K.
 #pragma once
 
 #ifndef FASTPRUNE_CUDA_EMU  // tests/cpp/cuda_emu.h stands in for the CUDA runtime in CPU tests
@@ -71,7 +71,7 @@ struct Plan {
   bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
   bool one_cluster = false;  // kernels A and B as one launch of one cluster (one_cluster_applies)
   // Byte offsets into the workspace (all 16-byte aligned).
-  size_t off_counters = 0;  // counters_a [B*row_tiles][2] u64 (tagged), counters_b [B] int, max_count int
+  size_t off_counters = 0;  // counters_a [B*row_tiles][2] u64 (tagged), counters_b [B] int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
   size_t off_psq = 0;                   // [ksplit][B][N] fp32 partial sums of squares of patches
   size_t off_tsq = 0;                   // [ksplit][B][ts] fp32 partial sums of squares of task rows
@@ -98,8 +98,8 @@ constexpr int kMaxSplit = 32;
 // most 8 D slices, prompts of at most 512 tokens (256 when the blocks take more than one wave),
 // 16-byte aligned inputs. An automatic D split is then held to 8 slices (the portable cluster
 // size).
-// one_cluster: kernels A and B as one launch of one thread block cluster of at most 16 blocks
-// (compute capability 9.0+ only; PERF_LOG v80) where it applies: one sample, at most 16 row tiles
+// one_cluster: kernels A and B as one launch of one thread block cluster of at most 16 blocks per
+// sample (compute capability 9.0+ only; PERF_LOG v80, v81) where it applies: at most 16 row tiles
 // (N <= 1024), prompts short enough for its shared memory (T <= 312), and (one_cluster_applies)
 // 16-bit inputs with 16-byte aligned rows. The launch falls back to kernels A and B where the
 // device cannot place the cluster.
@@ -121,7 +121,7 @@ cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, i
                           cudaStream_t stream);
 
 // Selection up to the kept lists: kernels A and B. keep_tokens <= 0: implicit mode;
-// max_tokens <= 0: no cap. Writes counts_out [B] int64 and the max count (max_count_ptr).
+// max_tokens <= 0: no cap. Writes counts_out [B] int64.
 cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
                         int64_t max_tokens, int64_t* counts_out, cudaStream_t stream);
 
@@ -131,9 +131,6 @@ cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int
 cudaError_t launch_prune_padded(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
                                 int64_t max_tokens, int64_t* counts_out, void* pruned, bool* kept_mask,
                                 int64_t* kept_idx, cudaStream_t stream);
-
-// Device pointer to the int max_b counts[b] written by launch_keep.
-const int* max_count_ptr(const Plan& plan, const void* workspace);
 
 // Gather-pad into K rows (kernel C): pruned [B, K, D] contiguous (input dtype), kept_mask [B, K]
 // bool, kept_idx [B, K] int64; counts from launch_keep (each <= K).

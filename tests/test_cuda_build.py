@@ -22,6 +22,7 @@ import glob
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -196,7 +197,6 @@ def test_b1_probe_compiles(builds):
 
 def ptxas_resources(log):
     """{kernel (demangled enough to read): (registers, spill store bytes)} from ptxas -v."""
-    import re
 
     out, name = {}, None
     for line in log.splitlines():
@@ -242,7 +242,6 @@ def test_wmma_loads_are_shared(builds, arch):
     with .shared: no tf32 fragment is left."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
-    import re
 
     ptx = kept_ptx(builds, arch)
     loads = re.findall(r"wmma\.(?:load|store)\.[\w.]+", ptx)
@@ -265,7 +264,6 @@ def test_cluster_barriers_in_ptx(builds):
     until block 0 has read its counts."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
-    import re
 
     found = {}
     for entry in re.split(r"(?=\.entry )", kept_ptx(builds, "sm_90"))[1:]:
@@ -291,7 +289,6 @@ def test_kernels_have_no_64bit_division(builds):
     in front of every gather block's first load."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
-    import re
 
     ptx = kept_ptx(builds, "sm_90")
     assert "wmma.load" in ptx
@@ -572,28 +569,30 @@ def test_emulated_prompt_range_after_token_0(emu, T, spans, dtype, cluster):
         check_prune(out, patches, idx, patch_mask, None, False, 20)
 
 
-# The one-cluster kernel (plan.one_cluster, PERF_LOG v80), one sample: N, T, D, masks.
+# The one-cluster kernel (plan.one_cluster, PERF_LOG v80, v81): B, N, T, D, masks.
 EMU_ONE_CLUSTER = [
-    (1, 1, 64, "none"),               # one row, one token, one D step
-    (70, 20, 256, "all"),             # 5 blocks of 16 rows, 6 in the last; 4 D steps, fewer than the 7 in flight
-    (65, 9, 640, "absent_camera"),    # 10 D steps: the ring of 8 step buffers wraps
-    (130, 150, 200, "padded_prompt"),  # up to 3 token tiles (patches streamed again, 3 token steps a
-                                       # column tile in phase 2); D = 200: a partial last D step
-    (200, 30, 128, "invalid_patches"),  # no valid patch: column 0 alone
-    (100, 12, 64, "invalid_prompt"),  # no valid token: the whole prompt
-    (1024, 5, 64, "all"),             # 16 blocks of 64 rows, sm_90's largest cluster; 16 S column tiles, a ring of 6
+    (1, 1, 1, 64, "none"),               # one row, one token, one D step
+    (1, 70, 20, 256, "all"),             # 5 blocks of 16 rows, 6 in the last; 4 D steps, fewer than the 7 in flight
+    (1, 65, 9, 640, "absent_camera"),    # 10 D steps: the ring of 8 step buffers wraps
+    (1, 130, 150, 200, "padded_prompt"),  # up to 3 token tiles (patches streamed again, 3 token steps a
+                                          # column tile in phase 2); D = 200: a partial last D step
+    (1, 200, 30, 128, "invalid_patches"),  # no valid patch: column 0 alone
+    (1, 100, 12, 64, "invalid_prompt"),  # no valid token: the whole prompt
+    (1, 1024, 5, 64, "all"),             # 16 blocks of 64 rows, sm_90's largest cluster; 16 S column tiles, a ring of 6
+    (3, 70, 20, 256, "all"),             # a cluster a sample: prompts of 3 lengths, the last sample's camera absent
+    (2, 130, 150, 200, "padded_prompt"),  # one sample over 1 token tile, the other over 3 (if its prompt is long)
 ]
 
 
-@pytest.mark.parametrize("N,T,D,masks", EMU_ONE_CLUSTER)
+@pytest.mark.parametrize("B,N,T,D,masks", EMU_ONE_CLUSTER)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_emulated_one_cluster_matches_truth(emu, N, T, D, masks, dtype):
-    """Kernels A and B (and for prune_padded C) as one cluster launch: every block's phases in
-    turn, its copies landing only when waited for (NaN until then) and other blocks' rows read
-    only after cluster barriers. The selection matches the float64 truth and is kernels A and B's
-    without a D split (the same products and sums in the same order); prune and prune_padded (cap,
-    mask_voters) keep what the reference keeps from it."""
-    patches, task, task_mask, patch_mask = make_inputs(1, N, T, D, dtype, masks, seed=N + T)
+def test_emulated_one_cluster_matches_truth(emu, B, N, T, D, masks, dtype):
+    """Kernels A and B (and for prune_padded C) as one cluster launch, a cluster a sample: every
+    block's phases in turn, its copies landing only when waited for (NaN until then) and other
+    blocks' rows read only after cluster barriers. The selection matches the float64 truth and is
+    kernels A and B's without a D split (the same products and sums in the same order); prune and
+    prune_padded (cap, mask_voters) keep what the reference keeps from it."""
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, masks, seed=N + T)
     lib = emu["mma"]
     idx, _ = lib("select", patches, task, task_mask, patch_mask, one_cluster=True)
     assert lib.one_cluster and not lib.clustered
@@ -649,8 +648,7 @@ def test_emulated_one_cluster_block_rows(emu, monkeypatch, most, launches):
 
 
 @pytest.mark.parametrize("B,N,T,D,dtype,build", [
-    (2, 70, 20, 64, torch.bfloat16, "mma"),   # two samples
-    (1, 1025, 5, 64, torch.bfloat16, "mma"),  # 17 row tiles: past a cluster's 16 blocks
+    (2, 1025, 5, 64, torch.bfloat16, "mma"),  # 17 row tiles: past a cluster's 16 blocks
     (1, 70, 313, 64, torch.bfloat16, "mma"),  # a prompt past the kernel's shared memory
     (1, 70, 20, 36, torch.bfloat16, "mma"),   # rows not 16-byte multiples
     (1, 70, 20, 64, torch.float32, "mma"),    # fp32
@@ -662,6 +660,41 @@ def test_emulated_one_cluster_declined(emu, B, N, T, D, dtype, build):
     idx, _ = emu[build]("select", patches, task, task_mask, patch_mask, one_cluster=True)
     assert not emu[build].one_cluster
     check_selection(idx, patches, task, task_mask, patch_mask)
+
+
+def test_emulated_one_cluster_samples_in_any_order(emu, monkeypatch):
+    """A cluster a sample (v81) on inputs whose samples and rows lie apart (batch strides past N
+    rows and T tokens, a row stride past D): each cluster reads its own sample's rows and masks
+    and writes its own outputs, whichever order the clusters run in (FASTPRUNE_EMU_BLOCK_ORDER:
+    the kernel keeps no state across samples, such as a running maximum of the counts, that one
+    of them would have to reset first). prune (implicit: counts of each sample's own) sizes its
+    output by the largest count."""
+    B, N, T, D = 3, 70, 20, 128
+    patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, torch.bfloat16, "all", seed=11)
+    # Rows 24 elements apart beyond D and samples 5 rows / 3 tokens apart (16-byte multiples)
+    wide = torch.zeros(B, N + 5, D + 24, dtype=patches.dtype)
+    wide[:, 2 : N + 2, :D] = patches
+    patches = wide[:, 2 : N + 2, :D]
+    long_task = torch.zeros(B, T + 3, D, dtype=task.dtype)
+    long_task[:, 1 : T + 1] = task
+    task = long_task[:, 1 : T + 1]
+    lib = emu["mma"]
+    monkeypatch.delenv("FASTPRUNE_EMU_BLOCK_ORDER", raising=False)
+    want = {}
+    for op, kw in (("prune", {}), ("padded", dict(max_tokens=30, mask_voters=True))):
+        out, idx, _ = lib(op, patches, task, task_mask, patch_mask, one_cluster=True, **kw)
+        assert lib.one_cluster and lib.launches == (2 if op == "prune" else 1)
+        check_selection(idx, patches, task, task_mask, patch_mask)
+        check_prune(out, patches, idx, patch_mask, kw.get("keep_tokens"), op == "padded", kw.get("max_tokens"))
+        want[op] = (out, idx)
+    counts = want["prune"][0].counts
+    assert len(set(counts.tolist())) > 1 and int(counts.max()) == want["prune"][0].pruned.shape[1]
+    for seed in (1, 2, 3):
+        monkeypatch.setenv("FASTPRUNE_EMU_BLOCK_ORDER", str(seed))
+        for op, kw in (("prune", {}), ("padded", dict(max_tokens=30, mask_voters=True))):
+            out, idx, _ = lib(op, patches, task, task_mask, patch_mask, one_cluster=True, **kw)
+            assert torch.equal(idx, want[op][1]), (seed, op)
+            assert all(torch.equal(a, b) for a, b in zip(out, want[op][0])), (seed, op)
 
 
 @pytest.mark.parametrize("B,N,T,D,sms,cluster,op", [
@@ -706,6 +739,7 @@ TSAN_CASES = {
     # The one-cluster kernel (v80): 9 blocks of 16 rows, 10 D steps (the ring of 8 wraps), a prompt range
     # after token 0 (the first copies again) over 2 token tiles.
     "one_cluster_ring": "2 2 1 130 150 640 132 2 100 20 0 9",
+    "one_cluster_two_samples": "1 2 2 70 40 256 132 2 30 5 0 0",  # a cluster a sample (v81), prune
 }
 
 
@@ -732,7 +766,10 @@ def test_emulated_kernels_race_free(builds):
     failed = {}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
-        if proc.returncode != 0 or "ThreadSanitizer" in out or (name.startswith("one_cluster") and "clustered=2" not in out):
+        # clustered=: emu_prune's cluster word; bit 1, the one-cluster kernel ran
+        one = re.search(r"clustered=(\d+)", out)
+        if proc.returncode != 0 or "ThreadSanitizer" in out or (
+                name.startswith("one_cluster") and not (one and int(one.group(1)) & 2)):
             failed[name] = out[-3000:]
     assert not failed, "\n".join(f"--- {name}:\n{out}" for name, out in failed.items())
 
