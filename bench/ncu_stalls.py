@@ -8,8 +8,9 @@ The export is one block per profiled launch (a "Kernel Name" line, a header, one
 instruction) and runs to ~4 MB per launch, too much to commit; this summary is what a reader
 needs from it. Per kernel name (its first launch; the count of launches beside it):
 - the share of warp stall samples by reason;
-- the kernel cut into phases at its block barriers (BAR.SYNC) and at its global atomics, the
-  samples of each phase and its top reasons: which step of a fused kernel the warps wait in;
+- the kernel cut into phases at its block and cluster barriers (BAR.SYNC, UCGABAR_WAIT) and at
+  its global atomics, the samples of each phase and its top reasons: which step of a fused kernel
+  the warps wait in;
 - the instructions with the most samples, with their top two reasons.
 Samples count warps, not time: a phase that one block runs (a finishing step) weighs little
 here even when it is long on the timeline.
@@ -25,9 +26,10 @@ import sys
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
 EXECUTED = "Instructions Executed"
-# Instructions after which a new phase starts: block barriers, and global atomics (the merges
-# and arrivals between a kernel's main loop and its finishing step).
-PHASE_ENDS = ("BAR.SYNC", "ATOMG", "RED.")
+# Instructions after which a new phase starts: block barriers, the wait of a cluster barrier (the
+# one-cluster kernel's phases), and global atomics (the merges and arrivals between a kernel's main
+# loop and its finishing step).
+PHASE_ENDS = ("BAR.SYNC", "UCGABAR_WAIT", "ATOMG", "RED.")
 
 
 def read_launches(path: pathlib.Path) -> list[dict]:

@@ -12,7 +12,7 @@ import tarfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GPU_STEPS = ["build", "bench", "bench_one_cluster", "bench_pdl", "bench_ksplit", "bench_nocluster", "bench_auto", "probe_b1",
-             "triton_repro", "host", "host_nocluster", "tune", "ncu_src", "gpu_tests", "memcheck", "racecheck",
+             "triton_repro", "host", "host_nocluster", "tune", "ncu_src", "ncu_one_cluster", "gpu_tests", "memcheck", "racecheck",
              "sanitize_nocluster", "sanitize_one_cluster", "bench_train", "bench_pi05"]
 
 
@@ -40,7 +40,7 @@ def test_dry_run_all_steps(tmp_path):
     assert {f"out/{name}.log" for name in steps} <= names
     assert "out/summary.md" in names and "out/targets.md" in names
     # nothing timed in a dry run: every target reads "not measured"
-    assert (out / "targets.md").read_text().count("not measured") == 10
+    assert (out / "targets.md").read_text().count("not measured") == 11
 
 
 def test_step_selection(tmp_path):

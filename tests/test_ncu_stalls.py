@@ -56,6 +56,19 @@ def test_phases_split_at_executed_barriers_and_atomics(tmp_path):
     assert "| 0 | `LDG.E.128 R4, [R2]` | 30.0% | long_sb 100% |" in text
 
 
+def test_cluster_barrier_waits_end_phases(tmp_path):
+    """The one-cluster kernel's phases are cut at its cluster barriers' waits (sm_90 SASS
+    UCGABAR_ARV, then UCGABAR_WAIT), not at the arrivals."""
+    rows = [("LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64]", 5, 8, (0, 5, 0)),
+            ("UCGABAR_ARV", 1, 8, (1, 0, 0)),
+            ("UCGABAR_WAIT", 3, 8, (3, 0, 0)),
+            ("HMMA.16816.F32 R8, R12, R16, R8", 4, 8, (0, 0, 4))]
+    path = tmp_path / "sass.csv"
+    path.write_text(export([("one_cluster_kernel", [], rows)]))
+    s = ncu_stalls.summarize(ncu_stalls.read_launches(path)[0])
+    assert [(p["first"], p["last"], p["samples"]) for p in s["phases"]] == [(0, 2, 9), (3, 3, 4)]
+
+
 def test_an_export_without_samples_is_named(tmp_path):
     path = tmp_path / "details.csv"
     path.write_text('"Kernel Name","k",\n"Address","Source"\n"0x0","EXIT"\n')

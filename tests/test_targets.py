@@ -29,6 +29,7 @@ def test_run14():
     assert t[("B=1 graph replay, µs, one cluster (opt-in)", "cuda")] == (None, None)  # not run before stop 40
     assert t[("B=64 graph replay, µs, <= 3x the floor", "triton")] == (219.2, False)
     assert t[("B=64 graph replay, µs, <= 3x the floor", "cuda")] == (229.6, False)
+    assert t[("B=64 graph replay, µs, <= 3x the floor, one cluster a sample (opt-in)", "cuda")] == (None, None)
     assert t[("B=1 eager, x the eager reference", "triton")] == (34.5, True)
     assert t[("B=1 eager, x torch.compile of it", "triton")] == (13.1, True)
     assert t[("host per prune_tokens call from a synced start, µs", "triton")] == (46.5, False)
@@ -55,13 +56,15 @@ def test_missing_numbers(tmp_path, capsys):
     (tmp_path / "summary.json").write_text(json.dumps({"steps": [{"step": "gpu_tests", "status": "ok"}]}))
     (tmp_path / "bench_one_cluster").mkdir()  # gpu_check's bench_one_cluster step: the CUDA provider alone
     (tmp_path / "bench_one_cluster" / "results.json").write_text(json.dumps({"environment": {}, "summary": [], "rows": [
-        {"provider": "fastprune-cuda", "mode": "padded", "shape": "B1xN768xT200(48)xD2048", "graph_us": 7.5}]}))
+        {"provider": "fastprune-cuda", "mode": "padded", "shape": "B1xN768xT200(48)xD2048", "graph_us": 7.5},
+        {"provider": "fastprune-cuda", "mode": "padded", "shape": "B64xN768xT200(48)xD2048", "graph_us": 150.0}]}))
     assert targets.main([str(tmp_path), "--out", str(tmp_path / "t.md")]) == 0
     text = (tmp_path / "t.md").read_text()
     assert text == capsys.readouterr().out
     assert "| B=1 graph replay, µs | triton | not measured | <= 10.0 | — |" in text
     assert "| B=1 graph replay, µs, one cluster (opt-in) | cuda | 7.5 | <= 8.0 | yes |" in text
     assert "| B=64 graph replay, µs, <= 3x the floor | cuda | not measured | <= 251.7 | — |" in text  # H100
+    assert "| B=64 graph replay, µs, <= 3x the floor, one cluster a sample (opt-in) | cuda | 150.0 | <= 251.7 | yes |" in text
     assert "| host per prune_tokens call back to back, µs | triton | 31.0 | <= 40.0 | yes |" in text
     assert "| host per prune_tokens call from a synced start, µs | triton | 45.0 | <= 40.0 | no |" in text
     assert round(targets.floor_us("B64xN768xT200(48)xD2048", "NVIDIA H100 80GB HBM3"), 1) == 83.9
