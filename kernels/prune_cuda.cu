@@ -1844,8 +1844,9 @@ struct GArgs {
 //            own landed vectors, in the register path's order), then kernel A's finish_block:
 //            S and A' of the tile as fp16 halves in the workspace; cluster barrier;
 //   phase 2: the block's A' rows in shared memory for every token step, every S column tile of
-//            the sample through a ring of kOcRing, kernel B's product and merge: the block owns
-//            its rows' argmax, stored without atomics; cluster barrier;
+//            the sample through a ring of kOcRing, kernel B's product (of the block's rows only,
+//            OcMma) and merge: the block owns its rows' argmax, stored without atomics; cluster
+//            barrier;
 //   phase 3: every block counts its rows' votes in shared memory; after a cluster barrier block
 //            0 adds them up through distributed shared memory and runs kernel B's keep rule;
 //   phase 4 (prune_padded, K = max_tokens <= N): after a cluster barrier, kernel C's gather-pad
@@ -1894,6 +1895,55 @@ static_assert(sizeof(StepTiles<__half>) % 128 == 0 && sizeof(StepTiles<__half>) 
               "step buffers stay 128-byte aligned");
 static_assert(sizeof(float) * kBM * (kBT + 4) <= 2 * sizeof(StepTiles<__half>), "cs overlays two step buffers");
 static_assert((sizeof(float) * kBM * kLdu) % 128 == 0 && sizeof(OcSTile) % 128 == 0, "phase 2 arrays stay aligned");
+
+#if FP_HAVE_MMA
+// Phase 2's product: SelectMma's, of the block's rg row groups of 16 only (rows past them are not
+// multiplied), its 4 rg fragments of a 64-column tile dealt so that each sub-partition of the SM
+// (warp w issues on sub-partition w % 4) takes column group w % 4's rg of them: warp w rows
+// 16 (w / 4) where w / 4 < rg, and rows 16 (w / 4 + 2) where w / 4 + 2 < rg. SelectMma's layout
+// (rows 16 (w % 4)) gives every sub-partition 4 fragments however many rows hold data: at pi05's
+// 48-row blocks a quarter of its tensor-core work multiplied zeros. Each fragment's products are
+// SelectMma's, in its order: the same sums, bit for bit.
+struct OcMma {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+  int rg;  // row groups of 16 that hold rows (1..4)
+  __device__ __forceinline__ explicit OcMma(int rows) : rg((rows + 15) / 16) {}
+  __device__ __forceinline__ void zero() {
+    nvcuda::wmma::fill_fragment(acc[0], 0.f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.f);
+  }
+  // SelectMma::step's arguments; warp-uniform branches.
+  __device__ __forceinline__ void step(const __half* ah, const __half* al, unsigned lda, const __half (*sh)[kLdh],
+                                       const __half (*sl)[kLdh], int ku) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5, g = warp >> 2, cb = 16 * (warp & 3);
+    if (g >= rg) return;
+    const bool two = g + 2 < rg;
+    for (int k = 0; k < ku; k += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_hi, b_lo;
+      load_frag(b_hi, &sh[cb][k], kLdh);
+      load_frag(b_lo, &sl[cb][k], kLdh);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && !two) break;
+        const int ra = 16 * (g + 2 * h);
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a_hi, a_lo;
+        load_frag(a_hi, ah + ra * lda + k, lda);
+        load_frag(a_lo, al + ra * lda + k, lda);
+        wmma::mma_sync(acc[h], a_lo, b_hi, acc[h]);
+        wmma::mma_sync(acc[h], a_hi, b_lo, acc[h]);
+        wmma::mma_sync(acc[h], a_hi, b_hi, acc[h]);
+      }
+    }
+  }
+  // The product's rows 0 .. 16 rg - 1 into a [64][kLdu] shared tile (the rest is left as it was).
+  __device__ __forceinline__ void store(float (*out)[kLdu]) const {
+    const int warp = threadIdx.x >> 5, g = warp >> 2, cb = 16 * (warp & 3);
+    if (g < rg) nvcuda::wmma::store_matrix_sync(&out[16 * g][cb], acc[0], kLdu, nvcuda::wmma::mem_row_major);
+    if (g + 2 < rg) nvcuda::wmma::store_matrix_sync(&out[16 * (g + 2)][cb], acc[1], kLdu, nvcuda::wmma::mem_row_major);
+  }
+};
+#endif
 
 // Phase 4: block rt of sample b's C takes output rows rt, rt + C, ... (rows at or past the count
 // are zeros). Their source rows go to shared memory first, all loaded at once; then each thread
@@ -2101,7 +2151,10 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
 
   const int mr = tid >> 2, mq = tid & 3;
   unsigned long long row_best = 0ull;  // tile_best's layout
-  SelectMma tc;
+  OcMma tc(rows_here);
+  // Warps whose 8 rows (tile_best's layout) are past the multiplied ones merge nothing: their
+  // rows of the product tile hold whatever was there.
+  const bool merges = 8 * warp < 16 * tc.rg;
   for (int k = 0; k < n_items; ++k) {
     const int ct = k / n_u, st = k % n_u;
     fp_cp_async_wait<kOcRing - 2>();
@@ -2117,7 +2170,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
       const unsigned cols[2] = {any != 0u ? hd.cols[2 * ct] : (ct == 0 ? 1u : 0u),
                                 any != 0u ? hd.cols[2 * ct + 1] : 0u};
       __syncthreads();  // the product
-      row_best = max_u64(row_best, tile_best(prod, cols, ct));
+      if (merges) row_best = max_u64(row_best, tile_best(prod, cols, ct));
     }
   }
   // Phase 3. Each block decodes its own rows' argmax (the row index, or -1 for a masked voter,

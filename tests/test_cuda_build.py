@@ -579,6 +579,8 @@ EMU_ONE_CLUSTER = [
     (1, 200, 30, 128, "invalid_patches"),  # no valid patch: column 0 alone
     (1, 100, 12, 64, "invalid_prompt"),  # no valid token: the whole prompt
     (1, 1024, 5, 64, "all"),             # 16 blocks of 64 rows, sm_90's largest cluster; 16 S column tiles, a ring of 6
+    (1, 700, 12, 64, "absent_camera"),   # 15 blocks of 48 rows (phase 2 multiplies 3 row groups of 16: warps 0-3
+                                         # take 2, warps 4-7 one), the last of 28 (2 row groups)
     (3, 70, 20, 256, "all"),             # a cluster a sample: prompts of 3 lengths, the last sample's camera absent
     (2, 130, 150, 200, "padded_prompt"),  # one sample over 1 token tile, the other over 3 (if its prompt is long)
 ]
