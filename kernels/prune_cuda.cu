@@ -1540,13 +1540,22 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
 // product, far inside SPEC's 1e-3 of a row's score range: as 3xTF32 did (v15), with half its
 // tensor-core instructions and the split once per value, by kernel A (PERF_LOG v59, v69).
 // A' is in [0, 1] and |S| <= D (RMS-normalised rows), S scaled by Args::s_scale into fp16's range.
-// Warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32, two 16 x 16 accumulators.
-struct SelectMma {
+// mma_f16x3: one fragment's three products, in that order.
+template <typename A, typename B, typename C>
+__device__ __forceinline__ void mma_f16x3(C& acc, const A& a_hi, const A& a_lo, const B& b_hi, const B& b_lo) {
+  nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);
+  nvcuda::wmma::mma_sync(acc, a_hi, b_lo, acc);
+  nvcuda::wmma::mma_sync(acc, a_hi, b_hi, acc);
+}
+struct MmaPair {  // a warp's two 16 x 16 accumulators
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
   __device__ __forceinline__ void zero() {
     nvcuda::wmma::fill_fragment(acc[0], 0.f);
     nvcuda::wmma::fill_fragment(acc[1], 0.f);
   }
+};
+// Kernel B's layout: warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32.
+struct SelectMma : MmaPair {
   // Tokens [0, ku) of A rows ah / al (lda halves apart) and S rows sh / sl; ku is rounded up to
   // 16 over their zero padding.
   __device__ __forceinline__ void step(const __half* ah, const __half* al, unsigned lda, const __half (*sh)[kLdh],
@@ -1564,9 +1573,7 @@ struct SelectMma {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_hi, b_lo;
         load_frag(b_hi, &sh[cb + 16 * c][k], kLdh);
         load_frag(b_lo, &sl[cb + 16 * c][k], kLdh);
-        wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
-        wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
-        wmma::mma_sync(acc[c], a_hi, b_hi, acc[c]);
+        mma_f16x3(acc[c], a_hi, a_lo, b_hi, b_lo);
       }
     }
   }
@@ -1904,14 +1911,9 @@ static_assert((sizeof(float) * kBM * kLdu) % 128 == 0 && sizeof(OcSTile) % 128 =
 // (rows 16 (w % 4)) gives every sub-partition 4 fragments however many rows hold data: at pi05's
 // 48-row blocks a quarter of its tensor-core work multiplied zeros. Each fragment's products are
 // SelectMma's, in its order: the same sums, bit for bit.
-struct OcMma {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+struct OcMma : MmaPair {
   int rg;  // row groups of 16 that hold rows (1..4)
   __device__ __forceinline__ explicit OcMma(int rows) : rg((rows + 15) / 16) {}
-  __device__ __forceinline__ void zero() {
-    nvcuda::wmma::fill_fragment(acc[0], 0.f);
-    nvcuda::wmma::fill_fragment(acc[1], 0.f);
-  }
   // SelectMma::step's arguments; warp-uniform branches.
   __device__ __forceinline__ void step(const __half* ah, const __half* al, unsigned lda, const __half (*sh)[kLdh],
                                        const __half (*sl)[kLdh], int ku) {
@@ -1930,9 +1932,7 @@ struct OcMma {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a_hi, a_lo;
         load_frag(a_hi, ah + ra * lda + k, lda);
         load_frag(a_lo, al + ra * lda + k, lda);
-        wmma::mma_sync(acc[h], a_lo, b_hi, acc[h]);
-        wmma::mma_sync(acc[h], a_hi, b_lo, acc[h]);
-        wmma::mma_sync(acc[h], a_hi, b_hi, acc[h]);
+        mma_f16x3(acc[h], a_hi, a_lo, b_hi, b_lo);
       }
     }
   }
