@@ -1910,30 +1910,45 @@ static_assert((sizeof(float) * kBM * kLdu) % 128 == 0 && sizeof(OcSTile) % 128 =
 // 16 (w / 4) where w / 4 < rg, and rows 16 (w / 4 + 2) where w / 4 + 2 < rg. SelectMma's layout
 // (rows 16 (w % 4)) gives every sub-partition 4 fragments however many rows hold data: at pi05's
 // 48-row blocks a quarter of its tensor-core work multiplied zeros. Each fragment's products are
-// SelectMma's, in its order: the same sums, bit for bit.
+// SelectMma's, in its order: the same sums, bit for bit. The block's A' rows are the same for every
+// column tile, so a warp keeps its A' fragments of a 64-token step in registers (v83: up to 16
+// fragments; the kernel takes 139 registers, sm_90, no spills): per tile it loads only its S
+// fragments from shared memory, where it also loaded its A' fragments (PERF_LOG v82's traffic).
 struct OcMma : MmaPair {
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major>;
   int rg;  // row groups of 16 that hold rows (1..4)
+  FragA a_hi[2][kBU / 16], a_lo[2][kBU / 16];  // the warp's A' fragments of one 64-token step
   __device__ __forceinline__ explicit OcMma(int rows) : rg((rows + 15) / 16) {}
-  // SelectMma::step's arguments; warp-uniform branches.
-  __device__ __forceinline__ void step(const __half* ah, const __half* al, unsigned lda, const __half (*sh)[kLdh],
-                                       const __half (*sl)[kLdh], int ku) {
+  // The warp's A' fragments of tokens [0, ku) of rows ah / al (lda halves apart): loaded once for
+  // every column tile where the prompt range is one 64-token step (pi0.5), else once per step.
+  __device__ __forceinline__ void load_a(const __half* ah, const __half* al, unsigned lda, int ku) {
+    const int g = (threadIdx.x >> 5) >> 2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (g + 2 * h >= rg) break;
+      const int ra = 16 * (g + 2 * h);
+#pragma unroll
+      for (int k = 0; k < kBU / 16; ++k) {
+        if (16 * k >= ku) break;
+        load_frag(a_hi[h][k], ah + ra * lda + 16 * k, lda);
+        load_frag(a_lo[h][k], al + ra * lda + 16 * k, lda);
+      }
+    }
+  }
+  // The held A' fragments by S rows sh / sl, tokens [0, ku); warp-uniform branches.
+  __device__ __forceinline__ void step(const __half (*sh)[kLdh], const __half (*sl)[kLdh], int ku) {
     using namespace nvcuda;
     const int warp = threadIdx.x >> 5, g = warp >> 2, cb = 16 * (warp & 3);
     if (g >= rg) return;
     const bool two = g + 2 < rg;
-    for (int k = 0; k < ku; k += 16) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_hi, b_lo;
-      load_frag(b_hi, &sh[cb][k], kLdh);
-      load_frag(b_lo, &sl[cb][k], kLdh);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (h == 1 && !two) break;
-        const int ra = 16 * (g + 2 * h);
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a_hi, a_lo;
-        load_frag(a_hi, ah + ra * lda + k, lda);
-        load_frag(a_lo, al + ra * lda + k, lda);
-        mma_f16x3(acc[h], a_hi, a_lo, b_hi, b_lo);
-      }
+    for (int k = 0; k < kBU / 16; ++k) {
+      if (16 * k >= ku) break;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_hi, b_lo;
+      load_frag(b_hi, &sh[cb][16 * k], kLdh);
+      load_frag(b_lo, &sl[cb][16 * k], kLdh);
+      mma_f16x3(acc[0], a_hi[0][k], a_lo[0][k], b_hi, b_lo);
+      if (two) mma_f16x3(acc[1], a_hi[1][k], a_lo[1][k], b_hi, b_lo);
     }
   }
   // The product's rows 0 .. 16 rg - 1 into a [64][kLdu] shared tile (the rest is left as it was).
@@ -2164,7 +2179,9 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     issue_s(k + kOcRing - 1);
     if (st == 0) tc.zero();
     const OcSTile& t = ring[k % kOcRing];
-    tc.step(ah + st * kBU, al + st * kBU, static_cast<unsigned>(lda), t.sh, t.sl, mn(kBU, tr - st * kBU));
+    const int ku = mn(kBU, tr - st * kBU);
+    if (n_u > 1 || k == 0) tc.load_a(ah + st * kBU, al + st * kBU, static_cast<unsigned>(lda), ku);
+    tc.step(t.sh, t.sl, ku);
     if (st == n_u - 1) {
       tc.store(prod);
       const unsigned cols[2] = {any != 0u ? hd.cols[2 * ct] : (ct == 0 ? 1u : 0u),
