@@ -200,8 +200,8 @@ PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
                "selection kernel launch");
   // The op's only host sync: the largest kept count sizes the output. The counts come over as they
   // are (one copy of B words, as one word would be) and the host takes their maximum, so that no
-  // kernel keeps a running maximum across samples: the one-cluster kernel's samples are clusters
-  // in no set order, which no one of them could zero it for.
+  // kernel keeps a running maximum across samples: the one-cluster kernel's clusters run in no set
+  // order, and none of them could zero such a maximum before the others raise it.
   const at::Tensor host_counts = counts.to(at::kCPU);
   const int64_t* c = host_counts.data_ptr<int64_t>();
   PruneOut out = outputs(std::max<int64_t>(1, *std::max_element(c, c + B)));
