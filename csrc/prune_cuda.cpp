@@ -195,7 +195,7 @@ PruneOut run_prune(const at::Tensor& patches, const at::Tensor& task,
                  "prune_padded kernel launch");
     return out;
   }
-  check_launch(fastprune_cuda::launch_keep(r.problem, r.plan, r.workspace.data_ptr(), keep_tokens.value_or(0), 0,
+  check_launch(fastprune_cuda::launch_keep(r.problem, r.plan, r.workspace.data_ptr(), keep_tokens.value_or(0),
                                            counts.data_ptr<int64_t>(), stream),
                "selection kernel launch");
   // The op's only host sync: the largest kept count sizes the output. The counts come over as they

@@ -2517,15 +2517,23 @@ cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, i
   return launch_ab(p, plan, a, stream);
 }
 
-cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
-                        int64_t max_tokens, int64_t* counts_out, cudaStream_t stream) {
-  if (!plan_fits(p, plan) || counts_out == nullptr) return cudaErrorInvalidValue;
+namespace {
+// Kernels A and B's arguments up to the kept lists and counts (max_tokens <= 0: no cap).
+Args keep_args(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens, int64_t max_tokens,
+               int64_t* counts_out) {
   Args a = make_args(p, plan, workspace);
   a.counts_out = counts_out;
   a.want_keep = 1;
   a.keep_tokens = keep_tokens;
   a.max_tokens = max_tokens;
-  return launch_ab(p, plan, a, stream);
+  return a;
+}
+}  // namespace
+
+cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
+                        int64_t* counts_out, cudaStream_t stream) {
+  if (!plan_fits(p, plan) || counts_out == nullptr) return cudaErrorInvalidValue;
+  return launch_ab(p, plan, keep_args(p, plan, workspace, keep_tokens, 0, counts_out), stream);
 }
 
 namespace {
@@ -2551,11 +2559,7 @@ cudaError_t launch_prune_padded(const Problem& p, const Plan& plan, void* worksp
                                 int64_t max_tokens, int64_t* counts_out, void* pruned, bool* kept_mask,
                                 int64_t* kept_idx, cudaStream_t stream) {
   if (!plan_fits(p, plan) || counts_out == nullptr || max_tokens < 1) return cudaErrorInvalidValue;
-  Args a = make_args(p, plan, workspace);
-  a.counts_out = counts_out;
-  a.want_keep = 1;
-  a.keep_tokens = keep_tokens;
-  a.max_tokens = max_tokens;
+  const Args a = keep_args(p, plan, workspace, keep_tokens, max_tokens, counts_out);
   // Phase 4 of the one-cluster kernel: at most N rows (its row arithmetic is 32-bit), each a whole
   // number of 16-byte vectors (one_cluster_applies), into a 16-byte aligned output.
   if (max_tokens <= p.N && reinterpret_cast<uintptr_t>(pruned) % 16 == 0 &&

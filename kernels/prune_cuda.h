@@ -69,7 +69,7 @@ struct Plan {
   int64_t kchunk = 0;     // width of one slice of D (a multiple of 64, kChunkAlign in the .cu)
   bool pdl = false;       // kernels B and C as programmatic dependent launches (sm_90+)
   bool cluster = false;   // kernel A's D splits as one thread block cluster per row tile (sm_90+)
-  bool one_cluster = false;  // kernels A and B as one launch of one cluster (one_cluster_applies)
+  bool one_cluster = false;  // kernels A and B as one launch, a cluster a sample (one_cluster_applies)
   // Byte offsets into the workspace (all 16-byte aligned).
   size_t off_counters = 0;  // counters_a [B*row_tiles][2] u64 (tagged), counters_b [B] int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
@@ -120,12 +120,12 @@ bool kernels_have_sm90();
 cudaError_t launch_select(const Problem& p, const Plan& plan, void* workspace, int64_t* idx_out,
                           cudaStream_t stream);
 
-// Selection up to the kept lists: kernels A and B. keep_tokens <= 0: implicit mode;
-// max_tokens <= 0: no cap. Writes counts_out [B] int64.
+// Selection up to the kept lists, with no cap (prune's dynamic K): kernels A and B. keep_tokens <= 0:
+// implicit mode. Writes counts_out [B] int64.
 cudaError_t launch_keep(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,
-                        int64_t max_tokens, int64_t* counts_out, cudaStream_t stream);
+                        int64_t* counts_out, cudaStream_t stream);
 
-// prune_padded: launch_keep with max_tokens (>= 1), then the gather-pad to K = max_tokens rows
+// prune_padded: launch_keep capped at max_tokens (>= 1), then the gather-pad to K = max_tokens rows
 // (outputs as launch_gather's). Where the one-cluster kernel applies, the cap is at most N and
 // `pruned` 16-byte aligned, that kernel does both: one launch.
 cudaError_t launch_prune_padded(const Problem& p, const Plan& plan, void* workspace, int64_t keep_tokens,

@@ -56,7 +56,7 @@ extern "C" int fp_emu_run(int op, int dtype, int64_t B, int64_t N, int64_t T, in
                               nullptr) != cudaSuccess)
         return -1;
     } else {
-      if (launch_keep(p, plan, ws.data(), keep_tokens, 0, counts_out, nullptr) != cudaSuccess) return -1;
+      if (launch_keep(p, plan, ws.data(), keep_tokens, counts_out, nullptr) != cudaSuccess) return -1;
       int64_t K = 1;  // the largest count, as the binding reads it
       for (int64_t b = 0; b < B; ++b) K = counts_out[b] > K ? counts_out[b] : K;
       if (K > k_capacity) return -2;
