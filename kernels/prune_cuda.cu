@@ -139,7 +139,8 @@ bool fp_cluster_fits(void (*kernel)(Params...), dim3 block, unsigned cluster_y, 
 // block's dynamic shared memory; a barrier of every thread of the cluster that releases the
 // block's earlier writes and acquires the others' (its arrive compiles to MEMBAR.ALL.GPU first,
 // sm_90 SASS); the same barrier without the release, for a block that only waits until the
-// others are done reading its shared memory; and p, a pointer into this block's shared memory,
+// others are done reading its shared memory, whole or as its two halves (arrive once done reading
+// the others' shared memory, wait before leaving); and p, a pointer into this block's shared memory,
 // mapped to the same place in block `rank` of the cluster. Code compiled for an older
 // architecture traps: the host launches the cluster kernel only on kernels built for sm_90.
 __device__ __forceinline__ unsigned char* fp_dyn_smem() {
@@ -153,12 +154,23 @@ __device__ __forceinline__ void fp_cluster_sync() {
   __trap();
 #endif
 }
-__device__ __forceinline__ void fp_cluster_sync_relaxed() {
+__device__ __forceinline__ void fp_cluster_arrive_relaxed() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 #else
   __trap();
 #endif
+}
+__device__ __forceinline__ void fp_cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void fp_cluster_sync_relaxed() {
+  fp_cluster_arrive_relaxed();
+  fp_cluster_wait();
 }
 template <typename X>
 __device__ __forceinline__ X* fp_cluster_map(X* p, int rank) {
@@ -1381,10 +1393,11 @@ __device__ __forceinline__ void segment(int n, int* lo, int* hi) {
 constexpr int kMasked = INT_MIN / 2;
 
 // The keep rule on a sample's vote counts (kMasked and below for masked patches), every thread of
-// the block: implicit / budget / cap, the kept list in increasing j and the count.
+// the block: implicit / budget / cap, the kept list in increasing j into `list`, the count to
+// *count_out (where not null) and returned to every thread.
 template <bool kSmem>
-__device__ void keep_rule(const Args& a, int64_t b, const int* votes, int* hist, int* s_warp, long long* s_warp64,
-                          int* s_vstar, int* s_above) {
+__device__ int keep_rule(const Args& a, const int* votes, int* hist, int* list, int64_t* count_out, int* s_warp,
+                         long long* s_warp64, int* s_vstar, int* s_above) {
   const int tid = threadIdx.x;
   const int N = static_cast<int>(a.N);
   const bool budget = a.keep_tokens > 0;
@@ -1398,17 +1411,16 @@ __device__ void keep_rule(const Args& a, int64_t b, const int* votes, int* hist,
   for (int j = j_lo; j < j_hi; ++j) cnt += eligible(j, vload<kSmem>(&votes[j])) ? 1 : 0;
   int n_elig = 0;
   const int elig_before = block_excl_scan(cnt, s_warp, &n_elig);
-  int* list = a.list + b * a.N;
   auto finish = [&](int count) {
-    if (tid == 0) a.counts_out[b] = count;
+    if (tid == 0 && count_out != nullptr) *count_out = count;
+    return count;
   };
   if (n_elig <= limit) {  // block-uniform: every eligible patch is kept, placed by the scan above
     int pos = elig_before;
     for (int j = j_lo; j < j_hi; ++j) {
       if (eligible(j, vload<kSmem>(&votes[j]))) list[pos++] = j;
     }
-    finish(n_elig);
-    return;
+    return finish(n_elig);
   }
 
   // Budget: keep the `limit` eligible patches with most votes, lower index first. v* is the
@@ -1457,7 +1469,7 @@ __device__ void keep_rule(const Args& a, int64_t b, const int* votes, int* hist,
     sure += keep_sure ? 1 : 0;
     ties += tie ? 1 : 0;
   }
-  finish(limit);
+  return finish(limit);
 }
 
 template <bool kSmem>
@@ -1530,7 +1542,7 @@ __device__ void keep_tail(const Args& a, int64_t b, int* votes, int* hist, int* 
   if (!a.want_keep) return;
   __syncthreads();
 
-  keep_rule<kSmem>(a, b, votes, hist, s_warp, s_warp64, s_vstar, s_above);
+  keep_rule<kSmem>(a, votes, hist, a.list + b * a.N, a.counts_out + b, s_warp, s_warp64, s_vstar, s_above);
 }
 
 #if FP_HAVE_MMA
@@ -1854,10 +1866,12 @@ struct GArgs {
 //            the sample through a ring of kOcRing, kernel B's product (of the block's rows only,
 //            OcMma) and merge: the block owns its rows' argmax, stored without atomics; cluster
 //            barrier;
-//   phase 3: every block counts its rows' votes in shared memory; after a cluster barrier block
-//            0 adds them up through distributed shared memory and runs kernel B's keep rule;
-//   phase 4 (prune_padded, K = max_tokens <= N): after a cluster barrier, kernel C's gather-pad
-//            by every block (gather_in_cluster), so that the call is this one launch.
+//   phase 3: every block leaves its rows' votes in shared memory; after a cluster barrier
+//            each block that needs the kept list (every block with a gather, else block 0)
+//            counts all blocks' votes, read through distributed shared memory, and runs kernel
+//            B's keep rule;
+//   phase 4 (prune_padded, K = max_tokens <= N): kernel C's gather-pad by every block from its
+//            own kept list (gather_in_cluster), so that the call is this one launch.
 // prune (K known only after a host read) and select keep kernel C, or none. Only 16-bit inputs
 // with 16-byte rows (the rings copy 16-byte vectors and the product is wmma); everything else
 // keeps kernels A, B and C.
@@ -1883,7 +1897,7 @@ struct OcSTile {  // one S column tile of phase 2's ring
 // Phase 2's A' rows: every 64-token step of the range, padded by 8 halves (kLdh's reason).
 __host__ __device__ inline int64_t oc_lda(int64_t ts) { return (ts + kBU - 1) / kBU * kBU + 8; }
 // Bytes past the head: phase 1's step buffers and ClusterSmem arrays (cs overlays the first two
-// buffers), phase 2's A' rows, product tile and ring, or phase 3's votes, whichever is largest.
+// buffers), phase 2's A' rows, product tile and ring, or phases 3 and 4's, whichever is largest.
 // Step buffers of 16-bit tiles (StepTiles<__half> and <__nv_bfloat16> are alike).
 __host__ __device__ inline size_t oc_phase1_bytes(int64_t ts) {
   return kOcStages * sizeof(StepTiles<__half>) + static_cast<size_t>(kBM * ts + kBM + 3 * ts) * sizeof(float);
@@ -1893,8 +1907,10 @@ __host__ __device__ inline size_t oc_phase2_bytes(int64_t ts) {
          kOcRing * sizeof(OcSTile);
 }
 __host__ __device__ inline size_t oc_smem_bytes(int64_t N, int64_t ts) {
-  // phase 3: every block's vote counts [N], block 0's sums and histogram [N + 1] each, aligned
-  const size_t p1 = oc_phase1_bytes(ts), p2 = oc_phase2_bytes(ts), p3 = (3 * static_cast<size_t>(N) + 12) * sizeof(int);
+  // phases 3 and 4: the block's picks [kBM], vote counts [N], histogram [N + 1] and kept list
+  // [N], each 16-byte aligned, then at least one gather slot a thread (16 bytes)
+  const size_t p1 = oc_phase1_bytes(ts), p2 = oc_phase2_bytes(ts),
+               p3 = (kBM + 3 * static_cast<size_t>(N) + 12) * sizeof(int) + kThreads * 16;
   const size_t p12 = p1 > p2 ? p1 : p2;
   return kOcHead + (p12 > p3 ? p12 : p3);
 }
@@ -1960,32 +1976,27 @@ struct OcMma : MmaPair {
 };
 #endif
 
-// Phase 4: block rt of sample b's C takes output rows rt, rt + C, ... (rows at or past the count
-// are zeros). Their source rows go to shared memory first, all loaded at once; then each thread
-// copies its 16-byte vectors of as many rows as the buffer holds into its own slots (cp.async:
-// one round trip for all of them), waits for its own copies and stores them. A thread reads back
-// only its own slots, so no block barrier orders them.
+// Phase 4: block rt of sample b's C takes output rows rt, rt + C, ... of the sample's kept `list`
+// (this block's shared memory) and `count` (rows at or past it are zeros). Each thread copies its
+// 16-byte vectors of as many rows as the buffer holds into its own slots (cp.async: one round trip
+// for all of them), waits for its own copies and stores them. A thread reads back only its own
+// slots, so no block barrier orders them.
 template <typename T>
-__device__ void gather_in_cluster(const GArgs& g, int64_t b, int rt, int C, unsigned char* buf, size_t buf_bytes) {
+__device__ void gather_in_cluster(const GArgs& g, int64_t b, int rt, int C, const int* list, int count,
+                                  unsigned char* buf, size_t buf_bytes) {
   const int tid = threadIdx.x;
-  const int K = static_cast<int>(g.K), count = static_cast<int>(__ldcg(&g.counts[b]));
-  const int* const list = g.list + b * g.N;
+  const int K = static_cast<int>(g.K);
   const int64_t out0 = b * g.K;  // the sample's first output row
   const int nvec = static_cast<int>(g.D * static_cast<int64_t>(sizeof(T)) / 16);  // vectors a row
   const int rows_here = K > rt ? (K - rt + C - 1) / C : 0;
-  int* const src_row = reinterpret_cast<int*>(buf);
   for (int i = tid; i < rows_here; i += kThreads) {
     const int r = rt + C * i;
     const bool real = r < count;
-    const int j = real ? __ldcg(&list[r]) : 0;
-    src_row[i] = j;
     g.kept_mask[out0 + r] = real;
-    g.kept_idx[out0 + r] = j;
+    g.kept_idx[out0 + r] = real ? list[r] : 0;
   }
-  __syncthreads();  // src_row
-  const size_t head = (static_cast<size_t>(rows_here) * sizeof(int) + 15) / 16 * 16;
-  uint4* const slot = reinterpret_cast<uint4*>(buf + head);
-  const int chunk = static_cast<int>((buf_bytes - head) / 16);
+  uint4* const slot = reinterpret_cast<uint4*>(buf);
+  const int chunk = static_cast<int>(buf_bytes / 16);
   const int items = rows_here * nvec;
   // The sample's rows (strides in vectors: whole ones, one_cluster_applies)
   const uint4* const P = static_cast<const uint4*>(g.patches) + b * g.p_sb * static_cast<int64_t>(sizeof(T)) / 16;
@@ -1993,8 +2004,8 @@ __device__ void gather_in_cluster(const GArgs& g, int64_t b, int rt, int C, unsi
   for (int q0 = 0; q0 < items; q0 += chunk) {
     const int q1 = mn(items, q0 + chunk);
     for (int q = q0 + tid; q < q1; q += kThreads) {
-      const int i = q / nvec;
-      if (rt + C * i < count) fp_cp_async16(&slot[q - q0], P + src_row[i] * sr + q % nvec, true);
+      const int r = rt + C * (q / nvec);
+      if (r < count) fp_cp_async16(&slot[q - q0], P + list[r] * sr + q % nvec, true);
     }
     fp_cp_async_commit();
     fp_cp_async_wait<0>();
@@ -2191,47 +2202,64 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     }
   }
   // Phase 3. Each block decodes its own rows' argmax (the row index, or -1 for a masked voter,
-  // to idx_out) and counts their votes in its shared memory; block 0 adds every block's counts
-  // through distributed shared memory and runs the keep rule. Kernel B's tail instead loads every
-  // row's key back from L2 and counts all N rows' votes on one SM. The keys stay in the
-  // workspace as kernel B leaves them (the emulator decodes a prune's selection from them).
+  // to idx_out) and leaves its rows' votes (picks, -1 for none) in its shared memory. Then every
+  // block that needs the kept list counts all C blocks' picks (C x 64 through distributed shared
+  // memory, all in flight at once) and runs the keep rule itself: the gather reads the list from
+  // its own shared memory, with no barrier after the keep rule and no round trip to L2 for the list
+  // (v84). Without a gather (prune's kernel C reads the list from the workspace) only block 0 does.
+  // Kernel B's tail instead loads every row's key back from L2 and counts all N rows' votes on one
+  // SM. The keys stay in the workspace as kernel B leaves them (the emulator decodes a prune's
+  // selection from them).
   __syncthreads();  // phase 2's shared memory is dead
-  int* const my_votes = reinterpret_cast<int*>(body);  // [N]
-  if (a.want_keep)
-    for (int j = tid; j < N; j += kThreads) my_votes[j] = 0;
-  __syncthreads();
-  if (mq == 0 && mr < rows_here) {
-    const int64_t i = j0 + mr;
-    const int j = key_column(row_best, N);
-    const bool voter = !a.mask_voters || pm == nullptr || pm[i];
-    a.keys[row0 + i] = row_best;
-    if (a.idx_out != nullptr) a.idx_out[row0 + i] = voter ? j : -1;
-    if (a.want_keep && voter) atomicAdd(&my_votes[j], 1);
+  int* const picks = reinterpret_cast<int*>(body);  // [kBM], read by every block until its arrival
+  if (mq == 0) {
+    int pick = -1;
+    if (mr < rows_here) {
+      const int64_t i = j0 + mr;
+      const int j = key_column(row_best, N);
+      const bool voter = !a.mask_voters || pm == nullptr || pm[i];
+      a.keys[row0 + i] = row_best;
+      if (a.idx_out != nullptr) a.idx_out[row0 + i] = voter ? j : -1;
+      if (voter) pick = j;
+    }
+    picks[mr] = pick;
   }
   if (!a.want_keep) return;
-  fp_cluster_sync();  // every block's counts
-  if (rt == 0) {
-    int* const votes = my_votes + (N + 3) / 4 * 4;  // [N + 1], 16-byte aligned
-    int* const hist = votes + (N + 4) / 4 * 4;      // [N + 1]
-    for (int j = tid; j <= N; j += kThreads) {
-      int v[kOcMaxTiles];  // the C loads go out together; ranks past C add 0 (never mapped)
+  const bool gather = g.K > 0, keeps = gather || rt == 0;  // block-uniform
+  int* const votes = picks + kBM;             // [N], 16-byte aligned
+  int* const hist = votes + (N + 3) / 4 * 4;  // [N + 1]
+  int* const list = hist + (N + 4) / 4 * 4;   // [N]
+  if (keeps) {
+    for (int j = tid; j < N; j += kThreads) votes[j] = pm != nullptr && !pm[j] ? kMasked : 0;
+    for (int j = tid; j <= N; j += kThreads) hist[j] = 0;
+  }
+  fp_cluster_sync();  // every block's picks (and this block's cleared counts)
+  if (keeps) {
+    constexpr int kPer = kOcMaxTiles * kBM / kThreads;  // picks a thread: block q's rows x % kBM
+    static_assert(kOcMaxTiles * kBM % kThreads == 0, "every thread reads kPer picks");
+    int v[kPer];
 #pragma unroll
-      for (int q = 0; q < kOcMaxTiles; ++q) v[q] = q < C && j < N ? *fp_cluster_map(my_votes + j, q) : 0;
-      int sum = j < N && pm != nullptr && !pm[j] ? kMasked : 0;
-#pragma unroll
-      for (int q = 0; q < kOcMaxTiles; ++q) sum += v[q];
-      votes[j] = sum;
-      hist[j] = 0;
+    for (int e = 0; e < kPer; ++e) {
+      const int x = tid + e * kThreads, q = x / kBM;
+      v[e] = q < C ? *fp_cluster_map(picks + x % kBM, q) : -1;
     }
-    __syncthreads();
-    keep_rule<true>(a, b, votes, hist, hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
+#pragma unroll
+    for (int e = 0; e < kPer; ++e)
+      if (v[e] >= 0) atomicAdd(&votes[v[e]], 1);
   }
-  if (g.K == 0) {
-    fp_cluster_sync_relaxed();  // no block leaves before block 0 has read its counts
-    return;
+  __syncthreads();  // the counts; every thread has its remote picks in hand
+  fp_cluster_arrive_relaxed();  // this block reads no other block's shared memory again
+  int count = 0;
+  if (keeps) {
+    count = keep_rule<true>(a, votes, hist, gather ? list : a.list + b * N, rt == 0 ? a.counts_out + b : nullptr,
+                            hd.s_warp, hd.s_warp64, &hd.s_vstar, &hd.s_above);
+    __syncthreads();  // the list
   }
-  fp_cluster_sync();  // block 0's kept list and count (and it has read every block's counts)
-  gather_in_cluster<T>(g, b, rt, C, body, oc_smem_bytes(N, ts) - kOcHead);
+  if (gather) {
+    unsigned char* const buf = reinterpret_cast<unsigned char*>(list + (N + 3) / 4 * 4);
+    gather_in_cluster<T>(g, b, rt, C, list, count, buf, oc_smem_bytes(N, ts) - kOcHead - (buf - body));
+  }
+  fp_cluster_wait();  // no block leaves before every block has read its picks
 #else
   (void)a;  // never launched: one_cluster_applies needs the tensor-core path
   (void)g;

@@ -257,11 +257,11 @@ def test_cluster_barriers_in_ptx(builds):
     partials and acquires the others' before any is read through distributed shared memory
     (mapa); the last only keeps every block resident until the others are done reading its shared
     memory, so its arrive is relaxed (a release arrive compiles to MEMBAR.ALL.GPU, which would
-    wait for the block's S and A stores). The one-cluster kernel (v80, 16-bit types) has three
+    wait for the block's S and A stores). The one-cluster kernel (v80, 16-bit types) has two
     barriers that release what blocks wrote and acquire it (S and A' in the workspace, every
-    block's vote counts in its shared memory, which block 0 reads through mapa, block 0's kept
-    list before the gather) and, without a gather, a relaxed one that keeps every block resident
-    until block 0 has read its counts."""
+    block's picks in its shared memory, which the blocks read through mapa), then a relaxed
+    arrive once a block has read the others' picks and, after its keep rule and gather (v84), the
+    wait that keeps it resident until every block has read its picks."""
     if NVCC is None:
         pytest.skip("nvcc not found (no CUDA toolkit)")
 
@@ -279,7 +279,7 @@ def test_cluster_barriers_in_ptx(builds):
         assert barriers == release + ["barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (
             name, barriers)
     for name, barriers in one.items():
-        assert barriers == release * 3 + ["barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (
+        assert barriers == release * 2 + ["barrier.cluster.arrive.relaxed.aligned", "barrier.cluster.wait.aligned"], (
             name, barriers)
 
 
@@ -742,6 +742,8 @@ TSAN_CASES = {
     # after token 0 (the first copies again) over 2 token tiles.
     "one_cluster_ring": "2 2 1 130 150 640 132 2 100 20 0 9",
     "one_cluster_two_samples": "1 2 2 70 40 256 132 2 30 5 0 0",  # a cluster a sample (v81), prune
+    # Two samples' gathers, each block's keep rule on the picks it read from the others (v84).
+    "one_cluster_two_gathers": "2 1 2 70 40 256 132 2 30 5 6 20",
 }
 
 

@@ -91,12 +91,14 @@ struct AsyncCopy {
   unsigned char* dst;
   unsigned char bytes[16];
 };
+constexpr uint64_t kNoArrival = ~0ull;
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;  // not zero-filled: untouched pages of a cluster's stacks stay free
   bool done = false;
   dim3 tid;
   int blk = 0;  // index of its block in g_blocks
+  uint64_t cluster_arrival = kNoArrival;       // fp_cluster_arrive_relaxed's, until its wait
   std::vector<AsyncCopy> open;                 // cp.async copies since the last commit
   std::vector<std::vector<AsyncCopy>> groups;  // committed groups, oldest first
   void* tsan = nullptr;
@@ -136,25 +138,32 @@ inline void yield() {
 #endif
   swapcontext(&g_fibers[g_cur].ctx, &g_sched);
 }
-inline void wait(Barrier& b) {
+// A barrier's two halves: arrive (returns the generation that the arrival belongs to) and wait
+// until that generation has passed; wait is both.
+inline uint64_t arrive(Barrier& b) {
 #if EMU_TSAN
-  void* slot = &b.sync[b.gen & 1];
-  __tsan_release(slot);
-  __tsan_ignore_thread_begin();
+  __tsan_release(&b.sync[b.gen & 1]);
+  TsanIgnore bookkeeping;
 #endif
   const uint64_t my = b.gen;
   ++g_progress;
   if (++b.arrived == b.count) {
     b.arrived = 0;
     ++b.gen;
-  } else {
-    while (b.gen == my) yield();
   }
+  return my;
+}
+inline void wait_past(Barrier& b, uint64_t my) {
+#if EMU_TSAN
+  __tsan_ignore_thread_begin();
+#endif
+  while (b.gen == my) yield();
 #if EMU_TSAN
   __tsan_ignore_thread_end();
-  __tsan_acquire(slot);
+  __tsan_acquire(&b.sync[my & 1]);
 #endif
 }
+inline void wait(Barrier& b) { wait_past(b, arrive(b)); }
 inline void fiber_entry() {
 #if EMU_TSAN
   if (g_fibers[g_cur].ignoring) {
@@ -170,6 +179,10 @@ inline void fiber_entry() {
     for (const auto& g : f.groups) pending |= !g.empty();
     if (pending) {
       std::fprintf(stderr, "cuda_emu: thread %u ended with cp.async copies it never waited for\n", f.tid.x);
+      std::abort();
+    }
+    if (f.cluster_arrival != kNoArrival) {
+      std::fprintf(stderr, "cuda_emu: thread %u ended with a cluster arrival it never waited for\n", f.tid.x);
       std::abort();
     }
   }
@@ -203,6 +216,7 @@ inline void run_cluster() {
     f.tid = dim3(t % per, 0, 0);
     f.blk = t / per;
     f.done = false;
+    f.cluster_arrival = kNoArrival;
     f.open.clear();
     f.groups.clear();
     getcontext(&f.ctx);
@@ -536,8 +550,27 @@ void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& 
 // barrier, and a pointer into this block's dynamic shared memory mapped to block `rank` of the
 // cluster (it must point into that memory: the GPU maps only shared-memory addresses).
 inline unsigned char* fp_dyn_smem() { return emu::cur_block().smem; }
-inline void fp_cluster_sync() { emu::wait(emu::g_cluster_barrier); }
+// The halves of the cluster barrier (fp_cluster_arrive_relaxed, then fp_cluster_wait): a thread
+// with an arrival pending may not arrive again, nor wait without one.
+inline uint64_t& emu_cluster_arrival() { return emu::g_fibers[emu::g_cur].cluster_arrival; }
+inline void emu_cluster_misuse(const char* what) {
+  std::fprintf(stderr, "emu: thread %u of block rank %d: %s\n", threadIdx.x, emu::g_fibers[emu::g_cur].blk, what);
+  std::abort();
+}
+inline void fp_cluster_sync() {
+  if (emu_cluster_arrival() != emu::kNoArrival) emu_cluster_misuse("cluster barrier with an arrival pending");
+  emu::wait(emu::g_cluster_barrier);
+}
 inline void fp_cluster_sync_relaxed() { fp_cluster_sync(); }
+inline void fp_cluster_arrive_relaxed() {
+  if (emu_cluster_arrival() != emu::kNoArrival) emu_cluster_misuse("cluster arrive with an arrival pending");
+  emu_cluster_arrival() = emu::arrive(emu::g_cluster_barrier);
+}
+inline void fp_cluster_wait() {
+  if (emu_cluster_arrival() == emu::kNoArrival) emu_cluster_misuse("cluster wait without an arrival");
+  emu::wait_past(emu::g_cluster_barrier, emu_cluster_arrival());
+  emu_cluster_arrival() = emu::kNoArrival;
+}
 template <typename X>
 X* fp_cluster_map(X* p, int rank) {
   const emu::Block& own = emu::cur_block();
