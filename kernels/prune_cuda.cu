@@ -1903,7 +1903,7 @@ __host__ __device__ inline size_t oc_phase1_bytes(int64_t ts) {
   return kOcStages * sizeof(StepTiles<__half>) + static_cast<size_t>(kBM * ts + kBM + 3 * ts) * sizeof(float);
 }
 __host__ __device__ inline size_t oc_phase2_bytes(int64_t ts) {
-  return 2 * kBM * static_cast<size_t>(oc_lda(ts)) * sizeof(__half) + sizeof(float) * kBM * kLdu +
+  return 2 * kBM * static_cast<size_t>(oc_lda(ts)) * sizeof(__half) + 2 * sizeof(float) * kBM * kLdu +
          kOcRing * sizeof(OcSTile);
 }
 __host__ __device__ inline size_t oc_smem_bytes(int64_t N, int64_t ts) {
@@ -2132,8 +2132,9 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
   const int lda = static_cast<int>(oc_lda(ts));
   __half* const ah = reinterpret_cast<__half*>(body);
   __half* const al = ah + kBM * lda;
-  float(*prod)[kLdu] = reinterpret_cast<float(*)[kLdu]>(al + kBM * lda);
-  OcSTile* const ring = reinterpret_cast<OcSTile*>(prod + kBM);
+  // Two product tiles: column tile ct's in prod + (ct & 1) kBM, merged while the next one is multiplied.
+  float(*const prod)[kLdu] = reinterpret_cast<float(*)[kLdu]>(al + kBM * lda);
+  OcSTile* const ring = reinterpret_cast<OcSTile*>(prod + 2 * kBM);
   const int n_u = (tr + kBU - 1) / kBU, n_ct = static_cast<int>(a.row_tiles), n_items = n_ct * n_u;
   const int u_end = (tr + 7) & ~7;
   {
@@ -2181,11 +2182,21 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
   // Warps whose 8 rows (tile_best's layout) are past the multiplied ones merge nothing: their
   // rows of the product tile hold whatever was there.
   const bool merges = 8 * warp < 16 * tc.rg;
+  auto merge = [&](int ct) {  // column tile ct's product
+    const unsigned cols[2] = {any != 0u ? hd.cols[2 * ct] : (ct == 0 ? 1u : 0u), any != 0u ? hd.cols[2 * ct + 1] : 0u};
+    if (merges) row_best = max_u64(row_best, tile_best(prod + (ct & 1) * kBM, cols, ct));
+  };
+  // One block barrier an item (v85): a column tile's product is merged at the end of the next
+  // tile's product, after that item's barrier, so warps that have stored their part of one tile go
+  // on to merge the tile before it while others still multiply. Tile ct's store overwrites tile
+  // ct - 2's product, merged before the barrier of tile ct's first item. The merges are a
+  // maximum of packed keys, so their order changes nothing.
   for (int k = 0; k < n_items; ++k) {
     const int ct = k / n_u, st = k % n_u;
     fp_cp_async_wait<kOcRing - 2>();
-    // Every thread's copies of item k (and of the A' rows) have landed, and every thread is
-    // past item k - 1's product, whose ring entry the copies below refill, and its merge.
+    // Every thread's copies of item k (and of the A' rows) have landed; every thread is past item
+    // k - 1's product, whose ring entry the copies below refill, its store of a product tile and
+    // its merge of the tile before.
     __syncthreads();
     issue_s(k + kOcRing - 1);
     if (st == 0) tc.zero();
@@ -2194,13 +2205,12 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
     if (n_u > 1 || k == 0) tc.load_a(ah + st * kBU, al + st * kBU, static_cast<unsigned>(lda), ku);
     tc.step(t.sh, t.sl, ku);
     if (st == n_u - 1) {
-      tc.store(prod);
-      const unsigned cols[2] = {any != 0u ? hd.cols[2 * ct] : (ct == 0 ? 1u : 0u),
-                                any != 0u ? hd.cols[2 * ct + 1] : 0u};
-      __syncthreads();  // the product
-      if (merges) row_best = max_u64(row_best, tile_best(prod, cols, ct));
+      tc.store(prod + (ct & 1) * kBM);
+      if (ct > 0) merge(ct - 1);
     }
   }
+  __syncthreads();  // the last tile's product (every sample has one: its prompt range holds a token)
+  merge(n_ct - 1);
   // Phase 3. Each block decodes its own rows' argmax (the row index, or -1 for a masked voter,
   // to idx_out) and leaves its rows' votes (picks, -1 for none) in its shared memory. Then every
   // block that needs the kept list counts all C blocks' picks (C x 64 through distributed shared
