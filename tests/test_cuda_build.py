@@ -649,6 +649,16 @@ def test_emulated_one_cluster_block_rows(emu, monkeypatch, most, launches):
     check_prune(out, patches, idx, patch_mask, None, False, 40)
 
 
+def test_emulated_one_cluster_takes_312_prompt_tokens(emu):
+    """The longest prompt the README promises the one-cluster kernel (312 tokens: phase 2's A'
+    rows and two product tiles, v85, in 226.2 of the 227 KiB), right; 313 is declined below."""
+    patches, task, task_mask, patch_mask = make_inputs(1, 70, 312, 64, torch.bfloat16, "all", seed=312)
+    out, idx, _ = emu["mma"]("padded", patches, task, task_mask, patch_mask, max_tokens=20, one_cluster=True)
+    assert emu["mma"].one_cluster and emu["mma"].launches == 1
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, None, False, 20)
+
+
 @pytest.mark.parametrize("B,N,T,D,dtype,build", [
     (2, 1025, 5, 64, torch.bfloat16, "mma"),  # 17 row tiles: past a cluster's 16 blocks
     (1, 70, 313, 64, torch.bfloat16, "mma"),  # a prompt past the kernel's shared memory
