@@ -996,6 +996,20 @@ def test_emulator_refuses_what_the_gpu_refuses(builds, emu):
             assert proc.returncode != 0 and "cluster launch refused" in proc.stderr, (smem, opt_in, cluster)
 
 
+def test_emulator_checks_split_cluster_barriers(builds, emu):
+    """The cluster barrier's halves (v84: a relaxed arrive once a block is done reading the others'
+    shared memory, the wait before it leaves) abort the emulator where PTX leaves them undefined
+    or a block could leave early: a wait without an arrival, a second arrival before the wait, a
+    thread that ends with its arrival pending. Arrive, then wait, runs."""
+    for kind, report in ((0, None), (1, "cluster wait without an arrival"), (2, "cluster arrive with an arrival pending"),
+                         (3, "ended with a cluster arrival it never waited for")):
+        proc = run_probe(builds, "lib.fp_emu_split_barrier_probe(int(a[0]))", kind)
+        if report is None:
+            assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+        else:
+            assert proc.returncode != 0 and report in proc.stderr, (kind, proc.stderr[-2000:])
+
+
 @pytest.mark.parametrize("path", ["mma", "fma"])
 def test_emulated_nan_column_never_wins(emu, path):
     """The merge ranks NaN below every number (test_prune.assert_nan_columns_never_win). The NaN

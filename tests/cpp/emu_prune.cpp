@@ -131,3 +131,18 @@ extern "C" void fp_emu_launch_probe(int64_t smem_bytes, int64_t smem_max, int cl
                                     static_cast<unsigned>(cluster_y), static_cast<size_t>(smem_bytes),
                                     static_cast<size_t>(smem_max), nullptr);
 }
+
+// The split cluster barrier's checks (test_emulator_checks_split_cluster_barriers), on a cluster of
+// two blocks: arrive, then wait (kind 0, right); a wait without an arrival (1); a second arrive
+// before the wait (2); a thread that ends with its arrival pending (3).
+namespace {
+__global__ void split_barrier_kernel(int kind) {
+  if (kind != 1) fp_cluster_arrive_relaxed();
+  if (kind == 2) fp_cluster_arrive_relaxed();
+  if (kind != 3) fp_cluster_wait();
+}
+}  // namespace
+
+extern "C" void fp_emu_split_barrier_probe(int kind) {
+  emu::launch([&] { split_barrier_kernel(kind); }, dim3(1, 2), dim3(32), 2, 0);
+}
