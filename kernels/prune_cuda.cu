@@ -2221,7 +2221,7 @@ __global__ void __launch_bounds__(kThreads, 1) one_cluster_kernel(Args a, GArgs 
   // SM. The keys stay in the workspace as kernel B leaves them (the emulator decodes a prune's
   // selection from them).
   __syncthreads();  // phase 2's shared memory is dead
-  int* const picks = reinterpret_cast<int*>(body);  // [kBM], read by every block until its arrival
+  int* const picks = reinterpret_cast<int*>(body);  // [kBM]; the cluster's blocks read it up to their arrivals
   if (mq == 0) {
     int pick = -1;
     if (mr < rows_here) {
