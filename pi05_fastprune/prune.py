@@ -174,7 +174,7 @@ def prune_tokens(
 ) -> PruneResult:
     """Keep the patches the prompt points to (SPEC "Selection" and "Output").
 
-    patches [B, N, D] and task [B, T, D] (float32/16/bf16); masks [B, N] / [B, T] bool, True
+    patches [B, N, D] and task [B, T, D] (float32/16/bf16, float64 on the CPU); masks [B, N] / [B, T] bool, True
     = valid. No budget: keep every patch some row voted for; ``keep_tokens=k`` (or
     ``keep_ratio=r``, k = ceil(r N)): the k most-voted valid patches. ``max_tokens=M``: a
     static ``[B, M]`` output with no host sync (a sample keeping more keeps its M most-voted).

@@ -26,14 +26,14 @@ def test_run14():
     assert t[("B=1 graph replay, µs", "triton")] == (20.6, False)
     assert t[("B=1 graph replay, µs", "cuda")] == (19.8, False)
     assert t[("B=1 graph replay, µs, not above Triton's", "cuda")] == (19.8, True)  # Triton's: 20.6
-    assert t[("B=1 graph replay, µs, one cluster (opt-in)", "cuda")] == (None, None)  # not run before stop 40
+    assert t[("B=1 graph replay, µs, one cluster (opt-in)", "cuda")] == (None, None)  # the kernel came after run 14
     assert t[("B=64 graph replay, µs, <= 3x the floor", "triton")] == (219.2, False)
     assert t[("B=64 graph replay, µs, <= 3x the floor", "cuda")] == (229.6, False)
     assert t[("B=64 graph replay, µs, <= 3x the floor, one cluster a sample (opt-in)", "cuda")] == (None, None)
     assert t[("B=1 eager, x the eager reference", "triton")] == (34.5, True)
     assert t[("B=1 eager, x torch.compile of it", "triton")] == (13.1, True)
     assert t[("host per prune_tokens call from a synced start, µs", "triton")] == (46.5, False)
-    # not measured before stop 38
+    # host_prune's loop_us came after run 14
     assert t[("host per prune_tokens call back to back, µs", "triton")] == (None, None)
     # 3x the padded mode's floor at B=64 on an H200 (bench/README.md: 59 µs, <= 176)
     assert round(targets.floor_us("B64xN768xT200(48)xD2048", "NVIDIA H200"), 1) == 58.5
