@@ -6,6 +6,7 @@ import pathlib
 import sys
 import types
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -37,8 +38,14 @@ def test_bench_prune_quick(tmp_path, monkeypatch, capsys):
 
 
 def test_peak_memory_sees_a_buffer():
-    mib = harness.peak_extra_mib(lambda: torch.ones(1024, 1024), torch.device("cpu"))
-    assert mib is None or 3.5 <= mib <= 8, mib
+    def fn():
+        return torch.ones(1024, 1024)
+
+    fn()  # warmed first, as measure() does: a first call also counts torch's one-off allocations
+    mib = harness.peak_extra_mib(fn, torch.device("cpu"))
+    if mib is None:
+        pytest.skip("no /proc/self/clear_refs: the resident-set high-water mark cannot be reset here")
+    assert 3.5 <= mib <= 8, mib
 
 
 def test_kernel_labels():

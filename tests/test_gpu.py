@@ -23,9 +23,10 @@ import pi05_fastprune as fp
 from pi05_fastprune import reference as R
 from pi05_fastprune.structured import structured_inputs
 
-from test_cuda_build import check_prune, select_precision
-from test_cuda_build import check_selection as check_selection_truth
-from test_prune import MASKS, SHAPES, make_inputs, well_separated
+from test_cuda_build import select_precision
+from test_prune import (MASKS, SHAPES, assert_degenerate_cases, assert_nonfinite_inputs_stay_in_range,
+                        assert_ties_go_low, check_prune, make_inputs, well_separated)
+from test_prune import check_selection as check_selection_truth
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -399,14 +400,15 @@ def test_triton_launch_plans_replay_the_launch_code(monkeypatch):
     ops._triton_plans_clear()
 
 
+def test_degenerate_cases_follow_the_spec(backend):
+    assert_degenerate_cases(lambda p, t, tm, pm: fp.select_tokens(p, t, task_mask=tm, patch_mask=pm, backend=backend),
+                            lambda p, t, tm, pm: fp.prune_tokens(p, t, task_mask=tm, patch_mask=pm, backend=backend),
+                            "cuda")
+
+
 def test_ties_and_determinism(backend):
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(1, 8, 32, generator=g)
-    patches = torch.cat([base, base], dim=1).cuda()
-    task = torch.randn(1, 5, 32, generator=g).cuda()
-    assert (fp.select_tokens(patches, task, backend=backend) < 8).all(), "ties must go to the lowest index"
-    out = fp.prune_tokens(patches, task, keep_tokens=16, backend=backend)
-    assert torch.equal(out.kept_idx[0].cpu(), torch.arange(16))
+    assert_ties_go_low(lambda p, t: fp.select_tokens(p, t, backend=backend),
+                       lambda p, t, k: fp.prune_tokens(p, t, keep_tokens=k, backend=backend).kept_idx, "cuda")
     # B=1 is where the Triton scores kernel splits D and its slices arrive in any order; B=64 is
     # where its 64-row tiles take D in one slice (at 3 stages there S changed from call to call).
     for batch in (1, 3, 64):
@@ -418,15 +420,7 @@ def test_ties_and_determinism(backend):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_inputs(backend, value):
-    patches, task, task_mask, patch_mask = make_inputs(2, 40, 6, 32, torch.float32, "all", seed=5)
-    patches[0, 3, 1] = value
-    task[1, 0, 0] = value
-    patches, task, task_mask, patch_mask = cuda(patches, task, task_mask, patch_mask)
-    for kwargs in ({}, {"keep_tokens": 5}, {"max_tokens": 7}):
-        out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend=backend, **kwargs)
-        assert ((out.kept_idx >= 0) & (out.kept_idx < 40)).all()
-    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, backend=backend)
-    assert ((idx >= 0) & (idx < 40)).all()
+    assert_nonfinite_inputs_stay_in_range(value, "cuda", backend=backend)
     torch.cuda.synchronize()
 
 

@@ -43,14 +43,17 @@ def make_inputs(B, N, T, D, dtype=torch.float32, masks="none", seed=0):
     return patches, task, task_mask, patch_mask
 
 
-def assert_prune_consistent(out, patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens):
+def check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens):
     """The outputs are exactly what the reference builds from the op's own selection."""
     expect = R.prune_from_idx(patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
     for name, got, want in zip(out._fields, out, expect):
+        assert got.shape == want.shape, (name, got.shape, want.shape)
         assert torch.equal(got, want), name
 
 
-def assert_selection_correct(idx, patches, task, task_mask, patch_mask):
+def check_selection(idx, patches, task, task_mask, patch_mask):
+    """``idx`` is int64 [B, N] and every row's pick is within SPEC's tolerance of the float64 best."""
+    assert idx.dtype == torch.int64 and idx.shape == patches.shape[:2]
     bad = R.selection_errors(idx, patches, task, task_mask, patch_mask)
     assert not bad.any(), f"{int(bad.sum())} rows miss the float64 maximum"
 
@@ -77,13 +80,44 @@ SHAPES = [  # B, N, T, D
 MASKS = ["none", "padded_prompt", "invalid_prompt", "absent_camera", "invalid_patches", "all"]
 
 
+def assert_degenerate_cases(select, prune, device="cpu", dtype=torch.float32):
+    """SPEC's two degenerate cases, checked against their own definitions rather than the
+    reference's float64 truth (which every other selection test shares, so a misread rule there
+    would pass them all): a sample with no valid prompt token selects as if it had no
+    ``task_mask`` (the seed's uniform weights pick otherwise in most rows); a sample with no valid
+    patch allows column 0 alone and keeps nothing. ``select(patches, task, task_mask,
+    patch_mask) -> idx [B, N]``; ``prune(...)``, implicit mode, ``-> (pruned, kept_mask,
+    kept_idx, counts)``."""
+    patches, task, _, _ = make_inputs(2, 40, 6, 32, dtype, seed=3)
+    sep = well_separated(patches, task, None, None)  # independent of the rule under test
+    patches, task = patches.to(device), task.to(device)
+    no_token = torch.zeros(2, 6, dtype=torch.bool, device=device)
+    no_token[1, :2] = True  # sample 1 keeps two valid tokens, sample 0 none
+    want = select(patches, task, None, None).cpu()
+    got = select(patches, task, no_token, None).cpu()
+    assert torch.equal(got[0][sep[0]], want[0][sep[0]]), "no valid token must mean the whole prompt"
+    assert not torch.equal(got[1], want[1])  # sample 1's mask is honoured (the case has teeth)
+    no_patch = torch.ones(2, 40, dtype=torch.bool, device=device)
+    no_patch[0] = False
+    assert (select(patches, task, None, no_patch).cpu()[0] == 0).all(), "no valid patch: column 0 alone"
+    out = prune(patches, task, None, no_patch)
+    assert int(out[3][0]) == 0 and not out[1][0].any(), "no valid patch: nothing kept"
+    assert int(out[3][1]) > 0
+
+
+def test_degenerate_cases_follow_the_spec():
+    assert_degenerate_cases(lambda p, t, tm, pm: fp.select_tokens(p, t, task_mask=tm, patch_mask=pm),
+                            lambda p, t, tm, pm: fp.prune_tokens(p, t, task_mask=tm, patch_mask=pm))
+    assert_degenerate_cases(R.select_ref, lambda p, t, tm, pm: R.prune_ref(p, t, tm, pm))
+
+
 @pytest.mark.parametrize("B,N,T,D", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_select_matches_truth(B, N, T, D, dtype):
     patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, "all", seed=N + T)
     idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
     assert idx.dtype == torch.int64 and idx.shape == (B, N)
-    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
+    check_selection(idx, patches, task, task_mask, patch_mask)
 
 
 @pytest.mark.parametrize("masks", MASKS)
@@ -97,7 +131,7 @@ def test_select_identical_to_reference_when_separated(masks):
     separated = (top2[..., 0] - top2[..., 1]) > 1e-4
     assert separated.float().mean() > 0.5
     assert torch.equal(idx[separated], ref[separated])
-    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
+    check_selection(idx, patches, task, task_mask, patch_mask)
 
 
 @pytest.mark.parametrize("masks", MASKS)
@@ -119,8 +153,8 @@ def test_prune_modes(masks, budget, mask_voters):
         patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=mask_voters, **kwargs
     )
     idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
-    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
-    assert_prune_consistent(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
     ref = R.prune_ref(patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
     assert torch.equal(out.counts, ref.counts)
     valid = patch_mask if patch_mask is not None else torch.ones(B, N, dtype=torch.bool)
@@ -144,7 +178,7 @@ def test_prune_padded_cap(max_tokens, keep_tokens):
     assert out.pruned.shape == (4, max_tokens, 64)
     assert (out.counts <= max_tokens).all()
     idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
-    assert_prune_consistent(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
+    check_prune(out, patches, idx, patch_mask, keep_tokens, False, max_tokens)
     uncapped = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=keep_tokens)
     # Within the cap the capped op keeps exactly what the uncapped op keeps.
     fits = uncapped.counts <= max_tokens
@@ -158,8 +192,8 @@ def test_structured_pi05_shape(dtype):
     patches, task, task_mask, patch_mask = structured_inputs(batch=2, dtype=dtype, absent_cameras=((1, 2),))
     out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
     idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
-    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
-    assert_prune_consistent(out, patches, idx, patch_mask, None, False, None)
+    check_selection(idx, patches, task, task_mask, patch_mask)
+    check_prune(out, patches, idx, patch_mask, None, False, None)
     assert (out.counts > 20).all() and (out.counts < 200).all()
     # The absent camera of sample 1 keeps nothing.
     assert not ((out.kept_idx[1] >= 512) & out.kept_mask[1]).any()
@@ -174,7 +208,7 @@ def test_mask_voters_absent_camera_adds_nothing():
     assert (idx[0, 256:512] == -1).all() and (idx[0, :256] >= 0).all()
     assert torch.equal(idx, R.select_ref(patches, task, task_mask, patch_mask, mask_voters=True))
     # The op's own selection with its -1 rows determines its outputs.
-    assert_prune_consistent(
+    check_prune(
         fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, mask_voters=True),
         patches, idx, patch_mask, None, False, None,
     )
@@ -192,16 +226,26 @@ def test_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
 
 
-def test_exact_ties_pick_lowest_index():
-    """Duplicated patches score exactly alike: the lowest index wins, budgets break vote ties low."""
+def assert_ties_go_low(select, prune, device="cpu"):
+    """Duplicated patches score exactly alike: every row picks the lower copy. Budgets break vote
+    ties low (SPEC "Selection"): each budget here cuts through a tie (votes 2 and 2 at k = 3, zero
+    votes at k = 6, where the later copies must lose to the zero-vote 0 and 3). ``select(patches,
+    task) -> idx [1, N]``, ``prune(patches, task, k) -> kept_idx [1, K]``."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 8, 32, generator=g)
-    patches = torch.cat([base, base], dim=1)  # patch j and j + 8 are identical
-    task = torch.randn(1, 5, 32, generator=g)
-    idx = fp.select_tokens(patches, task)
-    assert (idx < 8).all()
-    out = fp.prune_tokens(patches, task, keep_tokens=16)
-    assert torch.equal(out.kept_idx[0], torch.arange(16))
+    patches = torch.cat([base, base], dim=1).to(device)  # patch j and j + 8 are identical
+    task = torch.randn(1, 5, 32, generator=g).to(device)
+    idx = select(patches, task).cpu()
+    assert (idx < 8).all(), "ties must go to the lowest index"
+    votes = torch.bincount(idx[0], minlength=16).tolist()
+    order = sorted(range(16), key=lambda j: (-votes[j], j))
+    for k in (3, 6):
+        assert votes[order[k - 1]] == votes[order[k]], "the budget must cut through a vote tie"
+        assert prune(patches, task, k).cpu()[0].tolist() == sorted(order[:k]), k
+
+
+def test_exact_ties_pick_lowest_index():
+    assert_ties_go_low(fp.select_tokens, lambda p, t, k: fp.prune_tokens(p, t, keep_tokens=k).kept_idx)
 
 
 def assert_nan_columns_never_win(select, nan_cols):
@@ -283,7 +327,7 @@ def test_patches_alike_but_not_copies_all_stay_candidates():
     for dtype in (torch.float32, torch.bfloat16):
         x, t = patches.to(dtype), task.to(dtype)
         idx = fp.select_tokens(x, t, backend="cpu")
-        assert_selection_correct(idx, x, t, None, None)
+        check_selection(idx, x, t, None, None)
         assert not torch.isin(idx, torch.tensor([10, 40, 8, 47])).any()
         assert len(idx.unique()) > 4, "the prompt should point at many distinct patches"
 
@@ -329,13 +373,20 @@ def test_cpu_kernels_run_parallel_regions():
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_inputs_do_not_crash(value):
-    patches, task, task_mask, patch_mask = make_inputs(2, 40, 6, 32, torch.float32, "all", seed=5)
-    patches[0, 3, 1] = value
-    task[1, 0, 0] = value
+    assert_nonfinite_inputs_stay_in_range(value)
+
+
+def assert_nonfinite_inputs_stay_in_range(value, device="cpu", **backend):
+    """``value`` (NaN or an infinity) in one patch and one prompt token: the API's calls in every
+    mode return, with every index in range (``backend``: the API's ``backend=`` argument)."""
+    inputs = make_inputs(2, 40, 6, 32, torch.float32, "all", seed=5)
+    inputs[0][0, 3, 1] = value
+    inputs[1][1, 0, 0] = value
+    patches, task, task_mask, patch_mask = (t.to(device) for t in inputs)
     for kwargs in ({}, {"keep_tokens": 5}, {"max_tokens": 7}):
-        out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **kwargs)
+        out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **backend, **kwargs)
         assert ((out.kept_idx >= 0) & (out.kept_idx < 40)).all()
-    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
+    idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, **backend)
     assert ((idx >= 0) & (idx < 40)).all()
 
 
@@ -368,12 +419,12 @@ def test_padding_rows_are_zeros_whatever_patch_0_holds(value):
 def test_fuzz_against_truth(B, N, T, D, dtype, masks, keep, mask_voters, seed):
     patches, task, task_mask, patch_mask = make_inputs(B, N, T, D, dtype, masks, seed)
     idx = fp.select_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask)
-    assert_selection_correct(idx, patches, task, task_mask, patch_mask)
+    check_selection(idx, patches, task, task_mask, patch_mask)
     out = fp.prune_tokens(
         patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_ratio=keep, mask_voters=mask_voters
     )
     keep_tokens = None if keep is None else max(1, math.ceil(keep * N))
-    assert_prune_consistent(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
+    check_prune(out, patches, idx, patch_mask, keep_tokens, mask_voters, None)
 
 
 # --- the seed pruner's own outputs on openpi's tiny pi0.5 prefix -------------------------------
@@ -483,7 +534,7 @@ def test_float64_on_cpu_is_the_truth():
     assert torch.equal(idx, R.truth_scores(patches, task, task_mask, patch_mask).argmax(-1))
     out = fp.prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask, keep_tokens=17)
     assert out.pruned.dtype == torch.float64
-    assert_prune_consistent(out, patches, idx, patch_mask, 17, False, None)
+    check_prune(out, patches, idx, patch_mask, 17, False, None)
 
 
 def test_package_works_without_triton():

@@ -40,7 +40,8 @@ from pi05_fastprune import reference as R  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import select_precision  # noqa: E402
-from test_prune import well_separated  # noqa: E402
+from test_prune import assert_degenerate_cases, well_separated  # noqa: E402
+from test_prune import check_selection as check_selection_truth  # noqa: E402
 
 if HAVE_TRITON:
     import triton
@@ -135,8 +136,8 @@ def assert_same(out, ref):
 
 
 def check_selection(idx, patches, task, task_mask, patch_mask):
-    err = R.selection_errors(idx, patches, task, task_mask, patch_mask)
-    assert not err.any(), f"{int(err.sum())} rows miss the float64 maximum"
+    """The float64 truth, and the eager reference's picks on rows without a near-tie."""
+    check_selection_truth(idx, patches, task, task_mask, patch_mask)
     ref = R.select_ref(patches, task, task_mask, patch_mask)
     sep = well_separated(patches, task, task_mask, patch_mask)
     assert torch.equal(idx[sep], ref[sep])
@@ -334,6 +335,12 @@ def test_exact_ties_pick_lowest_column_and_budget_ties_lowest_index():
     # Budget larger than the voted set: zero-vote patches fill it in index order.
     out = ops.triton_prune(patches, task, None, None, 12, False)
     assert_same(out, R.prune_from_idx(patches, idx, None, 12, False))
+
+
+@interp
+def test_degenerate_cases_follow_the_spec():
+    assert_degenerate_cases(lambda p, t, tm, pm: ops.triton_select(p, t, tm, pm, False),
+                            lambda p, t, tm, pm: ops.triton_prune(p, t, tm, pm, None, False))
 
 
 @interp

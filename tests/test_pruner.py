@@ -104,6 +104,31 @@ def test_train_keeps_shape_records_indices_and_is_differentiable():
     assert pruner.core.last_kept_indices_padded is None
 
 
+def test_telemetry_of_a_prefix_whose_patches_and_tokens_are_all_alike():
+    """Known values, independent of the formulas' code: with every patch alike and every prompt
+    token alike, every score ties (gap 0, every row votes for patch 0), every spread is 0 and
+    every pair of queries points the same way."""
+    N, T = 12, 5
+    patches = torch.randn(1, 1, D).expand(1, N, D).contiguous()
+    task = torch.randn(1, 1, D).expand(1, T, D).contiguous()
+    pruner = ImageTokenPruner(hidden_size=D).eval()
+    pruner.prune(patches, task)
+    core = pruner.core
+    assert core.last_argmax_union_det.tolist() == [1] and core.last_argmax_top1_share_det.tolist() == [1.0]
+    assert core.last_kept_per_sample.tolist() == [1]
+    assert core.last_score_top1_gap_mean_det.tolist() == [0.0]
+    for name in ("last_patches_std_mean", "last_task_std_mean", "last_queries_before_norm_std_mean",
+                 "last_queries_after_norm_std_mean"):
+        assert getattr(core, name).abs().max() < 1e-6, name
+    for name in ("last_queries_before_norm_cosine_sim", "last_queries_after_norm_cosine_sim"):
+        assert torch.allclose(getattr(core, name), torch.ones(1), atol=1e-5), name
+    # The query points along the prompt token, and an RMS-normalised row has norm sqrt(D):
+    # |score| = |rms(q) . rms(p)| / sqrt(D) = sqrt(D) |cos(token, patch)|.
+    p, t = patches[0, 0], task[0, 0]
+    cos = torch.dot(p, t) / (p.norm() * t.norm())
+    assert torch.allclose(core.last_score_abs_max_det, (cos.abs() * math.sqrt(D)).reshape(1), rtol=1e-4)
+
+
 def test_telemetry_is_lazy_and_matches_the_seed_formulas():
     patches, task, task_mask, patch_mask = inputs(batch=2)
     pruner = ImageTokenPruner(hidden_size=D).train()

@@ -897,4 +897,6 @@ def test_compiles_with_the_gpu_machines_triton(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+    # A skip there would be specialise()'s: that triton's JIT binder not understood, nothing compiled.
+    assert " passed" in proc.stdout and " failed" not in proc.stdout and " skipped" not in proc.stdout, \
+        proc.stdout[-2000:]
