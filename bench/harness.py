@@ -240,7 +240,8 @@ def peak_extra_mib(fn: Callable[[], Any], device: torch.device) -> Optional[floa
     """Memory one call needs beyond what exists before it, in MiB: on CUDA the caching
     allocator's peak; on Linux CPUs the resident-set high-water mark (reset through
     /proc/self/clear_refs, after returning free heap pages to the OS). None where neither
-    is available."""
+    is available. ``fn`` should have run once before (measure() times it first): a first call
+    also counts one-off allocations (torch's own on a fresh process: ~11 MiB on this CPU)."""
     import gc
 
     gc.collect()
