@@ -161,7 +161,7 @@ def serve(args, device: torch.device) -> None:
     policy = load_policy(args, device, robot=args.robot)
     overrides = {}
     if args.token_prune_keep_tokens is not None or args.token_prune_keep_ratio is not None:
-        # The budget given replaces the checkpoint's (the flags exclude each other).
+        # The budget given replaces the checkpoint's (keep_tokens wins where both are given).
         overrides.update(keep_tokens=args.token_prune_keep_tokens, keep_ratio=args.token_prune_keep_ratio)
     if args.token_prune_max_tokens is not None:
         overrides["max_tokens"] = args.token_prune_max_tokens
@@ -218,9 +218,8 @@ def main(argv=None) -> None:
                      help="observations keyed as openpi's client for this robot sends them (default: the "
                           "model's camera names), with openpi's config for it (action dims, state in the prompt)")
     # The seed's serve_policy.py overrides (the budget over all cameras).
-    budget_flags = srv.add_mutually_exclusive_group()
-    budget_flags.add_argument("--token-prune-keep-ratio", type=float)
-    budget_flags.add_argument("--token-prune-keep-tokens", type=int)
+    srv.add_argument("--token-prune-keep-ratio", type=float)
+    srv.add_argument("--token-prune-keep-tokens", type=int, help="wins over --token-prune-keep-ratio")
     srv.add_argument("--token-prune-max-tokens", type=int, help="static cap on kept patches")
     srv.add_argument("--token-pruning", action=argparse.BooleanOptionalAction, default=None,
                      help="prune (default: the checkpoint's setting, or on when a budget is given)")

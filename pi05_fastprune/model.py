@@ -204,15 +204,14 @@ class Pi05Config:
         return self.num_cameras * self.vision.num_patches
 
     def keep_tokens(self, num_patches: int) -> Optional[int]:
-        """The eval budget: ``token_prune_keep_tokens``, or ``ceil(keep_ratio * N)``, or None."""
+        """The eval budget: ``token_prune_keep_tokens``, else ``ceil(keep_ratio * N)``, else None.
+        Where both are set ``keep_tokens`` wins, as in the seed's pruner (its model passed both on)."""
         k, r = self.token_prune_keep_tokens, self.token_prune_keep_ratio
-        if k is not None and r is not None:
-            raise ValueError(f"set token_prune_keep_tokens ({k}) or token_prune_keep_ratio ({r}), not both")
-        if r is not None:
-            if not 0.0 < r <= 1.0:
-                raise ValueError(f"token_prune_keep_ratio must be in (0, 1], got {r}")
-            return max(1, math.ceil(r * num_patches))
-        return k
+        if r is not None and not 0.0 < r <= 1.0:
+            raise ValueError(f"token_prune_keep_ratio must be in (0, 1], got {r}")
+        if k is not None or r is None:
+            return k
+        return max(1, math.ceil(r * num_patches))
 
     def validate(self) -> None:
         llm, expert, vision = self.llm, self.expert, self.vision
@@ -678,25 +677,33 @@ class Pi05(nn.Module):
 
     # ------------------------------------------------------------------ pruning controls (seed API)
 
+    @property
+    def token_pruning_enabled(self) -> bool:
+        """The seed model's attribute for ``config.token_pruning_enabled`` (its training loop and
+        notes read it)."""
+        return self.config.token_pruning_enabled
+
+    @token_pruning_enabled.setter
+    def token_pruning_enabled(self, enabled: bool) -> None:
+        self.config.token_pruning_enabled = bool(enabled)
+
     def set_token_pruner_noise_scale(self, noise_scale: Optional[float]) -> None:
         """Override the training noise scale (None: back to ``config.token_prune_noise_scale``)."""
         self._token_pruner_user_noise_scale = None if noise_scale is None else float(noise_scale)
 
     def set_token_pruner_keep_tokens(self, keep_tokens: Optional[int]) -> None:
-        """Eval budget over all cameras (None: implicit selection unless a ratio is set)."""
+        """Eval budget over all cameras; it wins over a ratio (None: the ratio if one is set,
+        else implicit selection)."""
         if keep_tokens is not None and int(keep_tokens) < 1:
             raise ValueError(f"keep_tokens must be >= 1, got {keep_tokens}")
         self.config.token_prune_keep_tokens = None if keep_tokens is None else int(keep_tokens)
-        if keep_tokens is not None:
-            self.config.token_prune_keep_ratio = None
 
     def set_token_pruner_keep_ratio(self, keep_ratio: Optional[float]) -> None:
-        """Eval budget as a ratio in (0, 1] of all cameras' patches."""
+        """Eval budget as a ratio in (0, 1] of all cameras' patches, used while no
+        ``keep_tokens`` is set (as in the seed)."""
         if keep_ratio is not None and not 0.0 < float(keep_ratio) <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         self.config.token_prune_keep_ratio = None if keep_ratio is None else float(keep_ratio)
-        if keep_ratio is not None:
-            self.config.token_prune_keep_tokens = None
 
     def get_token_pruning_stats(self) -> dict:
         """The seed's telemetry of the last pruning call, as Python numbers. Computed here,

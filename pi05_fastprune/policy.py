@@ -267,15 +267,15 @@ class Pi05Policy:
     ) -> dict[str, Any]:
         """Change any of the pruning settings (others stay); returns the new ``pruning``.
 
-        ``keep_tokens``/``keep_ratio`` are the eval budget over all cameras (one of them, or
-        neither for LightVLA's implicit mode); ``max_tokens`` a static cap on the pruned
-        block's rows. Invalid combinations raise here, not at inference.
+        ``keep_tokens``/``keep_ratio`` are the eval budget over all cameras (``keep_tokens`` wins
+        where both are set; neither: LightVLA's implicit mode); ``max_tokens`` a static cap on
+        the pruned block's rows. Invalid values raise here, not at inference.
         """
         given = dict(enabled=enabled, keep_tokens=keep_tokens, keep_ratio=keep_ratio,
                      max_tokens=max_tokens, noise_scale=noise_scale, mask_voters=mask_voters)
         changes = {_PRUNING_FIELDS[k]: v for k, v in given.items() if v is not _UNSET}
         cfg = dataclasses.replace(self.model.config, **changes)
-        cfg.keep_tokens(cfg.num_image_tokens)  # raises on both budgets / a bad ratio
+        cfg.keep_tokens(cfg.num_image_tokens)  # raises on a bad ratio
         for name in ("token_prune_keep_tokens", "token_prune_max_tokens"):
             value = getattr(cfg, name)
             if value is not None and value < 1:

@@ -166,11 +166,11 @@ def _libero_model(pruning: bool) -> Pi05Config:
     )
 
 
-def _libero(name: str, pruning: bool) -> TrainConfig:
+def _libero(name: str, pruning: bool, batch_size: int = 256, save_interval: int = 1000) -> TrainConfig:
     return TrainConfig(
         name=name,
         model=_libero_model(pruning),
-        batch_size=256,
+        batch_size=batch_size,
         num_train_steps=30_000,
         warmup_steps=10_000,
         peak_lr=5e-5,
@@ -178,8 +178,25 @@ def _libero(name: str, pruning: bool) -> TrainConfig:
         decay_lr=5e-5,
         clip_gradient_norm=1.0,
         log_freq=100,
-        save_interval=1000,
+        save_interval=save_interval,
         activation_checkpointing=True,
+    )
+
+
+def _openpi_defaults(name: str, model: Pi05Config, **fields: Any) -> TrainConfig:
+    """openpi's TrainConfig defaults where a config sets no schedule of its own: its default
+    CosineDecaySchedule (warmup 1k, peak 2.5e-5, cosine to 2.5e-6 over 30k steps)."""
+    return TrainConfig(name=name, model=model, warmup_steps=1000, peak_lr=2.5e-5, decay_steps=30_000,
+                       decay_lr=2.5e-6, **fields)
+
+
+def _pick_place(name: str, pruning: bool) -> TrainConfig:
+    # The seed's own fine-tuning configs: pi0.5 defaults (action horizon 50), three ALOHA cameras
+    # (all present) and 14-dimensional actions; its LeRobot dataset plugs in through --data.
+    return _openpi_defaults(
+        name, Pi05Config(dtype="bfloat16", token_pruning_enabled=pruning), batch_size=16,
+        num_train_steps=30_000, save_interval=5000, activation_checkpointing=True,
+        synthetic_real_action_dim=14, synthetic_absent_cameras=(),
     )
 
 
@@ -202,14 +219,24 @@ def _debug(name: str, pruning: bool) -> TrainConfig:
 
 
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    # openpi's pi05_libero (batch 256 over all ranks), with and without pruning.
     "pi05_libero": lambda: _libero("pi05_libero", pruning=False),
     "pi05_libero_lightvla": lambda: _libero("pi05_libero_lightvla", pruning=True),
     "debug": lambda: _debug("debug", pruning=True),
-    # The seed's names for the same runs (its commands name them; openpi's debug_pi05 has
-    # pruning off, and the seed's command turns it on with --model.token_pruning_enabled True).
-    "pi05_libero_pytorch": lambda: _libero("pi05_libero_pytorch", pruning=False),
-    "pi05_libero_pytorch_lightvla": lambda: _libero("pi05_libero_pytorch_lightvla", pruning=True),
-    "debug_pi05": lambda: _debug("debug_pi05", pruning=False),
+    # The seed's configs under its names, with its settings: the LIBERO runs at batch 64 (its
+    # single-GPU choice) saving every 5000 steps, its pick-and-place fine-tuning, and openpi's
+    # debug_pi05 (pruning off; the seed's command turns it on with --model.token_pruning_enabled True).
+    "pi05_libero_pytorch": lambda: _libero("pi05_libero_pytorch", False, batch_size=64, save_interval=5000),
+    "pi05_libero_pytorch_lightvla": lambda: _libero("pi05_libero_pytorch_lightvla", True, batch_size=64,
+                                                    save_interval=5000),
+    "pi05_pick_place_pytorch": lambda: _pick_place("pi05_pick_place_pytorch", pruning=False),
+    "pi05_pick_place_pytorch_pruning": lambda: _pick_place("pi05_pick_place_pytorch_pruning", pruning=True),
+    # openpi's debug_pi05: the dummy Gemmas at pi0.5's defaults (horizon 50, 200 prompt tokens),
+    # here with the tiny SigLIP of Pi05Config.dummy; logged every step and saved twice in its 10.
+    "debug_pi05": lambda: _openpi_defaults(
+        "debug_pi05", Pi05Config.dummy(token_pruning_enabled=False, action_horizon=50, max_token_len=200),
+        exp_name="debug_pi05", batch_size=2, num_train_steps=10, overwrite=True, log_freq=1, save_interval=5,
+        synthetic_num_samples=64, synthetic_num_tasks=4),
 }
 
 
@@ -995,6 +1022,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     # or with --preset; debug by default.
     parser.add_argument("config_name", nargs="?", choices=sorted(PRESETS), help="the preset (as --preset)")
     parser.add_argument("--preset", choices=sorted(PRESETS))
+    # openpi's and the seed's name for --init_weights.
+    parser.add_argument("--pytorch_weight_path", dest="init_weights", default=argparse.SUPPRESS)
     def add(flag, tp, **kw):
         # A bool option alone means true (`--resume`, as openpi's command line); a value sets it.
         flag_kw = dict(nargs="?", const=True) if tp is bool else {}

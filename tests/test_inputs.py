@@ -415,10 +415,12 @@ def test_policy_pruning_settings(model, sp_model, stats_dir):
     assert policy.infer(obs, noise=noise)["kept_tokens"] <= 3
 
     with pytest.raises(ValueError):
-        policy.set_pruning(keep_tokens=10, keep_ratio=0.5)
+        policy.set_pruning(keep_tokens=0)
     with pytest.raises(ValueError):
         policy.set_keep_ratio(1.5)
     assert policy.pruning["max_tokens"] == 3  # a failed change leaves the settings alone
+    policy.set_pruning(max_tokens=None, keep_tokens=10, keep_ratio=0.5)  # keep_tokens wins, as in the seed
+    assert policy.infer(obs, noise=noise)["kept_tokens"] == 10
 
     policy.enable_pruning(False)
     out = policy.infer(obs, noise=noise)

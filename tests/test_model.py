@@ -195,8 +195,17 @@ def test_static_cap_and_ratio(model32):
         embs, _, _, _ = model32.embed_prefix(*inputs)
     assert last_kept(model32).counts.tolist() == [math.ceil(0.25 * N)] * 2
     configure(model32, token_pruning_enabled=True, token_prune_keep_ratio=0.25, token_prune_keep_tokens=3)
-    with pytest.raises(ValueError, match="not both"):
+    with torch.no_grad():
         model32.embed_prefix(*inputs)
+    assert last_kept(model32).counts.tolist() == [3, 3]  # keep_tokens wins, as in the seed
+    model32.set_token_pruner_keep_ratio(0.5)  # the seed's setters leave each other alone
+    with torch.no_grad():
+        model32.embed_prefix(*inputs)
+    assert last_kept(model32).counts.tolist() == [3, 3]
+    model32.set_token_pruner_keep_tokens(None)
+    with torch.no_grad():
+        model32.embed_prefix(*inputs)
+    assert last_kept(model32).counts.tolist() == [math.ceil(0.5 * N)] * 2
 
 
 @pytest.mark.parametrize("pruning", [False, True], ids=["unpruned", "pruned"])
@@ -274,6 +283,7 @@ def test_sample_actions_is_one_graph(model32):
 def test_seed_pruning_controls_and_stats():
     """The seed's runtime setters and ``get_token_pruning_stats`` (telemetry keys)."""
     model = Pi05(dataclasses.replace(CFG, token_pruning_enabled=True), seed=0).eval()
+    assert model.token_pruning_enabled  # the seed model's attribute
     inputs, _ = make_inputs()
     model.set_token_pruner_keep_tokens(9)
     with torch.no_grad():
@@ -284,7 +294,8 @@ def test_seed_pruning_controls_and_stats():
     assert stats["last_kept_overall_max"] == 9 and stats["last_before_tokens_per_image"] == [N]
     assert stats["last_kept_ratio_overall_mean"] == pytest.approx(9 / N)
     model.set_token_pruner_keep_ratio(0.75)
-    assert model.config.token_prune_keep_tokens is None
+    assert model.config.token_prune_keep_tokens == 9  # as the seed's setters: keep_tokens stays, and wins
+    model.set_token_pruner_keep_tokens(None)
     with torch.no_grad():
         model.embed_prefix(*inputs)
     assert last_kept(model).counts.tolist() == [math.ceil(0.75 * N), 2 * P]  # sample 1 lacks a camera
@@ -360,6 +371,8 @@ def test_compiled_sample_actions_one_graph_across_budgets():
     inputs, noise = make_inputs(batch=2, seed=3, absent=(), lang_lens=(5, 11))
     budgets = [("keep_tokens", k) for k in (2, 13, 55, N)] + [("keep_ratio", r) for r in (0.05, 0.3, 0.75)]
     for setting, value in budgets:
+        if setting == "keep_ratio":
+            model.set_token_pruner_keep_tokens(None)  # else keep_tokens wins, as in the seed
         getattr(model, f"set_token_pruner_{setting}")(value)
         out = model.sample_actions(*inputs, noise=noise, num_steps=2)
         k = value if setting == "keep_tokens" else math.ceil(value * N)

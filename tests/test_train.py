@@ -92,12 +92,26 @@ def test_presets_and_cli():
     assert cfg.resume and cfg.model.token_pruning_enabled and not cfg.overwrite
     assert not T.parse_args(["--preset", "pi05_libero_lightvla", "--model.token_pruning_enabled", "0"]).model.token_pruning_enabled
     # The preset by name, as openpi's `train_pytorch.py NAME`, and the seed's names for them.
-    cfg = T.parse_args(["pi05_libero_pytorch_lightvla", "--exp_name", "r1"])
+    cfg = T.parse_args(["pi05_libero_pytorch_lightvla", "--exp_name", "r1", "--pytorch_weight_path", "/w"])
     assert cfg.name == "pi05_libero_pytorch_lightvla" and cfg.model.token_pruning_enabled
-    assert dataclasses.replace(cfg, name=prune.name, exp_name=prune.exp_name) == prune
+    assert cfg.init_weights == "/w"  # openpi's and the seed's flag for it
+    # The seed's LIBERO configs: pi05_libero's schedule and model at batch 64, saved every 5000 steps.
+    assert (cfg.batch_size, cfg.save_interval) == (64, 5000)
+    assert dataclasses.replace(cfg, name=prune.name, exp_name=prune.exp_name, batch_size=256, save_interval=1000,
+                               init_weights=None) == prune
     assert not T.parse_args(["pi05_libero_pytorch"]).model.token_pruning_enabled
+    for name, pruning in (("pi05_pick_place_pytorch", False), ("pi05_pick_place_pytorch_pruning", True)):
+        cfg = T.get_preset(name)
+        assert (cfg.batch_size, cfg.num_train_steps, cfg.save_interval) == (16, 30_000, 5000)
+        assert cfg.model.action_horizon == 50
+        assert (cfg.warmup_steps, cfg.peak_lr, cfg.decay_steps, cfg.decay_lr) == (1000, 2.5e-5, 30_000, 2.5e-6)
+        assert cfg.model.token_pruning_enabled == pruning and cfg.synthetic_absent_cameras == ()
+    # openpi's debug_pi05: the dummy model at pi0.5's horizon and prompt length, its default schedule.
     seed = T.parse_args(["debug_pi05", "--model.token_pruning_enabled", "True"])
-    assert seed.name == "debug_pi05" and seed.model == T.get_preset("debug").model
+    assert seed.name == seed.exp_name == "debug_pi05" and seed.model.token_pruning_enabled
+    assert (seed.model.action_horizon, seed.model.max_token_len) == (50, 200)
+    assert (seed.batch_size, seed.num_train_steps) == (2, 10)
+    assert (seed.warmup_steps, seed.peak_lr) == (1000, 2.5e-5)
     assert T.parse_args([]).name == T.parse_args(["--preset", "debug"]).name == "debug"
     with pytest.raises(SystemExit):
         T.parse_args(["debug", "--preset", "pi05_libero"])
