@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 from typing import Optional
 
@@ -68,6 +69,8 @@ def check_inputs(
 
 
 def _check_mask(name: str, mask: torch.Tensor, B, length, device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a bool tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must be bool, got {mask.dtype}")
     ms = mask.shape
@@ -125,6 +128,20 @@ def resolve_backend(backend: str, device: torch.device, rows: Optional[int] = No
     if rows is None or rows < AUTO_TRITON_ROWS:
         return "cuda"  # pi0.5 at small batches
     return "triton" if _triton_ops().HAVE_TRITON else "cuda"
+
+
+def _budget_int(name: str, value):
+    """A budget argument as the C++ ops' schema takes it (an int, a numpy integer, a 0-d integer
+    tensor; a SymInt when traced), made a Python int for the Triton launch code, which passes it
+    to the kernels as is."""
+    if value is None or type(value) is int or isinstance(value, torch.SymInt):
+        return value
+    try:
+        if isinstance(value, float):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
 
 
 def resolve_keep_tokens(keep_tokens: Optional[int], keep_ratio: Optional[float], n: int) -> Optional[int]:
@@ -188,6 +205,7 @@ def prune_tokens(
         if backend == "triton":
             # The Triton ops (not fastprune::prune's dispatch to them), so that Inductor sees
             # their kernels under torch.compile; eager calls launch the kernels directly.
+            keep_tokens, max_tokens = _budget_int("keep_tokens", keep_tokens), _budget_int("max_tokens", max_tokens)
             if max_tokens is None:
                 out = _triton_ops().call("prune", patches, task, task_mask, patch_mask, keep_tokens, mask_voters)
             else:

@@ -147,7 +147,7 @@ class PrunerCore:
         t_valid = task_mask if task_mask is not None else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
         out["last_task_std_mean"] = torch.stack(
             [t[b][t_valid[b]].std(0).mean() if int(t_valid[b].sum()) > 1 else t.new_zeros(()) for b in range(B)]
-        )
+        ) if B else t.new_zeros(0)
         queries = R.attend(p, t, task_mask)
         out["last_queries_before_norm_std_mean"] = queries.std(dim=1).mean(-1)
         out["last_queries_before_norm_cosine_sim"] = _mean_pairwise_cosine(queries)

@@ -230,6 +230,24 @@ def test_python_api_backend_triton():
 
 
 @interp
+def test_python_api_takes_budgets_as_the_op_schema_does():
+    """numpy and 0-d tensor integers as the C++ op takes them; a float names its argument."""
+    import numpy as np
+
+    import pi05_fastprune as fp
+
+    patches, task, task_mask, patch_mask = make_case("masks")
+    kw = dict(task_mask=task_mask, patch_mask=patch_mask, backend="triton")
+    want = fp.prune_tokens(patches, task, keep_tokens=3, max_tokens=4, **kw)
+    for k, m in ((np.int64(3), np.int32(4)), (torch.tensor(3), torch.tensor(4))):
+        assert_same(fp.prune_tokens(patches, task, keep_tokens=k, max_tokens=m, **kw), want)
+    with pytest.raises(ValueError, match="keep_tokens must be an int, got float"):
+        fp.prune_tokens(patches, task, keep_tokens=2.0, **kw)
+    with pytest.raises(ValueError, match="max_tokens must be an int"):
+        fp.prune_tokens(patches, task, max_tokens=3.0, **kw)
+
+
+@interp
 def test_python_api_launches_directly_in_eager_and_through_the_op_when_intercepted():
     """Eager API calls skip the op's dispatch layers; under a dispatch mode (as in export and
     fake-tensor tracing) and under torch.compile the op is called, with the same results."""

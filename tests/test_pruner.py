@@ -129,6 +129,17 @@ def test_telemetry_of_a_prefix_whose_patches_and_tokens_are_all_alike():
     assert torch.allclose(core.last_score_abs_max_det, (cos.abs() * math.sqrt(D)).reshape(1), rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # std() of empty rows says so; the values are right
+def test_telemetry_of_an_empty_batch():
+    pruner = ImageTokenPruner(hidden_size=D).eval()
+    task_mask = torch.ones(0, 5, dtype=torch.bool)
+    out, mask = pruner.prune(torch.randn(0, 12, D), torch.randn(0, 5, D), task_token_mask=task_mask)
+    assert out.shape == (0, 1, D) and mask.shape == (0, 1)
+    for name in TELEMETRY_KEYS:
+        value = getattr(pruner.core, name)
+        assert value is None or value.shape == (0,), name
+
+
 def test_telemetry_is_lazy_and_matches_the_seed_formulas():
     patches, task, task_mask, patch_mask = inputs(batch=2)
     pruner = ImageTokenPruner(hidden_size=D).train()
