@@ -93,8 +93,8 @@ class PrunerCore:
 
     @property
     def last_kept_per_sample(self) -> Optional[torch.Tensor]:
-        """Kept patches per sample: the eval op's counts; in training the deterministic
-        (noise-free, implicit) selection's, as the seed reports."""
+        """Kept patches per sample: the eval op's counts; in training what the deterministic
+        (noise-free) selection would keep under the core's budget, as the seed reports."""
         if self._counts is not None or self._inputs is None:
             return self._counts
         return self._stat("last_kept_per_sample")
@@ -129,12 +129,19 @@ class PrunerCore:
         votes = R.votes_from_idx(det)
         out["last_argmax_union_det"] = (votes > 0).sum(-1).to(torch.int32)
         out["last_argmax_top1_share_det"] = votes.max(-1).values.float() / max(1, N)
+        budget = self.budget(N)
+
+        def kept(votes: torch.Tensor) -> torch.Tensor:
+            # What eval would keep from these votes under the core's budget (SPEC: a budget keeps
+            # k of the valid patches, all of them where fewer are valid).
+            return ((votes > 0) & valid).sum(-1) if budget is None else valid.sum(-1).clamp(max=budget)
+
         if self._counts is None:
-            out["last_kept_per_sample"] = ((votes > 0) & valid).sum(-1)
+            out["last_kept_per_sample"] = kept(votes)
         noisy = self.last_selected_indices_train
         if noisy is not None:
             noisy_votes = R.votes_from_idx(noisy)
-            out["last_kept_per_sample_noisy"] = ((noisy_votes > 0) & valid).sum(-1)
+            out["last_kept_per_sample_noisy"] = kept(noisy_votes)
             out["last_argmax_union_noisy"] = (noisy_votes > 0).sum(-1).to(torch.int32)
             out["last_argmax_top1_share_noisy"] = noisy_votes.max(-1).values.float() / max(1, N)
 

@@ -23,7 +23,8 @@ uses it (sections 8-9 of its notes), written from scratch:
 - every ``log_freq`` steps one JSON line (rank 0, ``metrics.jsonl`` in the run directory; also
   TensorBoard when ``torch.utils.tensorboard`` imports): loss / grad norm averaged over the
   interval and over ranks, lr, noise scale, and with pruning the seed's ``prune/*`` telemetry
-  (``Pi05.get_token_pruning_stats`` of rank 0's last batch);
+  (``Pi05.get_token_pruning_stats`` of rank 0's last batch: computing it costs a scoring pass,
+  which the seed paid every step to average over the interval);
 - optional gradient accumulation (``grad_accum_steps`` micro-batches per rank, one all-reduce)
   and activation checkpointing (SigLIP blocks, Gemma layer halves; on in the LIBERO presets);
 - DDP under torchrun (NCCL on CUDA, gloo on CPU), ``find_unused_parameters=False``: the
@@ -707,6 +708,9 @@ def prune_metrics(stats: dict) -> dict[str, float]:
                 continue
             value = sum(float(v) for v in value) / len(value)
         out[key] = float(value)
+    for suffix in ("mean", "min", "max"):  # the seed's per-image keys (one "image": all cameras)
+        for i, value in enumerate(stats.get(f"last_kept_per_image_{suffix}") or []):
+            out[f"prune/img{i}_kept_{suffix}"] = float(value)
     if stats.get("noise_scale") is not None:
         out["prune/noise_scale"] = float(stats["noise_scale"])
     return out

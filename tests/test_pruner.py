@@ -194,6 +194,10 @@ def test_telemetry_is_lazy_and_matches_the_seed_formulas():
         "last_queries_before_norm_cosine_sim", "last_queries_after_norm_cosine_sim", "last_score_abs_max_det",
         "last_score_top1_gap_mean_det",
     }  # every key is checked above
+    # Under a budget, training reports what eval would keep with it (the seed's hard mask).
+    pruner.set_keep_tokens(12)
+    pruner.prune(patches, task, task_token_mask=task_mask, patch_token_mask=patch_mask)
+    assert pruner.core.last_kept_per_sample.tolist() == pruner.core.last_kept_per_sample_noisy.tolist() == [12, 12]
 
 
 def test_seed_vectors_through_the_pruner(data_dir):

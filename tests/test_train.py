@@ -44,6 +44,7 @@ SEED_KEYS = [
     "prune/task_std_mean", "prune/queries_before_norm_std_mean", "prune/queries_after_norm_std_mean",
     "prune/queries_before_norm_cosine_mean", "prune/queries_after_norm_cosine_mean",
     "prune/score_abs_max_det_mean", "prune/score_top1_gap_det_mean",
+    "prune/img0_kept_mean", "prune/img0_kept_min", "prune/img0_kept_max",  # all cameras as one image
 ]
 
 
@@ -220,6 +221,7 @@ def test_debug_run_telemetry_and_resume(tmp_path):
         assert 0 < r["prune/kept_ratio_overall_mean"] <= 1
         assert r["prune/kept_tokens_overall_min"] <= r["prune/kept_tokens_overall_mean"] <= \
             r["prune/kept_tokens_overall_max"] <= 32  # the absent camera is never kept
+        assert r["prune/img0_kept_mean"] == r["prune/kept_tokens_overall_mean"]
     assert T.latest_checkpoint_step(cfg.run_dir) == 4
     ckpt = cfg.run_dir / "4"
     loaded = Pi05.from_openpi(str(ckpt / "model.safetensors"))
