@@ -32,6 +32,14 @@ class PruneResult(NamedTuple):
     counts: torch.Tensor
 
 
+def _check(*args) -> None:
+    """SPEC "Bad input", as every backend checks it (the API's checks; imported here because
+    the API imports this module)."""
+    from pi05_fastprune.prune import check_inputs
+
+    check_inputs(*args)
+
+
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Weight-free RMSNorm over the last dim, in the dtype of ``x``."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
@@ -94,6 +102,7 @@ def select_ref(
 ) -> torch.Tensor:
     """Row argmax ``idx [B, N]`` (int64), lowest column on an exact tie; with ``mask_voters``
     the rows of invalid patches do not vote and hold -1 (as the ``select`` op returns them)."""
+    _check(patches, task, task_mask, patch_mask)
     # torch.argmax returns the first maximal index on CPU and CUDA.
     idx = scores(patches, task, task_mask, patch_mask).argmax(-1)
     if mask_voters and patch_mask is not None:
@@ -166,6 +175,7 @@ def prune_ref(
     max_tokens: Optional[int] = None,
 ) -> PruneResult:
     """Eval pruning: select, vote, keep (implicit or budget), gather-pad."""
+    _check(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
     idx = select_ref(patches, task, task_mask, patch_mask)
     return prune_from_idx(patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
 
@@ -200,6 +210,7 @@ def select_soft_ref(
     in the forward, with the gradient of ``softmax(score') @ patches``. ``noise`` is an
     explicit ``[B, N, N]`` U[0, 1) tensor; otherwise it is drawn from ``generator``.
     """
+    _check(patches, task, task_mask, patch_mask)
     score = scores(patches, task, task_mask, patch_mask)
     if noise_scale:
         if noise is None:

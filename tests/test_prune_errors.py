@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pi05_fastprune as fp
+from pi05_fastprune import reference as R
 
 B, N, T, D = 2, 10, 4, 8
 
@@ -50,6 +51,18 @@ def test_api_rejects(change, message):
     patches, task = args.pop("patches"), args.pop("task")
     with pytest.raises(ValueError, match=message):
         fp.prune_tokens(patches, task, **args)
+
+
+@pytest.mark.parametrize("change,message", [c for c in CASES if not {"keep_ratio", "backend"} & set(c[0])])
+def test_reference_rejects(change, message):
+    """The eager reference is a backend too: the same checks (it takes keep_tokens only)."""
+    args = good()
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        R.prune_ref(**args)
+    if not {"keep_tokens", "max_tokens"} & set(change):
+        with pytest.raises(ValueError, match=message):
+            R.select_ref(args["patches"], args["task"], args["task_mask"], args["patch_mask"])
 
 
 OP_CASES = [  # direct op calls: RuntimeError from the C++ checks
