@@ -100,8 +100,11 @@ def select_ref(
     patch_mask: Optional[torch.Tensor] = None,
     mask_voters: bool = False,
 ) -> torch.Tensor:
-    """Row argmax ``idx [B, N]`` (int64), lowest column on an exact tie; with ``mask_voters``
-    the rows of invalid patches do not vote and hold -1 (as the ``select`` op returns them)."""
+    """Row argmax ``idx [B, N]`` (int64), lowest column on an exact tie of its float32 scores;
+    with ``mask_voters`` the rows of invalid patches do not vote and hold -1 (as the ``select``
+    op returns them). A bitwise copy of a patch can score an ulp above its original here (the
+    matmul rounds by position): the CPU kernels exclude later copies (csrc/ties.h), this seed-style
+    reference does not, so tests check it against the float64 truth's tolerance, not ties."""
     _check(patches, task, task_mask, patch_mask)
     # torch.argmax returns the first maximal index on CPU and CUDA.
     idx = scores(patches, task, task_mask, patch_mask).argmax(-1)
