@@ -16,7 +16,9 @@ Providers (``--providers`` picks):
 - ``fastprune-cpu``    the fused C++ CPU op (CPU only)
 - ``fastprune-cuda``   the CUDA C++ op (``backend="cuda"``), listed where _C was built with it
 Modes: ``implicit`` (no budget), ``budget`` (keep_tokens = N/8), ``padded`` (implicit with a
-static cap max_tokens = N/3: no host sync, so it is also timed as a CUDA-graph replay).
+static cap max_tokens = N/3: no host sync, so it is also timed as a CUDA-graph replay), and
+``select`` (the select op alone: the row argmax, ``reference.select_ref`` for the references;
+graph-timed too).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ except Exception:
     HAVE_TRITON_OPS = False
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODES = ("implicit", "budget", "padded")
+MODES = ("implicit", "budget", "padded", "select")
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -88,7 +90,7 @@ def work(s: dict, dtype: torch.dtype, kept_rows: int) -> dict:
 
 def mode_args(mode: str, N: int) -> tuple[Optional[int], Optional[int]]:
     """(keep_tokens, max_tokens) of a mode."""
-    if mode == "implicit":
+    if mode in ("implicit", "select"):
         return None, None
     if mode == "budget":
         return max(1, N // 8), None
@@ -101,29 +103,35 @@ _compiled_ref = None
 
 
 def provider_fns(device: torch.device) -> dict[str, Callable]:
-    """name -> make(inputs, keep_tokens, max_tokens) -> zero-argument callable."""
+    """name -> make(inputs, mode, keep_tokens, max_tokens) -> zero-argument callable."""
     global _compiled_ref
     out: dict[str, Callable] = {}
 
-    def eager(inp, keep, cap):
+    def eager(inp, mode, keep, cap):
+        if mode == "select":
+            return lambda: R.select_ref(*inp)
         return lambda: R.prune_ref(*inp, keep, False, cap)
 
     out["eager-ref"] = eager
 
-    def compiled(inp, keep, cap):
+    def compiled(inp, mode, keep, cap):
         global _compiled_ref
         if _compiled_ref is None:
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-            _compiled_ref = torch.compile(R.prune_ref)
-        return lambda: _compiled_ref(*inp, keep, False, cap)
+            _compiled_ref = {"select": torch.compile(R.select_ref), "prune": torch.compile(R.prune_ref)}
+        if mode == "select":
+            return lambda: _compiled_ref["select"](*inp)
+        return lambda: _compiled_ref["prune"](*inp, keep, False, cap)
 
     out["compile-ref"] = compiled
 
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     if HAVE_TRITON_OPS and (device.type == "cuda" or interp):
 
-        def triton_fn(inp, keep, cap):
+        def triton_fn(inp, mode, keep, cap):
             # The public ops: on CUDA they replay the call's launch plan from C++ (csrc/triton_plan.h).
+            if mode == "select":
+                return lambda: torch.ops.fastprune.select(*inp, False, "triton")
             if cap is None:
                 return lambda: torch.ops.fastprune.prune(*inp, keep, False, "triton")
             return lambda: torch.ops.fastprune.prune_padded(*inp, keep, cap, False, "triton")
@@ -131,7 +139,9 @@ def provider_fns(device: torch.device) -> dict[str, Callable]:
         out["fastprune-triton"] = triton_fn
 
     def op_backend(backend):
-        def make(inp, keep, cap):
+        def make(inp, mode, keep, cap):
+            if mode == "select":
+                return lambda: torch.ops.fastprune.select(*inp, False, backend)
             if cap is None:
                 return lambda: torch.ops.fastprune.prune(*inp, keep, False, backend)
             return lambda: torch.ops.fastprune.prune_padded(*inp, keep, cap, False, backend)
@@ -200,10 +210,10 @@ def main(argv=None) -> int:
                 if name == "compile-ref" and args.shapes == "short" and shape_label(s) != shape_label(shape_list(args)[0]):
                     continue  # compile time: the pi05 shape only in --short
                 try:
-                    fn = make(inp, keep, cap)
+                    fn = make(inp, mode, keep, cap)
                     if kept_rows is None:
                         res = fn()
-                        kept_rows = int(res[0].shape[1])
+                        kept_rows = 0 if mode == "select" else int(res[0].shape[1])
                 except Exception as e:
                     h.rows.append({"bench": "prune", "provider": name, "shape": shape_label(s), "mode": mode,
                                    "dtype": str(dtype).replace("torch.", ""), "error": f"{type(e).__name__}: {e}"[:500]})
@@ -211,7 +221,7 @@ def main(argv=None) -> int:
                     continue
                 config = {"shape": shape_label(s), "mode": mode, "dtype": str(dtype).replace("torch.", "")}
                 h.measure(name, config, fn, work=work(s, dtype, kept_rows or 0),
-                          graph=cap is not None,  # a host sync cannot be captured
+                          graph=cap is not None or mode == "select",  # a host sync cannot be captured
                           kernels=name.startswith("fastprune"))
             if device.type == "cuda":
                 torch.cuda.empty_cache()

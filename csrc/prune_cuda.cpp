@@ -46,8 +46,8 @@ void check_launch(cudaError_t err, const char* what) {
 // took kernel A from 13.7 to 8.0 us at pi05 B=1 and from 145 to 140 us at B=64
 // (bench/results/h200-2026-11-27/run6, bench_cluster against bench).
 // FASTPRUNE_CUDA_ONE_CLUSTER=1 (opt-in, same conditions; not yet measured on a GPU, PERF_LOG
-// v80) runs kernels A and B of a one-sample call as one launch of one thread block cluster where
-// it applies (prune_cuda.h, make_plan).
+// v80, v81) runs kernels A and B as one launch, one thread block cluster a sample, where it
+// applies (prune_cuda.h, make_plan).
 struct DeviceFacts {
   int sms = 0;
   bool pdl = false;
@@ -116,8 +116,6 @@ struct Prepared {
 Prepared prepare(const at::Tensor& patches, const at::Tensor& task,
                  const std::optional<at::Tensor>& task_mask,
                  const std::optional<at::Tensor>& patch_mask, bool mask_voters) {
-  FASTPRUNE_CHECK(patches.is_cuda(), "fastprune: the CUDA kernels need CUDA tensors, got patches on %s",
-                  DeviceStr(patches.device()).s);
   Prepared r;
   r.patches = patches.stride(2) == 1 ? patches : patches.contiguous();
   r.task = task.stride(2) == 1 ? task : task.contiguous();

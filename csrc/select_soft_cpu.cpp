@@ -204,18 +204,6 @@ at::ScalarType acc_type(const at::Tensor& patches) {
   return patches.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_soft_inputs(const at::Tensor& patches, const at::Tensor& task,
-                       const std::optional<at::Tensor>& task_mask,
-                       const std::optional<at::Tensor>& patch_mask) {
-  // float64 is accepted here (gradcheck); the rest as the eval ops.
-  if (patches.scalar_type() == at::kDouble && task.scalar_type() == at::kDouble) {
-    check_prune_inputs(patches.to(at::kFloat), task.to(at::kFloat), task_mask, patch_mask,
-                       std::nullopt, std::nullopt);
-    return;
-  }
-  check_prune_inputs(patches, task, task_mask, patch_mask, std::nullopt, std::nullopt);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_soft_rows(
     const at::Tensor& patches_in, const at::Tensor& task_in,
     const std::optional<at::Tensor>& task_mask_in, const std::optional<at::Tensor>& patch_mask_in,
@@ -341,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_soft_cpu(
     c10::string_view backend_view) {
   const std::string backend(backend_view);
   check_cpu_backend(backend);
-  check_soft_inputs(patches, task, task_mask, patch_mask);
+  check_prune_inputs(patches, task, task_mask, patch_mask, std::nullopt, std::nullopt);
   const auto ns = noise_spec(patches, noise_scale, seed, noise);
   if (backend == "triton") {
     auto out = call_triton("fastprune::triton_select_soft",
@@ -359,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> select_soft_backward_cpu(
     c10::string_view backend_view) {
   const std::string backend(backend_view);
   check_cpu_backend(backend);
-  check_soft_inputs(patches, task, task_mask, patch_mask);
+  check_prune_inputs(patches, task, task_mask, patch_mask, std::nullopt, std::nullopt);
   FASTPRUNE_CHECK(grad.sizes() == patches.sizes() && grad.scalar_type() == patches.scalar_type(),
                   "fastprune: grad must match patches %s %s, got %s %s", ShapeStr(patches.sizes()).s,
                   dtype_str(patches.scalar_type()), ShapeStr(grad.sizes()).s, dtype_str(grad.scalar_type()));

@@ -13,7 +13,6 @@
 #include <map>
 #include <mutex>
 #include <shared_mutex>
-#include <string>
 #include <tuple>
 
 #include "check.h"

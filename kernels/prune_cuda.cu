@@ -21,7 +21,6 @@
 #include <set>
 #include <tuple>
 #include <type_traits>
-#include <utility>
 
 #ifndef FASTPRUNE_CUDA_EMU
 namespace fastprune_cuda {

@@ -74,7 +74,7 @@ struct Plan {
   size_t off_counters = 0;  // counters_a [B*row_tiles][2] u64 (tagged), counters_b [B] int
   size_t off_part = 0;                  // [ksplit][B][N][ts] fp32 partial S
   size_t off_psq = 0;                   // [ksplit][B][N] fp32 partial sums of squares of patches
-  size_t off_tsq = 0;                   // [ksplit][B][ts] fp32 partial sums of squares of task rows
+  size_t off_tsq = 0;                   // [ksplit][B][row_tiles][ts] fp32 partial sums of squares of task rows
   size_t off_s = 0;                     // [B][N][ts] S * s_scale (RMS-normalised) as fp16 halves, ts hi then ts lo a row
   size_t off_a = 0;                     // [B][N][ts] A' (unnormalised softmax) as fp16 halves, the same way
   size_t off_keys = 0;                  // [B][N] u64 packed argmax keys
@@ -103,8 +103,8 @@ constexpr int kMaxSplit = 32;
 // (N <= 1024), prompts short enough for its shared memory (T <= 312), and (one_cluster_applies)
 // 16-bit inputs with 16-byte aligned rows. The launch falls back to kernels A and B where the
 // device cannot place the cluster.
-Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit = 0,
-               bool cluster = false, bool one_cluster = false);
+Plan make_plan(int64_t B, int64_t N, int64_t T, int64_t D, int num_sms, bool pdl, int ksplit, bool cluster,
+               bool one_cluster);
 
 // Whether launch_select / launch_keep run the one-cluster kernel for this problem (the device's
 // cluster placement aside).

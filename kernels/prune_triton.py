@@ -56,7 +56,7 @@ from triton import knobs
 from triton.runtime import driver
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# fp32 tl.dot precision of the S product of fp32 inputs (_Cfg.dot_prec; the sweep's `dot_prec`):
+# fp32 tl.dot precision of the S product of fp32 inputs (_Cfg.dot_prec, a tuning() parameter):
 # "tf32x3" (three tf32 tensor-core products, close to fp32) or "ieee" (exact fp32 FMA); 16-bit
 # inputs use the native tensor-core dot. (The select kernel's A' S^T has its own, _Cfg.sel_prec.
 # As that product, tf32x3 was 1.6x (B=1) to 2.7x (B=64) faster than ieee on an H200 with the

@@ -566,15 +566,14 @@ def _prep(patches, task, pr: _Prep, wrap):
 
 
 def _noise_args(patches, noise_scale, seed, noise):
-    """(HAS_NOISE, EXPLICIT, NS, SEED, NZ) kernel arguments; dummies where unused."""
+    """(HAS_NOISE, EXPLICIT, NS, SEED, NZ) kernel arguments; dummies where unused (noise without
+    an explicit tensor comes with a seed: the ops check that before they launch)."""
     dummy = torch.zeros(2, dtype=torch.int64, device=patches.device)
     if noise_scale is None:
         return False, False, dummy, dummy, dummy
     ns = noise_scale.reshape(1).to(device=patches.device, dtype=torch.float32)
     if noise is not None:
         return True, True, ns, dummy, noise.contiguous()
-    if seed is None:
-        raise ValueError("select_soft: noise_scale without noise needs a seed tensor")
     return True, False, ns, seed.reshape(2).to(device=patches.device, dtype=torch.int64), dummy
 
 
@@ -604,7 +603,7 @@ def select_soft_fwd(patches, task, task_mask=None, patch_mask=None, noise_scale=
 
 
 def select_soft_bwd(grad, patches, task, task_mask=None, patch_mask=None, noise_scale=None,
-                    seed=None, noise=None, idx=None, lse=None, wrap=_identity):
+                    seed=None, noise=None, *, idx, lse, wrap=_identity):
     """-> (grad_patches like patches, grad_task like task)."""
     grad, patches, task = grad.contiguous(), patches.contiguous(), task.contiguous()
     pr = _Prep(patches, task, task_mask, patch_mask)

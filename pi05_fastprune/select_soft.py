@@ -81,14 +81,13 @@ def draw_seed(device: Union[torch.device, str], generator: Optional[torch.Genera
 
 
 def _check(patches, task, task_mask, patch_mask, noise_scale, seed, noise) -> None:
-    """ValueError naming the argument and the shapes seen (float64 allowed here for gradcheck)."""
-    if patches.dtype == torch.float64 and task.dtype == torch.float64:
-        check_inputs(patches.float(), task.float(), task_mask, patch_mask)
-    else:
-        check_inputs(patches, task, task_mask, patch_mask)
+    """ValueError naming the argument and the shapes seen (as csrc/select_soft_cpu.cpp's checks)."""
+    check_inputs(patches, task, task_mask, patch_mask)
     B, N, _ = patches.shape
     if noise_scale is not None and noise_scale.numel() != 1:
         raise ValueError(f"noise_scale must be a one-element tensor, got shape {tuple(noise_scale.shape)}")
+    if noise_scale is not None and noise_scale.device != patches.device:
+        raise ValueError(f"noise_scale is on {noise_scale.device}, patches on {patches.device}")
     if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 2):
         raise ValueError(f"seed must be an int64 tensor of 2 elements (seed, offset), got {seed.dtype} {tuple(seed.shape)}")
     if noise is not None:
@@ -104,6 +103,18 @@ def _check(patches, task, task_mask, patch_mask, noise_scale, seed, noise) -> No
 
 def _lse_dtype(patches):
     return torch.float64 if patches.dtype == torch.float64 else torch.float32
+
+
+def _check_backward(grad, patches, idx, lse) -> None:
+    """The backward's own arguments: the forward's outputs for these patches."""
+    if grad.shape != patches.shape or grad.dtype != patches.dtype:
+        raise ValueError(f"grad must match patches {tuple(patches.shape)} {patches.dtype}, "
+                         f"got {tuple(grad.shape)} {grad.dtype}")
+    for name, t, dtype in (("idx", idx, torch.int64), ("lse", lse, _lse_dtype(patches))):
+        if t.shape != patches.shape[:2]:
+            raise ValueError(f"{name} must be {list(patches.shape[:2])}, got shape {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
 
 
 @torch.library.register_fake("fastprune::select_soft")
@@ -122,6 +133,7 @@ def _select_soft_fake(patches, task, task_mask=None, patch_mask=None, noise_scal
 def _select_soft_backward_fake(grad, patches, task, task_mask, patch_mask, noise_scale, seed, noise, idx, lse,
                                backend="auto"):
     _check(patches, task, task_mask, patch_mask, noise_scale, seed, noise)
+    _check_backward(grad, patches, idx, lse)
     return (
         torch.empty_like(patches, memory_format=torch.contiguous_format),
         torch.empty_like(task, memory_format=torch.contiguous_format),
@@ -200,7 +212,9 @@ if HAVE_TRITON:
         lse: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _check(patches, task, task_mask, patch_mask, noise_scale, seed, noise)
-        return _tk.select_soft_bwd(grad, patches, task, task_mask, patch_mask, noise_scale, seed, noise, idx, lse)
+        _check_backward(grad, patches, idx, lse)
+        return _tk.select_soft_bwd(grad, patches, task, task_mask, patch_mask, noise_scale, seed, noise,
+                                   idx=idx, lse=lse)
 
     @_triton_select_soft_backward.register_fake
     def _(grad, patches, task, task_mask, patch_mask, noise_scale, seed, noise, idx, lse):

@@ -32,7 +32,7 @@ def test_bench_prune_quick(tmp_path, monkeypatch, capsys):
     assert all(r["median_us"] > 0 and r["peak_extra_mib"] is not None for r in rows)
     assert result["environment"]["torch"] == torch.__version__
     ratios = result["summary"]
-    assert {r["mode"] for r in ratios} == {"implicit", "budget", "padded"}
+    assert {r["mode"] for r in ratios} == {"implicit", "budget", "padded", "select"}
     assert all(r["provider"] == "fastprune-cpu" and r["baseline"] == "eager-ref" for r in ratios)
     assert "## Ratios" in (tmp_path / "results.md").read_text()
 

@@ -400,6 +400,19 @@ def test_triton_launch_plans_replay_the_launch_code(monkeypatch):
     ops._triton_plans_clear()
 
 
+def test_opcheck(backend):
+    """The CUDA-key registrations (the CUDA C++ kernels; Triton's through its launch-plan replay)
+    under torch.library.opcheck, as test_prune_compile's CPU cases, gradients included."""
+    from test_prune_compile import small_inputs
+
+    patches, task, task_mask, patch_mask = cuda(*small_inputs(dtype=torch.bfloat16, absent=((1, 0),)))
+    torch.library.opcheck(ops.select.default, (patches, task, task_mask, patch_mask, True, backend))
+    torch.library.opcheck(ops.prune.default, (patches, task, task_mask, patch_mask, 9, False, backend))
+    torch.library.opcheck(ops.prune_padded.default, (patches, task, None, patch_mask, None, 16, True, backend))
+    p = patches.clone().requires_grad_(True)
+    torch.library.opcheck(ops.prune_padded.default, (p, task, task_mask, patch_mask, 9, 16, False, backend))
+
+
 def test_degenerate_cases_follow_the_spec(backend):
     assert_degenerate_cases(lambda p, t, tm, pm: fp.select_tokens(p, t, task_mask=tm, patch_mask=pm, backend=backend),
                             lambda p, t, tm, pm: fp.prune_tokens(p, t, task_mask=tm, patch_mask=pm, backend=backend),

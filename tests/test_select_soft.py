@@ -369,6 +369,31 @@ def test_bad_inputs():
 
 
 @not_interp
+@pytest.mark.parametrize("bad,message", [
+    (dict(grad=(2, 5, 7)), r"grad must match patches \(2, 9, 16\) torch.float32, got \(2, 5, 7\)"),
+    (dict(idx=(2, 9, torch.int32)), r"idx must be torch.int64, got torch.int32"),
+    (dict(lse=(1, 9, torch.float32)), r"lse must be \[2, 9\], got shape \(1, 9\)"),
+    (dict(noise_scale="meta"), r"noise_scale is on meta, patches on cpu"),
+])
+def test_backward_checks_its_own_arguments(bad, message):
+    """The backward's fake (and with it the Triton body on CUDA, which runs the same checks)
+    rejects a grad, idx or lse that are not the forward's for these patches."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        patches, task = torch.empty(2, 9, 16), torch.empty(2, 4, 16)
+        grad = torch.empty(*bad.get("grad", (2, 9, 16)))
+        *shape, dtype = bad.get("idx", (2, 9, torch.int64))
+        idx = torch.empty(*shape, dtype=dtype)
+        *shape, dtype = bad.get("lse", (2, 9, torch.float32))
+        lse = torch.empty(*shape, dtype=dtype)
+        noise_scale = torch.empty((), device=bad.get("noise_scale", "cpu"))
+        seed = torch.empty(2, dtype=torch.int64)
+        with pytest.raises(ValueError, match=message):
+            ops.select_soft_backward(grad, patches, task, None, None, noise_scale, seed, None, idx, lse)
+
+
+@not_interp
 def test_nonfinite_inputs_do_not_crash():
     patches, task, tm, pm = make(case="masks")
     patches[0, 3, 0] = float("nan")
@@ -446,6 +471,18 @@ def test_triton_opcheck_interp():
 
 
 @gpu
+def test_triton_gpu_opcheck():
+    """The CUDA-key registrations of select_soft and its backward (the Triton kernels)."""
+    patches, task, tm, pm = make(B=2, cams=2, per_cam=8, T=6, D=16, case="masks", device="cuda")
+    p, t = patches.clone().requires_grad_(), task.clone().requires_grad_()
+    ns, seed = torch.tensor(1.0, device="cuda"), torch.tensor([1, 2], dtype=torch.int64, device="cuda")
+    torch.library.opcheck(ops.select_soft.default, (p, t, tm, pm, ns, seed, None, "auto"))
+    sel, idx, lse = ops.select_soft(patches, task, tm, pm, ns, seed, None)
+    torch.library.opcheck(ops.select_soft_backward.default,
+                          (torch.randn_like(sel), patches, task, tm, pm, ns, seed, None, idx, lse, "auto"))
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_gpu_pi05_shape(dtype):
     patches, task, tm, pm = make(B=2, cams=3, per_cam=256, T=200, D=2048, dtype=dtype, case="masks", device="cuda")
@@ -482,6 +519,17 @@ def test_triton_gpu_compile():
         assert torch.equal(idx, idx2)
         torch.testing.assert_close(p.grad, p2.grad, rtol=1e-2, atol=1e-3)  # bf16 gradients
     assert cnt.frame_count == 1
+
+
+@interp
+def test_triton_backward_checks_its_own_arguments_interp():
+    patches, task = torch.randn(2, 9, 16), torch.randn(2, 4, 16)
+    idx, lse = torch.zeros(2, 9, dtype=torch.int64), torch.zeros(2, 9)
+    with pytest.raises(ValueError, match="grad must match patches"):
+        ops.triton_select_soft_backward(torch.randn(2, 5, 7), patches, task, None, None, None, None, None, idx, lse)
+    with pytest.raises(ValueError, match="lse must be torch.float32"):
+        ops.triton_select_soft_backward(torch.randn(2, 9, 16), patches, task, None, None, None, None, None, idx,
+                                        lse.double())
 
 
 @interp
