@@ -49,6 +49,12 @@ def camera_counts(kept_idx: torch.Tensor, kept_mask: torch.Tensor, per_camera: i
     return ", ".join(f"{name}={cams.count(c)}" for c, name in enumerate(IMAGE_KEYS))
 
 
+def speed(base_ms: float, ms: float) -> str:
+    """``2.1x faster`` or ``1.3x slower``."""
+    r = base_ms / ms
+    return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
+
+
 def budget(args) -> dict:
     return dict(keep_tokens=args.keep_tokens, keep_ratio=args.keep_ratio, max_tokens=args.max_tokens)
 
@@ -64,14 +70,15 @@ def demo_op(args, device: torch.device) -> None:
     for b in range(B):
         print(f"[op] sample {b}: kept {int(out.counts[b])}/{N} patches "
               f"({camera_counts(out.kept_idx[b], out.kept_mask[b], N // 3)})")
-    print(f"[op] prefix length {N + T} -> {out.pruned.shape[1] + T} tokens")
+    print(f"[op] prefix length {N + T} -> {out.pruned.shape[1] + T} tokens (the prompt padded to {T}"
+          f"{'; the image block padded to the batch most kept' if B > 1 else ''})")
     keep_tokens = resolve_keep_tokens(args.keep_tokens, args.keep_ratio, N)
     ref_ms = median_ms(lambda: prune_ref(patches, task, task_mask, patch_mask, keep_tokens, False, args.max_tokens),
                        args.repeats, device)
     fast_ms = median_ms(lambda: prune_tokens(patches, task, task_mask=task_mask, patch_mask=patch_mask,
                                              **budget(args)), args.repeats, device)
     print(f"[op] latency (median of {args.repeats}): seed-style eager {ref_ms:.2f} ms, "
-          f"fastprune {fast_ms:.2f} ms ({ref_ms / fast_ms:.1f}x faster)")
+          f"fastprune {fast_ms:.2f} ms ({speed(ref_ms, fast_ms)})")
 
 
 def kv_cache_mib(model: Pi05, batch: int, length: int) -> float:
@@ -118,8 +125,7 @@ def demo_model(args, device: torch.device) -> None:
     for pruned, (length, kv, prefix_ms, sample_ms) in rows.items():
         print(f"[model] {'pruned  ' if pruned else 'unpruned'}: prefix {length} tokens, KV cache {kv:.2f} MiB, "
               f"embed_prefix {prefix_ms:.1f} ms, sample_actions({args.steps} steps) {sample_ms:.1f} ms")
-    speedup = rows[False][3] / rows[True][3]
-    print(f"[model] sample_actions {speedup:.2f}x faster with pruning (median of {args.repeats})")
+    print(f"[model] sample_actions {speed(rows[False][3], rows[True][3])} with pruning (median of {args.repeats})")
 
 
 def load_policy(args, device: torch.device, **kwargs):
@@ -194,21 +200,44 @@ def add_checkpoint_args(p: argparse.ArgumentParser, required: bool, robot: bool)
     p.add_argument("--seed", type=int, default=0)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _patches(text: str) -> int:
+    """A patch count: 1 to pi0.5's 3 x 256 image tokens."""
+    value, most = int(text), Pi05Config().num_image_tokens
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be in [1, {most}] (pi0.5's image tokens), got {value}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pi05_fastprune")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="prune a pi0.5 prefix and time it")
     demo.add_argument("--size", choices=["dummy", "pi05"],
                       help="pi0.5 model size, random weights (default dummy; not with --checkpoint)")
-    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--batch", type=_positive, default=1)
     demo.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                       help="dtype of the op demo's embeddings (default float32; not with --checkpoint)")
-    demo.add_argument("--keep-tokens", type=int, help="budget of kept patches over all cameras")
-    demo.add_argument("--keep-ratio", type=float, help="budget as a ratio of all patches")
-    demo.add_argument("--max-tokens", type=int, help="static cap on kept patches (CUDA-graph friendly)")
-    demo.add_argument("--steps", type=int, default=10, help="flow-matching Euler steps")
-    demo.add_argument("--repeats", type=int, default=5)
-    demo.add_argument("--prompt", default="pick up the red block")
+    budgets = demo.add_mutually_exclusive_group()
+    budgets.add_argument("--keep-tokens", type=_patches, help="budget of kept patches over all cameras")
+    budgets.add_argument("--keep-ratio", type=_unit, help="budget as a ratio in (0, 1] of all patches")
+    demo.add_argument("--max-tokens", type=_patches, help="static cap on kept patches (CUDA-graph friendly)")
+    demo.add_argument("--steps", type=_positive, default=10, help="flow-matching Euler steps (default 10)")
+    demo.add_argument("--repeats", type=_positive, default=5, help="timed calls per median (default 5)")
+    demo.add_argument("--prompt", default="pick up the red block", help="with --checkpoint: the prompt")
     add_checkpoint_args(demo, required=False, robot=False)
     srv = sub.add_parser("serve", help="serve a checkpoint to openpi's websocket policy client")
     add_checkpoint_args(srv, required=True, robot=True)

@@ -74,6 +74,15 @@ def resolve_backend(backend: str, device: torch.device, rows: Optional[int] = No
     return "triton" if _triton_ops().HAVE_TRITON else "cuda"
 
 
+def _reword(*args) -> None:
+    """After an op raised: bad input raises the API's ValueError instead, without the op's error
+    chained to it (the same message twice); other errors go on as they are."""
+    try:
+        check_inputs(*args)
+    except ValueError as bad:
+        raise bad from None
+
+
 def _budget_int(name: str, value):
     """A budget argument as the C++ ops' schema takes it (an int, a numpy integer, a 0-d integer
     tensor; a SymInt when traced), made a Python int for the Triton launch code, which passes it
@@ -117,7 +126,7 @@ def select_tokens(
             return _triton_ops().call("select", patches, task, task_mask, patch_mask, mask_voters)
         return torch.ops.fastprune.select(patches, task, task_mask, patch_mask, mask_voters, backend)
     except RuntimeError:
-        check_inputs(patches, task, task_mask, patch_mask)  # bad input: the API's ValueError
+        _reword(patches, task, task_mask, patch_mask)
         raise
 
 
@@ -163,7 +172,7 @@ def prune_tokens(
                 patches, task, task_mask, patch_mask, keep_tokens, max_tokens, mask_voters, backend
             )
     except RuntimeError:
-        check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)  # bad input: ValueError
+        _reword(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
         raise
     return PruneResult(*out)
 

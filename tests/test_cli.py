@@ -47,6 +47,19 @@ def test_demo_checkpoint(capsys, caplog, tmp_path, sp_model):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--keep-tokens", "0"], "--keep-tokens: must be in [1, 768]"),
+    (["--max-tokens", "100000"], "--max-tokens: must be in [1, 768]"),
+    (["--keep-ratio", "1.5"], "--keep-ratio: must be in (0, 1]"),
+    (["--keep-tokens", "8", "--keep-ratio", "0.5"], "not allowed with argument"),
+    (["--batch", "0"], "--batch: must be >= 1"),
+])
+def test_demo_rejects_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(["demo", *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_serve_takes_both_budget_flags(tmp_path):
     """As the seed's serve_policy.py: both budgets may be given (keep_tokens wins in the model,
     test_model's test_static_cap_and_ratio); the call gets past the flags to the checkpoint."""
