@@ -89,9 +89,7 @@ def _budget_int(name: str, value):
     to the kernels as is."""
     if value is None or type(value) is int or isinstance(value, torch.SymInt):
         return value
-    try:
-        if isinstance(value, float):
-            raise TypeError
+    try:  # not a float (no __index__), which the schema rejects too
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
