@@ -45,10 +45,10 @@ def check_inputs(
 ) -> None:
     """Raises ValueError naming the argument and the shapes seen (SPEC "Bad input").
 
-    The eager reference and the Python launch code run this first. The C++ ops check the same (csrc/
-    prune_checks.h, before any kernel) and raise RuntimeError: the API runs this after an op
-    raised, for its ValueError, not before every op call (1.7 µs of its ~4 µs per call on this
-    CPU). Each tensor attribute is read once (~0.1 µs a read here)."""
+    The eager reference and the Python launch code run this first. The C++ ops check the same
+    (csrc/prune_checks.h, before any kernel) and raise RuntimeError: the API runs this after an
+    op raised, for its ValueError, not before every op call (1.7 µs of its ~4 µs per call on
+    this CPU). Each tensor attribute is read once (~0.1 µs a read here)."""
     ps, ts = patches.shape, task.shape
     if len(ps) != 3:
         raise ValueError(f"patches must be [B, N, D], got shape {tuple(ps)}")
