@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pi05_fastprune.prune import resolve_keep_tokens
 from pi05_fastprune.pruner import TELEMETRY_KEYS, ImageTokenPruner
 
 __all__ = [
@@ -209,9 +210,7 @@ class Pi05Config:
         k, r = self.token_prune_keep_tokens, self.token_prune_keep_ratio
         if r is not None and not 0.0 < r <= 1.0:
             raise ValueError(f"token_prune_keep_ratio must be in (0, 1], got {r}")
-        if k is not None or r is None:
-            return k
-        return max(1, math.ceil(r * num_patches))
+        return k if k is not None else resolve_keep_tokens(None, r, num_patches)
 
     def validate(self) -> None:
         llm, expert, vision = self.llm, self.expert, self.vision

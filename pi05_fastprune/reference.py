@@ -156,11 +156,15 @@ def select_ref(
     matmul rounds by position): the CPU kernels exclude later copies (csrc/ties.h), this seed-style
     reference does not, so tests check it against the float64 truth's tolerance, not ties."""
     check_inputs(patches, task, task_mask, patch_mask)
-    # torch.argmax returns the first maximal index on CPU and CUDA.
-    idx = scores(patches, task, task_mask, patch_mask).argmax(-1)
+    idx = _argmax(patches, task, task_mask, patch_mask)
     if mask_voters and patch_mask is not None:
         idx = idx.masked_fill(~patch_mask, -1)
     return idx
+
+
+def _argmax(patches, task, task_mask, patch_mask) -> torch.Tensor:
+    # torch.argmax returns the first maximal index on CPU and CUDA.
+    return scores(patches, task, task_mask, patch_mask).argmax(-1)
 
 
 def votes_from_idx(
@@ -229,7 +233,7 @@ def prune_ref(
 ) -> PruneResult:
     """Eval pruning: select, vote, keep (implicit or budget), gather-pad."""
     check_inputs(patches, task, task_mask, patch_mask, keep_tokens, max_tokens)
-    idx = select_ref(patches, task, task_mask, patch_mask)
+    idx = _argmax(patches, task, task_mask, patch_mask)
     return prune_from_idx(patches, idx, patch_mask, keep_tokens, mask_voters, max_tokens)
 
 
