@@ -273,17 +273,17 @@ def test_generator_reproducible_and_deterministic():
 # ----------------------------------------------------------------------------- opcheck, compile, errors
 
 
-@not_interp
-def test_opcheck():
-    patches, task, tm, pm = make(B=2, cams=2, per_cam=8, T=6, D=16, case="masks")
+def opcheck_select_soft(device, backend):
+    """select_soft (seeded, explicit and no noise) and its backward under torch.library.opcheck."""
+    patches, task, tm, pm = make(B=2, cams=2, per_cam=8, T=6, D=16, case="masks", device=device)
     p = patches.clone().requires_grad_()
     t = task.clone().requires_grad_()
-    seed = torch.tensor([1, 2], dtype=torch.int64)
-    noise = torch.rand(2, 16, 16)
-    ns = torch.tensor(1.0)
+    seed = torch.tensor([1, 2], dtype=torch.int64, device=device)
+    noise = torch.rand(2, 16, 16, device=device)
+    ns = torch.tensor(1.0, device=device)
     for args in [
         (p, t, tm, pm, ns, seed, None, "auto"),
-        (p, t, None, None, ns, None, noise, "cpu"),
+        (p, t, None, None, ns, None, noise, backend),
         (p, t, tm, pm, None, None, None, "auto"),
     ]:
         torch.library.opcheck(ops.select_soft.default, args)
@@ -292,6 +292,11 @@ def test_opcheck():
         ops.select_soft_backward.default,
         (torch.randn_like(sel), patches, task, tm, pm, ns, seed, None, idx, lse, "auto"),
     )
+
+
+@not_interp
+def test_opcheck():
+    opcheck_select_soft("cpu", "cpu")
 
 
 @not_interp
@@ -473,13 +478,7 @@ def test_triton_opcheck_interp():
 @gpu
 def test_triton_gpu_opcheck():
     """The CUDA-key registrations of select_soft and its backward (the Triton kernels)."""
-    patches, task, tm, pm = make(B=2, cams=2, per_cam=8, T=6, D=16, case="masks", device="cuda")
-    p, t = patches.clone().requires_grad_(), task.clone().requires_grad_()
-    ns, seed = torch.tensor(1.0, device="cuda"), torch.tensor([1, 2], dtype=torch.int64, device="cuda")
-    torch.library.opcheck(ops.select_soft.default, (p, t, tm, pm, ns, seed, None, "auto"))
-    sel, idx, lse = ops.select_soft(patches, task, tm, pm, ns, seed, None)
-    torch.library.opcheck(ops.select_soft_backward.default,
-                          (torch.randn_like(sel), patches, task, tm, pm, ns, seed, None, idx, lse, "auto"))
+    opcheck_select_soft("cuda", "triton")
 
 
 @gpu
